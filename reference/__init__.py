@@ -1,0 +1,35 @@
+"""NumPy/CuPy ground truth for the streaming-CNN paper (Pinckaers et al., TPAMI), Sec. 3.
+
+Readable next to the paper: one equation per function, written as the equation
+reads, vectorised over positions, on NumPy or CuPy arrays (dispatch on the input's
+type, ``reference._xp``). No torch here: torch is one of the oracles in ``verify/``.
+
+===========================  ==============================================  ==========================================
+Paper                        Function                                        Proved by
+===========================  ==============================================  ==========================================
+Eq. 1  valid convolution     ``reference.conv.forward``                      verify/test_reference_conv.py
+Eq. 2-3  output split a, b   ``reference.tiling.output_split``,              verify/test_reference_tiling.py
+                             ``reference.tiling.input_range``,
+                             ``reference.tiling.split``
+Eq. 4  concatenation         ``reference.tiling.concat``                     verify/test_reference_tiling.py
+Eq. 5  kernel gradient       ``reference.conv.weight_grad``                  verify/test_reference_conv.py
+Eq. 6  summed tile gradients ``reference.tiling.summed_weight_grad``         verify/test_reference_tiling.py
+                             (terms: ``tiling.tile_weight_grads``)
+Eq. 7  input gradient        ``reference.conv.input_grad``                   verify/test_reference_conv.py
+Algorithm 1  streaming       ``reference.streaming.streamed`` (vs            verify/test_reference_streaming.py
+                             ``reference.streaming.conventional``)
+Algorithm 2  tile overlap    ``reference.overlap.algorithm2`` (vs            verify/test_reference_overlap.py
+                             ``overlap.analytic_invalid``,
+                             ``overlap.analytic_overlap``,
+                             ``overlap.receptive_field``)
+===========================  ==============================================  ==========================================
+
+Layers for the chains of Algorithms 1 and 2 (Conv with zero padding at image
+borders only, ReLU, MaxPool; forward and backward) are in ``reference.layers``;
+the tile layout of Algorithm 1 is ``reference.tiling.plan_axis``.
+"""
+
+from reference import conv, layers, overlap, streaming, tiling
+from reference._xp import array_module
+
+__all__ = ["array_module", "conv", "layers", "overlap", "streaming", "tiling"]

@@ -1,0 +1,215 @@
+"""Every bad input gets a clear error: its type, and a message that names the
+layer (its path in the module), says why, and says what to do."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import streamcnn
+from streamcnn import Streaming, StreamingError, TileTooSmallError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one thread is as fast, and immune to oversubscribed cores (with
+    other work on a 2-core machine, OpenMP spin-waiting made these tests ~20x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def x2d(*shape, dtype=torch.float32):
+    return torch.randn(*(shape or (1, 3, 32, 32)), dtype=dtype)
+
+
+def conv():
+    return nn.Conv2d(3, 4, 3, padding=1)
+
+
+class Custom(nn.Module):
+    def forward(self, x):
+        return x
+
+
+class Shifted(nn.ReLU):
+    def forward(self, x):
+        return super().forward(x.roll(1, -1))
+
+
+class Reordered(nn.Sequential):
+    def forward(self, x):
+        return super().forward(x.flip(-1))
+
+
+NOT_STREAMABLE = [
+    (nn.Linear(4, 4), r"layer '1' \(Linear\) cannot be streamed: it connects every position.*"
+                      r"move it after the Streaming module"),
+    (nn.Flatten(), r"layer '1' \(Flatten\) cannot be streamed: it reshapes"),
+    (nn.AdaptiveAvgPool2d(1), r"layer '1' \(AdaptiveAvgPool2d\) cannot be streamed: adaptive/global"),
+    (nn.AdaptiveMaxPool2d(2), r"layer '1' \(AdaptiveMaxPool2d\) cannot be streamed"),
+    (nn.Upsample(scale_factor=2), r"layer '1' \(Upsample\) cannot be streamed: upsampling"),
+    (nn.ConvTranspose2d(4, 4, 2), r"layer '1' \(ConvTranspose2d\) cannot be streamed: upsampling"),
+    (nn.GroupNorm(2, 4), r"layer '1' \(GroupNorm\) cannot be streamed: it normalises"),
+    (nn.InstanceNorm2d(4), r"layer '1' \(InstanceNorm2d\) cannot be streamed"),
+    (Custom(), r"layer '1' \(Custom\) is not a layer streamcnn knows how to stream.*"
+               r"move it after the Streaming module"),
+    (nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
+     r"layer '1' \(Conv2d\) uses padding_mode='reflect'; only 'zeros'.*use padding_mode='zeros'"),
+    (nn.MaxPool2d(2, return_indices=True), r"layer '1' \(MaxPool2d\) has return_indices=True"),
+    (nn.Conv1d(4, 4, 3), r"layer '1' \(Conv1d\) works on 1-d feature maps but the input is 2-d"),
+    (Reordered(nn.ReLU()), r"layer '1' \(Reordered\) overrides Sequential.forward"),
+    (Shifted(), r"layer '1' \(Shifted\) is not a layer streamcnn knows"),  # subclass: any forward
+]
+
+
+@pytest.mark.parametrize("layer,message", NOT_STREAMABLE,
+                         ids=[type(layer).__name__ for layer, _ in NOT_STREAMABLE])
+def test_layers_that_cannot_be_streamed(layer, message):
+    with pytest.raises(StreamingError, match=message):
+        Streaming(nn.Sequential(conv(), layer), 16)
+
+
+def test_error_names_nested_path():
+    net = nn.Sequential(conv(), nn.Sequential(nn.ReLU(), nn.Sequential(nn.Linear(3, 3))))
+    with pytest.raises(StreamingError, match=r"layer '1\.1\.0' \(Linear\)"):
+        Streaming(net, 16)
+
+
+def test_streaming_error_is_a_type_error():
+    assert issubclass(StreamingError, TypeError)
+
+
+@pytest.mark.parametrize("layer,message", [
+    (nn.BatchNorm2d(4), r"layer '1' \(BatchNorm2d\) is in training mode.*call \.eval\(\) on it"),
+    (nn.Dropout(0.5), r"layer '1' \(Dropout\) is in training mode.*call \.eval\(\) on it"),
+    (nn.Dropout2d(0.1), r"layer '1' \(Dropout2d\) is in training mode"),
+    (nn.RReLU(), r"layer '1' \(RReLU\) is in training mode"),
+])
+def test_training_mode_layers(layer, message):
+    """Checked when it runs: users switch modes after wrapping (model.train())."""
+    model = Streaming(nn.Sequential(conv(), layer), 16)  # construction is fine
+    with pytest.raises(StreamingError, match=message):
+        model(x2d())
+    with pytest.raises(StreamingError, match=message):
+        model.plan((1, 3, 32, 32))
+    model.eval()
+    model(x2d())  # fine in eval mode
+
+
+def test_batchnorm_without_running_stats():
+    net = nn.Sequential(conv(), nn.BatchNorm2d(4, track_running_stats=False)).eval()
+    with pytest.raises(StreamingError, match=r"layer '1' \(BatchNorm2d\) has track_running_stats=False"):
+        Streaming(net, 16)(x2d())
+
+
+def test_tile_too_small_gives_the_minimum():
+    net = nn.Sequential(conv(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 5, padding=2))
+    rf = streamcnn.receptive_field(net, 2)[0]
+    # receptive field 12 px at stride 2; output j reads from 2j - 5, so an interior tile
+    # starting at 2k has its first valid output at k + 3, reading from 2k + 1: 13 px
+    assert (rf.size, rf.stride, rf.offset, rf.min_tile_size) == (12, 2, 5, 13)
+    with pytest.raises(TileTooSmallError, match=r"tile_size 12 is too small along height.*"
+                                                r"receptive field of 12.*use tile_size >= 13"):
+        Streaming(net, 12)(x2d())
+    with pytest.raises(ValueError, match=r"tile_size 12 is too small along width"):
+        Streaming(net, (40, 12))(x2d())
+    with pytest.raises(TileTooSmallError, match="use tile_size >= 13"):
+        streamcnn.plan(net, (1, 3, 32, 32), 12)
+    Streaming(net, 13)(x2d())
+    Streaming(net, 12)(x2d(1, 3, 12, 12))  # a tile as large as the image is always fine
+
+
+def test_no_last_tile_on_the_stride_grid():
+    """Padding beyond a layer's reach: the last output reads only padding, and a last
+    tile of <= 18 px starting on the 9-px grid would leave a layer without input."""
+    net = nn.Sequential(nn.MaxPool1d(4, 3, padding=1), nn.MaxPool1d(3, 1, dilation=2),
+                        nn.Conv1d(1, 1, 1, stride=3, padding=2))
+    assert streamcnn.receptive_field(net, 1)[0].min_tile_size == 18
+    with pytest.raises(TileTooSmallError, match=r"tile_size 18 cannot tile length \(20 px\).*"
+                                                r"use tile_size >= 20"):
+        Streaming(net, 18)(torch.randn(1, 1, 20))
+    Streaming(net, 18)(torch.randn(1, 1, 27))  # other lengths work
+
+
+@pytest.mark.parametrize("tile,error,message", [
+    (0, ValueError, "tile_size must be positive"),
+    ((16, 16, 16), ValueError, r"tile_size \(16, 16, 16\) has 3 entries but the input has 2"),
+    ("16", TypeError, "tile_size must be an int or a tuple of ints"),
+    (16.0, TypeError, "tile_size must be an int or a tuple of ints"),
+    (True, TypeError, "tile_size must be an int or a tuple of ints"),
+])
+def test_bad_tile_size(tile, error, message):
+    with pytest.raises(error, match=message):
+        Streaming(nn.Sequential(conv()), tile)
+
+
+def test_wrong_rank():
+    model = Streaming(nn.Sequential(conv()), 16)
+    with pytest.raises(ValueError, match=r"the streamed layers are 2-d and expect input of shape "
+                                         r"\(N, C, H, W\), got shape \(1, 3, 32\)"):
+        model(torch.randn(1, 3, 32))
+    with pytest.raises(ValueError, match=r"expects an input of shape \(N, C, L\) or \(N, C, H, W\), "
+                                         r"got shape \(3, 32, 32, 2, 2\)"):
+        model(torch.randn(3, 32, 32, 2, 2))
+    with pytest.raises(ValueError, match=r"got shape \(3, 32\)"):
+        model(torch.randn(3, 32))
+    with pytest.raises(ValueError, match="input_shape must be"):
+        streamcnn.plan(nn.Sequential(conv()), (3, 32), 16)
+
+
+def test_mixed_rank_layers():
+    with pytest.raises(StreamingError, match=r"layer '1' \(MaxPool1d\) works on 1-d feature maps"):
+        Streaming(nn.Sequential(conv(), nn.MaxPool1d(2)), 16)
+
+
+def test_dtype_mismatch():
+    model = Streaming(nn.Sequential(conv()), 16)
+    with pytest.raises(TypeError, match=r"the input is torch.float64 but layer '0' \(Conv2d\) has "
+                                        r"weight of dtype torch.float32"):
+        model(x2d(dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"must be a floating-point tensor, got torch.int64"):
+        model(torch.ones(1, 3, 32, 32, dtype=torch.long))
+    with pytest.raises(TypeError, match="expects a torch.Tensor"):
+        model([[1.0]])
+
+
+def test_device_mismatch():
+    model = Streaming(nn.Sequential(conv()).to("meta"), 16)
+    with pytest.raises(ValueError, match=r"the input is on cpu but layer '0' \(Conv2d\) has weight "
+                                         r"on meta; move the module or the input"):
+        model(x2d())
+
+
+def test_channel_mismatch():
+    with pytest.raises(ValueError, match=r"layer '0' \(Conv2d\) expects 3 channels but the input has 5"):
+        Streaming(nn.Sequential(conv()), 16)(x2d(1, 5, 32, 32))
+    net = nn.Sequential(conv(), nn.ReLU(), nn.BatchNorm2d(5).eval())
+    with pytest.raises(ValueError, match=r"layer '2' \(BatchNorm2d\) expects 5 channels but "
+                                         r"layer '0' \(Conv2d\) gives 4"):
+        Streaming(net, 16)(x2d())
+
+
+def test_image_too_small_for_the_layers():
+    net = nn.Sequential(nn.Conv2d(3, 3, 7))
+    with pytest.raises(ValueError, match=r"input is too small along width: 5 pixels give no output.*"
+                                         r"at least 7 pixels"):
+        Streaming(net, 16)(x2d(1, 3, 9, 5))
+
+
+def test_not_a_module():
+    with pytest.raises(TypeError, match="Streaming needs an nn.Module"):
+        Streaming(lambda x: x, 16)
+
+
+def test_empty_module():
+    with pytest.raises(ValueError, match="has no layers"):
+        Streaming(nn.Sequential(), 16)
+
+
+def test_double_backward_is_refused():
+    """Not silently a constant: a gradient penalty would otherwise get no gradient."""
+    x = x2d().requires_grad_()
+    y = Streaming(nn.Sequential(conv(), nn.Tanh()), 16)(x)
+    with pytest.raises(RuntimeError, match=r"does not support higher-order gradients"):
+        torch.autograd.grad(y.sum(), x, create_graph=True)

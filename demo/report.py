@@ -175,7 +175,8 @@ def write(reports_dir: Path, seconds: dict[str, float], quick: bool = False) -> 
         "## Runtime",
         "",
         f"On {platform.machine()} with {torch.get_num_threads()} torch threads, torch {torch.__version__}: "
-        + ", ".join(f"{k} {v:.0f} s" for k, v in runtime.items()) + ".",
+        + ", ".join(f"{k} {v:.0f} s" for k, v in runtime.items())
+        + " (wall clock of the latest run of each part; other busy processes on the machine lengthen it).",
         "",
     ]
     path = reports_dir / "DEMO.md"

@@ -201,11 +201,11 @@ def _overlap_example(res) -> str:
         return ""
     p = max(pts, key=lambda q: rows.get(q["tile"]) or 0)
     starts = p["plan"]["tile_starts"][0]
-    return (f" r counts the overlap between neighbouring tiles and the last tile on each axis, which plan() places flush "
-            f"with the image edge: with tile {p['tile']} on {p['size']} pixels the tiles start at "
-            f"{', '.join(map(str, starts))}, so the last one recomputes most of what its neighbour covered "
-            f"(r = {rows.get(p['tile']) or 0:.2f}). Tile sizes that divide the image (tile − overlap dividing "
-            f"size − overlap) keep r near 1.")
+    return (f" r counts every pixel a tile computes, the overlap with its neighbours included: with tile "
+            f"{p['tile']} on {p['size']} pixels the tiles start at {', '.join(map(str, starts))} (the last one "
+            f"shorter, ending at the image edge), so each tile recomputes the overlap it shares with the one "
+            f"before it (r = {rows.get(p['tile']) or 0:.2f}). Larger tiles share the same overlap among fewer "
+            f"tiles and keep r near 1.")
 
 
 def _fig3(res, png) -> str:

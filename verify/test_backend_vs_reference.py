@@ -13,12 +13,12 @@ about 1e-15 relative per operation, far below 1e-10.
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import checks
 import reference
 import streamcnn
 from reference import layers as ref_layers
@@ -26,12 +26,9 @@ from reference import layers as ref_layers
 RTOL = 1e-10
 
 
+
 def _close(actual, expected, what):
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    scale = max(np.abs(expected).max(), 1e-300)
-    err = np.abs(actual - expected).max() / scale
-    assert err <= RTOL, f"{what}: relative error {err:.3e} > {RTOL}"
+    checks.assert_rel(actual, expected, RTOL, what)
 
 
 @st.composite

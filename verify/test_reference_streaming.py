@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checks
 from reference import overlap, tiling
 from reference.layers import Conv, MaxPool, ReLU
 from reference.streaming import conventional, streamed
@@ -20,12 +21,9 @@ from reference.streaming import conventional, streamed
 RTOL = 1e-10
 
 
+
 def assert_rel(actual, expected, rtol=RTOL):
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    scale = max(np.abs(expected).max(), 1e-300)
-    err = np.abs(actual - expected).max() / scale
-    assert err <= rtol, f"relative error {err:.3e}"
+    checks.assert_rel(actual, expected, rtol)
 
 
 def chain_2d(rng):

@@ -20,15 +20,6 @@ F64, F32 = 1e-10, 1e-4
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same'")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is as fast, and immune to oversubscribed cores (with
-    other work on a 2-core machine, OpenMP spin-waiting made these tests ~20x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def fig2_net(dtype=torch.float64, seed=0):
     """The paper's Fig. 2/3 network: 3x3 convolutions with 3, 64 and 3 outputs."""

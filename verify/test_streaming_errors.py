@@ -9,15 +9,6 @@ import streamcnn
 from streamcnn import Streaming, StreamingError, TileTooSmallError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is as fast, and immune to oversubscribed cores (with
-    other work on a 2-core machine, OpenMP spin-waiting made these tests ~20x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def x2d(*shape, dtype=torch.float32):
     return torch.randn(*(shape or (1, 3, 32, 32)), dtype=dtype)

@@ -15,15 +15,6 @@ import streamcnn
 from streamcnn.memory import SavedByLayer, chain_peak
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is as fast, and immune to oversubscribed cores (with
-    other work on a 2-core machine, OpenMP spin-waiting made these tests ~20x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 NETS = {
     "fig2": lambda: nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 64, 3, padding=1),
                                   nn.Conv2d(64, 3, 3, padding=1)),

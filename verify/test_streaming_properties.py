@@ -27,15 +27,6 @@ F64 = 1e-10
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same'")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is as fast, and immune to oversubscribed cores (with
-    other work on a 2-core machine, OpenMP spin-waiting made these tests ~20x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 SETTINGS = dict(deadline=None, derandomize=True, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

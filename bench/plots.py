@@ -86,10 +86,7 @@ def draw_fig2(result: dict, path, machine: str) -> None:
     for ax in (ax_m, ax_t):
         _side_axis(ax, tiles, "tile size (pixels per side)")
         ax.legend(fontsize=8, loc="best")
-    fig.suptitle(f"Three 3×3 convolutions (3→3→64→3 channels), forward + backward — {machine}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    _finish(fig, path, machine)
 
 
 def draw_fig3(result: dict, path, machine: str, mem_total_bytes: int = 0) -> None:
@@ -119,10 +116,7 @@ def draw_fig3(result: dict, path, machine: str, mem_total_bytes: int = 0) -> Non
         _log_y(ax)
         _side_axis(ax, sizes, "input size (pixels per side)")
         ax.legend(fontsize=8, loc="best")
-    fig.suptitle(f"Three 3×3 convolutions (3→3→64→3 channels), forward + backward — {machine}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    _finish(fig, path, machine)
 
 
 def _draw_estimated(ax, conv, estimates: list, key: str, scale: float) -> None:
@@ -134,3 +128,11 @@ def _draw_estimated(ax, conv, estimates: list, key: str, scale: float) -> None:
     xs = [p["size"] for p in last] + [e["size"] for e in pts]
     ys = [p[key] / scale for p in last] + [e[key] / scale for e in pts]
     ax.plot(xs, ys, "o--", color=CONV, mfc="none", label="conventional, estimated (extrapolated)")
+
+
+def _finish(fig, path, machine):
+    """Title with the network and machine, then save and release the figure."""
+    fig.suptitle(f"Three 3×3 convolutions (3→3→64→3 channels), forward + backward — {machine}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)

@@ -3,14 +3,19 @@
 Public API:
     Streaming(module, tile_size)        nn.Module that runs ``module`` tile by tile
     plan(module, input_shape, tile_size) -> StreamPlan (tiles, overlap, memory estimates)
-    geometry.receptive_field(module, ndim, tile_size=None)  per-axis receptive field
+    receptive_field(module, ndim, tile_size=None)  per-axis receptive field
     testing.compare(module, x, tile_size)  check streaming against conventional autograd
+
+Layers, bottom to top (imports point down only): ``_args``/``errors`` -> ``geometry``
+(integer tile geometry, no torch) -> ``rules`` (which torch operation is which
+geometric step) -> ``trace`` (torch.fx graph -> steps) -> ``tiling`` -> ``state``
+(what a forward read) -> ``function`` (tile loop, autograd node) -> ``streaming``
+(the module) -> ``plan`` (with ``memory``) -> ``testing``.
 """
 
 from . import geometry, testing
-from .geometry import TileTooSmallError, receptive_field
-from .layers import StreamingError
-from .plan import StreamPlan, plan
+from .errors import StreamingError, TileTooSmallError
+from .plan import StreamPlan, plan, receptive_field
 from .streaming import Streaming
 
 __all__ = ["Streaming", "plan", "StreamPlan", "receptive_field", "geometry", "testing",

@@ -1,13 +1,24 @@
-"""Tile geometry along one axis: interval maps, receptive fields and tilings.
+"""Tile geometry along one axis of a graph of local operations: plain integers, no torch.
 
-Everything here is plain integer arithmetic on one spatial axis; 2D tilings are
-products of per-axis tilings because every supported layer acts on each axis
-independently (a 2D window is the product of two 1D windows).
+A 2D tiling is the product of two 1D tilings, because every operation streamcnn
+streams acts on each spatial axis independently (a 2D window is the product of
+two 1D windows). So everything here is about one axis.
 
-Coordinates. Each layer's activation has its own grid. A tile is described, in
-the full image's coordinates of that grid, by the interval ``[start, stop)`` its
+The graph. A network is a list of :class:`Step` in execution (topological) order.
+Step 0 is the input; every other step applies a *rule* to the outputs of earlier
+steps, and the last step is the output. There are three rules:
+
+* :class:`Window` - a convolution or pooling window (kernel, stride, padding,
+  dilation, ceil mode), as torch computes it;
+* :class:`Pointwise` - each position maps to itself (activations, normalisation
+  over channels, Linear over channels, permutes, scalar arithmetic);
+* :class:`Merge` - several feature maps on the same grid combined position by
+  position (residual add, multiplication, concatenation along channels).
+
+Coordinates. Each step's activation has its own grid. A tile is described, in the
+full image's coordinates of that grid, by the interval ``[start, stop)`` its
 activation covers and the sub-interval ``[valid_start, valid_stop)`` whose values
-equal the full image's. A layer maps these intervals to its output grid:
+equal the full image's. A window maps these intervals to its output grid:
 
 * the tile's output covers ``[start/s, start/s + n)`` where ``n`` is the length
   torch computes for a ``stop - start`` long input (``start`` is a multiple of
@@ -18,13 +29,16 @@ equal the full image's. A layer maps these intervals to its output grid:
   a tile side on the true image border stays valid; padding at an interior side
   replaces real pixels and invalidates the outputs that read it.
 
-A residual block would be one more node type whose ``map_span`` maps the span
-through each branch and intersects the valid intervals; nothing else changes.
+A merge needs its inputs to cover the same interval (torch adds or concatenates
+tensors of equal shape); its valid interval is the intersection of theirs. The
+receptive field of a step is the hull over all paths from the input.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from .errors import TileTooSmallError, internal_assert
 
 
 @dataclass(frozen=True)
@@ -39,20 +53,30 @@ class Span:
 
 
 @dataclass(frozen=True)
-class RF:
-    """Receptive field of a chain output on the chain's input axis.
+class Field:
+    """Receptive field of a step on the input axis.
 
     Output ``j`` depends on inputs ``[j*stride - offset, j*stride - offset + size)``.
+    (``reference.tiling.Field`` is the same record.)
     """
 
     size: int = 1
     stride: int = 1
     offset: int = 0
 
+    @property
+    def reach(self) -> int:
+        """How far right of ``j*stride`` output ``j`` reads (exclusive)."""
+        return self.size - self.offset
+
+
+class GridMismatch(ValueError):
+    """The inputs of a merge lie on different grids (different total strides)."""
+
 
 @dataclass(frozen=True)
 class Window:
-    """A sliding window (convolution or pooling) on one axis, as torch computes it."""
+    """A sliding window (convolution, pooling or zero padding) on one axis, as torch computes it."""
 
     kernel: int
     stride: int = 1
@@ -78,10 +102,22 @@ class Window:
             out -= 1
         return out
 
+    def fits(self, n: int) -> bool:
+        """Whether an ``n``-long input gives an output, and every max-pool window a tap
+        inside the input (only dilated windows can miss a short input)."""
+        out = self.out_length(n)
+        if out <= 0:
+            return False
+        if self.max_pool and self.dilation > 1 and n < self.span:
+            for j in range(out):  # n is short here: a few windows at most
+                first = j * self.stride - self.pad_left
+                if not any(0 <= first + i * self.dilation < n for i in range(self.kernel)):
+                    return False
+        return True
+
     def map_span(self, t: Span) -> Span:
         s = self.stride
-        if t.start % s:
-            raise AssertionError(f"tile start {t.start} is not on the stride-{s} grid")
+        internal_assert(t.start % s == 0, f"tile start {t.start} is not on the stride-{s} grid")
         length = self.out_length(t.length)
         start = t.start // s
         stop = start + max(self.out_length(t.stop - t.start), 0)
@@ -97,86 +133,155 @@ class Window:
         vstop = max(min(vstop, stop), vstart)
         return Span(length, start, stop, vstart, vstop)
 
-    def compose(self, rf: RF) -> RF:
-        return RF(
-            size=rf.size + (self.span - 1) * rf.stride,
-            stride=rf.stride * self.stride,
-            offset=rf.offset + self.pad_left * rf.stride,
-        )
+    def field(self, f: Field) -> Field:
+        return Field(size=f.size + (self.span - 1) * f.stride, stride=f.stride * self.stride,
+                     offset=f.offset + self.pad_left * f.stride)
 
 
 @dataclass(frozen=True)
 class Pointwise:
-    """A layer that maps each position to itself (activations, BatchNorm, Identity)."""
-
-    stride = 1
+    """An operation that maps each position to itself."""
 
     def out_length(self, n: int) -> int:
         return n
 
+    def fits(self, n: int) -> bool:
+        return n > 0
+
     def map_span(self, t: Span) -> Span:
         return t
 
-    def compose(self, rf: RF) -> RF:
-        return rf
+    def field(self, f: Field) -> Field:
+        return f
 
 
-def chain_span(nodes, t: Span) -> Span:
-    """Map a tile span through a chain of layers."""
-    for node in nodes:
-        t = node.map_span(t)
-    return t
+@dataclass(frozen=True)
+class Merge:
+    """Feature maps on the same grid combined position by position (add, mul, cat)."""
+
+    def out_length(self, *ns: int) -> int:
+        return ns[0] if len(set(ns)) == 1 else 0
+
+    def fits(self, *ns: int) -> bool:
+        return len(set(ns)) == 1 and ns[0] > 0
+
+    def map_span(self, *ts: Span) -> Span:
+        first = ts[0]
+        internal_assert(all((t.length, t.start, t.stop) == (first.length, first.start, first.stop)
+                            for t in ts), f"merge of tiles with different extents {ts}")
+        vstart = max(t.valid_start for t in ts)
+        vstop = max(min(t.valid_stop for t in ts), vstart)
+        return Span(first.length, first.start, first.stop, vstart, vstop)
+
+    def field(self, *fs: Field) -> Field:
+        strides = sorted({f.stride for f in fs})
+        if len(strides) > 1:
+            raise GridMismatch(f"its inputs have total strides {strides}")
+        offset = max(f.offset for f in fs)
+        return Field(size=offset + max(f.reach for f in fs), stride=strides[0], offset=offset)
 
 
-def chain_rf(nodes) -> RF:
-    """Receptive field of the chain's output on its input."""
-    rf = RF()
-    for node in nodes:
-        rf = node.compose(rf)
-    return rf
+@dataclass(frozen=True)
+class Step:
+    """One step of an axis graph: ``rule`` applied to the outputs of steps ``inputs``."""
+
+    rule: Window | Pointwise | Merge | None  # None for the input (step 0)
+    inputs: tuple[int, ...] = ()
+    name: str = "the input"
 
 
-def chain_length(nodes, n: int) -> int:
-    for node in nodes:
-        n = node.out_length(n)
-        if n <= 0:
-            return n
-    return n
+def _run(graph, first, apply):
+    values = [first]
+    for step in graph[1:]:
+        values.append(apply(step, [values[i] for i in step.inputs]))
+    return values
 
 
-def interior_span(nodes, tile: int) -> tuple[Span, list[Span]]:
-    """Map an interior tile of ``tile`` pixels (no side on the image border).
+def lengths(graph, n: int) -> list[int]:
+    """Activation length of every step for an input of length ``n`` (<= 0: no output)."""
+    return _run(graph, n, lambda step, ns: step.rule.out_length(*ns) if min(ns) > 0 else 0)
 
-    Returns the final span and the span after every layer. The tile starts at
-    one output stride and the image extends far beyond it on both sides; by
-    translation invariance on the stride grid, every interior tile looks alike.
+
+def misfit(graph, n: int) -> str | None:
+    """Why an ``n``-long input (or tile) cannot run through the graph, or None if it can."""
+    ns = lengths(graph, n)
+    for step, out in zip(graph[1:], ns[1:]):
+        ins = [ns[i] for i in step.inputs]
+        if min(ins) <= 0 or step.rule.fits(*ins):
+            continue
+        if isinstance(step.rule, Merge):
+            return f"{step.name} gets inputs of different lengths {ins}"
+        if out <= 0:
+            return f"{step.name} gets {ins[0]} positions and gives no output"
+        return f"{step.name} has a dilated max-pool window without a pixel"
+    return None
+
+
+def fits(graph, n: int) -> bool:
+    return misfit(graph, n) is None
+
+
+def spans(graph, first: Span) -> list[Span]:
+    """The span of every step for a tile whose input span is ``first``."""
+    return _run(graph, first, lambda step, ts: step.rule.map_span(*ts))
+
+
+def fields(graph) -> list[Field]:
+    """Receptive field of every step on the input (hull over paths at merges)."""
+    return _run(graph, Field(), lambda step, fs: step.rule.field(*fs))
+
+
+def output_field(graph) -> Field:
+    return fields(graph)[-1]
+
+
+def _far_length(graph, n: int) -> int:
+    """An image length, far beyond an ``n``-long tile, that the graph accepts."""
+    f = output_field(graph)
+    base = n + 4 * (f.size + f.offset + 2 * f.stride)
+    for length in range(base, base + 4 * f.stride + 4):
+        if fits(graph, length):
+            return length
+    return base
+
+
+def interior_spans(graph, n: int) -> list[Span]:
+    """Spans of every step for an interior tile of ``n`` pixels (no side on the image border).
+
+    The tile starts at one output stride and the image extends far beyond it on
+    both sides; by translation invariance on the stride grid, every interior tile
+    looks alike.
     """
-    stride = chain_rf(nodes).stride
-    span = Span(length=tile + 4 * stride + 4 * _max_extent(nodes), start=stride,
-                stop=stride + tile, valid_start=stride, valid_stop=stride + tile)
-    spans = []
-    for node in nodes:
-        span = node.map_span(span)
-        spans.append(span)
-    return span, spans
+    stride = output_field(graph).stride
+    return spans(graph, Span(_far_length(graph, n), stride, stride + n, stride, stride + n))
 
 
-def _max_extent(nodes) -> int:
-    rf = chain_rf(nodes)
-    return rf.size + rf.offset + rf.stride
-
-
-def min_tile_size(nodes) -> int:
-    """Smallest tile size that can stream ``nodes`` (for images larger than a tile).
+def min_tile_size(graph) -> int:
+    """Smallest tile that streams ``graph`` (for images larger than a tile).
 
     An interior tile starting at ``a`` (a multiple of the stride) has its first
     valid output read from ``a + stride*ceil(offset/stride) - offset``, so it
-    needs ``rf.size - rf.offset + stride * ceil(offset / stride)`` pixels for one
-    valid output; and at least one stride, so that a last tile ending at the
-    image edge can start on the stride grid.
+    needs ``size - offset + stride * ceil(offset / stride)`` pixels for one valid
+    output, and at least one stride so that a last tile ending at the image edge
+    can start on the stride grid. Merges may also need equal branch lengths,
+    which some tile lengths do not give; the smallest length that does is used.
     """
-    rf = chain_rf(nodes)
-    return max(rf.size - rf.offset + rf.stride * -(-rf.offset // rf.stride), rf.stride)
+    f = output_field(graph)
+    n = max(f.size - f.offset + f.stride * -(-f.offset // f.stride), f.stride)
+    for candidate in range(n, n + 4 * f.stride + 4):
+        if fits(graph, candidate):
+            last = interior_spans(graph, candidate)[-1]
+            if last.valid_stop > last.valid_start:
+                return candidate
+    return n
+
+
+def min_image_size(graph) -> int:
+    """Smallest input length the graph gives an output for."""
+    n = 1
+    while lengths(graph, n)[-1] <= 0:
+        n += 1
+    return n
 
 
 @dataclass(frozen=True)
@@ -187,8 +292,9 @@ class AxisTiling:
     the full-output interval each tile's uncropped output covers.
     ``own_starts``/``own_stops``: the output interval each tile writes; they
     partition ``[0, out_length)`` and lie inside the tile's valid outputs.
-    ``step``/``overlap`` describe the regular tiles (the last tile ends at the
-    image edge and may overlap more).
+    ``tile_length``: the regular tiles' length, ``tile_size`` or less where a merge
+    needs equal branch lengths. ``step``/``overlap`` describe the regular tiles
+    (the last tile ends at the image edge and may overlap more).
     """
 
     length: int
@@ -204,13 +310,10 @@ class AxisTiling:
     min_tile_size: int
     step: int
     overlap: int
+    tile_length: int
 
 
-class TileTooSmallError(ValueError):
-    """The tile cannot produce any valid output away from the image border."""
-
-
-def tile_axis(nodes, length: int, tile_size: int, axis_name: str = "axis") -> AxisTiling:
+def tile_axis(graph, length: int, tile_size: int, axis_name: str = "axis") -> AxisTiling:
     """Cut one axis of length ``length`` into tiles of at most ``tile_size`` pixels.
 
     Tiles start at multiples of the total output stride. Each next tile starts
@@ -218,123 +321,104 @@ def tile_axis(nodes, length: int, tile_size: int, axis_name: str = "axis") -> Ax
     previous tile's last valid output + 1. The last tile ends at the image edge
     (unless the tiles before it already give every output, when the pixels left
     over affect none) and may be shorter than ``tile_size``. A tile at least as
-    large as the image gives one tile. ``overlap`` is ``tile_size - step``,
+    large as the image gives one tile. ``overlap`` is ``tile_length - step``,
     or 0 when strides skip pixels between tiles.
     """
-    stride = chain_rf(nodes).stride
-    min_size = min_tile_size(nodes)
-    out_length = chain_length(nodes, length)
-    if out_length <= 0:
-        raise ValueError(
-            f"the input is too small along {axis_name}: {length} pixels give no output "
-            f"through the streamed layers; they need at least "
-            f"{_min_image(nodes)} pixels")
     if tile_size < 1:
         raise ValueError(f"tile_size must be positive, got {tile_size} along {axis_name}")
-
-    def span_of(start: int, stop: int) -> Span:
-        return chain_span(nodes, Span(length, start, stop, start, stop))
-
+    _check_image(graph, length, axis_name)
+    f = output_field(graph)
+    stride, min_size = f.stride, min_tile_size(graph)
+    out_length = lengths(graph, length)[-1]
     if tile_size >= length:
-        return AxisTiling(length, tile_size, out_length, stride, (0,), (length,),
-                          (0,), (out_length,), (0,), (out_length,), min_size, 0, 0)
+        return AxisTiling(length, tile_size, out_length, stride, (0,), (length,), (0,),
+                          (out_length,), (0,), (out_length,), min_size, 0, 0, length)
     if tile_size < min_size:
-        rf = chain_rf(nodes)
         raise TileTooSmallError(
             f"tile_size {tile_size} is too small along {axis_name}: the streamed layers "
-            f"have a receptive field of {rf.size} pixels and an output stride of "
-            f"{rf.stride}, so a tile needs at least {min_size} pixels to produce a valid "
+            f"have a receptive field of {f.size} pixels and an output stride of "
+            f"{f.stride}, so a tile needs at least {min_size} pixels to produce a valid "
             f"output; use tile_size >= {min_size} (or >= {length}, the image size, for "
             f"a single tile)")
-    interior, _ = interior_span(nodes, tile_size)
+    size = next(n for n in range(tile_size, min_size - 1, -1) if fits(graph, n))
+    interior = interior_spans(graph, size)[-1]
     left_margin = interior.valid_start - interior.start
-    spans = [span_of(0, tile_size)]
+    first = Span(length, 0, size, 0, size)
+    tiles = [spans(graph, first)[-1]]
     starts = [0]
-    while spans[-1].valid_stop < out_length:
-        start = (spans[-1].valid_stop - left_margin) * stride
-        if start + tile_size >= length:
-            start = _last_start(nodes, length, tile_size, start, axis_name)
-        if start <= starts[-1]:  # cannot happen for tile_size >= min_size
-            raise AssertionError("tiling made no progress")
-        span = span_of(start, min(start + tile_size, length))
-        if span.valid_start > spans[-1].valid_stop:
-            raise AssertionError("gap between the valid outputs of two tiles")
+    while tiles[-1].valid_stop < out_length:
+        start = (tiles[-1].valid_stop - left_margin) * stride
+        if start + size >= length:
+            start = _last_start(graph, length, size, start, axis_name)
+        internal_assert(start > starts[-1], "tiling made no progress")
+        stop = min(start + size, length)
+        span = spans(graph, Span(length, start, stop, start, stop))[-1]
+        internal_assert(span.valid_start <= tiles[-1].valid_stop,
+                        "gap between the valid outputs of two tiles")
         starts.append(start)
-        spans.append(span)
-    own_stops = [min(s.valid_stop, out_length) for s in spans]
-    own_starts = [0] + own_stops[:-1]
+        tiles.append(span)
+    own_stops = [min(s.valid_stop, out_length) for s in tiles]
     step = (interior.valid_stop - interior.valid_start) * stride
     return AxisTiling(
         length=length, tile_size=tile_size, out_length=out_length, stride=stride,
-        starts=tuple(starts), stops=tuple(min(a + tile_size, length) for a in starts),
-        out_starts=tuple(s.start for s in spans), out_stops=tuple(s.stop for s in spans),
-        own_starts=tuple(own_starts),
-        own_stops=tuple(own_stops), min_tile_size=min_size, step=step,
-        overlap=max(tile_size - step, 0))
+        starts=tuple(starts), stops=tuple(min(a + size, length) for a in starts),
+        out_starts=tuple(s.start for s in tiles), out_stops=tuple(s.stop for s in tiles),
+        own_starts=tuple([0] + own_stops[:-1]), own_stops=tuple(own_stops),
+        min_tile_size=min_size, step=step, overlap=max(size - step, 0), tile_length=size)
 
 
-def _last_start(nodes, length: int, tile_size: int, start: int, axis_name: str) -> int:
+def _check_image(graph, length: int, axis_name: str) -> None:
+    problem = misfit(graph, length)
+    if problem is None:
+        return
+    if lengths(graph, length)[-1] <= 0:
+        raise ValueError(
+            f"the input is too small along {axis_name}: {length} pixels give no output "
+            f"through the streamed layers ({problem}); they need at least "
+            f"{min_image_size(graph)} pixels")
+    raise ValueError(f"the streamed module cannot run on {length} pixels along {axis_name}: "
+                     f"{problem}; conventional backprop would fail the same way")
+
+
+def _last_start(graph, length: int, size: int, start: int, axis_name: str) -> int:
     """Start of the last tile, which ends at the image edge.
 
     As far right as the previous tile allows (``start``), so that the last tile
-    does no more work than needed, and at most ``tile_size`` from the edge; the
-    first such start on the stride grid whose tile passes ``windows_fit``.
+    does no more work than needed, and at most ``size`` from the edge; the first
+    such start on the stride grid whose tile the graph accepts.
     """
-    stride = chain_rf(nodes).stride
-    flush = -(-(length - tile_size) // stride) * stride
+    stride = output_field(graph).stride
+    flush = -(-(length - size) // stride) * stride
     for a in range(min(start, (length - 1) // stride * stride), flush - 1, -stride):
-        if windows_fit(nodes, length - a):
+        if fits(graph, length - a):
             return a
     raise TileTooSmallError(
-        f"tile_size {tile_size} cannot tile {axis_name} ({length} px): every last tile of at "
-        f"most {tile_size} px that ends at the image edge and starts on the output-stride grid "
-        f"({stride} px) leaves a layer without input, or a dilated max-pool window without a "
-        f"pixel (layers whose padding exceeds their reach); use tile_size >= "
-        f"{_workable_tile(nodes, length, tile_size)}")
+        f"tile_size {size} cannot tile {axis_name} ({length} px): every last tile of at "
+        f"most {size} px that ends at the image edge and starts on the output-stride grid "
+        f"({stride} px) leaves a layer without input, a dilated max-pool window without a "
+        f"pixel, or the inputs of a merge with different lengths; use tile_size >= "
+        f"{_workable_tile(graph, length, size)}")
 
 
-def _workable_tile(nodes, length: int, tile_size: int) -> int:
+def _workable_tile(graph, length: int, tile_size: int) -> int:
     """Smallest larger tile size that tiles ``length`` (the image size if none is near)."""
     for t in range(tile_size + 1, min(length, tile_size + 64)):
         try:
-            tile_axis(nodes, length, t)
+            tile_axis(graph, length, t)
             return t
         except TileTooSmallError:
             continue
     return length
 
 
-def windows_fit(nodes, n: int) -> bool:
-    """Whether an ``n``-pixel tile gives every layer an output, and every max-pool
-    window a tap inside its input (only dilated windows can miss a short input)."""
-    for node in nodes:
-        out = node.out_length(n)
-        if out <= 0:
-            return False
-        if getattr(node, "max_pool", False) and node.dilation > 1 and n < node.span:
-            for j in range(out):  # n is short here: a few windows at most
-                first = j * node.stride - node.pad_left
-                if not any(0 <= first + i * node.dilation < n for i in range(node.kernel)):
-                    return False
-        n = out
-    return True
-
-
-def _min_image(nodes) -> int:
-    n = 1
-    while chain_length(nodes, n) <= 0:
-        n += 1
-    return n
-
-
 @dataclass(frozen=True)
-class LayerAxisGeometry:
-    """One layer on one axis: cumulative receptive field and, for an interior
-    tile, the tile's activation length after this layer and how many of its
-    positions at each side are invalid (differ in general from the full image's)."""
+class StepAxisGeometry:
+    """One step on one axis: cumulative receptive field and, for an interior tile,
+    the tile's activation length after this step and how many of its positions at
+    each side are invalid (differ in general from the full image's)."""
 
     name: str
-    rf: RF
+    rf: Field
     tile_length: int | None = None
     invalid_left: int | None = None
     invalid_right: int | None = None
@@ -344,14 +428,14 @@ class LayerAxisGeometry:
 class AxisReceptiveField:
     """Receptive field of the streamed module on one axis.
 
-    ``size``: input pixels one output depends on; ``stride``: total output stride
-    (product of the strides); ``offset``: output ``j`` reads inputs from
-    ``j*stride - offset``; ``min_tile_size``: smallest tile that gives a valid
-    output away from the image border. With a ``tile_size``: for an *interior*
-    tile of that many input pixels (starting on the stride grid, no side on the
-    image border), ``tile_output_size`` is its output length and
-    ``invalid_left``/``invalid_right`` the output positions at each side whose
-    receptive field leaves the tile. ``layers`` gives the same per layer.
+    ``size``: input pixels one output depends on; ``stride``: total output stride;
+    ``offset``: output ``j`` reads inputs from ``j*stride - offset``;
+    ``min_tile_size``: smallest tile that gives a valid output away from the image
+    border. With a ``tile_size``: for an *interior* tile of that many input pixels
+    (starting on the stride grid, no side on the image border),
+    ``tile_output_size`` is its output length and ``invalid_left``/``invalid_right``
+    the output positions at each side whose receptive field leaves the tile.
+    ``layers`` gives the same per step of the traced graph (input excluded).
     """
 
     size: int
@@ -362,43 +446,22 @@ class AxisReceptiveField:
     tile_output_size: int | None
     invalid_left: int | None
     invalid_right: int | None
-    layers: tuple[LayerAxisGeometry, ...]
+    layers: tuple[StepAxisGeometry, ...]
 
 
-def receptive_field(module, ndim: int, tile_size=None) -> tuple[AxisReceptiveField, ...]:
-    """Per-axis receptive field, output stride and interior-tile invalid borders.
-
-    ``module``: the streamed module (nested ``nn.Sequential`` of supported layers);
-    ``ndim``: 1 for (N, C, L) inputs, 2 for (N, C, H, W); ``tile_size``: optional
-    int or per-axis tuple, the input tile edge in pixels.
-
-    Example: three 3x3 convolutions with padding 1 have ``size=7, stride=1,
-    offset=3``; an interior 32-pixel tile gives 32 outputs of which 3 at each
-    side are invalid.
-    """
-    from .layers import inspect_layers
-    from .streaming import normalize_tile_size
-
-    layers = inspect_layers(module, ndim)
-    sizes = normalize_tile_size(tile_size, ndim) if tile_size is not None else (None,) * ndim
-    result = []
-    for a in range(ndim):
-        nodes = [layer.nodes[a] for layer in layers]
-        per_layer, rf, spans = [], RF(), None
-        if sizes[a] is not None:
-            _, spans = interior_span(nodes, sizes[a])
-        for i, (layer, node) in enumerate(zip(layers, nodes)):
-            rf = node.compose(rf)
-            if spans is None:
-                per_layer.append(LayerAxisGeometry(layer.path, rf))
-            else:
-                s = spans[i]
-                per_layer.append(LayerAxisGeometry(layer.path, rf, s.stop - s.start,
-                                                   s.valid_start - s.start, s.stop - s.valid_stop))
-        last = per_layer[-1] if per_layer else LayerAxisGeometry("", RF(), sizes[a], 0, 0)
-        result.append(AxisReceptiveField(
-            size=rf.size, stride=rf.stride, offset=rf.offset, min_tile_size=min_tile_size(nodes),
-            tile_size=sizes[a], tile_output_size=last.tile_length,
-            invalid_left=last.invalid_left, invalid_right=last.invalid_right,
-            layers=tuple(per_layer)))
-    return tuple(result)
+def axis_receptive_field(graph, tile_size: int | None = None) -> AxisReceptiveField:
+    """:class:`AxisReceptiveField` of one axis graph, per step and at the output."""
+    rfs = fields(graph)
+    if tile_size is None:
+        per_step = [StepAxisGeometry(step.name, rf) for step, rf in zip(graph[1:], rfs[1:])]
+        last = StepAxisGeometry("", rfs[-1])
+    else:
+        per_step = [StepAxisGeometry(step.name, rf, s.stop - s.start, s.valid_start - s.start,
+                                     s.stop - s.valid_stop)
+                    for step, rf, s in zip(graph, rfs, interior_spans(graph, tile_size))][1:]
+        last = per_step[-1] if per_step else StepAxisGeometry("", rfs[-1], tile_size, 0, 0)
+    f = rfs[-1]
+    return AxisReceptiveField(
+        size=f.size, stride=f.stride, offset=f.offset, min_tile_size=min_tile_size(graph),
+        tile_size=tile_size, tile_output_size=last.tile_length, invalid_left=last.invalid_left,
+        invalid_right=last.invalid_right, layers=tuple(per_step))

@@ -1,96 +1,153 @@
 """Peak-memory estimates for one training step, conventional and streamed.
 
-The model counts the bytes of the tensors that autograd keeps alive; it ignores
+The model counts the bytes of the tensors autograd keeps alive; it ignores
 allocator caching, library workspaces (cuDNN, oneDNN) and the Python runtime.
 
-What each layer keeps for backward is not guessed: ``probe`` runs the layer's
-``forward`` once on a tiny input under ``torch.autograd.graph.saved_tensors_hooks``
-and records whether it saved its input, its output (and whether it worked in
-place), and how many other bytes per output element (e.g. max-pool indices).
-Parameters and buffers that a layer saves are already counted as parameters.
+What each operation keeps for backward is not guessed: :func:`probe` runs the
+traced graph once on a small input under ``torch.autograd.graph.saved_tensors_hooks``
+and records, per step, how many elements its output has per input position, whether
+it allocates new storage or works in place / returns a view, which activations it
+saves (its input, its output, or others, by storage), and how many other bytes per
+output element it saves (max-pool indices, normalisation statistics). Parameters and
+buffers it saves are counted as parameters.
 
-``chain_peak`` then replays one training step on a chain of activations:
+:func:`graph_peak` then replays one training step over the graph:
 
-* forward with grad: each layer allocates its output (not when in place) and
-  its extra saved bytes; an activation is freed once no layer saved it and
-  the next layer has consumed it; the chain's output stays alive.
-* backward: the output gradient is allocated; each layer allocates its input
-  gradient (the first layer only when the input needs one), after which its
-  output gradient and the tensors only it saved are freed.
+* forward with grad: each step allocates its output (unless in place or a view)
+  and its extra saved bytes; a storage is freed once every step that reads it has
+  run and no step saved it; the output stays alive;
+* backward: the output gradient is allocated; each step allocates a gradient for
+  each of its inputs that has none yet (the input's only when the input needs one),
+  then frees its own output gradient and what only it saved.
 
 The peak of the running sum is the step's peak.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+import math
 from dataclasses import dataclass
 
 import torch
+import torch.fx as fx
 
-from .layers import Layer
+from .geometry import fits, lengths
+from .trace import TracedGraph
 
 
 @dataclass(frozen=True)
-class SavedByLayer:
-    """What one layer keeps alive for its backward."""
+class StepMemory:
+    """What one step allocates and keeps alive for its backward (per unit of its output)."""
 
-    saves_input: bool
-    saves_output: bool
-    in_place: bool
-    extra_bytes_per_output: float
+    elements_per_position: float  # output elements per spatial position, per sample
+    owner: int  # the step whose storage its output lives in (itself unless in place or a view)
+    saves: tuple[int, ...]  # storage owners of the activations it saves
+    extra_ratio: float  # other saved bytes per byte of its output
 
 
-def probe(layer: Layer, in_channels: int, device, dtype) -> tuple[SavedByLayer, int]:
-    """Probe one layer on a tiny input; returns what it saves and its output channels."""
-    size = [2 * (n.span if hasattr(n, "span") else 1) + 2 * n.stride + 4 for n in layer.nodes]
-    base = torch.randn(2, in_channels, *size, device=device, dtype=dtype, requires_grad=True)
-    x = base * 1.0  # a non-leaf, so in-place layers may write into it
-    saved = []
+def probe_size(graph: TracedGraph, spatial) -> list[int]:
+    """A small per-axis input length the graph accepts (at most the image's)."""
+    sizes = []
+    for a, length in enumerate(spatial):
+        axis = graph.axis(a)
+        start = min(length, 16)
+        sizes.append(next((n for n in range(start, length + 1) if fits(axis, n)), length))
+    return sizes
 
-    def pack(t):
-        saved.append(t)
+
+class _Probe(fx.Interpreter):
+    """Runs the traced graph, recording each node's output and what it saves."""
+
+    def __init__(self, graph: TracedGraph):
+        super().__init__(fx.GraphModule(graph.root, graph.graph))
+        self.current = None
+        self.outputs: dict = {}
+        self.saved: list = []
+
+    def call_module(self, target, args, kwargs):
+        return self.fetch_attr(target).forward(*args, **kwargs)  # no user hooks
+
+    def run_node(self, n):
+        self.current = n.name
+        out = super().run_node(n)
+        self.outputs[n.name] = out
+        return out
+
+    def pack(self, t):
+        self.saved.append((self.current, t))
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = layer.module.forward(x)
-    ptr = _storage_ptr
-    own = {ptr(t) for t in list(layer.module.parameters()) + list(layer.module.buffers())}
-    seen, extra, saves_in, saves_out = set(), 0, False, False
-    for t in saved:
-        p = ptr(t)
-        if p in seen or p in own:
+
+def probe(graph: TracedGraph, channels: int, device, dtype, spatial) -> list[StepMemory]:
+    """Run the graph once on a small input and describe each step's memory."""
+    sizes = probe_size(graph, spatial)
+    runner = _Probe(graph)
+    base = torch.randn(1, channels, *sizes, device=device, dtype=dtype, requires_grad=True)
+    x = base * 1.0  # a non-leaf, so in-place layers may write into it
+    with torch.autograd.graph.saved_tensors_hooks(runner.pack, lambda t: t):
+        runner.run(x)
+    params = {_ptr(t) for t in list(graph.root.parameters()) + list(graph.root.buffers())}
+    tensors = [x] + _step_tensors(graph, runner.outputs)[1:]
+    owner_of: dict = {}
+    result = []
+    step_lengths = [lengths(graph.axis(a), n) for a, n in enumerate(sizes)]
+    for i, t in enumerate(tensors):
+        owner = owner_of.setdefault(_ptr(t), i) if t is not None and t.numel() else i
+        positions = math.prod(ls[i] for ls in step_lengths)
+        node = graph.steps[i].node
+        saves, extra = set(), 0
+        for who, s in runner.saved:
+            p = _ptr(s)
+            if who != node or p in params:
+                continue
+            if p in owner_of:
+                saves.add(owner_of[p])
+            else:
+                extra += s.numel() * s.element_size()
+        numel = t.numel() if t is not None else positions * (graph.steps[i].channels or 1)
+        nbytes = numel * (t.element_size() if t is not None else base.element_size())
+        result.append(StepMemory(numel / positions, owner, tuple(sorted(saves)),
+                                 extra / max(nbytes, 1)))
+    return result
+
+
+def _step_tensors(graph: TracedGraph, outputs: dict) -> list:
+    """The probe's tensor for every step (a node that made several steps gave a tuple)."""
+    seen: dict = {}
+    tensors = []
+    for i, step in enumerate(graph.steps):
+        if i == 0:
+            tensors.append(None)
             continue
-        seen.add(p)
-        if p == ptr(y):
-            saves_out = True
-        elif p == ptr(x):
-            saves_in = True
-        else:
-            extra += t.numel() * t.element_size()
-    result = SavedByLayer(saves_in, saves_out, ptr(y) == ptr(x), extra / max(y.numel(), 1))
-    return result, y.shape[1]
+        value = outputs.get(step.node)
+        if isinstance(value, (tuple, list)):
+            k = seen.get(step.node, 0)
+            seen[step.node] = k + 1
+            value = value[k]
+        tensors.append(value if isinstance(value, torch.Tensor) else None)
+    return tensors
 
 
-def _storage_ptr(t: torch.Tensor) -> int:
+def _ptr(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
 
-def chain_peak(act_bytes: list[int], out_elems: list[int], saved: list[SavedByLayer],
+def graph_peak(graph: TracedGraph, memory: list[StepMemory], act_bytes: list[int],
                input_grad: bool) -> tuple[int, int]:
-    """(forward, backward) peak bytes of one training step through a chain.
+    """(forward, backward) peak bytes of one training step through the graph.
 
-    ``act_bytes[i]``/``out_elems[i]``: bytes/elements of activation ``i`` (0 is the
-    input, which the caller holds and counts). Includes the output, its
-    gradient and the input gradient when ``input_grad``.
+    ``act_bytes[i]``: bytes of step ``i``'s output (0 is the input, which the
+    caller holds and counts). Includes the output, its gradient and the input
+    gradient when ``input_grad``.
     """
-    n = len(saved)
-    sid = list(range(n + 1))  # storage of each activation (in-place layers share it)
-    for i in range(1, n + 1):
-        if saved[i - 1].in_place:
-            sid[i] = sid[i - 1]
-    refs: Counter = Counter()
-    saves_of: list[list[int]] = [[] for _ in range(n + 1)]
+    steps = graph.steps
+    n = len(steps) - 1
+    out_owner = memory[n].owner
+    last_read = {}  # storage owner -> last step that reads it
+    for i, step in enumerate(steps):
+        for j in step.inputs:
+            last_read[memory[j].owner] = i
+    refs: dict = {}
     live: dict = {}
     peak = 0
 
@@ -98,40 +155,51 @@ def chain_peak(act_bytes: list[int], out_elems: list[int], saved: list[SavedByLa
         nonlocal peak
         peak = max(peak, sum(live.values()))
 
+    def free_storages(now: int):
+        for o in [k for k in live if k[0] == "act"]:
+            owner = o[1]
+            if owner in (0, out_owner) or refs.get(owner, 0) or last_read.get(owner, -1) > now:
+                continue
+            del live[o]
+
     for i in range(1, n + 1):
-        s = saved[i - 1]
-        if not s.in_place:
-            live[("act", sid[i])] = act_bytes[i]
-        live[("extra", i)] = s.extra_bytes_per_output * out_elems[i]
+        m = memory[i]
+        if m.owner == i:
+            live[("act", i)] = act_bytes[i]
+        live[("extra", i)] = m.extra_ratio * act_bytes[i]
         note()
-        if s.saves_input:
-            saves_of[i].append(sid[i - 1])
-        if s.saves_output:
-            saves_of[i].append(sid[i])
-        refs.update(saves_of[i])
-        prev = sid[i - 1]
-        if prev not in (0, sid[i]) and refs[prev] == 0:
-            del live[("act", prev)]
+        for o in m.saves:
+            refs[o] = refs.get(o, 0) + 1
+        free_storages(i)
     forward = peak
     live[("grad", n)] = act_bytes[n]
     for i in range(n, 0, -1):
-        if i > 1 or input_grad:
-            live[("grad", i - 1)] = act_bytes[i - 1]
+        for j in set(steps[i].inputs):
+            if (j > 0 or input_grad) and ("grad", j) not in live:
+                live[("grad", j)] = act_bytes[j]
         note()
-        del live[("grad", i)]
-        del live[("extra", i)]
-        for s in saves_of[i]:
-            refs[s] -= 1
-            if refs[s] == 0 and s not in (0, sid[n]):
-                live.pop(("act", s), None)
+        live.pop(("grad", i), None)
+        live.pop(("extra", i), None)
+        for o in memory[i].saves:
+            refs[o] -= 1
+        free_storages(n + 1)
     return int(forward), int(peak)
 
 
-def no_grad_peak(act_bytes: list[int], saved: list[SavedByLayer]) -> int:
-    """Peak bytes of a forward without grad: one layer's input and output at a time
-    (the input, activation 0, is the caller's)."""
-    peak = 0
-    for i in range(1, len(act_bytes)):
-        if not saved[i - 1].in_place:
-            peak = max(peak, (act_bytes[i - 1] if i > 1 else 0) + act_bytes[i])
+def no_grad_peak(graph: TracedGraph, memory: list[StepMemory], act_bytes: list[int]) -> int:
+    """Peak bytes of a forward without grad: each activation lives until its last reader
+    has run (the input, step 0, is the caller's)."""
+    steps = graph.steps
+    out_owner = memory[-1].owner
+    last_read = {}
+    for i, step in enumerate(steps):
+        for j in step.inputs:
+            last_read[memory[j].owner] = i
+    live, peak = {}, 0
+    for i in range(1, len(steps)):
+        if memory[i].owner == i:
+            live[i] = act_bytes[i]
+        peak = max(peak, sum(live.values()))
+        for o in [o for o in live if last_read.get(o, -1) <= i and o != out_owner]:
+            del live[o]
     return peak

@@ -1,4 +1,5 @@
-"""``plan()``: what streaming will do for one input shape, before doing it."""
+"""``plan()`` and ``receptive_field()``: what streaming will do for one input shape,
+before doing it."""
 
 from __future__ import annotations
 
@@ -8,10 +9,44 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .geometry import chain_rf
-from .layers import check_channels, check_modes, in_place_first, inspect_layers, layer_ndim
-from .memory import chain_peak, no_grad_peak, probe
-from .streaming import AXIS_NAMES, tile_image, use_channels_last
+from ._args import AXIS_NAMES, normalize_tile_size
+from .geometry import AxisReceptiveField, axis_receptive_field, fields, lengths
+from .inputs import check_shape
+from .memory import graph_peak, no_grad_peak, probe
+from .tiling import tile_image
+from .trace import analyse, analyse_structure
+
+
+def receptive_field(module: nn.Module, ndim: int, tile_size=None, *,
+                    channels: int | None = None) -> tuple[AxisReceptiveField, ...]:
+    """Per-axis receptive field, output stride and interior-tile invalid borders.
+
+    ``module``: the streamed module (traced as ``Streaming`` traces it, every layer
+    taken in eval mode); ``ndim``: 1 for (N, C, L) inputs, 2 for (N, C, H, W);
+    ``tile_size``: optional int or per-axis tuple, the input tile edge in pixels;
+    ``channels``: the input's channel count, where the module's operations need it.
+    ``layers`` lists every step of the traced graph. The receptive field of a
+    graph is the hull over all its paths.
+
+    Example: three 3x3 convolutions with padding 1 have ``size=7, stride=1,
+    offset=3``; an interior 32-pixel tile gives 32 outputs of which 3 at each
+    side are invalid.
+    """
+    graph = analyse_structure(module, ndim, channels)
+    sizes = normalize_tile_size(tile_size, ndim) if tile_size is not None else (None,) * ndim
+    return tuple(axis_receptive_field(graph.axis(a), sizes[a]) for a in range(ndim))
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One step of the traced graph at the planned input size."""
+
+    name: str
+    kind: str  # "input", "window", "pointwise" or "merge"
+    inputs: tuple[int, ...]
+    shape: tuple  # (N, C, *spatial) of its output on the whole image (C: None if unknown)
+    receptive_field: tuple  # per axis, on the input
+    stride: tuple  # per axis, total stride from the input
 
 
 @dataclass(frozen=True)
@@ -25,7 +60,8 @@ class StreamPlan:
     regular tiles (the last tile ends at the image edge and may be shorter, and
     share more or less). ``coverage``: pixels computed over image pixels.
     ``receptive_field``/``output_stride``/``min_tile_size``: see
-    :func:`streamcnn.geometry.receptive_field`.
+    :func:`streamcnn.receptive_field`. ``steps``: the traced graph, one
+    :class:`StepPlan` per step (``step_table()`` prints them).
 
     Memory estimates (bytes), for one training step of the streamed module
     (forward, then backward from a given output gradient), counting tensors only:
@@ -38,7 +74,7 @@ class StreamPlan:
       backward (input, parameters, stitched output, its gradient, the input
       gradient if ``requires_input_grad``, the summed and the current tile's
       parameter gradients, and the same autograd replay as above on the largest
-      tile, plus the tile's input copy when it is re-laid out channels-last).
+      tile, plus the copy of the tile's input that the module is given).
     * ``input_bytes``: the input's share of both (a benchmark that allocates the
       input before measuring should compare its growth with ``peak - input_bytes``).
     * ``tile_working_bytes``: the per-tile part of ``streaming_peak_bytes``; the
@@ -73,6 +109,7 @@ class StreamPlan:
     conventional_peak_bytes: int
     input_bytes: int
     tile_working_bytes: int
+    steps: tuple = ()
 
     @property
     def num_tiles(self) -> int:
@@ -120,6 +157,17 @@ class StreamPlan:
                          "tile's work exceed conventional backprop's peak; train conventionally")
         return "\n".join(lines)
 
+    def step_table(self) -> str:
+        """The traced graph, one line per step: kind, output shape, receptive field, stride."""
+        x = "×".join
+        rows = [f"{'#':>3}  {'kind':<9} {'output shape':<24} {'rf':>9} {'stride':>7}  step (inputs)"]
+        for i, s in enumerate(self.steps):
+            shape = "(" + ", ".join("?" if d is None else str(d) for d in s.shape) + ")"
+            inputs = f" <- {', '.join(map(str, s.inputs))}" if s.inputs else ""
+            rows.append(f"{i:>3}  {s.kind:<9} {shape:<24} {x(map(str, s.receptive_field)):>9} "
+                        f"{x(map(str, s.stride)):>7}  {s.name}{inputs}")
+        return "\n".join(rows)
+
 
 def _short(values, keep: int = 4) -> str:
     if len(values) <= 2 * keep:
@@ -144,66 +192,44 @@ def plan(module: nn.Module, input_shape, tile_size, *, dtype: torch.dtype | None
     memory estimates (default: the module's parameters', else float32).
     ``requires_input_grad``: count the input gradient (saliency) too.
     ``channels_last``: as for ``Streaming`` (None: its default for this device and dtype).
-    Raises the same errors as ``Streaming`` would for this input.
+    Raises the same errors as ``Streaming`` would for this input. ``str()`` of the
+    result summarises it; ``.step_table()`` lists the traced graph step by step.
     """
     input_shape = tuple(int(s) for s in input_shape)
-    if len(input_shape) not in (3, 4):
-        raise ValueError(f"input_shape must be (N, C, L) or (N, C, H, W), got {input_shape}")
-    ndim = len(input_shape) - 2
-    expected = layer_ndim(module)
-    if expected is not None and expected != ndim:
-        raise ValueError(f"the streamed layers are {expected}-d but input_shape {input_shape} "
-                         f"is {ndim}-d")
-    layers = inspect_layers(module, ndim)
-    check_modes(layers)
-    check_channels(layers, input_shape[1])
-    spatial = input_shape[2:]
-    tilings = tile_image(layers, spatial, tile_size)
+    ndim = check_shape(module, input_shape, "input_shape")
     params = list(module.parameters())
     device = params[0].device if params else torch.device("cpu")
     own_dtype = next((p.dtype for p in params if p.is_floating_point()), torch.float32)
     dtype = own_dtype if dtype is None else dtype
+    n, channels, spatial = input_shape[0], input_shape[1], input_shape[2:]
+    graph = analyse(module, ndim, channels, batch=n, dtype=own_dtype, device=device)
+    tilings = tile_image(graph, spatial, tile_size)
+    memory = probe(graph, channels, device, own_dtype, spatial)
     esize = torch.empty((), dtype=dtype).element_size()
 
-    saved, channels = [], [input_shape[1]]
-    for layer in layers:  # probed in the module's own dtype; sizes use ``dtype``
-        s, c = probe(layer, channels[-1], device, own_dtype)
-        saved.append(s)
-        channels.append(c)
-    n = input_shape[0]
-
-    def activations(lengths):
-        """Elements of the input and of every layer's output for these spatial lengths."""
-        elems = [n * channels[0] * math.prod(lengths)]
-        for i, layer in enumerate(layers):
-            lengths = [node.out_length(L) for node, L in zip(layer.nodes, lengths)]
-            elems.append(n * channels[i + 1] * math.prod(lengths))
-        return elems
+    def activations(axis_lengths):
+        """Bytes of every step's output for these per-axis input lengths."""
+        per_axis = [lengths(graph.axis(a), L) for a, L in enumerate(axis_lengths)]
+        return [int(round(n * m.elements_per_position * math.prod(ls[i] for ls in per_axis)))
+                * esize for i, m in enumerate(memory)]
 
     full = activations(spatial)
-    tile = activations([min(t.tile_size, t.length) for t in tilings])
-    full_bytes = [e * esize for e in full]
-    tile_bytes = [e * esize for e in tile]
+    tile = activations([min(t.tile_length, t.length) for t in tilings])
     param_bytes = sum(p.numel() * p.element_size() for p in params)
     param_bytes += sum(b.numel() * b.element_size() for b in module.buffers())
     grad_bytes = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
-    x_bytes, out_bytes = full_bytes[0], full_bytes[-1]
-
+    x_bytes, out_bytes = full[0], full[-1]
     conventional = x_bytes + param_bytes + grad_bytes + max(
-        chain_peak(full_bytes, full, saved, requires_input_grad))
-    if channels_last is None:
-        channels_last = use_channels_last(torch.empty((1,) * len(input_shape), device=device,
-                                                      dtype=dtype))
-    # the tile handed to the first layer is a copy when its layout changes or an
-    # in-place first layer must not write into the image
-    clone = tile_bytes[0] if (channels_last and ndim == 2) or in_place_first(layers) else 0
+        graph_peak(graph, memory, full, requires_input_grad))
+    copy = tile[0]  # the module gets a copy of every tile
     fwd_image = x_bytes + param_bytes + out_bytes
-    fwd_tile = clone + no_grad_peak(tile_bytes, saved)
+    fwd_tile = copy + no_grad_peak(graph, memory, tile)
     bwd_image = (x_bytes + param_bytes + 2 * out_bytes + 2 * grad_bytes
                  + (x_bytes if requires_input_grad else 0))
-    bwd_tile = clone + max(chain_peak(tile_bytes, tile, saved, requires_input_grad))
+    bwd_tile = copy + max(graph_peak(graph, memory, tile, requires_input_grad))
     image_part, tile_part = max((fwd_image, fwd_tile), (bwd_image, bwd_tile), key=sum)
-    rfs = [chain_rf([layer.nodes[a] for layer in layers]) for a in range(ndim)]
+    axis_fields = [fields(graph.axis(a)) for a in range(ndim)]
+    rfs = [f[-1] for f in axis_fields]
     return StreamPlan(
         input_shape=input_shape,
         tile_size=tuple(t.tile_size for t in tilings),
@@ -212,7 +238,7 @@ def plan(module: nn.Module, input_shape, tile_size, *, dtype: torch.dtype | None
         tile_stops=tuple(list(t.stops) for t in tilings),
         overlap=tuple(t.overlap for t in tilings),
         output_stride=tuple(rf.stride for rf in rfs),
-        output_shape=(n, channels[-1]) + tuple(t.out_length for t in tilings),
+        output_shape=(n, graph.out_channels) + tuple(t.out_length for t in tilings),
         min_tile_size=tuple(t.min_tile_size for t in tilings),
         receptive_field=tuple(rf.size for rf in rfs),
         dtype=dtype,
@@ -221,4 +247,14 @@ def plan(module: nn.Module, input_shape, tile_size, *, dtype: torch.dtype | None
         conventional_peak_bytes=int(conventional),
         input_bytes=int(x_bytes),
         tile_working_bytes=int(tile_part),
+        steps=_steps(graph, spatial, n, axis_fields),
     )
+
+
+def _steps(graph, spatial, n, axis_fields) -> tuple[StepPlan, ...]:
+    per_axis = [lengths(graph.axis(a), L) for a, L in enumerate(spatial)]
+    return tuple(StepPlan(s.name, s.kind, s.inputs,
+                          (n, s.channels) + tuple(ls[i] for ls in per_axis),
+                          tuple(f[i].size for f in axis_fields),
+                          tuple(f[i].stride for f in axis_fields))
+                 for i, s in enumerate(graph.steps))

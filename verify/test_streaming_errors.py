@@ -1,5 +1,5 @@
 """Every bad input gets a clear error: its type, and a message that names the
-layer (its path in the module), says why, and says what to do."""
+layer or operation (with its path in the module), says why, and says what to do."""
 
 import pytest
 import torch
@@ -19,6 +19,8 @@ def conv():
 
 
 class Custom(nn.Module):
+    """A user module is traced through: an identity forward streams."""
+
     def forward(self, x):
         return x
 
@@ -43,14 +45,19 @@ NOT_STREAMABLE = [
     (nn.ConvTranspose2d(4, 4, 2), r"layer '1' \(ConvTranspose2d\) cannot be streamed: upsampling"),
     (nn.GroupNorm(2, 4), r"layer '1' \(GroupNorm\) cannot be streamed: it normalises"),
     (nn.InstanceNorm2d(4), r"layer '1' \(InstanceNorm2d\) cannot be streamed"),
-    (Custom(), r"layer '1' \(Custom\) is not a layer streamcnn knows how to stream.*"
-               r"move it after the Streaming module"),
+    (nn.LPPool2d(2, 2), r"layer '1' \(LPPool2d\) cannot be streamed: it is not a layer streamcnn "
+                       r"knows how to stream.*move it after the Streaming module"),
     (nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
-     r"layer '1' \(Conv2d\) uses padding_mode='reflect'; only 'zeros'.*use padding_mode='zeros'"),
-    (nn.MaxPool2d(2, return_indices=True), r"layer '1' \(MaxPool2d\) has return_indices=True"),
+     r"layer '1' \(Conv2d\) cannot be streamed: it uses padding_mode='reflect'; only 'zeros'.*"
+     r"use padding_mode='zeros'"),
+    (nn.MaxPool2d(2, return_indices=True),
+     r"layer '1' \(MaxPool2d\) cannot be streamed: it has return_indices=True"),
     (nn.Conv1d(4, 4, 3), r"layer '1' \(Conv1d\) works on 1-d feature maps but the input is 2-d"),
-    (Reordered(nn.ReLU()), r"layer '1' \(Reordered\) overrides Sequential.forward"),
-    (Shifted(), r"layer '1' \(Shifted\) is not a layer streamcnn knows"),  # subclass: any forward
+    # subclasses and Sequentials with their own forward are traced: their operations are checked
+    (Reordered(nn.ReLU()), r"operation 'flip' in '1' \(Reordered\) cannot be streamed: it is not "
+                           r"an operation streamcnn knows.*\(at test_streaming_errors.py:\d+: "
+                           r"`return super\(\).forward\(x.flip\(-1\)\)`\)"),
+    (Shifted(), r"operation 'roll' in '1' \(Shifted\) cannot be streamed"),
 ]
 
 
@@ -59,6 +66,12 @@ NOT_STREAMABLE = [
 def test_layers_that_cannot_be_streamed(layer, message):
     with pytest.raises(StreamingError, match=message):
         Streaming(nn.Sequential(conv(), layer), 16)
+
+
+def test_user_module_with_a_plain_forward_streams():
+    net = nn.Sequential(conv(), Custom(), nn.ReLU()).double()
+    x = torch.randn(1, 3, 30, 30, dtype=torch.float64)
+    assert streamcnn.testing.compare(net, x, 16).worst <= 1e-10  # float64: summation order
 
 
 def test_error_names_nested_path():
@@ -72,10 +85,12 @@ def test_streaming_error_is_a_type_error():
 
 
 @pytest.mark.parametrize("layer,message", [
-    (nn.BatchNorm2d(4), r"layer '1' \(BatchNorm2d\) is in training mode.*call \.eval\(\) on it"),
-    (nn.Dropout(0.5), r"layer '1' \(Dropout\) is in training mode.*call \.eval\(\) on it"),
-    (nn.Dropout2d(0.1), r"layer '1' \(Dropout2d\) is in training mode"),
-    (nn.RReLU(), r"layer '1' \(RReLU\) is in training mode"),
+    (nn.BatchNorm2d(4), r"layer '1' \(BatchNorm2d\) cannot be streamed: it is in training mode.*"
+                        r"call \.eval\(\) on it"),
+    (nn.Dropout(0.5), r"layer '1' \(Dropout\) cannot be streamed: it is in training mode.*"
+                      r"call \.eval\(\) on it"),
+    (nn.Dropout2d(0.1), r"layer '1' \(Dropout2d\) cannot be streamed: it is in training mode"),
+    (nn.RReLU(), r"layer '1' \(RReLU\) cannot be streamed: it is in training mode"),
 ])
 def test_training_mode_layers(layer, message):
     """Checked when it runs: users switch modes after wrapping (model.train())."""
@@ -90,7 +105,8 @@ def test_training_mode_layers(layer, message):
 
 def test_batchnorm_without_running_stats():
     net = nn.Sequential(conv(), nn.BatchNorm2d(4, track_running_stats=False)).eval()
-    with pytest.raises(StreamingError, match=r"layer '1' \(BatchNorm2d\) has track_running_stats=False"):
+    with pytest.raises(StreamingError, match=r"layer '1' \(BatchNorm2d\) cannot be streamed: it has "
+                                                  r"track_running_stats=False"):
         Streaming(net, 16)(x2d())
 
 

@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 
 import streamcnn
-from streamcnn.memory import SavedByLayer, chain_peak
+from streamcnn.memory import StepMemory, graph_peak
+from streamcnn.trace import analyse
 
 
 NETS = {
@@ -120,27 +121,27 @@ def test_conventional_estimate_hand_derived_for_fig2():
 
 def test_streaming_estimate_hand_derived_for_fig2():
     """Input, output and output gradient of the whole image; per tile (64x64 here):
-    the channels-last copy of the tile input and the same five tensors as above."""
+    the copy of the tile input the module gets and the same five tensors as above."""
     net = fig2()
-    p = streamcnn.plan(net, (1, 3, 256, 256), 64, channels_last=True)
+    p = streamcnn.plan(net, (1, 3, 256, 256), 64)
     plane, tile = 256 * 256 * 4, 64 * 64 * 4
     params = sum(q.numel() for q in net.parameters()) * 4
     expect = 3 * plane + params + 3 * plane + 3 * plane + 2 * params + 3 * tile + 137 * tile
     assert p.streaming_peak_bytes == expect
     assert p.input_bytes == 3 * plane and p.tile_working_bytes == 3 * tile + 137 * tile
-    with_input_grad = streamcnn.plan(net, (1, 3, 256, 256), 64, channels_last=True,
-                                     requires_input_grad=True)
+    with_input_grad = streamcnn.plan(net, (1, 3, 256, 256), 64, requires_input_grad=True)
     # + the whole input gradient, + the tile's 3-channel input gradient in the last step
     # (which is not the peak step: the 64-channel gradient of layer 2 is freed by then)
     assert with_input_grad.streaming_peak_bytes == expect + 3 * plane
 
 
-def test_chain_peak_frees_what_no_layer_saved():
+def test_graph_peak_frees_what_no_step_saved():
     """ReLU after conv (not in place): ReLU saves its output, the next conv saves the
     same tensor; the conv's output is freed after the ReLU consumed it."""
-    conv = SavedByLayer(saves_input=True, saves_output=False, in_place=False, extra_bytes_per_output=0)
-    relu = SavedByLayer(saves_input=False, saves_output=True, in_place=False, extra_bytes_per_output=0)
-    fwd, peak = chain_peak([1, 10, 10, 2], [1, 10, 10, 2], [conv, relu, conv], input_grad=False)
+    graph = analyse(nn.Sequential(nn.Conv2d(1, 1, 1), nn.ReLU(), nn.Conv2d(1, 1, 1)), 2, 1)
+    memory = [StepMemory(1, 0, (), 0), StepMemory(1, 1, (0,), 0), StepMemory(1, 2, (2,), 0),
+              StepMemory(1, 3, (2,), 0)]
+    fwd, peak = graph_peak(graph, memory, [1, 10, 10, 2], input_grad=False)
     # forward: conv out 10 + relu out 10 alive together -> 20; then conv out freed; +2
     assert fwd == 20
     # backward of the ReLU: its saved output 10, the chain's output 2, the ReLU's
@@ -186,6 +187,18 @@ def test_plan_does_not_run_user_hooks():
         m.register_forward_hook(lambda *a: calls.append(1))
     streamcnn.plan(net, (1, 3, 64, 64), 32)
     assert calls == []
+
+
+def test_plan_lists_the_traced_graph():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+    p = streamcnn.plan(net, (2, 3, 101, 64), 40)
+    assert [(s.kind, s.shape, s.receptive_field, s.stride) for s in p.steps] == [
+        ("input", (2, 3, 101, 64), (1, 1), (1, 1)),
+        ("window", (2, 4, 51, 32), (3, 3), (2, 2)),
+        ("pointwise", (2, 4, 51, 32), (3, 3), (2, 2)),
+        ("window", (2, 4, 25, 16), (5, 5), (4, 4))]
+    table = p.step_table().splitlines()
+    assert "layer '2' (MaxPool2d) <- 2" in table[-1] and "(2, 4, 25, 16)" in table[-1]
 
 
 def test_plan_1d():

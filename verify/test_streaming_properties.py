@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import streamcnn
-from streamcnn.geometry import chain_length, interior_span, tile_axis, windows_fit
-from streamcnn.layers import inspect_layers
+from streamcnn.geometry import fits, interior_spans, lengths, tile_axis
+from streamcnn.trace import analyse_structure
 from streamcnn.testing import compare
 
 F64 = 1e-10
@@ -126,13 +126,18 @@ def build(layers, nest, seed):
     return net
 
 
+def axis_graphs(net, ndim):
+    graph = analyse_structure(net, ndim)
+    return [graph.axis(a) for a in range(ndim)]
+
+
 def smallest_image(nodes, dilated_max_pool):
     """Smallest input length with an output. With a dilated max-pool, also long
     enough that no pooling window has all its taps in padding: torch itself
     returns -inf there and its backward writes outside the input (a torch bug,
     not a streaming one), so conventional autograd is no oracle for it."""
     n = 1
-    while chain_length(nodes, n) <= 0 or (dilated_max_pool and not windows_fit(nodes, n)):
+    while lengths(nodes, n)[-1] <= 0 or (dilated_max_pool and not fits(nodes, n)):
         n += 1
     return n
 
@@ -142,7 +147,7 @@ def cases(draw):
     ndim, cin, layers, nest = draw(stacks())
     net = build(layers, nest, draw(st.integers(0, 2**16)))
     rfs = streamcnn.receptive_field(net, ndim)
-    per_axis_layers = [[l.nodes[a] for l in inspect_layers(net, ndim)] for a in range(ndim)]
+    per_axis_layers = axis_graphs(net, ndim)
     tiles, sizes = [], []
     limit = 90 if ndim == 1 else 40  # pixels per axis, to keep examples fast
     dilated = any(isinstance(m, (nn.MaxPool1d, nn.MaxPool2d)) and m.dilation not in (1, (1, 1))
@@ -169,8 +174,8 @@ def check_tiling(t, tile_size, unread, nodes):
     assert t.starts[0] == 0
     # no tile is so short that a window could have all its taps in padding (see
     # smallest_image), unless the whole image already is
-    if windows_fit(nodes, t.length):
-        assert all(windows_fit(nodes, b - a) for a, b in zip(t.starts, t.stops))
+    if fits(nodes, t.length):
+        assert all(fits(nodes, b - a) for a, b in zip(t.starts, t.stops))
     # the last tile ends at the image edge, unless the pixels after it affect no output
     assert t.stops[-1] == t.length or unread(t.stops[-1])
     assert all(a % t.stride == 0 for a in t.starts)
@@ -193,7 +198,7 @@ def test_random_stacks_match_conventional(case):
     assert cmp.worst <= F64, cmp
     ndim = len(shape) - 2
     tiles = (tile,) * ndim if isinstance(tile, int) else tile
-    nodes = [[l.nodes[a] for l in inspect_layers(net, ndim)] for a in range(ndim)]
+    nodes = axis_graphs(net, ndim)
     for a in range(ndim):
         def unread(stop, a=a):
             x2 = x.clone()
@@ -212,10 +217,10 @@ def test_min_tile_size_is_the_smallest_with_a_valid_output(stack, seed):
     ndim, _, layers, nest = stack
     net = build(layers, nest, seed)
     for a, rf in enumerate(streamcnn.receptive_field(net, ndim)):
-        nodes = [l.nodes[a] for l in inspect_layers(net, ndim)]
+        nodes = axis_graphs(net, ndim)[a]
 
         def valid(tile):
-            span, _ = interior_span(nodes, tile)
+            span = interior_spans(nodes, tile)[-1]
             return span.valid_stop - span.valid_start
 
         assert valid(rf.min_tile_size) >= 1

@@ -1,0 +1,195 @@
+"""The tile loop and the autograd node of a streamed module (the paper's Algorithm 1).
+
+Forward (no graph): every tile of the input goes through the user's own module;
+each tile's output is cropped to the part it owns (inside its valid outputs) and
+written into a preallocated output. Nothing but the input and the tensors the
+module read is saved for backward.
+
+Backward (gradient checkpointing, one tile at a time): each tile is recomputed
+with grad enabled and with exactly the tensors the forward read
+(``torch.func.functional_call``), its owned output is backpropagated with the
+matching slice of the output gradient, and the input gradient and the gradients
+of those tensors are summed over the tiles. The owned regions partition the
+output and every owned value is a function of its tile alone, so by linearity the
+sums equal conventional backprop's gradients (paper Eqs. 5-7). Only the gradients
+the engine asks for are computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .errors import StreamingError
+from .state import Captured, TensorUse, check_modes, check_unchanged
+from .tiling import Tile, count, iter_tiles
+
+
+class TileRunner:
+    """Runs the module over the tiles of one input shape."""
+
+    def __init__(self, module: nn.Module, tilings, *, progress: bool, channels_last: bool):
+        self.module = module
+        self.tilings = tilings
+        self.out_spatial = tuple(t.out_length for t in tilings)
+        self.progress = progress
+        self.layout = torch.channels_last if channels_last else torch.contiguous_format
+
+    def tiles(self, what: str, skip_first: bool = False):
+        tiles = iter_tiles(self.tilings)
+        if skip_first:
+            next(tiles)
+        if not self.progress:
+            return tiles
+        from tqdm.auto import tqdm
+        total = count(self.tilings) - skip_first
+        return tqdm(tiles, total=total, desc=f"streaming {what}", unit="tile", leave=False)
+
+    def copy(self, view: torch.Tensor) -> torch.Tensor:
+        """The tensor the module gets for a tile: always a copy, so that nothing the module
+        does in place reaches the image, in the layout oneDNN/cuDNN convolve fastest."""
+        return view.clone(memory_format=self.layout)
+
+    def run(self, tile_input: torch.Tensor, tile: Tile, call=None) -> torch.Tensor:
+        try:
+            y = self.module(tile_input) if call is None else call(tile_input)
+        except RuntimeError as err:
+            if "register a hook on a tensor that doesn't require gradient" in str(err):
+                raise StreamingError(
+                    "a hook or layer inside the streamed module calls Tensor.register_hook on an "
+                    "activation (as Grad-CAM does): streaming builds activations tile by tile "
+                    "without a graph in the forward pass, so there is nothing to hook; register "
+                    "the hook on the Streaming module's output (the stitched feature map) "
+                    "instead") from err
+            raise
+        if not isinstance(y, torch.Tensor) or tuple(y.shape[2:]) != tile.out_shape:
+            shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+            raise RuntimeError(
+                f"the tile at {tile.origin} of shape {tuple(tile_input.shape)} gave an output of "
+                f"shape {shape}, expected spatial shape {tile.out_shape}: the module does not "
+                f"behave like its traced geometry (was it changed after the forward began?)")
+        return y
+
+    def first_tile(self, x: torch.Tensor):
+        """The first tile's owned output, and every tensor the module read for it."""
+        tile = next(iter_tiles(self.tilings))
+        with torch.no_grad():
+            tile_input = self.copy(x[tile.inp])
+            with TensorUse(tile_input) as use:
+                y = self.run(tile_input, tile)
+        return y[tile.crop], use.read
+
+    def forward(self, x: torch.Tensor, first: torch.Tensor, versions: dict) -> torch.Tensor:
+        """Stitched output, computed without building a graph."""
+        with torch.no_grad():
+            out = first.new_empty(first.shape[:2] + self.out_spatial)
+            out[next(iter_tiles(self.tilings)).out] = first
+            for tile in self.tiles("forward", skip_first=True):
+                y = self.run(self.copy(x[tile.inp]), tile)
+                check_unchanged(self.module, versions)
+                out[tile.out] = y[tile.crop]
+                del y
+        return out
+
+    def backward(self, x, grad_out, need_x: bool, tensors: dict, wrt: list):
+        """Input gradient (or None) and the summed gradient of each of ``wrt``, recomputing
+        every tile with ``tensors`` (name -> tensor) in place of the module's own."""
+        def call(tile_input):
+            return torch.func.functional_call(self.module, tensors, (tile_input,), strict=False)
+
+        grad_x = torch.zeros_like(x) if need_x else None
+        sums: list = [None] * len(wrt)
+        for tile in self.tiles("backward"):
+            leaf = x[tile.inp].detach().requires_grad_(need_x)
+            with torch.enable_grad():
+                y = self.run(self.copy(leaf), tile, call)[tile.crop]
+                inputs = ([leaf] if need_x else []) + wrt
+                grads = (torch.autograd.grad(y, inputs, grad_out[tile.out], allow_unused=True)
+                         if y.requires_grad else [None] * len(inputs))
+            del y
+            if need_x:
+                if grads[0] is not None:
+                    grad_x[tile.inp] += grads[0]
+                grads = grads[1:]
+            for i, g in enumerate(grads):
+                if g is not None:  # (own the first: a gradient may alias grad_out)
+                    sums[i] = g.clone() if sums[i] is None else sums[i].add_(g)
+            del grads
+        return grad_x, sums
+
+
+@dataclass
+class Job:
+    """Everything one streamed forward hands to its backward, besides saved tensors."""
+
+    runner: TileRunner
+    captured: Captured
+    modes: tuple
+    versions: dict
+    first: torch.Tensor | None
+    nodes: list  # autograd node of x and of each captured grad tensor (None: needs no grad)
+    autocast: tuple
+
+
+class StreamFunction(torch.autograd.Function):
+    """Autograd node for the whole streamed module.
+
+    Inputs: the image and the module tensors that require grad (as the forward read
+    them). Saved: those, and the module's other tensors the forward read, so that an
+    in-place change of any of them before backward raises as in conventional autograd.
+    """
+
+    @staticmethod
+    def forward(ctx, job: Job, x: torch.Tensor, *grad_tensors: torch.Tensor):
+        out = job.runner.forward(x, job.first, job.versions)
+        job.first = None
+        ctx.job = job
+        ctx.save_for_backward(x, *grad_tensors, *job.captured.const_tensors, *job.captured.others)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if torch.is_grad_enabled():  # the engine enables grad mode exactly for create_graph=True
+            raise RuntimeError(
+                "Streaming does not support higher-order gradients (backward or autograd.grad "
+                "with create_graph=True, e.g. gradient penalties): its backward recomputes tiles "
+                "outside the graph. Use create_graph=False, or the unstreamed module")
+        job = ctx.job
+        saved = ctx.saved_tensors  # raises if any was changed in place since the forward
+        k, c = len(job.captured.grad_tensors), len(job.captured.const_tensors)
+        x, grads_in, consts = saved[0], saved[1:1 + k], saved[1 + k:1 + k + c]
+        check_modes(job.runner.module, job.modes)
+        need_x = ctx.needs_input_grad[1] and _will_run(job.nodes[0])
+        need = [ctx.needs_input_grad[2 + i] and original.requires_grad and _will_run(node)
+                for i, (original, node) in enumerate(zip(job.captured.grad_tensors, job.nodes[1:]))]
+        if not need_x and not any(need):
+            return (None,) * (2 + k)
+        aliases = [t.detach().requires_grad_(n) for t, n in zip(grads_in, need)]
+        tensors = dict(zip(job.captured.grad_names, aliases))
+        tensors.update(zip(job.captured.const_names, consts))
+        device_type, enabled, dtype = job.autocast
+        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            grad_x, sums = job.runner.backward(x, grad_out, need_x, tensors,
+                                               [a for a, n in zip(aliases, need) if n])
+        grads = iter(sums)
+        return (None, grad_x, *(next(grads) if n else None for n in need))
+
+
+def _will_run(node) -> bool:
+    """Whether the autograd engine will use the gradient sent along to ``node``."""
+    if node is None:
+        return False
+    try:
+        return torch._C._will_engine_execute_node(node)
+    except RuntimeError:  # not decidable here: compute it
+        return True
+
+
+def autocast_state(device_type: str):
+    try:
+        return (device_type, torch.is_autocast_enabled(device_type),
+                torch.get_autocast_dtype(device_type))
+    except (RuntimeError, AttributeError):  # device without autocast support
+        return device_type, False, None

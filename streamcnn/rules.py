@@ -1,0 +1,749 @@
+"""Which torch operations stream, and how each acts on a tile's geometry.
+
+The trace (``streamcnn.trace``) walks the streamed module's torch.fx graph and
+asks this registry what each operation on a feature map does:
+
+* a *window* (convolution, pooling, zero padding) - :class:`geometry.Window`
+  per spatial axis;
+* *pointwise* in space (activations, eval BatchNorm, Dropout in eval mode,
+  LayerNorm / Linear / softmax over the channel dimension, arithmetic with
+  scalars or per-channel tensors, permutes, channel slices);
+* a *merge* of feature maps on the same grid (add, sub, mul, div of two feature
+  maps; ``torch.cat`` / chunk / split along channels);
+* a *refusal*: everything whose output at one position depends on positions a
+  tile does not hold (global or adaptive pooling, normalisation over space,
+  reshapes that mix space into channels, upsampling, attention, indexing of
+  positions, the spatial size itself), or that draws random numbers (a new draw
+  per tile and again in the backward recomputation).
+
+Layouts. A feature map's ``dims`` give each tensor dimension's role: ``"N"``
+(batch), ``"C"`` (channels) or a spatial axis ``0``/``1``. The input is
+``("N", "C", 0, 1)``; ``permute(0, 2, 3, 1)`` makes it ``("N", 0, 1, "C")``, after
+which LayerNorm and Linear act on channels, as in ConvNeXt. Windows need the
+channels-first layout.
+
+Handlers take the tracing context ``ctx`` first and then the operation's own
+arguments under torch's parameter names, so Python binds positional and keyword
+arguments as torch does. ``ctx`` provides ``ndim``, ``name`` (the node, for
+messages), ``step(rule, inputs, dims, channels)`` (records a step, returns its
+feature map), ``refuse(why)`` and ``dtype``/``device``/``batch`` of the input.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils import parametrize
+
+from .errors import StreamingError
+from .geometry import Merge, Pointwise, Window
+
+MOVE = "move it after the Streaming module (into the part of the network that sees the whole feature map)"
+
+
+@dataclass(frozen=True)
+class FMap:
+    """A feature map: a value computed from the streamed input."""
+
+    index: int  # its step in the traced graph
+    dims: tuple  # role of each tensor dimension: "N", "C" or a spatial axis
+    channels: int | None  # size of the "C" dimension (None: not known yet)
+    source: str = "the input has"  # who gave it ``channels``, for messages
+
+    def spatial(self) -> tuple:
+        return tuple(d for d in self.dims if isinstance(d, int))
+
+
+@dataclass(frozen=True)
+class Shape:
+    """``x.shape`` / ``x.size()`` of a feature map: its spatial entries differ per tile."""
+
+    fmap: FMap
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A value streaming cannot compute exactly; raised only if the output depends on it."""
+
+    error: StreamingError
+
+
+class Unknown:
+    """A value not known until the input is (batch or channel count before the first call)."""
+
+
+def is_dynamic(value) -> bool:
+    """Whether ``value`` (or anything inside it) depends on the streamed input."""
+    if isinstance(value, (FMap, Shape, Refused, Unknown)):
+        return True
+    if isinstance(value, (tuple, list)):
+        return any(is_dynamic(v) for v in value)
+    if isinstance(value, dict):
+        return any(is_dynamic(v) for v in value.values())
+    if isinstance(value, slice):
+        return any(is_dynamic(v) for v in (value.start, value.stop, value.step))
+    return False
+
+
+def first_refused(value):
+    if isinstance(value, Refused):
+        return value
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else ()
+    return next((r for r in map(first_refused, items) if r is not None), None)
+
+
+def _standard(ndim: int) -> tuple:
+    return ("N", "C") + tuple(range(ndim))
+
+
+def _per_axis(v, ndim: int) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * ndim
+
+
+def _dim(d: int, rank: int) -> int:
+    return d + rank if d < 0 else d
+
+
+def _channels_last_op(ctx, x: FMap, what: str):
+    """Refusal unless ``x``'s last dimension is its channel dimension."""
+    if x.dims[-1] != "C":
+        return ctx.refuse(f"{what} over dimension {len(x.dims) - 1}, which is not the channel "
+                          f"dimension (layout {_layout(x)}): it would mix spatial positions")
+    return None
+
+
+def _layout(x: FMap) -> str:
+    names = {"N": "N", "C": "C", 0: "H" if len(x.spatial()) == 2 else "L", 1: "W"}
+    return "(" + ", ".join(names[d] for d in x.dims) + ")"
+
+
+def _need_channels(ctx, x: FMap, expect: int, what: str = "channels") -> None:
+    if x.channels is not None and expect != x.channels:
+        raise ValueError(f"{ctx.name} expects {expect} {what} but {x.source} {x.channels}")
+
+
+def _pointwise(ctx, x: FMap, dims=None, channels=-1) -> FMap:
+    return ctx.step(Pointwise(), [x], x.dims if dims is None else dims,
+                    x.channels if channels == -1 else channels,
+                    x.source if channels == -1 else f"{ctx.name} gives")
+
+
+# --------------------------------------------------------------------------- windows
+
+def _window_input(ctx, x: FMap, rank: int, what: str):
+    if len(x.spatial()) != rank:
+        return StreamingError(
+            f"{ctx.name} works on {rank}-d feature maps but the input is {len(x.spatial())}-d; "
+            f"use {len(x.spatial())}-d layers throughout the streamed module")
+    if x.dims != _standard(rank):
+        return ctx.refuse(f"it applies a {what} to a feature map in layout {_layout(x)}; "
+                          f"windows need the channels-first layout (N, C, *spatial)")
+    return None
+
+
+def _windows(rank, kernel, stride, pads, dilation=1, ceil_mode=False, max_pool=False):
+    kernel, stride, dilation = (_per_axis(v, rank) for v in (kernel, stride, dilation))
+    rules = tuple(Window(kernel=kernel[a], stride=stride[a], pad_left=pads[a][0],
+                         pad_right=pads[a][1], dilation=dilation[a], ceil_mode=bool(ceil_mode),
+                         max_pool=max_pool) for a in range(rank))
+    return rules
+
+
+def _conv_pads(padding, kernel, dilation, rank):
+    """Per-axis (left, right) padding of a convolution, as torch applies it ('same' included)."""
+    if padding == "valid":
+        return ((0, 0),) * rank
+    if padding == "same":
+        total = [d * (k - 1) for k, d in zip(_per_axis(kernel, rank), _per_axis(dilation, rank))]
+        return tuple((t // 2, t - t // 2) for t in total)
+    return tuple((p, p) for p in _per_axis(padding, rank))
+
+
+def conv(ctx, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, rank):
+    problem = _window_input(ctx, input, rank, "convolution")
+    if problem is not None:
+        return _raise_or(problem)
+    _need_channels(ctx, input, weight.shape[1] * groups)
+    kernel = tuple(weight.shape[2:])
+    rules = _windows(rank, kernel, stride, _conv_pads(padding, kernel, dilation, rank),
+                     dilation)
+    return ctx.step(rules, [input], input.dims, weight.shape[0], f"{ctx.name} gives")
+
+
+def _raise_or(problem):
+    if isinstance(problem, StreamingError):
+        raise problem
+    return problem
+
+
+def conv_module(ctx, m, input, *, rank):
+    if m.padding_mode != "zeros":
+        return ctx.refuse(
+            f"it uses padding_mode='{m.padding_mode}'; only 'zeros' is streamed exactly", 
+            fix="use padding_mode='zeros' or move it after the Streaming module")
+    # torch stores the actual (possibly asymmetric) padding here, last axis first
+    rev = m._reversed_padding_repeated_twice
+    problem = _window_input(ctx, input, rank, "convolution")
+    if problem is not None:
+        return _raise_or(problem)
+    _need_channels(ctx, input, m.in_channels)
+    pads = tuple((rev[2 * (rank - 1 - a)], rev[2 * (rank - 1 - a) + 1]) for a in range(rank))
+    rules = _windows(rank, m.kernel_size, m.stride, pads, m.dilation)
+    return ctx.step(rules, [input], input.dims, m.out_channels, f"{ctx.name} gives")
+
+
+def max_pool(ctx, input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+             return_indices=False, *, rank):
+    if return_indices:
+        return ctx.refuse("it has return_indices=True: its second output (indices into the whole "
+                          "feature map) cannot be stitched from tiles",
+                          fix="use return_indices=False")
+    problem = _window_input(ctx, input, rank, "max-pool")
+    if problem is not None:
+        return _raise_or(problem)
+    stride = kernel_size if stride is None or stride == [] else stride
+    pads = tuple((p, p) for p in _per_axis(padding, rank))
+    rules = _windows(rank, kernel_size, stride, pads, dilation, ceil_mode, max_pool=True)
+    return ctx.step(rules, [input], input.dims, input.channels, input.source)
+
+
+def avg_pool(ctx, input, kernel_size, stride=None, padding=0, ceil_mode=False,
+             count_include_pad=True, divisor_override=None, *, rank):
+    problem = _window_input(ctx, input, rank, "average pool")
+    if problem is not None:
+        return _raise_or(problem)
+    stride = kernel_size if stride is None or stride == [] else stride
+    pads = tuple((p, p) for p in _per_axis(padding, rank))
+    rules = _windows(rank, kernel_size, stride, pads, 1, ceil_mode)
+    return ctx.step(rules, [input], input.dims, input.channels, input.source)
+
+
+def pad(ctx, input, pad, mode="constant", value=None):
+    """Constant padding is a 1-tap window with padding: zeros at interior tile sides
+    only reach outputs that are cropped away, exactly as for a convolution's padding."""
+    if mode != "constant":
+        return ctx.refuse(f"it pads in mode '{mode}'", fix="use constant padding or " + MOVE)
+    if len(pad) % 2 or any(p < 0 for p in pad):
+        return ctx.refuse(f"it crops or pads unevenly specified sides ({pad})")
+    pairs = [(pad[i], pad[i + 1]) for i in range(0, len(pad), 2)]  # last dimension first
+    rules = [Pointwise()] * len(input.spatial())
+    for k, pair in enumerate(pairs):
+        role = input.dims[len(input.dims) - 1 - k]
+        if pair == (0, 0):
+            continue
+        if not isinstance(role, int):
+            return ctx.refuse(f"it pads the {'channel' if role == 'C' else 'batch'} dimension")
+        rules[role] = Window(kernel=1, pad_left=pair[0], pad_right=pair[1])
+    return ctx.step(tuple(rules), [input], input.dims, input.channels, input.source)
+
+
+# --------------------------------------------------------------------------- pointwise
+
+def pointwise(ctx, input, *args, **kwargs):
+    return _pointwise(ctx, input)
+
+
+def _channel_dim_op(ctx, input, dim, what):
+    if dim is None:
+        return ctx.refuse(f"it applies {what} without a dim (over every dimension)")
+    if input.dims[_dim(dim, len(input.dims))] != "C":
+        return ctx.refuse(f"it applies {what} over a dimension that is not the channels")
+    return None
+
+
+def softmax_like(ctx, input, dim=None, *args, **kwargs):
+    return _channel_dim_op(ctx, input, dim, "softmax") or _pointwise(ctx, input)
+
+
+def normalize(ctx, input, p=2.0, dim=1, eps=1e-12, out=None):
+    return _channel_dim_op(ctx, input, dim, "a p-norm normalisation") or _pointwise(ctx, input)
+
+
+def glu(ctx, input, dim=-1):
+    refused = _channel_dim_op(ctx, input, dim, "GLU")
+    if refused:
+        return refused
+    half = None if input.channels is None else input.channels // 2
+    return _pointwise(ctx, input, channels=half)
+
+
+def prelu(ctx, input, weight):
+    if weight.numel() > 1:
+        if len(input.dims) < 2 or input.dims[1] != "C":
+            return ctx.refuse("its per-channel slopes act on dimension 1, which is not the channels")
+        _need_channels(ctx, input, weight.numel())
+    return _pointwise(ctx, input)
+
+
+def dropout(ctx, input, p=0.5, training=True, inplace=False):
+    if training and p > 0:
+        return ctx.refuse(
+            "it is in training mode: its random mask would be drawn anew for every tile and again "
+            "in the backward recomputation", fix=f"call .eval() on it or {MOVE}")
+    return _pointwise(ctx, input)
+
+
+def batch_norm(ctx, input, running_mean, running_var, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5):
+    if training or running_mean is None:
+        why = ("it is in training mode: it would normalise each tile with that tile's own batch "
+               "statistics, not the whole image's" if training else
+               "it has track_running_stats=False, so even in eval mode it normalises with each "
+               "tile's statistics")
+        return ctx.refuse(why, fix=f"call .eval() on it (frozen statistics, as when fine-tuning) "
+                                   f"after model.train(), or {MOVE}")
+    if len(input.dims) < 2 or input.dims[1] != "C":
+        return ctx.refuse("it normalises dimension 1, which is not the channels")
+    _need_channels(ctx, input, running_mean.numel())
+    return _pointwise(ctx, input)
+
+
+def layer_norm(ctx, input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if len(shape) != 1 or input.dims[-1] != "C":
+        return ctx.refuse("it normalises with statistics computed over the feature map's spatial "
+                          "positions, which a tile does not all hold (only a LayerNorm over the "
+                          "channel dimension alone, as in ConvNeXt, is pointwise in space)")
+    _need_channels(ctx, input, shape[0])
+    return _pointwise(ctx, input)
+
+
+def rms_norm(ctx, input, normalized_shape, weight=None, eps=None):
+    return layer_norm(ctx, input, normalized_shape)
+
+
+def linear(ctx, input, weight, bias=None):
+    refused = _channel_dim_op(ctx, input, -1, "a linear map")
+    if refused:
+        return _linear_refusal(ctx)
+    _need_channels(ctx, input, weight.shape[-1], "features")
+    return _pointwise(ctx, input, channels=weight.shape[0])
+
+
+def _linear_refusal(ctx):
+    return ctx.refuse("it connects every position of the feature map (it acts on the last "
+                      "dimension, which is not the channels; ConvNeXt-style blocks permute "
+                      "channels last first)")
+
+
+def rrelu(ctx, input, lower=1.0 / 8, upper=1.0 / 3, training=False, inplace=False):
+    if training:
+        return ctx.refuse("it is in training mode: its random slopes would differ between tiles "
+                          "and the backward recomputation", fix=f"call .eval() on it or {MOVE}")
+    return _pointwise(ctx, input)
+
+
+def channel_shuffle(ctx, input, groups):
+    if len(input.dims) < 2 or input.dims[1] != "C":
+        return ctx.refuse("it shuffles dimension 1, which is not the channels")
+    return _pointwise(ctx, input)
+
+
+def _random(ctx, *args, **kwargs):
+    return ctx.refuse("it draws random numbers, anew for every tile and again in the backward "
+                      "recomputation, not once for the whole image",
+                      fix=f"call .eval() on the layer that draws them or {MOVE}")
+
+
+def to(ctx, input, *args, **kwargs):
+    return _pointwise(ctx, input)
+
+
+# --------------------------------------------------------------------------- merges and arithmetic
+
+def _broadcastable(ctx, x: FMap, other):
+    """Refusal unless ``other`` (a tensor or number) is constant over the spatial positions."""
+    shape = tuple(other.shape) if isinstance(other, torch.Tensor) else ()
+    if len(shape) > len(x.dims):
+        return ctx.refuse(f"it combines the feature map with a tensor of shape {shape}, which has "
+                          f"more dimensions")
+    for role, size in zip(x.dims[len(x.dims) - len(shape):], shape):
+        if isinstance(role, int) and size != 1:
+            return ctx.refuse(f"it combines the feature map with a tensor of shape {shape} that "
+                              f"varies over the spatial positions (e.g. a positional embedding "
+                              f"of a fixed size)")
+        if role == "C" and size != 1:
+            _need_channels(ctx, x, size)
+    return None
+
+
+def arithmetic(ctx, input, other, *args, **kwargs):
+    """Binary arithmetic: a merge of two feature maps, or pointwise with a constant."""
+    a, b = input, other
+    if isinstance(a, FMap) and isinstance(b, FMap):
+        return merge(ctx, [a, b], a.dims, _broadcast_channels(ctx, a, b))
+    x, c = (a, b) if isinstance(a, FMap) else (b, a)
+    if not isinstance(x, FMap):
+        return ctx.refuse("it combines values derived from the feature map's shape")
+    if isinstance(c, (Shape, Unknown)):
+        return ctx.refuse("it uses the feature map's shape in arithmetic")
+    return _broadcastable(ctx, x, c) or _pointwise(ctx, x)
+
+
+def _broadcast_channels(ctx, a: FMap, b: FMap):
+    if a.channels is None or b.channels is None:
+        return None
+    if a.channels != b.channels and 1 not in (a.channels, b.channels):
+        raise ValueError(f"{ctx.name} combines feature maps with {a.channels} and {b.channels} "
+                         f"channels")
+    return max(a.channels, b.channels)
+
+
+def merge(ctx, inputs, dims, channels):
+    if any(x.dims != dims for x in inputs):
+        return ctx.refuse("it combines feature maps in different layouts "
+                          + " and ".join(_layout(x) for x in inputs))
+    return ctx.step(Merge(), inputs, dims, channels, f"{ctx.name} gives")
+
+
+def cat(ctx, tensors, dim=0, *, out=None):
+    maps = list(tensors)
+    if not all(isinstance(t, FMap) for t in maps):
+        return ctx.refuse("it concatenates the feature map with a constant tensor")
+    if maps[0].dims[_dim(dim, len(maps[0].dims))] != "C":
+        return ctx.refuse("it concatenates along a dimension that is not the channels")
+    counts = [t.channels for t in maps]
+    return merge(ctx, maps, maps[0].dims, None if None in counts else sum(counts))
+
+
+def _channel_parts(ctx, input, sizes):
+    return tuple(_pointwise(ctx, input, channels=s) for s in sizes)
+
+
+def chunk(ctx, input, chunks, dim=0):
+    refused = _channel_dim_op(ctx, input, dim, "a chunk")
+    if refused:
+        return refused
+    if input.channels is None:
+        return Unknown()
+    each = -(-input.channels // chunks)
+    sizes = [min(each, input.channels - i) for i in range(0, input.channels, each)]
+    return _channel_parts(ctx, input, sizes)
+
+
+def split(ctx, tensor, split_size_or_sections, dim=0):
+    refused = _channel_dim_op(ctx, tensor, dim, "a split")
+    if refused:
+        return refused
+    if tensor.channels is None:
+        return Unknown()
+    if isinstance(split_size_or_sections, int):
+        n = split_size_or_sections
+        sizes = [min(n, tensor.channels - i) for i in range(0, tensor.channels, n)]
+    else:
+        sizes = list(split_size_or_sections)
+    return _channel_parts(ctx, tensor, sizes)
+
+
+# --------------------------------------------------------------------------- layout and indexing
+
+def permute(ctx, input, *dims):
+    order = dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
+    rank = len(input.dims)
+    return ctx.step(Pointwise(), [input], tuple(input.dims[_dim(d, rank)] for d in order),
+                    input.channels, input.source)
+
+
+def transpose(ctx, input, dim0, dim1):
+    rank = len(input.dims)
+    order = list(range(rank))
+    a, b = _dim(dim0, rank), _dim(dim1, rank)
+    order[a], order[b] = order[b], order[a]
+    return permute(ctx, input, order)
+
+
+def movedim(ctx, input, source, destination):
+    rank = len(input.dims)
+    src = [_dim(s, rank) for s in _per_axis(source, 1)]
+    dst = [_dim(d, rank) for d in _per_axis(destination, 1)]
+    rest = [d for d in range(rank) if d not in src]
+    order = [None] * rank
+    for s, d in zip(src, dst):
+        order[d] = s
+    it = iter(rest)
+    return permute(ctx, input, [o if o is not None else next(it) for o in order])
+
+
+def flatten(ctx, input, start_dim=0, end_dim=-1):
+    rank = len(input.dims)
+    start, end = _dim(start_dim, rank), _dim(end_dim, rank)
+    merged = input.dims[start:end + 1]
+    if len(merged) <= 1:
+        return _pointwise(ctx, input)
+    return ctx.refuse(f"it reshapes the feature map: it flattens dimensions {start}..{end} of "
+                      f"layout {_layout(input)} together, mixing space and channels")
+
+
+def reshape(ctx, input, *shape):
+    return ctx.refuse("it reshapes the feature map (view/reshape), which can mix space into "
+                      "channels and needs the whole feature map's spatial size")
+
+
+def getitem(ctx, value, index):
+    """Indexing: of a tuple of values, of a shape, or of a feature map (channels only)."""
+    if isinstance(value, (tuple, list)):
+        return value[index]
+    if isinstance(value, Unknown):
+        return Unknown()
+    if isinstance(value, Shape):
+        return _size(ctx, value.fmap, index)
+    return _index_fmap(ctx, value, index)
+
+
+def _index_fmap(ctx, x: FMap, index):
+    index = index if isinstance(index, tuple) else (index,)
+    if any(i is None for i in index) or sum(i is Ellipsis for i in index) > 1:
+        return ctx.refuse("it indexes the feature map with None or several ellipses")
+    if Ellipsis in index:
+        k = index.index(Ellipsis)
+        index = index[:k] + (slice(None),) * (len(x.dims) - len(index) + 1) + index[k + 1:]
+    channels = x.channels
+    for role, i in zip(x.dims, index):
+        if i == slice(None):
+            continue
+        if role != "C" or not isinstance(i, slice):
+            return ctx.refuse("it indexes spatial positions or the batch of the feature map "
+                              "(a tile holds only some positions)" if role != "C" else
+                              "it indexes the channel dimension with an integer or a tensor")
+        channels = None if channels is None else len(range(channels)[i])
+    return _pointwise(ctx, x, channels=channels)
+
+
+def _size(ctx, x: FMap, dim):
+    role = x.dims[_dim(dim, len(x.dims))]
+    if role == "C":
+        return Unknown() if x.channels is None else x.channels
+    if role == "N":
+        return Unknown() if ctx.batch is None else ctx.batch
+    return ctx.refuse("it reads the feature map's spatial size, which differs from tile to tile")
+
+
+def size(ctx, input, dim=None):
+    return Shape(input) if dim is None else _size(ctx, input, dim)
+
+
+def attribute(ctx, obj, name, *default):
+    """``getattr(feature_map, name)``, as fx records ``x.shape`` and friends."""
+    if not isinstance(obj, FMap):
+        return Unknown()
+    if name == "shape":
+        return Shape(obj)
+    if name in ("dtype", "device", "ndim"):
+        return {"dtype": ctx.dtype, "device": ctx.device, "ndim": len(obj.dims)}[name]
+    return ctx.refuse(f"it reads the attribute '{name}' of a feature map")
+
+
+def dim_method(ctx, input):
+    return len(input.dims)
+
+
+def reduction(ctx, input, dim=None, *args, keepdim=False, **kwargs):
+    """mean/sum/amax/... : pointwise in space when reducing over channels (or batch) only."""
+    if isinstance(dim, bool) or (args and isinstance(args[0], bool)):  # x.max(dim, keepdim) forms
+        keepdim = dim if isinstance(dim, bool) else args[0]
+    rank = len(input.dims)
+    dims = range(rank) if dim is None else [_dim(d, rank) for d in _per_axis(dim, 1)]
+    if any(isinstance(input.dims[d], int) for d in dims):
+        return ctx.refuse("it reduces over spatial positions (global pooling or statistics over "
+                          "the feature map), which a tile does not all hold")
+    if "C" not in [input.dims[d] for d in dims]:
+        return _pointwise(ctx, input)
+    new_dims = input.dims if keepdim else tuple(r for k, r in enumerate(input.dims) if k not in dims)
+    if "C" not in new_dims:
+        return ctx.refuse("it removes the channel dimension")
+    return _pointwise(ctx, input, dims=new_dims, channels=1)
+
+
+def register_hook(ctx, input, hook):
+    return ctx.refuse(
+        "it registers a gradient hook (Tensor.register_hook) on an activation inside the streamed "
+        "module: streaming never builds that activation for the whole image, only tile by tile, "
+        "so the hook would see tile-sized gradients", fix="register the hook on the Streaming "
+        "module's output (the stitched feature map) instead, or " + MOVE)
+
+
+# --------------------------------------------------------------------------- registries
+
+def _why(reason):
+    def refuse(ctx, *args, **kwargs):
+        return ctx.refuse(reason)
+    return refuse
+
+
+GLOBAL = "it pools over the whole feature map (adaptive or global pooling)"
+UPSAMPLE = "it resamples the feature map (upsampling, interpolation, transposed convolution)"
+NORM_OVER_SPACE = "it normalises with statistics computed over the feature map, which a tile does not see"
+ATTENTION = "attention connects every position of the feature map"
+
+POINTWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign,
+    nn.Tanhshrink, nn.Softshrink, nn.Hardshrink, nn.LogSigmoid, nn.Threshold, nn.Identity,
+    nn.LocalResponseNorm,
+)
+DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+BATCHNORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm)
+
+MODULES = {
+    nn.Conv1d: lambda ctx, m, x: conv_module(ctx, m, x, rank=1),
+    nn.Conv2d: lambda ctx, m, x: conv_module(ctx, m, x, rank=2),
+    nn.MaxPool1d: lambda ctx, m, x: max_pool(ctx, x, m.kernel_size, m.stride, m.padding, m.dilation,
+                                             m.ceil_mode, m.return_indices, rank=1),
+    nn.MaxPool2d: lambda ctx, m, x: max_pool(ctx, x, m.kernel_size, m.stride, m.padding, m.dilation,
+                                             m.ceil_mode, m.return_indices, rank=2),
+    nn.AvgPool1d: lambda ctx, m, x: avg_pool(ctx, x, m.kernel_size, m.stride, m.padding,
+                                             m.ceil_mode, rank=1),
+    nn.AvgPool2d: lambda ctx, m, x: avg_pool(ctx, x, m.kernel_size, m.stride, m.padding,
+                                             m.ceil_mode, rank=2),
+    nn.ZeroPad1d: lambda ctx, m, x: pad(ctx, x, m.padding),
+    nn.ZeroPad2d: lambda ctx, m, x: pad(ctx, x, m.padding),
+    nn.ConstantPad1d: lambda ctx, m, x: pad(ctx, x, m.padding, value=m.value),
+    nn.ConstantPad2d: lambda ctx, m, x: pad(ctx, x, m.padding, value=m.value),
+    nn.PReLU: lambda ctx, m, x: prelu(ctx, x, m.weight),
+    nn.RReLU: lambda ctx, m, x: rrelu(ctx, x, training=m.training),
+    nn.Softmax: lambda ctx, m, x: softmax_like(ctx, x, m.dim),
+    nn.LogSoftmax: lambda ctx, m, x: softmax_like(ctx, x, m.dim),
+    nn.Softmin: lambda ctx, m, x: softmax_like(ctx, x, m.dim),
+    nn.Softmax2d: lambda ctx, m, x: softmax_like(ctx, x, -3),
+    nn.GLU: lambda ctx, m, x: glu(ctx, x, m.dim),
+    nn.ChannelShuffle: lambda ctx, m, x: channel_shuffle(ctx, x, m.groups),
+    nn.LayerNorm: lambda ctx, m, x: layer_norm(ctx, x, m.normalized_shape),
+    nn.RMSNorm: lambda ctx, m, x: layer_norm(ctx, x, m.normalized_shape),
+    nn.Linear: lambda ctx, m, x: linear(ctx, x, m.weight),
+    nn.Flatten: lambda ctx, m, x: flatten(ctx, x, m.start_dim, m.end_dim),
+    **{t: lambda ctx, m, x: _pointwise(ctx, x) for t in POINTWISE_MODULES},
+    **{t: lambda ctx, m, x: dropout(ctx, x, m.p, m.training) for t in DROPOUT_MODULES},
+    **{t: lambda ctx, m, x: batch_norm(ctx, x, m.running_mean, m.running_var, training=m.training)
+       for t in BATCHNORM_MODULES},
+}
+
+#: Modules that are local in no way a tile can reproduce, and why.
+NON_LOCAL_MODULES = (
+    ((nn.Bilinear, nn.LazyLinear), "it connects every position of the feature map"),
+    ((nn.Unflatten,), "it reshapes the feature map, mixing space and channels"),
+    ((nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d),
+     "adaptive/global pooling looks at the whole feature map"),
+    ((nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ConvTranspose1d,
+      nn.ConvTranspose2d, nn.PixelShuffle, nn.PixelUnshuffle, nn.Fold, nn.Unfold),
+     "upsampling is not supported by the tile geometry"),
+    ((nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d), NORM_OVER_SPACE),
+    ((nn.FractionalMaxPool2d,), "its random pooling regions depend on the whole feature map"),
+    ((nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
+      nn.Transformer), ATTENTION),
+)
+
+FUNCTIONS = {
+    F.conv1d: lambda ctx, *a, **k: conv(ctx, *a, **k, rank=1),
+    F.conv2d: lambda ctx, *a, **k: conv(ctx, *a, **k, rank=2),
+    F.max_pool1d: lambda ctx, *a, **k: max_pool(ctx, *a, **k, rank=1),
+    F.max_pool2d: lambda ctx, *a, **k: max_pool(ctx, *a, **k, rank=2),
+    F.avg_pool1d: lambda ctx, *a, **k: avg_pool(ctx, *a, **k, rank=1),
+    F.avg_pool2d: lambda ctx, *a, **k: avg_pool(ctx, *a, **k, rank=2),
+    F.pad: pad,
+    F.dropout: dropout, F.dropout1d: dropout, F.dropout2d: dropout, F.alpha_dropout: dropout,
+    F.feature_alpha_dropout: dropout,
+    F.batch_norm: batch_norm,
+    F.layer_norm: layer_norm,
+    F.rms_norm: rms_norm,
+    F.linear: linear,
+    F.prelu: prelu,
+    F.rrelu: rrelu,
+    F.glu: glu,
+    F.softmax: softmax_like, F.log_softmax: softmax_like, F.softmin: softmax_like,
+    F.normalize: normalize,
+    F.channel_shuffle: channel_shuffle,
+    torch.cat: cat, torch.concat: cat, torch.concatenate: cat,
+    torch.chunk: chunk, torch.split: split,
+    torch.permute: permute, torch.transpose: transpose, torch.movedim: movedim,
+    torch.flatten: flatten, torch.reshape: reshape,
+    operator.getitem: getitem,
+    getattr: attribute,
+    **{f: arithmetic for f in (operator.add, operator.sub, operator.mul, operator.truediv,
+                               operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                               torch.add, torch.sub, torch.mul, torch.div, torch.maximum,
+                               torch.minimum, operator.pow, torch.pow)},
+    **{f: reduction for f in (torch.mean, torch.sum, torch.amax, torch.amin, torch.max, torch.min,
+                              torch.std, torch.var, torch.norm, torch.logsumexp)},
+    **{f: pointwise for f in (
+        F.relu, F.relu_, F.relu6, F.elu, F.elu_, F.selu, F.celu, F.leaky_relu, F.leaky_relu_,
+        F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid, F.hardtanh, F.hardtanh_, F.sigmoid,
+        F.tanh, F.softplus, F.softsign, F.tanhshrink, F.softshrink, F.hardshrink, F.logsigmoid,
+        F.threshold, F.threshold_, F.local_response_norm, torch.relu, torch.relu_, torch.sigmoid,
+        torch.tanh, torch.exp, torch.log, torch.abs, torch.neg, torch.sqrt, torch.rsqrt,
+        torch.square, torch.clamp, torch.clip, torch.erf, torch.sin, torch.cos, operator.neg,
+        operator.pos, torch.clone, torch.detach)},
+    **{f: _why(GLOBAL) for f in (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+                                 F.adaptive_max_pool1d, F.adaptive_max_pool2d)},
+    **{f: _why(UPSAMPLE) for f in (F.interpolate, F.upsample, F.upsample_nearest,
+                                   F.upsample_bilinear, F.grid_sample, F.pixel_shuffle,
+                                   F.pixel_unshuffle, F.conv_transpose1d, F.conv_transpose2d,
+                                   F.unfold, F.fold)},
+    **{f: _why(NORM_OVER_SPACE) for f in (F.group_norm, F.instance_norm)},
+    F.scaled_dot_product_attention: _why(ATTENTION),
+    **{f: _random for f in (torch.bernoulli, torch.rand, torch.randn, torch.randint, torch.rand_like,
+                            torch.randn_like, torch.randint_like, torch.randperm, torch.normal,
+                            torch.multinomial, torch.poisson)},
+}
+
+METHODS = {
+    **{name: pointwise for name in (
+        "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "exp_", "log", "abs",
+        "abs_", "neg", "neg_", "sqrt", "rsqrt", "square", "clamp", "clamp_", "clip", "clip_",
+        "clamp_min", "clamp_min_", "clamp_max", "clamp_max_", "contiguous", "clone", "detach",
+        "float", "double", "half", "bfloat16", "type_as", "erf", "sin", "cos")},
+    "to": to,
+    **{name: arithmetic for name in ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_",
+                                     "pow", "pow_", "maximum", "minimum")},
+    **{name: reduction for name in ("mean", "sum", "amax", "amin", "max", "min", "std", "var",
+                                    "norm", "logsumexp")},
+    "softmax": softmax_like, "log_softmax": softmax_like,
+    "permute": permute, "transpose": transpose, "movedim": movedim,
+    "flatten": flatten, "view": reshape, "reshape": reshape, "view_as": reshape,
+    "reshape_as": reshape, "unflatten": reshape,
+    "chunk": chunk, "split": split,
+    "size": size, "dim": dim_method,
+    "register_hook": register_hook,
+    **{name: _random for name in ("bernoulli", "bernoulli_", "normal_", "uniform_", "random_",
+                                  "exponential_", "geometric_", "cauchy_", "log_normal_")},
+}
+
+#: in-place methods: after the call, the tensor they were called on holds the result
+IN_PLACE_METHODS = {name for name in METHODS if name.endswith("_")}
+
+RANDOM_FUNCTIONS = {f for f, h in FUNCTIONS.items() if h is _random}
+RANDOM_METHODS = {name for name, h in METHODS.items() if h is _random}
+
+
+def module_handler(m: nn.Module):
+    """The handler for a leaf module, or a refusal reason (str)."""
+    kind = type(m)
+    if parametrize.is_parametrized(m):  # ParametrizedConv2d etc.: geometry of the layer it wraps
+        kind = kind.__bases__[0]
+    if kind in MODULES:
+        return MODULES[kind]
+    if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
+        return ("it is a lazy module whose parameters are not initialised yet; call the module once "
+                "on an input (e.g. a small tile) before streaming it")
+    for kinds, why in NON_LOCAL_MODULES:
+        if isinstance(m, kinds):
+            return why
+    return None
+
+
+def supported_summary() -> str:
+    return ("supported: Conv1d/2d, MaxPool1d/2d, AvgPool1d/2d, zero padding, elementwise "
+            "activations, Identity, BatchNorm and Dropout in eval mode, LayerNorm/Linear over "
+            "channels, arithmetic, residual adds and torch.cat along channels")
+
+
+def is_random_call(op: str, target) -> bool:
+    """Whether a call draws random numbers (refused even on constants)."""
+    if op == "call_method":
+        return target in RANDOM_METHODS
+    return op == "call_function" and target in RANDOM_FUNCTIONS
+

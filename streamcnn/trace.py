@@ -1,0 +1,376 @@
+"""Trace the streamed module with torch.fx and derive its geometry graph.
+
+Analysis by tracing, execution by the user's module: ``analyse`` traces the module
+into a graph of operations (torch.nn layers stay single nodes, everything else is
+traced through), then walks that graph once with symbolic values instead of
+tensors - :class:`rules.FMap` for feature maps, real tensors for constants such as
+parameters - asking ``streamcnn.rules`` what each operation does to a tile. The
+result is a :class:`TracedGraph` of steps whose per-axis rules ``streamcnn.geometry``
+tiles. No feature map is computed, and the tiles later run through the user's own
+module, never through this graph.
+
+A value the output does not depend on is never checked, so dead code (a debug
+``print(x.shape)``) does not stop streaming; a refused operation the output does
+depend on raises ``StreamingError`` naming the operation, its module path and the
+user's source line.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from . import rules
+from .errors import StreamingError
+from .geometry import Field, GridMismatch, Merge, Step, Window
+from .rules import FMap, Refused, Shape, Unknown
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_OWN_DIR = os.path.dirname(__file__)
+
+
+@dataclass(frozen=True)
+class GraphStep:
+    """One step of the traced graph: an operation on feature maps."""
+
+    name: str  # e.g. "layer '4.0.conv1' (Conv2d)" or "operation 'add' in '4.0' (BasicBlock)"
+    kind: str  # "input", "window", "pointwise" or "merge"
+    inputs: tuple[int, ...]
+    rules: tuple  # one geometry rule per spatial axis (() for the input)
+    channels: int | None
+    node: str | None  # name of the fx node that computed it
+
+
+@dataclass(frozen=True)
+class TracedGraph:
+    """The streamed module's operations on feature maps, in execution order."""
+
+    ndim: int
+    steps: tuple[GraphStep, ...]
+    graph: fx.Graph = field(repr=False)
+    root: nn.Module = field(repr=False)  # the tracing root (holds the user's module as ``m``)
+
+    def axis(self, a: int) -> tuple[Step, ...]:
+        """The graph on spatial axis ``a``, for ``streamcnn.geometry``."""
+        return (Step(None),) + tuple(Step(s.rules[a], s.inputs, s.name) for s in self.steps[1:])
+
+    @property
+    def out_channels(self) -> int | None:
+        return self.steps[-1].channels
+
+    def node_steps(self) -> dict:
+        """fx node name -> the step it computed."""
+        return {s.node: i for i, s in enumerate(self.steps) if s.node is not None}
+
+
+class _Root(nn.Module):
+    """Tracing root: fx stores traced constants on the root, so they land here, not on
+    the user's module."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.m = module
+
+    def forward(self, x):
+        return self.m(x)
+
+
+def module_path(path: str) -> str:
+    """A path under the tracing root as the user sees it (relative to their module)."""
+    return "" if path == "m" else path[2:] if path.startswith("m.") else path
+
+
+def describe_layer(path: str, kind: str) -> str:
+    where = f"'{path}'" if path else "(the module itself)"
+    return f"layer {where} ({kind})"
+
+
+class _Tracer(fx.Tracer):
+    """fx's tracer (torch.nn layers stay leaves) that remembers where tracing failed.
+
+    Modules are traced through their ``forward`` without their hooks: hooks run for
+    real on every tile, and tracing them would call user code with symbolic values
+    (a hook that stores or converts its output would break or keep a proxy).
+    """
+
+    def __init__(self, stack_traces: bool):
+        super().__init__()
+        self.record_stack_traces = stack_traces  # ~3x slower: only to explain a refusal
+        self.module_stack_paths: list = []
+        self.failed_in = None
+
+    def call_module(self, m, forward, args, kwargs):
+        self.module_stack_paths.append((module_path(self.path_of_module(m)), type(m).__name__))
+        try:
+            return super().call_module(m, m.forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = self.module_stack_paths[-1]
+            raise
+        finally:
+            self.module_stack_paths.pop()
+
+
+def trace(module: nn.Module, stack_traces: bool = False) -> tuple[_Root, fx.Graph]:
+    """The fx graph of ``module`` (under a root that keeps fx's constants off it)."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"Streaming needs an nn.Module, got {type(module).__name__}")
+    root, tracer = _Root(module), _Tracer(stack_traces)
+    try:
+        return root, tracer.trace(root)
+    except StreamingError:
+        raise
+    except Exception as err:
+        path, kind = tracer.failed_in or ("", type(module).__name__)
+        raise StreamingError(
+            f"{describe_layer(path, kind)} could not be traced, so streamcnn cannot derive its "
+            f"tile geometry: {type(err).__name__}: {err}. streamcnn traces the streamed module "
+            f"with torch.fx; a forward that branches on tensor values, reads their data, or "
+            f"calls non-torch code on them cannot be traced. Make that forward traceable, or "
+            f"move the module after the Streaming module") from err
+
+
+def analyse(module: nn.Module, ndim: int, channels: int | None = None, *, batch: int | None = None,
+            dtype: torch.dtype | None = None, device=None) -> TracedGraph:
+    """Trace ``module`` and derive the geometry of an (N, C, *spatial) input with ``ndim``
+    spatial axes and ``channels`` channels (None: unknown, checks skipped).
+
+    Raises ``StreamingError`` for operations that cannot be streamed (in the modules'
+    current train/eval modes) and ``ValueError`` for channel counts that do not fit.
+    """
+    try:
+        root, graph = trace(module)
+        return _Analysis(root, graph, ndim, channels, batch, dtype, device).run()
+    except StreamingError:  # again with the source lines, for the message
+        root, graph = trace(module, stack_traces=True)
+        return _Analysis(root, graph, ndim, channels, batch, dtype, device).run()
+
+
+class _Context:
+    """What a ``rules`` handler sees of the analysis while it handles one node."""
+
+    def __init__(self, analysis: "_Analysis", node: fx.Node):
+        self.analysis, self.node = analysis, node
+        self.ndim, self.batch = analysis.ndim, analysis.batch
+        self.dtype, self.device = analysis.dtype, analysis.device
+        self.name = analysis.describe(node)
+
+    def step(self, rule, inputs, dims, channels, source="the input has") -> FMap:
+        return self.analysis.add_step(self, rule, inputs, dims, channels, source)
+
+    def refuse(self, why: str, fix: str = rules.MOVE) -> Refused:
+        return Refused(StreamingError(f"{self.name} cannot be streamed: {why}; {fix}"
+                                      f"{_source_line(self.node)}"))
+
+
+class _Analysis:
+    """One walk over the fx graph with symbolic feature maps (see module docstring)."""
+
+    def __init__(self, root, graph, ndim, channels, batch, dtype, device):
+        self.root, self.graph, self.ndim = root, graph, ndim
+        self.batch, self.dtype, self.device = batch, dtype, device
+        self.steps = [GraphStep("the input", "input", (), (), channels, None)]
+        self.fields = [(Field(),) * ndim]
+        self.channels = channels
+
+    def run(self) -> TracedGraph:
+        env: dict = {}
+        placeholders = 0
+        for node in self.graph.nodes:
+            if node.op == "placeholder":
+                env[node] = self._placeholder(node, placeholders)
+                placeholders += 1
+            elif node.op == "get_attr":
+                env[node] = _fetch(self.root, node.target)
+            elif node.op == "output":
+                return self._finish(fx.node.map_arg(node.args[0], env.__getitem__))
+            else:
+                env[node] = self._call(node, env)
+        raise StreamingError("the streamed module's graph has no output")
+
+    def _placeholder(self, node, k: int):
+        if k == 0:
+            return FMap(0, ("N", "C") + tuple(range(self.ndim)), self.channels)
+        if node.args:  # a parameter with a default value
+            return node.args[0]
+        raise StreamingError(f"the streamed module's forward takes more than one input "
+                             f"('{node.target}'); Streaming passes it the image only")
+
+    def _call(self, node: fx.Node, env: dict):
+        args = fx.node.map_arg(node.args, env.__getitem__)
+        kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+        refused = rules.first_refused((args, kwargs))
+        ctx = _Context(self, node)
+        if refused is not None:
+            return refused
+        if rules.is_random_call(node.op, node.target):
+            return rules._random(ctx)
+        if not rules.is_dynamic((args, kwargs)):
+            return self._evaluate(node, args, kwargs)
+        if not _has_input(args, kwargs):
+            return Unknown()
+        value = self._handle(ctx, node, args, kwargs)
+        if node.op == "call_method" and node.target in rules.IN_PLACE_METHODS \
+                and isinstance(node.args[0], fx.Node) and isinstance(args[0], FMap):
+            env[node.args[0]] = value  # the tensor it was called on now holds the result
+        return value
+
+    def _handle(self, ctx, node, args, kwargs):
+        if node.op == "call_module":
+            m = self.root.get_submodule(node.target)
+            handler = rules.module_handler(m)
+            if isinstance(handler, str):
+                return ctx.refuse(handler)
+            if handler is None:
+                return ctx.refuse(f"it is not a layer streamcnn knows how to stream "
+                                  f"({rules.supported_summary()})")
+            if len(args) != 1 or kwargs:
+                return ctx.refuse("it is called with more than one input")
+            return handler(ctx, m, args[0])
+        table = rules.METHODS if node.op == "call_method" else rules.FUNCTIONS
+        handler = table.get(node.target) or _special(node.target)
+        if handler is None:
+            return ctx.refuse(f"it is not an operation streamcnn knows how to stream "
+                              f"({rules.supported_summary()})")
+        return handler(ctx, *args, **kwargs)
+
+    def _evaluate(self, node, args, kwargs):
+        """Run a node whose arguments are all constants (parameter views, scalars)."""
+        with torch.no_grad():
+            if node.op == "call_module":
+                return self.root.get_submodule(node.target)(*args, **kwargs)
+            if node.op == "call_method":
+                return getattr(args[0], node.target)(*args[1:], **kwargs)
+            return node.target(*args, **kwargs)
+
+    def describe(self, node: fx.Node) -> str:
+        if node.op == "call_module":
+            return describe_layer(module_path(node.target),
+                                  type(self.root.get_submodule(node.target)).__name__)
+        name = node.target if isinstance(node.target, str) else getattr(
+            node.target, "__name__", str(node.target))
+        path, kind = _scope(node)
+        return f"operation '{name}'" + (f" in '{path}' ({kind})" if path else "")
+
+    def add_step(self, ctx, rule, inputs, dims, channels, source) -> FMap:
+        per_axis = rule if isinstance(rule, tuple) else (rule,) * self.ndim
+        idx = tuple(x.index for x in inputs)
+        try:
+            fields = tuple(r.field(*(self.fields[i][a] for i in idx)) for a, r in enumerate(per_axis))
+        except GridMismatch as err:
+            raise StreamingError(
+                f"{ctx.name} combines feature maps on different grids: {err}; every branch "
+                f"that reaches a merge must downsample alike (e.g. a strided shortcut as in "
+                f"ResNet){_source_line(ctx.node)}") from None
+        kind = ("merge" if any(isinstance(r, Merge) for r in per_axis) else
+                "window" if any(isinstance(r, Window) for r in per_axis) else "pointwise")
+        self.steps.append(GraphStep(ctx.name, kind, idx, per_axis, channels, ctx.node.name))
+        self.fields.append(fields)
+        return FMap(len(self.steps) - 1, tuple(dims), channels, source)
+
+    def _finish(self, out) -> TracedGraph:
+        if isinstance(out, Refused):
+            raise out.error
+        if not isinstance(out, FMap):
+            refused = rules.first_refused(out) if isinstance(out, (tuple, list, dict)) else None
+            if refused is not None:
+                raise refused.error
+            raise StreamingError(
+                f"the streamed module must return one feature map (N, C, *spatial); it returns "
+                f"{type(out).__name__}: stream the part that computes one feature map")
+        standard = ("N", "C") + tuple(range(self.ndim))
+        if out.dims != standard:
+            raise StreamingError(
+                f"the streamed module returns a feature map in layout "
+                f"{rules._layout(out)}; return it channels-first (N, C, *spatial), e.g. "
+                f"permute back as ConvNeXt blocks do")
+        return self._pruned(out.index)
+
+    def _pruned(self, out: int) -> TracedGraph:
+        """The steps the output depends on, renumbered in order."""
+        keep, todo = set(), [out]
+        while todo:
+            i = todo.pop()
+            if i not in keep:
+                keep.add(i)
+                todo.extend(self.steps[i].inputs)
+        new = {old: k for k, old in enumerate(sorted(keep | {0}))}
+        steps = tuple(GraphStep(s.name, s.kind, tuple(new[i] for i in s.inputs), s.rules,
+                                s.channels, s.node)
+                      for old, s in enumerate(self.steps) if old in new)
+        return TracedGraph(self.ndim, steps, self.graph, self.root)
+
+
+def _has_input(args, kwargs) -> bool:
+    """Whether a feature map or its shape is among the arguments (else only unknowns)."""
+    def walk(v):
+        if isinstance(v, (FMap, Shape)):
+            return True
+        if isinstance(v, (tuple, list)):
+            return any(walk(x) for x in v)
+        if isinstance(v, dict):
+            return any(walk(x) for x in v.values())
+        if isinstance(v, slice):
+            return any(walk(x) for x in (v.start, v.stop, v.step))
+        return False
+    return walk((args, kwargs))
+
+
+def _special(target):
+    """Handlers for functions of other libraries that fx keeps as single calls."""
+    if getattr(target, "__name__", "") == "stochastic_depth" and \
+            getattr(target, "__module__", "").startswith("torchvision"):
+        def stochastic_depth(ctx, input, p, mode, training=True):
+            return rules.dropout(ctx, input, p, training)
+        return stochastic_depth
+    return None
+
+
+def _fetch(root: nn.Module, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _scope(node: fx.Node) -> tuple[str, str]:
+    """(module path, class name) of the innermost module whose forward ran ``node``."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "", ""
+    path, kind = list(stack.values())[-1]
+    path = module_path(path)
+    return path, kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
+
+
+def _source_line(node: fx.Node) -> str:
+    """`` (at file.py:12: `code`)`` for the user's line that created ``node``, if known."""
+    trace = node.stack_trace or ""
+    lines = trace.strip().splitlines()
+    for k in range(len(lines) - 2, -1, -1):
+        line = lines[k].strip()
+        if line.startswith('File "'):
+            file = line.split('"')[1]
+            if file.startswith(_TORCH_DIR) or file.startswith(_OWN_DIR):
+                continue
+            number = line.split("line ")[1].split(",")[0]
+            code = lines[k + 1].strip() if k + 1 < len(lines) else ""
+            return f" (at {os.path.basename(file)}:{number}: `{code}`)"
+    return ""
+
+
+def analyse_structure(module: nn.Module, ndim: int, channels: int | None = None) -> TracedGraph:
+    """``analyse`` with every layer in eval mode: the geometry, whatever modes the user
+    sets later (modes are checked again at every call). The modes are restored."""
+    flags = [(m, m.training) for m in module.modules()]
+    try:
+        for m, _ in flags:
+            m.training = False  # set the flag only: a user's train() override may do more
+        return analyse(module, ndim, channels)
+    finally:
+        for m, training in flags:
+            m.training = training

@@ -29,6 +29,7 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from . import rules
 from .errors import StreamingError
 from .trace import describe_layer
 
@@ -97,24 +98,31 @@ def capture(module: nn.Module, read: dict[int, torch.Tensor]) -> Captured:
                     tuple(n for n, _ in const), tuple(t for _, t in const), tuple(others))
 
 
+#: layer types that compute differently in train and eval mode (named first in errors)
+_MODE_DEPENDENT = {t.__name__ for t in rules.BATCHNORM_MODULES + rules.DROPOUT_MODULES + (nn.RReLU,)}
+
+
 def modes(module: nn.Module) -> tuple[tuple[str, str, bool], ...]:
     """(path, class name, training) of the module and every submodule."""
     return tuple((path, type(m).__name__, m.training) for path, m in module.named_modules())
 
 
 def check_modes(module: nn.Module, recorded) -> None:
-    """Refuse a backward after a train/eval switch since the forward."""
+    """Refuse a backward after a train/eval switch since the forward (naming the layers
+    whose mode changed, innermost first)."""
     now = modes(module)
-    for (path, kind, was), (_, _, is_) in zip(recorded, now):
-        if was != is_:
-            raise StreamingError(
-                f"{describe_layer(path, kind)} was switched to {'train' if is_ else 'eval'} mode "
-                f"between the streamed forward and its backward: the backward recomputes every "
-                f"tile and would run it differently from the forward (conventional autograd reuses "
-                f"what the forward saved instead); switch modes only after backward")
     if len(now) != len(recorded):
         raise StreamingError("the streamed module gained or lost layers between the forward and "
                              "its backward; change the module only after backward")
+    changed = [(path, kind, is_) for (path, kind, was), (_, _, is_) in zip(recorded, now) if was != is_]
+    if not changed:
+        return
+    path, kind, is_ = min(changed, key=lambda c: (c[1] not in _MODE_DEPENDENT, -c[0].count(".")))
+    raise StreamingError(
+        f"{describe_layer(path, kind)} was switched to {'train' if is_ else 'eval'} mode "
+        f"between the streamed forward and its backward: the backward recomputes every "
+        f"tile and would run it differently from the forward (conventional autograd reuses "
+        f"what the forward saved instead); switch modes only after backward")
 
 
 def versions(module: nn.Module) -> dict[int, tuple[str, torch.Tensor, int]]:

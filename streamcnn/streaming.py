@@ -76,7 +76,9 @@ class Streaming(nn.Module):
                         device=x.device)
         return graph, tile_image(graph, tuple(x.shape[2:]), self.tile_size)
 
-    @torch.compiler.disable
+    @torch.compiler.disable(reason="streamcnn runs its tile loop eagerly: torch.compile compiles "
+                            "the model around the Streaming module (so fullgraph=True cannot "
+                            "include it)")
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, tilings = self.prepare(x)
         channels_last = self.channels_last

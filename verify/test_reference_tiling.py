@@ -1,7 +1,9 @@
 """Eqs. 2-4 and 6 (reference.tiling): splitting, concatenating, summing tile kernel gradients.
 
-Oracle: the unsplit computation (Eq. 1 and Eq. 5 on the whole input), itself
-checked against scipy and torch in test_reference_conv.py. float64; tile results
+Oracle: our own unsplit computation (Eq. 1 and Eq. 5 on the whole input), itself
+checked against scipy and torch in test_reference_conv.py; for the tile layout
+(plan_axis), our closed-form overlap (reference.overlap.analytic_overlap) and
+counting. float64; tile results
 must match to 1e-10 relative (the tile kernel gradients are summed in a
 different order than the whole one), tile outputs exactly (same products, same
 order).

@@ -179,7 +179,7 @@ def test_2d_bands_equal_1d_bands_with_a_sparsely_reading_layer():
     assert two_d.backward[0] == ((0, 1), (0, 1)) and two_d.forward == tuple(f * 2 for f in one_d.forward)
 
 
-@settings(max_examples=40, deadline=None, derandomize=True,
+@settings(max_examples=30, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(data=st.data(), ndim=st.sampled_from([1, 2]))
 def test_algorithm2_equals_analytic_bands_on_random_graphs(data, ndim):

@@ -18,7 +18,7 @@ import time  # noqa: E402
 import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-PARTS = ("walkthrough", "training", "resolution")
+PARTS = ("walkthrough", "residual", "training", "resolution")
 
 
 def run_part(name: str, reports_dir: Path, quick: bool) -> None:
@@ -26,6 +26,9 @@ def run_part(name: str, reports_dir: Path, quick: bool) -> None:
     if name == "walkthrough":
         from demo import walkthrough
         walkthrough.main(reports_dir)
+    elif name == "residual":
+        from demo import residual
+        residual.main(reports_dir)
     elif name == "training":
         from demo import training_equivalence
         training_equivalence.main(reports_dir, quick=quick)

@@ -94,6 +94,14 @@ def probe_example(tile: int = 6) -> dict[str, np.ndarray]:
     return result
 
 
+def eq5_as_printed(x: np.ndarray, dp: np.ndarray, n: int) -> np.ndarray:
+    """The paper's Eq. 5 taken literally, case distinction included: sum_i dp_i x_{i+j} only where 0 <= i - j < |p|.
+
+    Not the kernel gradient (docs/walkthrough.md explains why); the page shows it next to Eq. 5 done right.
+    """
+    return np.array([sum(dp[i] * x[i + j] for i in range(len(dp)) if 0 <= i - j < len(dp)) for j in range(n)])
+
+
 def fmt(values) -> str:
     """Integers without a trailing .0, as the figure and the docs print them."""
     return "[" + ", ".join(f"{v:g}" for v in np.asarray(values).tolist()) + "]"
@@ -109,8 +117,8 @@ INCOMPLETE, NEUTRAL, TEXT = "#E15759", "#EEEEEE", "#222222"
 class Canvas:
     """Rows of numbered cells on a grid: column c is x_c; outputs sit under their window's centre."""
 
-    def __init__(self, ax):
-        self.ax, self.y = ax, 0.0
+    def __init__(self, ax, note_x=14.4):
+        self.ax, self.y, self.note_x = ax, 0.0, note_x
 
     def title(self, text):
         self.y -= 1.0
@@ -118,15 +126,35 @@ class Canvas:
         self.y -= 0.9
 
     def row(self, label, cells, note=None, label_colour=TEXT):
-        """cells: (column, value, face colour, edge colour, text colour, hatch) per cell."""
+        """cells: (column, value, face colour, edge colour, text colour, hatch) per cell; a value may be text."""
         self.ax.text(-0.8, self.y, label, ha="right", va="center", fontsize=10.5, color=label_colour)
         for col, value, face, edge, ink, hatch in cells:
             self.ax.add_patch(_rect(col, self.y, face, edge, hatch))
-            self.ax.text(col, self.y, f"{value:g}", ha="center", va="center", fontsize=10.5, color=ink,
-                         fontweight="bold" if ink != TEXT else "normal")
+            self.ax.text(col, self.y, value if isinstance(value, str) else f"{value:g}", ha="center", va="center",
+                         fontsize=10.5, color=ink, fontweight="bold" if ink != TEXT else "normal")
         if note:
-            self.ax.text(14.4, self.y, note, va="center", fontsize=9.5, color="#555555")
+            self.ax.text(self.note_x, self.y, note, va="center", fontsize=9.5, color="#555555")
         self.y -= 1.05
+
+    def save(self, path, x_lim, width, suptitle):
+        """Fit the figure to the rows drawn (equal aspect, no axes), title it and write it to ``path``."""
+        import matplotlib.pyplot as plt
+
+        fig, ax = self.ax.figure, self.ax
+        y_lim = (self.y - 0.3, -0.3)
+        ax.set_xlim(*x_lim)
+        ax.set_ylim(*y_lim)
+        ax.set_aspect("equal")
+        ax.axis("off")
+        # size the figure to the drawing, so the equal-aspect axes fill it
+        title = 0.55
+        height = width * (y_lim[1] - y_lim[0]) / (x_lim[1] - x_lim[0]) + title
+        fig.set_size_inches(width, height)
+        fig.subplots_adjust(left=0, right=1, bottom=0, top=1 - title / height)
+        fig.suptitle(suptitle, fontsize=14, y=1 - 0.2 / height)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
 
     def indices(self, columns, labels, prefix):
         for col, i in zip(columns, labels):
@@ -148,7 +176,7 @@ def draw(data: Walkthrough, path: pathlib.Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    fig, ax = plt.subplots()
+    _, ax = plt.subplots()
     c = Canvas(ax)
     centre = 1  # output k sits under x_{k+1}, the centre of its window
 
@@ -219,21 +247,7 @@ def draw(data: Walkthrough, path: pathlib.Path) -> None:
     handles = [Patch(facecolor=PALE[col], edgecolor=col, label=f"tile {t + 1}") for t, col in enumerate(TILE_COLOURS)]
     handles += [Patch(facecolor="#F8D3D4", edgecolor=INCOMPLETE, label="incomplete gradient")]
     ax.legend(handles=handles, loc="lower right", bbox_to_anchor=(1.0, 0.0), ncol=4, frameon=False, fontsize=10)
-    x_lim, y_lim = (-6.6, 19.6), (c.y - 0.3, -0.3)
-    ax.set_xlim(*x_lim)
-    ax.set_ylim(*y_lim)
-    ax.set_aspect("equal")
-    ax.axis("off")
-    # size the figure to the drawing, so the equal-aspect axes fill it
-    width, title = 13.5, 0.55
-    height = width * (y_lim[1] - y_lim[0]) / (x_lim[1] - x_lim[0]) + title
-    fig.set_size_inches(width, height)
-    fig.subplots_adjust(left=0, right=1, bottom=0, top=1 - title / height)
-    fig.suptitle("Streaming a 1D convolution in three tiles (the paper's Fig. 1, numbers from reference/)",
-                 fontsize=14, y=1 - 0.2 / height)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    c.save(path, (-6.6, 19.6), 13.5, "Streaming a 1D convolution in three tiles (the paper's Fig. 1, numbers from reference/)")
 
 
 def _owner(tiles, k):

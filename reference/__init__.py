@@ -22,14 +22,23 @@ Algorithm 2  tile overlap    ``reference.overlap.algorithm2`` (vs            ver
                              ``overlap.analytic_invalid``,
                              ``overlap.analytic_overlap``,
                              ``overlap.receptive_field``)
+Residual block (Eq. 1 on     ``reference.graph.Residual``,                   verify/test_reference_graph.py
+each path, summed), channel  ``reference.graph.Concat``                      (torch autograd, finite differences)
+concatenation
+Algorithm 2 on graphs        ``reference.overlap.algorithm2`` on chains      verify/test_reference_overlap.py
+                             holding blocks (vs ``analytic_invalid``;        (closed form),
+                             the receptive field is the hull over the        verify/test_reference_graph.py
+                             paths, ``tiling.Paths.field``)                  (hull vs what torch reads)
 ===========================  ==============================================  ==========================================
 
 Layers for the chains of Algorithms 1 and 2 (Conv with zero padding at image
 borders only, ReLU, MaxPool; forward and backward) are in ``reference.layers``;
-the tile layout of Algorithm 1 is ``reference.tiling.plan_axis``.
+the tile layout of Algorithm 1 is ``reference.tiling.plan_axis``. Blocks of two
+paths (``reference.graph``) are layers too: ``streaming.conventional`` and
+Algorithm 2 take chains holding them; Algorithm 1 here streams chains only.
 """
 
-from reference import conv, layers, overlap, streaming, tiling
+from reference import conv, graph, layers, overlap, streaming, tiling
 from reference._xp import array_module
 
-__all__ = ["array_module", "conv", "layers", "overlap", "streaming", "tiling"]
+__all__ = ["array_module", "conv", "graph", "layers", "overlap", "streaming", "tiling"]

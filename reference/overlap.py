@@ -18,6 +18,14 @@ What :func:`algorithm2` counts
   (max(0.5, 1) = 1). A mean does both, and a window touches exactly the positions
   it would for the max, so the borders found are the max-pool's. ReLU is left out:
   it is pointwise and moves no border (and all probe values are >= 0 anyway).
+* Blocks (``reference.graph``). A residual block becomes the sum of its two
+  probed branches, so its interior value is 2, not 1, and it falls below that
+  wherever either branch's value does. A concatenation is probed the same way:
+  constant kernels give every channel of a branch the same values, so one channel
+  holding the sum of the two branches stands for all of them, and (all terms being
+  positive) it is contaminated exactly where any channel of the concatenation is.
+  Backward, the sum passes the gradient into both branches and adds their input
+  gradients, as a concatenation followed by constant kernels does.
 * Forward: an all-ones tile of ``tile_shape`` goes through the probe, padded at
   its borders by each layer.
 * Backward (lines 9-16): a gradient of ones on every output of the tile is
@@ -34,13 +42,28 @@ What :func:`algorithm2` counts
   side: the width of the border band holding every invalid position, i.e. the
   valid positions on that axis are one run ``[before, size - after)``. (With
   dilation a band can contain a few valid positions that no tap reads; they are
-  counted in the band.) A 2D position is invalid on an axis when its whole line
-  across the other axis is invalid, which separates the row bands from the column
-  bands.
+  counted in the band.) In 2D the bands of each axis are probed on their own:
+  for the rows, the tile is cut from the large image on the row axis only and
+  spans it on the column axis, so whatever differs comes from the row borders, and
+  a row is invalid when any of its positions differs. Every probe value is a sum
+  of positive terms, each a product of one factor per axis (the layers act on
+  each axis on their own), so the invalid positions of a rows x columns tile are
+  exactly its invalid rows and its invalid columns: the bands found per axis are
+  the tile's. (Asking instead for a whole invalid line would miss a line of
+  gradients that a strided, dilated kernel reads only at every other position.)
 
 :func:`analytic_invalid` computes the same bands from the layer hyper-parameters
 alone, and :func:`analytic_overlap` the overlap Algorithm 1 (``reference.streaming``)
-uses between neighbouring tiles.
+uses between neighbouring tiles. These closed forms are ours, not the paper's (which
+gives only Algorithm 2); on graphs they take, at a block, the wider of the two
+paths' bands on each side (forward and backward) and the hull of the paths'
+receptive fields (``tiling.Paths.field``). The activation bands are exact. The
+gradient bands are exact when every layer reads every position of its input; a
+layer that does not (a 1x1 convolution with stride 2 reads every other position)
+leaves positions whose gradient is 0 in the full image too, and a tile that misses
+such a zero contribution is still right. Algorithm 2 sees that; the closed form
+counts every missed contribution, so there its gradient bands can be wider, never
+narrower. verify/test_reference_overlap.py checks both statements.
 
 Algorithm 1 here does not pad at inner tile sides; it computes exact ranges
 (``reference.tiling``). Its forward overlap equals the one Algorithm 2 implies
@@ -62,8 +85,9 @@ import numpy
 
 from reference._args import per_axis
 from reference._xp import to_numpy
+from reference.graph import Concat, Residual
 from reference.layers import Conv, MaxPool
-from reference.tiling import Field, chain_field
+from reference.tiling import Field, Paths, chain_field, level_sizes
 
 
 def _ndim(layers, ndim):
@@ -94,7 +118,10 @@ def receptive_field(layers, ndim=None) -> tuple[Field, ...]:
     """Per axis: receptive field size, total stride and padding offset of the chain.
 
     Output k of the chain reads the input positions
-    ``[k*stride - offset, k*stride - offset + size)``.
+    ``[k*stride - offset, k*stride - offset + size)``. With blocks
+    (``reference.graph``) that is the hull of what the paths read: a block's
+    offset is the larger of its paths' offsets, its right reach the larger of
+    their right reaches.
     """
     return tuple(chain_field(chain) for chain in _chains(layers, _ndim(layers, ndim)))
 
@@ -163,22 +190,34 @@ class Overlap:
                      in zip(self.tile_shape, self.backward[0], self.output_stride))
 
 
+def _probe_layer(layer, ndim, where):
+    """The constant-kernel stand-in of one layer (lines 3-4), or None for a pointwise layer."""
+    if isinstance(layer, (Residual, Concat)):  # one channel, the sum of the branches (module docstring)
+        return Residual(*(_probe_chain(branch, ndim, f"{where}, branch {name}, layer")
+                          for name, branch in zip("ab", layer.branches)))
+    if isinstance(layer, Conv):
+        kernel, dilation = layer.w.shape[2:], layer.dilation
+    elif isinstance(layer, MaxPool):
+        kernel, dilation = tuple(w.extent for w in layer.window(ndim)), 1
+    elif getattr(layer, "has_params", True) or any(w != (1, 1, 0) for w in layer.window(ndim)):
+        raise ValueError(f"{where} ({layer!r}): Algorithm 2 knows Conv, MaxPool, pointwise layers and "
+                         f"reference.graph blocks only")
+    else:
+        return None  # pointwise: moves no border
+    w = numpy.full((1, 1) + tuple(kernel), 1.0 / numpy.prod(kernel))
+    return Conv(w, stride=tuple(x.stride for x in layer.window(ndim)), dilation=dilation,
+                padding=tuple(x.padding for x in layer.window(ndim)))
+
+
+def _probe_chain(layers, ndim, where):
+    probes = (_probe_layer(layer, ndim, f"{where} {i}") for i, layer in enumerate(layers))
+    return [p for p in probes if p is not None]
+
+
 def _probe(layers, ndim):
-    """Constant-kernel stand-ins for the layers (lines 3-4), without touching the originals."""
-    probe = []
-    for i, layer in enumerate(layers):
-        if isinstance(layer, Conv):
-            kernel, dilation = layer.w.shape[2:], layer.dilation
-        elif isinstance(layer, MaxPool):
-            kernel, dilation = tuple(w.extent for w in layer.window(ndim)), 1
-        elif getattr(layer, "has_params", True) or any(w != (1, 1, 0) for w in layer.window(ndim)):
-            raise ValueError(f"layer {i} ({layer!r}): Algorithm 2 knows Conv, MaxPool and pointwise layers only")
-        else:
-            continue  # pointwise: moves no border
-        w = numpy.full((1, 1) + tuple(kernel), 1.0 / numpy.prod(kernel))
-        probe.append((i, Conv(w, stride=tuple(x.stride for x in layer.window(ndim)), dilation=dilation,
-                              padding=tuple(x.padding for x in layer.window(ndim)))))
-    return probe
+    """Constant-kernel stand-ins for the layers, as (index, probe), without touching the originals."""
+    probes = ((i, _probe_layer(layer, ndim, f"layer {i}")) for i, layer in enumerate(layers))
+    return [(i, p) for i, p in probes if p is not None]
 
 
 def _forward_backward(probe, x):
@@ -208,13 +247,13 @@ def _bands(invalid, what, level, axis):
     return best[0], len(invalid) - best[1]
 
 
-def _level_bands(tile_values, reference, offsets, what, level):
+def _axis_bands_found(tile_values, reference, axis, offset, what, level):
+    """(before, after) on ``axis``: the tile spans ``reference`` on the other axes and starts at ``offset`` on this one."""
     tile_values, reference = to_numpy(tile_values)[0, 0], to_numpy(reference)[0, 0]
-    region = reference[tuple(slice(o, o + n) for o, n in zip(offsets, tile_values.shape))]
+    region = numpy.take(reference, numpy.arange(offset, offset + tile_values.shape[axis]), axis=axis)
     invalid = ~numpy.isclose(tile_values, region, rtol=1e-12, atol=0.0)
-    ndim = invalid.ndim
-    return tuple(_bands(invalid.all(axis=tuple(a for a in range(ndim) if a != axis)), what, level, axis)
-                 for axis in range(ndim))
+    others = tuple(a for a in range(invalid.ndim) if a != axis)
+    return _bands(invalid.any(axis=others), what, level, axis)
 
 
 def algorithm2(layers, tile_shape) -> Overlap:
@@ -233,25 +272,74 @@ def algorithm2(layers, tile_shape) -> Overlap:
     for layer in layers:
         strides.append([s * w.stride for s, w in zip(strides[-1], layer.window(ndim))])
     margins = [f.stride * (-(-2 * (f.size + f.offset) // f.stride) + 1) for f in fields]
-    try:
-        tile_acts, tile_grads = _forward_backward(probe, numpy.ones((1, 1) + tile_shape))
-    except ValueError as err:
-        raise ValueError(f"tile_shape {tile_shape} too small for this chain: {err}") from None
-    big_acts, big_grads = _forward_backward(probe, numpy.ones((1, 1) + tuple(t + 2 * m for t, m in zip(tile_shape, margins))))
+    big_shape = tuple(t + 2 * m for t, m in zip(tile_shape, margins))
+    big_acts, big_grads = _forward_backward(probe, numpy.ones((1, 1) + big_shape))
+    per_axis = []  # per axis: the probe of a tile cut on that axis only (module docstring)
+    for axis in range(ndim):
+        try:
+            shape = big_shape[:axis] + (tile_shape[axis],) + big_shape[axis + 1:]
+            per_axis.append(_forward_backward(probe, numpy.ones((1, 1) + shape)))
+        except ValueError as err:
+            raise ValueError(f"tile_shape {tile_shape} cannot be probed for this chain (too small, or its paths "
+                             f"do not land on one grid): {err}") from None
     # probe levels skip pointwise layers; map every level of the chain to its probe level
     probe_level, sizes, forward, backward = 0, [], [], []
     after_layer = {i + 1: k + 1 for k, (i, _) in enumerate(probe)}
     for level in range(len(layers) + 1):
         probe_level = after_layer.get(level, probe_level)
         offsets = [m // s for m, s in zip(margins, strides[level])]
-        sizes.append(tuple(tile_acts[probe_level].shape[2:]))
-        forward.append(_level_bands(tile_acts[probe_level], big_acts[probe_level], offsets, "activation", level))
-        backward.append(_level_bands(tile_grads[probe_level], big_grads[probe_level], offsets, "gradient", level))
+        sizes.append(tuple(acts[probe_level].shape[2 + axis] for axis, (acts, _) in enumerate(per_axis)))
+        forward.append(tuple(_axis_bands_found(acts[probe_level], big_acts[probe_level], axis, offsets[axis],
+                                               "activation", level) for axis, (acts, _) in enumerate(per_axis)))
+        backward.append(tuple(_axis_bands_found(grads[probe_level], big_grads[probe_level], axis, offsets[axis],
+                                                "gradient", level) for axis, (_, grads) in enumerate(per_axis)))
     return Overlap(tile_shape, tuple(f.stride for f in fields), tuple(sizes), tuple(forward), tuple(backward))
 
 
+def _window_forward(w, n_in, band, axis):
+    """One window's output size and invalid activation band (closed form; see :func:`_axis_bands`)."""
+    (lo, hi), n = band, w.out_size(n_in)
+    if n < 1:
+        raise ValueError(f"tile too small for the overlap: the tile has no output on axis {axis}")
+    # output k is contaminated when its first tap (k*s in padded coordinates) lies before p + lo,
+    # or its last tap (k*s + extent - 1) at or after p + n_in - hi
+    first_bad_right = -(-(n_in - hi - w.extent + 1 + w.padding) // w.stride)
+    return n, (-(-(w.padding + lo) // w.stride), max(0, n - first_bad_right))
+
+
+def _forward_bands(chain, n, band, axis):
+    """Sizes and invalid activation bands of levels 0..L, from level 0's size and band."""
+    sizes, bands = [n], [band]
+    for node in chain:
+        if isinstance(node, Paths):  # invalid where either path is
+            ends = [_forward_bands(path, sizes[-1], bands[-1], axis) for path in node.chains]
+            n = node.out_size(sizes[-1])
+            new = tuple(max(path_bands[-1][side] for _, path_bands in ends) for side in (0, 1))
+        else:
+            n, new = _window_forward(node, sizes[-1], bands[-1], axis)
+        sizes.append(n)
+        bands.append((min(n, new[0]), min(n, new[1])))
+    return sizes, bands
+
+
+def _backward_bands(chain, n_in, band):
+    """Invalid gradient bands of levels 0..L of a chain with n_in inputs, from level L's band."""
+    sizes, bands = level_sizes(chain, n_in), [band]
+    for node, n_in, n in zip(reversed(chain), reversed(sizes[:-1]), reversed(sizes[1:])):
+        lo, hi = bands[-1]
+        if isinstance(node, Paths):  # the input gradient sums both paths': invalid where either is
+            starts = [_backward_bands(path, n_in, (lo, hi))[0] for path in node.chains]
+            bands.append(tuple(max(start[side] for start in starts) for side in (0, 1)))
+            continue
+        # input i misses a contribution when an output reading it is missing (k < 0 or k >= n) or invalid:
+        # the innermost such input on the left is the last tap of output lo - 1, on the right the first tap of n - hi
+        bands.append((min(n_in, max(0, (lo - 1) * node.stride - node.padding + node.extent)),
+                      min(n_in, max(0, n_in - ((n - hi) * node.stride - node.padding)))))
+    return bands[::-1]
+
+
 def _axis_bands(chain, n_tile, axis):
-    """Closed-form bands on one axis, level by level.
+    """Closed-form bands on one axis, level by level (ours; Algorithm 2 is the paper's way to find them).
 
     Tile coordinates; layer (extent e, stride s, padding p) maps n_in -> n outputs,
     output k reading padded positions k*s .. k*s + e - 1 (image positions minus p).
@@ -264,26 +352,15 @@ def _axis_bands(chain, n_tile, axis):
     output k < lo is the last tap of k = lo - 1, (lo - 1)*s - p + e - 1, so the
     band is (lo - 1)*s - p + e; on the right the first tap of k = n - hi.
     First and last taps are real taps at any dilation, so dilation needs no term.
+    A block (``tiling.Paths``) takes, on each side, the wider of its paths' bands:
+    its output (forward) and its input gradient (backward) are sums of positive
+    terms from both paths, contaminated where either path's is.
+    The backward step assumes every output the tile misses has a non-zero gradient
+    in the full image; see the module docstring for when that fails (and the band
+    is then wider than Algorithm 2's).
     """
-    sizes, fwd = [n_tile], [(0, 0)]
-    for w in chain:
-        n_in, (lo, hi) = sizes[-1], fwd[-1]
-        n = w.out_size(n_in)
-        if n < 1:
-            raise ValueError(f"tile too small for the overlap: the tile has no output on axis {axis}")
-        # output k is contaminated when its first tap (k*s in padded coordinates) lies before p + lo,
-        # or its last tap (k*s + extent - 1) at or after p + n_in - hi
-        first_bad_right = -(-(n_in - hi - w.extent + 1 + w.padding) // w.stride)
-        fwd.append((min(n, -(-(w.padding + lo) // w.stride)), min(n, max(0, n - first_bad_right))))
-        sizes.append(n)
-    bwd = [(0, 0)]
-    for w, n_in, n in zip(reversed(chain), reversed(sizes[:-1]), reversed(sizes[1:])):
-        lo, hi = bwd[-1]
-        # input i misses a contribution when an output reading it is missing (k < 0 or k >= n) or invalid:
-        # the innermost such input on the left is the last tap of output lo - 1, on the right the first tap of n - hi
-        bwd.append((min(n_in, max(0, (lo - 1) * w.stride - w.padding + w.extent)),
-                    min(n_in, max(0, n_in - ((n - hi) * w.stride - w.padding)))))
-    bwd = bwd[::-1]
+    sizes, fwd = _forward_bands(chain, n_tile, (0, 0), axis)
+    bwd = _backward_bands(chain, n_tile, (0, 0))
     for level, (n, f, b) in enumerate(zip(sizes, fwd, bwd)):
         for what, (lo, hi) in (("activation", f), ("gradient", b)):
             if lo + hi >= n:

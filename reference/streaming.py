@@ -5,6 +5,8 @@
 
 * ``layers``: a list of ``reference.layers`` objects (Conv, ReLU, MaxPool), the
   part of the network that is streamed (``layers[0..i]`` in the paper);
+  :func:`conventional` also takes ``reference.graph`` blocks (residual sums,
+  concatenations), :func:`streamed` refuses them;
 * ``x``: the image, (N, C, L) or (N, C, H, W);
 * ``grad_fn``: maps the streamed output to dLoss/dOutput. It stands for lines
   9-11 of Algorithm 1 (the rest of the network, the criterion and its backward
@@ -24,15 +26,15 @@ import itertools
 
 from reference._args import per_axis, spatial_rank
 from reference._xp import array_module
-from reference.tiling import concat, plan_axis
+from reference.tiling import Window, concat, plan_axis
 
 
-def _call(index, layer, method, *args, **kwargs):
-    """Run a layer method, naming the layer in any ValueError it raises."""
+def _call(index, layer, method, *args, where="layer", **kwargs):
+    """Run a layer method, naming the layer (``where`` index) in any ValueError it raises."""
     try:
         return getattr(layer, method)(*args, **kwargs)
     except ValueError as err:
-        raise ValueError(f"layer {index} ({layer!r}): {err}") from None
+        raise ValueError(f"{where} {index} ({layer!r}): {err}") from None
 
 
 def _grad(grad_fn, out):
@@ -49,18 +51,43 @@ def _check(layers, x):
     return spatial_rank(x.shape, "x")
 
 
+def forward_chain(layers, x, where="layer"):
+    """Every level's activation of a chain run on the whole image: ``[x, layers[0](x), ...]``.
+
+    An empty chain is the identity (``[x]``). ``where`` names the layers in errors.
+    """
+    activations = [x]
+    for i, layer in enumerate(layers):
+        activations.append(_call(i, layer, "forward", activations[-1], where=where))
+    return activations
+
+
+def backward_chain(layers, activations, grad_out, where="layer"):
+    """Backpropagate ``grad_out`` through a chain whose levels are ``activations`` (from :func:`forward_chain`).
+
+    Returns ``(weight_grads, input_grad)`` as :func:`conventional` does.
+    """
+    g, weight_grads = grad_out, [None] * len(layers)
+    for i in reversed(range(len(layers))):
+        g, weight_grads[i] = _call(i, layers[i], "backward", activations[i], g, where=where)
+    return weight_grads, g
+
+
 def conventional(layers, x, grad_fn):
     """Ordinary backpropagation over the whole image, keeping every activation."""
     _check(layers, x)
-    activations = [x]
-    for i, layer in enumerate(layers):
-        activations.append(_call(i, layer, "forward", activations[-1]))
-    output = activations[-1]
-    g = _grad(grad_fn, output)
-    weight_grads = [None] * len(layers)
-    for i in reversed(range(len(layers))):
-        g, weight_grads[i] = _call(i, layers[i], "backward", activations[i], g)
-    return output, weight_grads, g
+    activations = forward_chain(layers, x)
+    weight_grads, input_grad = backward_chain(layers, activations, _grad(grad_fn, activations[-1]))
+    return activations[-1], weight_grads, input_grad
+
+
+def _windows_only(layers, chain):
+    """Algorithm 1 here lays out tiles for chains of windows; a graph block (reference.graph) has no tile layout."""
+    for i, (layer, node) in enumerate(zip(layers, chain)):
+        if not isinstance(node, Window):
+            raise ValueError(f"layer {i} ({layer!r}): streamed() runs chains of Conv, ReLU and MaxPool only; "
+                             f"a block of parallel paths has no tile layout here. Use conventional() for graphs, "
+                             f"and reference.overlap.algorithm2 for their overlap")
 
 
 def _box(ranges):
@@ -125,6 +152,7 @@ def streamed(layers, x, tile_size, grad_fn, record=None):
     plans = []
     for axis in range(ndim):
         chain = [_call(i, layer, "window", ndim)[axis] for i, layer in enumerate(layers)]
+        _windows_only(layers, chain)
         plans.append(plan_axis(chain, x.shape[2 + axis], tile_size[axis], axis))
     grid = list(itertools.product(*(range(len(p)) for p in plans)))
 

@@ -24,6 +24,11 @@ product of one range per axis, because every layer acts on each axis on its own.
 * :func:`plan_axis` lays out Algorithm 1's tiles on one axis, for the forward
   pass and for the backward pass (see its docstring for why the backward tiles
   reach further).
+* A block of a graph (``reference.graph``: a residual sum or a channel
+  concatenation) is, on one axis, a :class:`Paths`: parallel chains whose outputs
+  land on the same grid. :func:`chain_field` and :func:`level_sizes` accept chains
+  holding them (Algorithm 2 uses them); the tile layout of Algorithm 1 (ranges,
+  footprints, :func:`plan_axis`) is for chains of windows only.
 """
 
 from __future__ import annotations
@@ -47,6 +52,10 @@ class Window(NamedTuple):
     def out_size(self, n_in: int) -> int:
         return (n_in + 2 * self.padding - self.extent) // self.stride + 1
 
+    def field(self) -> "Field":
+        """A single window is its own receptive field."""
+        return Field(self.extent, self.stride, self.padding)
+
 
 class Field(NamedTuple):
     """Receptive field of a chain on one axis: output k reads inputs [k*stride - offset, k*stride - offset + size)."""
@@ -56,13 +65,59 @@ class Field(NamedTuple):
     offset: int
 
 
+class Paths(NamedTuple):
+    """A block on one axis: parallel chains (of :class:`Window` or nested ``Paths``) whose outputs are merged.
+
+    An empty chain is the identity. Every path must have the same total stride,
+    and, for a given input length, the same output length (checked by
+    :meth:`out_size`): the paths land on one grid, so output k of the block is
+    one position of each path.
+    """
+
+    chains: tuple
+
+    def field(self) -> Field:
+        """The hull of the paths' receptive fields.
+
+        Path p's output k reads ``[k*s - offset_p, k*s - offset_p + size_p)``, so the
+        block's output k reads within ``[k*s - offset, k*s - offset + size)`` with
+        ``offset = max_p offset_p`` and ``size = offset + max_p (size_p - offset_p)``.
+        """
+        fields = [chain_field(chain) for chain in self.chains]
+        strides = sorted({f.stride for f in fields})
+        if len(strides) != 1:
+            raise ValueError(f"the paths of a block must have one total stride (they are merged position by "
+                             f"position), got strides {[f.stride for f in fields]}; give every path the same "
+                             f"product of strides")
+        offset = max(f.offset for f in fields)
+        return Field(offset + max(f.size - f.offset for f in fields), strides[0], offset)
+
+    @property
+    def stride(self) -> int:
+        return self.field().stride
+
+    def out_size(self, n_in: int) -> int:
+        """The paths' common output length for ``n_in`` inputs; ValueError if they differ."""
+        sizes = [level_sizes(chain, n_in)[-1] for chain in self.chains]
+        if len(set(sizes)) != 1:
+            raise ValueError(f"the paths of a block give {' and '.join(map(str, sizes))} outputs for an input "
+                             f"of {n_in}; they must land on one grid (same output length): change the padding "
+                             f"or the input length")
+        return sizes[0]
+
+
 def chain_field(chain) -> Field:
-    """Receptive field size, total stride and padding offset of a chain of windows on one axis."""
+    """Receptive field size, total stride and padding offset of a chain of windows (or :class:`Paths`) on one axis.
+
+    Each node composes as a window whose extent, stride and padding are its own
+    field's size, stride and offset.
+    """
     size, stride, offset = 1, 1, 0
-    for w in chain:
-        size += (w.extent - 1) * stride
-        offset += w.padding * stride
-        stride *= w.stride
+    for node in chain:
+        f = node.field()
+        size += (f.size - 1) * stride
+        offset += f.offset * stride
+        stride *= f.stride
     return Field(size, stride, offset)
 
 

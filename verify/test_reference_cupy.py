@@ -17,6 +17,7 @@ if _devices == 0:
 
 from reference import conv  # noqa: E402
 from reference._xp import array_module  # noqa: E402
+from reference.graph import Concat, Residual  # noqa: E402
 from reference.layers import Conv, MaxPool, ReLU  # noqa: E402
 from reference.streaming import conventional, streamed  # noqa: E402
 
@@ -59,5 +60,26 @@ def test_algorithm1_on_cupy_equals_numpy():
     assert_rel(out_c, out_n)
     assert_rel(gx_c, gx_n)
     for gc, gn in zip(grads_c, grads_n):
+        for name in gn:
+            assert_rel(gc[name], gn[name])
+
+
+def test_graph_blocks_on_cupy_equal_numpy():
+    """A residual block and a concatenation through conventional(): CuPy arrays in, CuPy arrays out, NumPy's values."""
+    rng = np.random.default_rng(2)
+    w1, w2, w3 = rng.standard_normal((3, 3, 3, 3)), rng.standard_normal((3, 3, 3, 3)), rng.standard_normal((2, 3, 1, 1))
+    x = rng.standard_normal((1, 3, 20, 18))
+
+    def chain(xp):
+        return [Residual([Conv(xp.asarray(w1), padding=1), ReLU(), Conv(xp.asarray(w2), padding=1)], []),
+                Concat([MaxPool(3, 1, 1)], [Conv(xp.asarray(w3))])]
+
+    r = rng.standard_normal(conventional(chain(np), x, lambda o: o)[0].shape)
+    out_n, grads_n, gx_n = conventional(chain(np), x, lambda o: r)
+    out_c, grads_c, gx_c = conventional(chain(cupy), cupy.asarray(x), lambda o: cupy.asarray(r))
+    assert_rel(out_c, out_n)
+    assert_rel(gx_c, gx_n)
+    for gc, gn in zip(grads_c, grads_n):
+        assert gc.keys() == gn.keys()
         for name in gn:
             assert_rel(gc[name], gn[name])

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from reference import conv, overlap, tiling
+from reference.graph import Concat, Residual
 from reference.layers import Conv, MaxPool, ReLU
 from reference.streaming import conventional, streamed
 
@@ -52,11 +53,28 @@ X2, W2 = rng.standard_normal((1, 2, 8, 9)), rng.standard_normal((3, 2, 3, 3))
     (lambda: streamed([Conv(W2)], X2, (8, 0), lambda out: out), r"tile_size must be positive"),
     (lambda: overlap.algorithm2([Conv(W1), Conv(rng.standard_normal((2, 3, 3)))], 8), r"tile too small for the overlap"),
     (lambda: overlap.analytic_invalid([Conv(W1), Conv(rng.standard_normal((2, 3, 3)))], 8), r"tile too small for the overlap"),
-    (lambda: overlap.algorithm2([Conv(W1)], 2), r"tile_shape \(2,\) too small"),
+    (lambda: overlap.algorithm2([Conv(W1)], 2), r"tile_shape \(2,\) cannot be probed .*too small.*kernel larger than the input"),
     # tiling arguments
     (lambda: tiling.output_split(5, 6), r"n_tiles must be between 1 and the number of outputs 5"),
     (lambda: tiling.chain_ranges([tiling.Window(3, 1, 0)], (4, 9), 10), r"out_range must be a non-empty range inside \[0, 8\)"),
     (lambda: overlap.receptive_field([ReLU()]), r"cannot tell the number of spatial axes"),
+    # graph blocks: both branches on one grid
+    (lambda: Residual([Conv(W1, stride=2)], []), r"Residual on spatial axis 0: the paths of a block must have one "
+                                                 r"total stride .* got strides \[2, 1\]"),
+    (lambda: Concat([MaxPool(2)], [Conv(W2, stride=(2, 1), padding=1)]), r"Concat on spatial axis 1: .*one total stride"),
+    (lambda: Residual([Conv(rng.standard_normal((2, 2, 3)))], []).forward(X1),
+     r"Residual: branch a gives shape \(1, 2, 8\) and branch b \(1, 2, 10\) .* land on one grid"),
+    (lambda: Concat([MaxPool(2)], [Conv(W1, stride=2)]).forward(X1), r"Concat: branch a gives shape \(1, 2, 5\) and branch b "
+                                                                     r"\(1, 3, 4\)"),
+    (lambda: Residual([Conv(W1, padding=1)], []).forward(X1), r"same number of channels for a sum"),
+    (lambda: Residual([Conv(W1)], [Conv(W2)]), r"disagree on the number of spatial axes: \[1, 2\]"),
+    (lambda: Residual([], []).forward(X1, pad=((0, 0),)), r"Residual runs on whole images only"),
+    (lambda: Residual([], []).backward(X1, np.ones((1, 2, 9))), r"grad_out has shape \(1, 2, 9\), expected .* \(1, 2, 10\)"),
+    (lambda: conventional([Residual([Conv(W1, padding=1), ReLU(), Conv(W1)], [])], X1, lambda out: out),
+     r"layer 0 \(Residual.*branch a, layer 2 \(Conv.*channel mismatch"),
+    (lambda: streamed([Conv(W1), Residual([], [])], X1, 6, lambda out: out),
+     r"layer 1 \(Residual.*streamed\(\) runs chains of Conv, ReLU and MaxPool only"),
+    (lambda: overlap.analytic_invalid([Residual([Conv(W1, stride=2, padding=1)], [MaxPool(2)])], 9), r"give 5 and 4 outputs"),
 ])
 def test_bad_input_raises_a_value_error_naming_the_quantity(call, message):
     with pytest.raises(ValueError, match=message):

@@ -1,5 +1,8 @@
 """Algorithm 1 (reference.streaming.streamed) equals ordinary backprop and torch autograd.
 
+Ordinary backprop is our own reference.streaming.conventional (Eqs. 1, 5, 7 on the
+whole image, proved in test_reference_conv.py); torch autograd is the outside oracle.
+
 Chains of Conv (stride, dilation, padding, bias) / ReLU / MaxPool (stride,
 padding), in 1D and 2D, float64, for several tile sizes. The loss is
 sum(output * R) for a random R (so dLoss/dOutput = R) or a non-linear one.

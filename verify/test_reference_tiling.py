@@ -1,7 +1,9 @@
 """Eqs. 2-4 and 6 (reference.tiling): splitting, concatenating, summing tile kernel gradients.
 
-Oracle: the unsplit computation (Eq. 1 and Eq. 5 on the whole input), itself
-checked against scipy and torch in test_reference_conv.py. float64; tile results
+Oracle: our own unsplit computation (Eq. 1 and Eq. 5 on the whole input), itself
+checked against scipy and torch in test_reference_conv.py; for the tile layout
+(plan_axis), our closed-form overlap (reference.overlap.analytic_overlap) and
+counting. float64; tile results
 must match to 1e-10 relative (the tile kernel gradients are summed in a
 different order than the whole one), tile outputs exactly (same products, same
 order).
@@ -163,21 +165,55 @@ def test_footprint_inverts_chain_ranges(name):
                 assert start >= stop
 
 
+def smallest_tile(chain):
+    """The smallest tile_size plan_axis can work with, from analytic_overlap (not from plan_axis).
+
+    An interior tile that owns one output must recompute, for its backward pass, every
+    output that reads the inputs it owns: its crop is the backward overlap plus one
+    step of the total stride, rf + stride * ((rf - 1) // stride).
+    """
+    f = tiling.chain_field(chain)
+    return f.size + f.stride * ((f.size - 1) // f.stride)
+
+
+# per chain: an input length, and tile sizes from the smallest one up, each giving several tiles
+PLAN_CASES = {"valid": (61, [9, 10, 13, 30]), "same+pool": (61, [14, 15, 20, 40]),
+              "strided": (200, [49, 50, 60, 120])}
+
+
 @pytest.mark.parametrize("name", CHAINS)
-@pytest.mark.parametrize("tile_size", [12, 17, 30, 200])
-def test_plan_axis_tiles_fit_and_partition(name, tile_size):
-    chain, n_in = chain_of(CHAINS[name]), 61
-    sizes = tiling.level_sizes(chain, n_in)
-    try:
-        tiles = tiling.plan_axis(chain, n_in, tile_size)
-    except ValueError as err:
-        assert "too small for the overlap" in str(err)
-        return
+def test_plan_axis_refuses_exactly_the_tiles_that_are_too_small(name):
+    """One position below the smallest tile raises the error naming it; the smallest tile itself works."""
+    chain, (n_in, sizes) = chain_of(CHAINS[name]), PLAN_CASES[name]
+    least = smallest_tile(chain)
+    assert least == sizes[0]  # 9, 14 and 49, worked out from rf and stride
+    with pytest.raises(ValueError, match=rf"tile_size {least - 1} on axis 0 is too small .* use tile_size >= {least}$"):
+        tiling.plan_axis(chain, n_in, least - 1)
+    assert max(t.size for t in tiling.plan_axis(chain, n_in, least)) <= least
+
+
+@pytest.mark.parametrize("name", CHAINS)
+@pytest.mark.parametrize("which", range(4))
+def test_plan_axis_tiles_fit_and_partition(name, which):
+    """Several tiles, each within tile_size, whose outputs partition the output and whose owned positions
+    (``unique``) partition every level: each position that an output reads is owned by exactly one tile.
+
+    "Reads" is the range the whole output needs at that level (chain_ranges): these
+    chains read every position in it (no layer's stride exceeds its extent).
+    """
+    chain, (n_in, sizes) = chain_of(CHAINS[name]), PLAN_CASES[name]
+    tile_size = sizes[which]
+    tiles = tiling.plan_axis(chain, n_in, tile_size)
+    assert len(tiles) >= 2, "the case must stream"
     assert all(t.size <= tile_size for t in tiles)
-    assert tiling.concat([np.arange(*t.out) for t in tiles]).tolist() == list(range(sizes[-1]))
-    for level, n in enumerate(sizes):
-        owned = [p for t in tiles for p in range(*t.unique[level])]
-        assert len(owned) == len(set(owned)), "two tiles own the same position"
-        for t in tiles:
-            assert t.backward[level][0] <= t.unique[level][0] or t.unique[level][0] >= t.unique[level][1]
-            assert t.unique[level][1] <= t.backward[level][1]
+    level_sizes = tiling.level_sizes(chain, n_in)
+    needed, _ = tiling.chain_ranges(chain, (0, level_sizes[-1]), n_in)
+    assert needed[-1] == (0, level_sizes[-1])
+    for level, (start, stop) in enumerate(needed):
+        owned = sorted(p for t in tiles for p in range(*t.unique[level]))
+        assert owned == list(range(start, stop)), f"level {level}: owned by none or by two tiles"
+        for t in tiles:  # a tile owns only what its backward pass recomputes
+            u_start, u_stop = t.unique[level]
+            assert u_start >= u_stop or t.backward[level][0] <= u_start < u_stop <= t.backward[level][1]
+    assert [t.unique[-1] for t in tiles] == [t.out for t in tiles]
+    assert tiling.concat([np.arange(*t.out) for t in tiles]).tolist() == list(range(level_sizes[-1]))

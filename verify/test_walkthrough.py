@@ -82,6 +82,7 @@ def expected_doc_numbers(data):
         numbers[f"tile{k}_dx"] = t.tile_input_grad
         numbers[f"tile{k}_dw"] = t.weight_grad
         numbers[f"dw_after_tile{k}"] = t.weight_grad_so_far
+    numbers["dw_eq5_as_printed"] = walkthrough.eq5_as_printed(data.x, data.r, 3)
     numbers.update(walkthrough.probe_example())
     return numbers
 
@@ -98,6 +99,14 @@ def test_docs_print_the_reference_numbers(data):
             # exact: the example is integers, the probe values are thirds
             assert len(values) == len(expected[name]), name
             assert all(abs(float(v) - e) < 1e-12 for v, e in zip(values, expected[name])), name
+
+
+def test_eq5_as_printed_is_not_the_kernel_gradient(data):
+    """The paper's case distinction in Eq. 5 drops dp_i x_{i+j} for i < j; without it, Eq. 5 is the gradient."""
+    as_printed = walkthrough.eq5_as_printed(data.x, data.r, 3)
+    assert as_printed.tolist() == [-5, -22, 29] and data.weight_grad.tolist() == [-5, -22, 9]
+    dropped = [sum(data.r[i] * data.x[i + j] for i in range(j)) for j in range(3)]
+    np.testing.assert_array_equal(as_printed + dropped, data.weight_grad)
 
 
 def test_probe_matches_algorithm2(data):

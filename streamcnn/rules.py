@@ -491,6 +491,9 @@ def getitem(ctx, value, index):
     if isinstance(value, Unknown):
         return Unknown()
     if isinstance(value, Shape):
+        if isinstance(index, slice):
+            sizes = tuple(_size(ctx, value.fmap, d) for d in range(len(value.fmap.dims))[index])
+            return first_refused(sizes) or sizes
         return _size(ctx, value.fmap, index)
     return _index_fmap(ctx, value, index)
 

@@ -1,0 +1,224 @@
+"""ResNet front ends as torchvision builds them, with random weights (nothing is downloaded).
+
+``BasicBlock`` and ``Bottleneck`` repeat torchvision's (``torchvision/models/resnet.py``):
+the same constructor arguments, attribute names (``conv1``, ``bn1``, ``relu``, ``conv2``,
+``bn2``, ``conv3``, ``bn3``, ``downsample``) and forward code, including the one
+``nn.ReLU(inplace=True)`` module used twice and the in-place ``out += identity``; so
+their state_dict keys and shapes are torchvision's, and a torchvision checkpoint loads
+into them. ``resnet_front`` stacks them as ``torchvision.models.ResNet`` does, up to a
+chosen stage: ``resnet_front()`` is ResNet-34 through ``layer3``, the front end the
+prostate paper streams with frozen (eval-mode) BatchNorm.
+
+Differences from torchvision, none of which changes a computed value: the classifier
+head (``layer4`` unless asked for, ``avgpool``, ``fc``) is absent; ``width`` can narrow
+every stage (torchvision: 64); the weights are seeded.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+
+__all__ = ["BasicBlock", "Bottleneck", "conv1x1", "conv3x3", "resnet_front", "freeze_batchnorm",
+           "uniform_"]
+
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1,
+            dilation: int = 1) -> nn.Conv2d:
+    """3x3 convolution with padding (torchvision's)."""
+    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=dilation,
+                     groups=groups, bias=False, dilation=dilation)
+
+
+def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    """1x1 convolution (torchvision's)."""
+    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """ResNet-18/34 block: two 3x3 convolutions and a shortcut (torchvision's)."""
+
+    expansion: int = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1,
+                 downsample: nn.Module | None = None, groups: int = 1, base_width: int = 64,
+                 dilation: int = 1, norm_layer=None) -> None:
+        super().__init__()
+        if norm_layer is None:
+            norm_layer = nn.BatchNorm2d
+        if groups != 1 or base_width != 64:
+            raise ValueError("BasicBlock only supports groups=1 and base_width=64")
+        if dilation > 1:
+            raise NotImplementedError("Dilation > 1 not supported in BasicBlock")
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = norm_layer(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = norm_layer(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x
+
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu(out)
+
+        out = self.conv2(out)
+        out = self.bn2(out)
+
+        if self.downsample is not None:
+            identity = self.downsample(x)
+
+        out += identity
+        out = self.relu(out)
+
+        return out
+
+
+class Bottleneck(nn.Module):
+    """ResNet-50/101/152 block (V1.5: the stride sits on the 3x3 convolution), torchvision's."""
+
+    expansion: int = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1,
+                 downsample: nn.Module | None = None, groups: int = 1, base_width: int = 64,
+                 dilation: int = 1, norm_layer=None) -> None:
+        super().__init__()
+        if norm_layer is None:
+            norm_layer = nn.BatchNorm2d
+        width = int(planes * (base_width / 64.0)) * groups
+        self.conv1 = conv1x1(inplanes, width)
+        self.bn1 = norm_layer(width)
+        self.conv2 = conv3x3(width, width, stride, groups, dilation)
+        self.bn2 = norm_layer(width)
+        self.conv3 = conv1x1(width, planes * self.expansion)
+        self.bn3 = norm_layer(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x
+
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu(out)
+
+        out = self.conv2(out)
+        out = self.bn2(out)
+        out = self.relu(out)
+
+        out = self.conv3(out)
+        out = self.bn3(out)
+
+        if self.downsample is not None:
+            identity = self.downsample(x)
+
+        out += identity
+        out = self.relu(out)
+
+        return out
+
+
+def _make_layer(block, inplanes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
+    """One stage, as ``ResNet._make_layer`` builds it (no dilation): the first block
+    strides and gets a 1x1 convolution + BatchNorm shortcut when the shape changes."""
+    downsample = None
+    if stride != 1 or inplanes != planes * block.expansion:
+        downsample = nn.Sequential(conv1x1(inplanes, planes * block.expansion, stride),
+                                   nn.BatchNorm2d(planes * block.expansion))
+    layers = [block(inplanes, planes, stride, downsample)]
+    layers += [block(planes * block.expansion, planes) for _ in range(1, blocks)]
+    return nn.Sequential(*layers)
+
+
+def resnet_front(layers=(3, 4, 6), width: int = 64, block=BasicBlock, through: str = "layer3",
+                 in_channels: int = 3, seed: int = 0) -> nn.Sequential:
+    """``nn.Sequential(conv1, bn1, relu, maxpool, layer1, ..., <through>)`` of a torchvision ResNet.
+
+    ``layers``: blocks per stage, at least up to ``through`` (ResNet-34 and -50:
+    ``(3, 4, 6, 3)``; ResNet-18: ``(2, 2, 2, 2)``); ``block``: ``BasicBlock`` (ResNet-18/34)
+    or ``Bottleneck`` (ResNet-50 and deeper); ``width``: planes of ``layer1`` (torchvision:
+    64), doubled at each later stage; ``through``: the last stage kept, one of
+    ``layer1`` .. ``layer4``. Geometry (kernels, strides, paddings, depth) is torchvision's
+    whatever the width. Weights are initialised as torchvision does (Kaiming-normal
+    convolutions, BatchNorm weight 1 and bias 0), from ``seed`` without touching the
+    global RNG. The module is in training mode; see ``freeze_batchnorm``.
+
+    Example: ``freeze_batchnorm(resnet_front(width=8), torch.randn(2, 3, 96, 96))`` is a
+    narrow ResNet-34 through ``layer3`` with frozen BatchNorm.
+    """
+    if through not in STAGES:
+        raise ValueError(f"through must be one of {STAGES}, got {through!r}")
+    n_stages = STAGES.index(through) + 1
+    if len(layers) < n_stages:
+        raise ValueError(f"layers {tuple(layers)} gives blocks for {len(layers)} stages, but "
+                         f"through={through!r} needs {n_stages}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        mods = OrderedDict(
+            conv1=nn.Conv2d(in_channels, width, kernel_size=7, stride=2, padding=3, bias=False),
+            bn1=nn.BatchNorm2d(width), relu=nn.ReLU(inplace=True),
+            maxpool=nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
+        inplanes = width
+        for i in range(n_stages):
+            planes = width * 2**i
+            mods[STAGES[i]] = _make_layer(block, inplanes, planes, layers[i], 1 if i == 0 else 2)
+            inplanes = planes * block.expansion
+        net = nn.Sequential(mods)
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+    return net
+
+
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def freeze_batchnorm(net: nn.Module, sample: torch.Tensor | None = None,
+                     seed: int = 0) -> nn.Module:
+    """Give every BatchNorm of ``net`` non-trivial running statistics and affine weights,
+    then switch ``net`` to eval mode (frozen BatchNorm, as streaming requires); returns it.
+
+    With ``sample``, the running mean and variance are those of ``sample``'s activations
+    (one training-mode forward, no gradient, cumulative averages), as after training on
+    such data; magnitudes then stay moderate however deep the network. Without it they are
+    drawn at random (mean in [-1, 1], variance in [0.5, 2]). Either way the weights are
+    drawn from [0.5, 1.5] and the biases from [-0.5, 0.5], from ``seed`` (the global RNG is
+    untouched); the parameters keep their dtype and device.
+    """
+    norms = [m for m in net.modules() if isinstance(m, _NORMS)]
+    if sample is not None:
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative moving average: the statistics of this one batch
+        net.train()
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):  # dropout draws; RNG untouched
+            net(sample.clone())  # a copy, as in-place first layers would change the sample
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    for m in norms:
+        if sample is None:
+            uniform_(m.running_mean, -1.0, 1.0, gen)
+            uniform_(m.running_var, 0.5, 2.0, gen)
+        if m.affine:
+            uniform_(m.weight, 0.5, 1.5, gen)
+            uniform_(m.bias, -0.5, 0.5, gen)
+    return net.eval()
+
+
+def uniform_(t: torch.Tensor, lo: float, hi: float, generator: torch.Generator) -> None:
+    """Fill ``t`` (any dtype or device) with U[lo, hi) draws from a CPU ``generator``."""
+    with torch.no_grad():
+        t.copy_(torch.rand(t.shape, generator=generator, dtype=torch.float64) * (hi - lo) + lo)

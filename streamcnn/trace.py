@@ -321,9 +321,10 @@ def _has_input(args, kwargs) -> bool:
 
 
 def _special(target):
-    """Handlers for functions of other libraries that fx keeps as single calls."""
-    if getattr(target, "__name__", "") == "stochastic_depth" and \
-            getattr(target, "__module__", "").startswith("torchvision"):
+    """Handlers for functions of other libraries that fx keeps as single calls
+    (``torch.fx.wrap``): torchvision's stochastic depth (and copies of it), which is
+    the identity in eval mode and draws a random mask per sample in training."""
+    if getattr(target, "__name__", "") == "stochastic_depth":
         def stochastic_depth(ctx, input, p, mode, training=True):
             return rules.dropout(ctx, input, p, training)
         return stochastic_depth

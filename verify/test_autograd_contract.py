@@ -21,6 +21,7 @@ from streamcnn import Streaming, StreamingError
 from streamcnn.testing import rel_err
 
 F64 = 1e-10
+pytestmark = pytest.mark.filterwarnings("ignore:.*torch.nn.utils.weight_norm.*is deprecated")
 
 
 def rand(*shape, seed=1):

@@ -23,16 +23,20 @@ import torch
 import torch.nn as nn
 
 from .errors import StreamingError
+from .sources import TensorSource
 from .state import Captured, TensorUse, check_modes, check_unchanged
 from .tiling import Tile, count, iter_tiles
 
 
 class TileRunner:
-    """Runs the module over the tiles of one input shape."""
+    """Runs the pipeline (transform, then module) over the tiles of one input."""
 
-    def __init__(self, module: nn.Module, tilings, *, progress: bool, channels_last: bool):
-        self.module = module
+    def __init__(self, pipeline: nn.Module, tilings, source, device: torch.device, *,
+                 progress: bool, channels_last: bool):
+        self.pipeline = pipeline
         self.tilings = tilings
+        self.source = source
+        self.device = device
         self.out_spatial = tuple(t.out_length for t in tilings)
         self.progress = progress
         self.layout = torch.channels_last if channels_last else torch.contiguous_format
@@ -47,14 +51,22 @@ class TileRunner:
         total = count(self.tilings) - skip_first
         return tqdm(tiles, total=total, desc=f"streaming {what}", unit="tile", leave=False)
 
-    def copy(self, view: torch.Tensor) -> torch.Tensor:
-        """The tensor the module gets for a tile: always a copy, so that nothing the module
-        does in place reaches the image, in the layout oneDNN/cuDNN convolve fastest."""
-        return view.clone(memory_format=self.layout)
+    def feed(self, raw: torch.Tensor) -> torch.Tensor:
+        """The tensor the pipeline gets for a tile read from the source: on the module's
+        device, in the layout oneDNN/cuDNN convolve fastest, and never sharing memory with
+        the caller's input (so nothing done in place reaches it). Differentiable."""
+        tile = raw.to(self.device, non_blocking=raw.is_pinned()) if raw.device != self.device else raw
+        if not self.source.fresh and tile.untyped_storage().data_ptr() == \
+                self.source.tensor.untyped_storage().data_ptr():
+            return tile.clone(memory_format=self.layout)
+        return tile.contiguous(memory_format=self.layout)
+
+    def read(self, source, tile: Tile) -> torch.Tensor:
+        return source.read(tile.inp, tile.origin)
 
     def run(self, tile_input: torch.Tensor, tile: Tile, call=None) -> torch.Tensor:
         try:
-            y = self.module(tile_input) if call is None else call(tile_input)
+            y = self.pipeline(tile_input) if call is None else call(tile_input)
         except RuntimeError as err:
             if "register a hook on a tensor that doesn't require gradient" in str(err):
                 raise StreamingError(
@@ -72,39 +84,40 @@ class TileRunner:
                 f"behave like its traced geometry (was it changed after the forward began?)")
         return y
 
-    def first_tile(self, x: torch.Tensor):
-        """The first tile's owned output, and every tensor the module read for it."""
+    def first_tile(self):
+        """The first tile's owned output, and every tensor the pipeline read for it."""
         tile = next(iter_tiles(self.tilings))
         with torch.no_grad():
-            tile_input = self.copy(x[tile.inp])
+            tile_input = self.feed(self.read(self.source, tile))
             with TensorUse(tile_input) as use:
                 y = self.run(tile_input, tile)
         return y[tile.crop], use.read
 
-    def forward(self, x: torch.Tensor, first: torch.Tensor, versions: dict) -> torch.Tensor:
-        """Stitched output, computed without building a graph."""
+    def forward(self, first: torch.Tensor, versions: dict) -> torch.Tensor:
+        """Stitched output on the module's device, computed without building a graph."""
         with torch.no_grad():
             out = first.new_empty(first.shape[:2] + self.out_spatial)
             out[next(iter_tiles(self.tilings)).out] = first
             for tile in self.tiles("forward", skip_first=True):
-                y = self.run(self.copy(x[tile.inp]), tile)
-                check_unchanged(self.module, versions)
+                y = self.run(self.feed(self.read(self.source, tile)), tile)
+                check_unchanged(self.pipeline, versions)
                 out[tile.out] = y[tile.crop]
                 del y
         return out
 
-    def backward(self, x, grad_out, need_x: bool, tensors: dict, wrt: list):
-        """Input gradient (or None) and the summed gradient of each of ``wrt``, recomputing
-        every tile with ``tensors`` (name -> tensor) in place of the module's own."""
+    def backward(self, source, grad_out, need_x: bool, tensors: dict, wrt: list):
+        """Input gradient (or None, on the input's device) and the summed gradient of each
+        of ``wrt``, recomputing every tile with ``tensors`` (name -> tensor) in place of
+        the pipeline's own."""
         def call(tile_input):
-            return torch.func.functional_call(self.module, tensors, (tile_input,), strict=False)
+            return torch.func.functional_call(self.pipeline, tensors, (tile_input,), strict=False)
 
-        grad_x = torch.zeros_like(x) if need_x else None
+        grad_x = torch.zeros_like(source.tensor) if need_x else None
         sums: list = [None] * len(wrt)
         for tile in self.tiles("backward"):
-            leaf = x[tile.inp].detach().requires_grad_(need_x)
+            leaf = self.read(source, tile).detach().requires_grad_(need_x)
             with torch.enable_grad():
-                y = self.run(self.copy(leaf), tile, call)[tile.crop]
+                y = self.run(self.feed(leaf), tile, call)[tile.crop]
                 inputs = ([leaf] if need_x else []) + wrt
                 grads = (torch.autograd.grad(y, inputs, grad_out[tile.out], allow_unused=True)
                          if y.requires_grad else [None] * len(inputs))
@@ -136,14 +149,14 @@ class Job:
 class StreamFunction(torch.autograd.Function):
     """Autograd node for the whole streamed module.
 
-    Inputs: the image and the module tensors that require grad (as the forward read
-    them). Saved: those, and the module's other tensors the forward read, so that an
+    Inputs: the image (None when it is not a tensor) and the module tensors that
+    require grad (as the forward read them). Saved: those, and the module's other tensors the forward read, so that an
     in-place change of any of them before backward raises as in conventional autograd.
     """
 
     @staticmethod
-    def forward(ctx, job: Job, x: torch.Tensor, *grad_tensors: torch.Tensor):
-        out = job.runner.forward(x, job.first, job.versions)
+    def forward(ctx, job: Job, x: torch.Tensor | None, *grad_tensors: torch.Tensor):
+        out = job.runner.forward(job.first, job.versions)
         job.first = None
         ctx.job = job
         ctx.save_for_backward(x, *grad_tensors, *job.captured.const_tensors, *job.captured.others)
@@ -160,7 +173,7 @@ class StreamFunction(torch.autograd.Function):
         saved = ctx.saved_tensors  # raises if any was changed in place since the forward
         k, c = len(job.captured.grad_tensors), len(job.captured.const_tensors)
         x, grads_in, consts = saved[0], saved[1:1 + k], saved[1 + k:1 + k + c]
-        check_modes(job.runner.module, job.modes)
+        check_modes(job.runner.pipeline, job.modes)
         need_x = ctx.needs_input_grad[1] and _will_run(job.nodes[0])
         need = [ctx.needs_input_grad[2 + i] and original.requires_grad and _will_run(node)
                 for i, (original, node) in enumerate(zip(job.captured.grad_tensors, job.nodes[1:]))]
@@ -171,7 +184,8 @@ class StreamFunction(torch.autograd.Function):
         tensors.update(zip(job.captured.const_names, consts))
         device_type, enabled, dtype = job.autocast
         with torch.autocast(device_type, dtype=dtype, enabled=enabled):
-            grad_x, sums = job.runner.backward(x, grad_out, need_x, tensors,
+            source = job.runner.source if x is None else TensorSource(x)
+            grad_x, sums = job.runner.backward(source, grad_out, need_x, tensors,
                                                [a for a, n in zip(aliases, need) if n])
         grads = iter(sums)
         return (None, grad_x, *(next(grads) if n else None for n in need))

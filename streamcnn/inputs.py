@@ -40,22 +40,43 @@ def check_shape(module: nn.Module, shape, what: str = "input") -> int:
     return ndim
 
 
-def check_tensor(module: nn.Module, x) -> int:
-    """Errors for a tensor the module cannot take; returns the number of spatial axes."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"Streaming expects a torch.Tensor, got {type(x).__name__}")
-    ndim = check_shape(module, tuple(x.shape))
-    if not x.is_floating_point():
-        raise TypeError(f"the input must be a floating-point tensor, got {x.dtype}")
-    autocast = torch.is_autocast_enabled(x.device.type) if x.device.type in ("cpu", "cuda") else False
+def module_device(module: nn.Module) -> torch.device | None:
+    """The one device of the module's parameters and buffers (None if it has none)."""
+    devices = {t.device for t in list(module.parameters()) + list(module.buffers())}
+    if len(devices) > 1:
+        raise ValueError(f"the streamed module has parameters or buffers on several devices "
+                         f"{sorted(map(str, devices))}; move it to one with .to(device)")
+    return devices.pop() if devices else None
+
+
+def module_dtype(module: nn.Module) -> torch.dtype | None:
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+
+
+def check_source(module: nn.Module, source, transform=None) -> int:
+    """Errors for an input (a source) the module cannot take; returns its spatial rank.
+
+    The input may live on another device than the module (each tile is copied over);
+    an integer image needs a ``transform`` that makes each tile floating point.
+    """
+    ndim = check_shape(module, source.shape)
+    module_device(module)
+    if source.dtype.is_floating_point or source.dtype.is_complex:
+        pass
+    elif transform is None:
+        raise TypeError(
+            f"the input is {source.dtype}: give Streaming a transform that makes each tile "
+            f"floating point on the module's device, e.g. Streaming(module, tile_size, "
+            f"transform=lambda t: t.float() / 255)")
+    if transform is not None:
+        return ndim  # the transform decides the dtype the module sees
+    device = source.device.type if source.device.type in ("cpu", "cuda") else None
+    autocast = device is not None and torch.is_autocast_enabled(device)
     for name, p in list(module.named_parameters()) + list(module.named_buffers()):
-        if p.device != x.device:
-            raise ValueError(f"the input is on {x.device} but {_owner(module, name)} has "
-                             f"{_attr(name)} on {p.device}; move the module or the input with "
-                             f".to(device)")
-        if p.is_floating_point() and p.dtype != x.dtype and not autocast:
-            raise TypeError(f"the input is {x.dtype} but {_owner(module, name)} has {_attr(name)} "
-                            f"of dtype {p.dtype}; convert one of them, e.g. x.to({p.dtype})")
+        if p.is_floating_point() and p.dtype != source.dtype and not autocast:
+            raise TypeError(f"the input is {source.dtype} but {_owner(module, name)} has "
+                            f"{_attr(name)} of dtype {p.dtype}; convert one of them, e.g. "
+                            f"x.to({p.dtype}), or pass a transform that does")
     return ndim
 
 

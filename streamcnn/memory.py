@@ -78,12 +78,17 @@ class _Probe(fx.Interpreter):
         return t
 
 
-def probe(graph: TracedGraph, channels: int, device, dtype, spatial) -> list[StepMemory]:
+def probe(graph: TracedGraph, channels: int, device, dtype, spatial,
+          input_dtype=None) -> list[StepMemory]:
     """Run the graph once on a small input and describe each step's memory."""
     sizes = probe_size(graph, spatial)
     runner = _Probe(graph)
-    base = torch.randn(1, channels, *sizes, device=device, dtype=dtype, requires_grad=True)
-    x = base * 1.0  # a non-leaf, so in-place layers may write into it
+    input_dtype = input_dtype or dtype
+    if input_dtype.is_floating_point:
+        base = torch.randn(1, channels, *sizes, device=device, dtype=input_dtype, requires_grad=True)
+        x = base * 1.0  # a non-leaf, so in-place layers may write into it
+    else:
+        x = torch.randint(0, 100, (1, channels, *sizes), device=device, dtype=input_dtype)
     with torch.autograd.graph.saved_tensors_hooks(runner.pack, lambda t: t):
         runner.run(x)
     params = {_ptr(t) for t in list(graph.root.parameters()) + list(graph.root.buffers())}
@@ -105,7 +110,7 @@ def probe(graph: TracedGraph, channels: int, device, dtype, spatial) -> list[Ste
             else:
                 extra += s.numel() * s.element_size()
         numel = t.numel() if t is not None else positions * (graph.steps[i].channels or 1)
-        nbytes = numel * (t.element_size() if t is not None else base.element_size())
+        nbytes = numel * (t.element_size() if t is not None else x.element_size())
         result.append(StepMemory(numel / positions, owner, tuple(sorted(saves)),
                                  extra / max(nbytes, 1)))
     return result

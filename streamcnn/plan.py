@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from ._args import AXIS_NAMES, normalize_tile_size
 from .geometry import AxisReceptiveField, axis_receptive_field, fields, lengths
-from .inputs import check_shape
+from .inputs import check_shape, module_device, module_dtype
 from .memory import graph_peak, no_grad_peak, probe
 from .tiling import tile_image
 from .trace import analyse, analyse_structure
@@ -64,7 +64,11 @@ class StreamPlan:
     :class:`StepPlan` per step (``step_table()`` prints them).
 
     Memory estimates (bytes), for one training step of the streamed module
-    (forward, then backward from a given output gradient), counting tensors only:
+    (forward, then backward from a given output gradient), counting tensors only.
+    ``device_peak_bytes`` is the peak on the module's device (``device``); the image
+    lives there too unless ``input_location`` is ``"host"`` (a tensor on another
+    device: ``host_bytes`` holds it and its gradient) or ``"array"`` (read tile by
+    tile, never held). ``streaming_peak_bytes`` adds the two:
 
     * ``conventional_peak_bytes``: plain autograd on the whole image: the input,
       parameters and buffers, parameter gradients, and the peak of the saved
@@ -110,6 +114,11 @@ class StreamPlan:
     input_bytes: int
     tile_working_bytes: int
     steps: tuple = ()
+    input_dtype: torch.dtype | None = None
+    input_location: str = "device"
+    device: str = "cpu"
+    device_peak_bytes: int = 0
+    host_bytes: int = 0
 
     @property
     def num_tiles(self) -> int:
@@ -132,8 +141,9 @@ class StreamPlan:
         names = AXIS_NAMES[ndim]
         x = "×".join
         lines = [
-            f"StreamPlan: input {tuple(self.input_shape)} {str(self.dtype).replace('torch.', '')}"
-            f" -> output {tuple(self.output_shape)}",
+            f"StreamPlan: input {tuple(self.input_shape)} {_name(self.input_dtype or self.dtype)}"
+            + (f" ({_name(self.dtype)} activations)" if self.input_dtype not in (None, self.dtype) else "")
+            + f" -> output {tuple(self.output_shape)}",
             f"  receptive field {x(map(str, self.receptive_field))} px, output stride "
             f"{x(map(str, self.output_stride))}, minimum tile {x(map(str, self.min_tile_size))} px",
             f"  tile {x(map(str, self.tile_size))} px: {x(map(str, self.tiles_per_axis))} = "
@@ -143,9 +153,16 @@ class StreamPlan:
         for a in range(ndim):
             lines.append(f"  {names[a]:<6} tile starts {_short(self.tile_starts[a])}")
         lines.append(f"  peak memory, one training step{' (with input gradient)' if self.requires_input_grad else ''}:")
-        image_part = self.streaming_peak_bytes - self.tile_working_bytes
-        lines.append(f"    streaming     {_bytes(self.streaming_peak_bytes):>10}  (image-sized tensors "
+        image_part = self.device_peak_bytes - self.tile_working_bytes
+        where = f" on {self.device}" if self.input_location != "device" else ""
+        lines.append(f"    streaming     {_bytes(self.device_peak_bytes):>10}{where}  (image-sized tensors "
                      f"and parameters {_bytes(image_part)} + one tile {_bytes(self.tile_working_bytes)})")
+        if self.input_location == "host":
+            lines.append(f"                  + {_bytes(self.host_bytes)} in host memory (the input"
+                         f"{' and its gradient' if self.requires_input_grad else ''})")
+        elif self.input_location == "array":
+            lines.append("                  + the input, read tile by tile from its array (never "
+                         "held in memory)")
         lines.append(f"    conventional  {_bytes(self.conventional_peak_bytes):>10}")
         if self.streaming_peak_bytes < self.conventional_peak_bytes:
             lines.append(f"    streaming needs {self.memory_ratio:.1f}× less memory")
@@ -169,6 +186,10 @@ class StreamPlan:
         return "\n".join(rows)
 
 
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def _short(values, keep: int = 4) -> str:
     if len(values) <= 2 * keep:
         return str(list(values))
@@ -185,27 +206,41 @@ def _bytes(n: int) -> str:
 
 
 def plan(module: nn.Module, input_shape, tile_size, *, dtype: torch.dtype | None = None,
-         requires_input_grad: bool = False, channels_last: bool | None = None) -> StreamPlan:
+         requires_input_grad: bool = False, input_dtype: torch.dtype | None = None,
+         input_device=None, transform=None) -> StreamPlan:
     """Plan streaming ``module`` over inputs of ``input_shape`` with ``tile_size`` tiles.
 
-    ``input_shape``: (N, C, L) or (N, C, H, W). ``dtype``: element type for the
-    memory estimates (default: the module's parameters', else float32).
-    ``requires_input_grad``: count the input gradient (saliency) too.
-    ``channels_last``: as for ``Streaming`` (None: its default for this device and dtype).
-    Raises the same errors as ``Streaming`` would for this input. ``str()`` of the
-    result summarises it; ``.step_table()`` lists the traced graph step by step.
+    ``input_shape``: (N, C, L) or (N, C, H, W), channels-first. ``dtype``: element type
+    of the activations (default: the module's parameters', else float32).
+    ``input_dtype``: the image's element type (default ``dtype``; e.g. ``torch.uint8``
+    for a slide, with a ``transform``). ``input_device``: where the image is - None for
+    the module's device, another device (e.g. ``"cpu"`` for a host tensor while the
+    module is on a GPU), or ``"array"`` for an array read tile by tile (a memmap, zarr,
+    h5py). ``requires_input_grad``: count the input gradient (saliency) too.
+    ``transform``: as for ``Streaming``. Raises the same errors as ``Streaming`` would for
+    this input. ``str()`` of the result summarises it; ``.step_table()`` lists the
+    traced graph step by step.
     """
     input_shape = tuple(int(s) for s in input_shape)
     ndim = check_shape(module, input_shape, "input_shape")
-    params = list(module.parameters())
-    device = params[0].device if params else torch.device("cpu")
-    own_dtype = next((p.dtype for p in params if p.is_floating_point()), torch.float32)
+    device = module_device(module) or torch.device("cpu")
+    own_dtype = module_dtype(module) or torch.float32
     dtype = own_dtype if dtype is None else dtype
+    input_dtype = dtype if input_dtype is None else input_dtype
+    location = _location(input_device, device)
+    if requires_input_grad and not input_dtype.is_floating_point:
+        raise ValueError(f"an input of dtype {input_dtype} cannot require a gradient (only "
+                         f"floating-point tensors can); a saliency map needs a float image")
+    if requires_input_grad and location == "array":
+        raise ValueError("an array read tile by tile cannot require a gradient; pass a "
+                         "floating-point tensor that requires grad for a saliency map")
     n, channels, spatial = input_shape[0], input_shape[1], input_shape[2:]
-    graph = analyse(module, ndim, channels, batch=n, dtype=own_dtype, device=device)
+    graph = analyse(module, ndim, channels, batch=n, dtype=input_dtype, device=device,
+                    transform=transform)
     tilings = tile_image(graph, spatial, tile_size)
-    memory = probe(graph, channels, device, own_dtype, spatial)
+    memory = probe(graph, channels, device, own_dtype, spatial, input_dtype)
     esize = torch.empty((), dtype=dtype).element_size()
+    in_size = torch.empty((), dtype=input_dtype).element_size()
 
     def activations(axis_lengths):
         """Bytes of every step's output for these per-axis input lengths."""
@@ -215,19 +250,24 @@ def plan(module: nn.Module, input_shape, tile_size, *, dtype: torch.dtype | None
 
     full = activations(spatial)
     tile = activations([min(t.tile_length, t.length) for t in tilings])
-    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    pixels = n * channels * math.prod(spatial)
+    tile_pixels = n * channels * math.prod(min(t.tile_length, t.length) for t in tilings)
+    param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     param_bytes += sum(b.numel() * b.element_size() for b in module.buffers())
-    grad_bytes = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
-    x_bytes, out_bytes = full[0], full[-1]
-    conventional = x_bytes + param_bytes + grad_bytes + max(
-        graph_peak(graph, memory, full, requires_input_grad))
-    copy = tile[0]  # the module gets a copy of every tile
-    fwd_image = x_bytes + param_bytes + out_bytes
+    grad_bytes = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
+    x_bytes, out_bytes = pixels * in_size, full[-1]
+    input_grad_bytes = x_bytes if requires_input_grad else 0
+    conventional = (full[0] + param_bytes + grad_bytes
+                    + max(graph_peak(graph, memory, full, requires_input_grad)))
+    # the pipeline gets a fresh tile (a copy, on the module's device) of the input
+    copy = tile[0] + (tile_pixels * in_size if location != "device" else 0)
+    fwd_image = param_bytes + out_bytes
     fwd_tile = copy + no_grad_peak(graph, memory, tile)
-    bwd_image = (x_bytes + param_bytes + 2 * out_bytes + 2 * grad_bytes
-                 + (x_bytes if requires_input_grad else 0))
+    bwd_image = param_bytes + 2 * out_bytes + 2 * grad_bytes
     bwd_tile = copy + max(graph_peak(graph, memory, tile, requires_input_grad))
-    image_part, tile_part = max((fwd_image, fwd_tile), (bwd_image, bwd_tile), key=sum)
+    device_image, tile_part = max((fwd_image, fwd_tile), (bwd_image, bwd_tile), key=sum)
+    held = 0 if location == "array" else x_bytes + input_grad_bytes  # where the input lives
+    on_device = device_image + tile_part + (held if location == "device" else 0)
     axis_fields = [fields(graph.axis(a)) for a in range(ndim)]
     rfs = [f[-1] for f in axis_fields]
     return StreamPlan(
@@ -243,12 +283,25 @@ def plan(module: nn.Module, input_shape, tile_size, *, dtype: torch.dtype | None
         receptive_field=tuple(rf.size for rf in rfs),
         dtype=dtype,
         requires_input_grad=requires_input_grad,
-        streaming_peak_bytes=int(image_part + tile_part),
+        streaming_peak_bytes=int(on_device + (held if location != "device" else 0)),
         conventional_peak_bytes=int(conventional),
-        input_bytes=int(x_bytes),
+        input_bytes=0 if location == "array" else int(x_bytes),
         tile_working_bytes=int(tile_part),
         steps=_steps(graph, spatial, n, axis_fields),
+        input_dtype=input_dtype,
+        input_location=location,
+        device=str(device),
+        device_peak_bytes=int(on_device),
+        host_bytes=int(held if location == "host" else 0),
     )
+
+
+def _location(input_device, device: torch.device) -> str:
+    if input_device is None:
+        return "device"
+    if input_device == "array":
+        return "array"
+    return "device" if torch.device(input_device) == device else "host"
 
 
 def _steps(graph, spatial, n, axis_fields) -> tuple[StepPlan, ...]:

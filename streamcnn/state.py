@@ -31,7 +31,7 @@ from torch.utils._pytree import tree_flatten
 
 from . import rules
 from .errors import StreamingError
-from .trace import describe_layer
+from .trace import describe_layer, module_path
 
 
 def module_tensors(module: nn.Module) -> dict[int, tuple[str, torch.Tensor]]:
@@ -119,7 +119,7 @@ def check_modes(module: nn.Module, recorded) -> None:
         return
     path, kind, is_ = min(changed, key=lambda c: (c[1] not in _MODE_DEPENDENT, -c[0].count(".")))
     raise StreamingError(
-        f"{describe_layer(path, kind)} was switched to {'train' if is_ else 'eval'} mode "
+        f"{describe_layer(module_path(path), kind)} was switched to {'train' if is_ else 'eval'} mode "
         f"between the streamed forward and its backward: the backward recomputes every "
         f"tile and would run it differently from the forward (conventional autograd reuses "
         f"what the forward saved instead); switch modes only after backward")
@@ -137,7 +137,8 @@ def check_unchanged(module: nn.Module, before: dict) -> None:
             path, _, attr = name.rpartition(".")
             owner = module.get_submodule(path) if path else module
             raise StreamingError(
-                f"{describe_layer(path, type(owner).__name__)} changed its tensor '{attr}' in "
+                f"{describe_layer(module_path(path), type(owner).__name__)} changed its tensor "
+                f"'{attr}' in "
                 f"place while a tile ran (a layer or hook that updates state on every call, such "
                 f"as spectral norm's power iteration in training mode): streaming calls the "
                 f"module once per tile and again per tile in the backward, so that state would "

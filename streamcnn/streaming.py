@@ -11,9 +11,10 @@ from . import state
 from ._args import normalize_tile_size
 from .errors import StreamingError
 from .function import Job, StreamFunction, TileRunner, autocast_state
-from .inputs import check_tensor, expected_ndim
+from .inputs import check_source, expected_ndim, module_device, module_dtype
+from .sources import source_of
 from .tiling import tile_image
-from .trace import analyse, analyse_structure
+from .trace import Pipeline, analyse, analyse_structure
 
 
 class Streaming(nn.Module):
@@ -48,18 +49,22 @@ class Streaming(nn.Module):
     Higher-order gradients (``create_graph=True``) raise an error.
     """
 
-    def __init__(self, module: nn.Module, tile_size, *, progress: bool = False,
+    def __init__(self, module: nn.Module, tile_size, *, transform=None, progress: bool = False,
                  channels_last: bool | None = None):
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"Streaming needs an nn.Module, got {type(module).__name__}")
         if isinstance(module, nn.Sequential) and len(module) == 0:
             raise ValueError("the streamed module has no layers")
+        if transform is not None and not callable(transform):
+            raise TypeError(f"transform must be callable (a function or an nn.Module), got "
+                            f"{type(transform).__name__}")
         ndim = expected_ndim(module)
         if ndim is not None:  # else the input's rank decides, checked in forward
             normalize_tile_size(tile_size, ndim)
-        _check_structure(module, ndim)
+        _check_structure(module, ndim, transform)
         self.module = module
+        self.transform = transform
         self.tile_size = tile_size
         self.progress = progress
         self.channels_last = channels_last
@@ -67,57 +72,69 @@ class Streaming(nn.Module):
         self.register_load_state_dict_pre_hook(_wrapped_keys)
 
     def extra_repr(self) -> str:
-        return f"tile_size={self.tile_size}"
+        return f"tile_size={self.tile_size}" + (", transform" if self.transform is not None else "")
 
-    def prepare(self, x: torch.Tensor):
-        """Validate ``x`` against the module; return (traced graph, per-axis tilings)."""
-        ndim = check_tensor(self.module, x)
-        graph = analyse(self.module, ndim, x.shape[1], batch=x.shape[0], dtype=x.dtype,
-                        device=x.device)
-        return graph, tile_image(graph, tuple(x.shape[2:]), self.tile_size)
+    def prepare(self, source):
+        """Validate an input (a source) against the module; return (traced graph, tilings)."""
+        ndim = check_source(self.module, source, self.transform)
+        graph = analyse(self.module, ndim, source.shape[1], batch=source.shape[0],
+                        dtype=source.dtype, device=source.device, transform=self.transform)
+        return graph, tile_image(graph, tuple(source.shape[2:]), self.tile_size)
 
     @torch.compiler.disable(reason="streamcnn runs its tile loop eagerly: torch.compile compiles "
                             "the model around the Streaming module (so fullgraph=True cannot "
                             "include it)")
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _, tilings = self.prepare(x)
-        channels_last = self.channels_last
-        if channels_last is None:
-            channels_last = use_channels_last(x)
-        runner = TileRunner(self.module, tilings, progress=self.progress,
-                            channels_last=channels_last and x.dim() == 4)
-        versions = state.versions(self.module)
-        first, read = runner.first_tile(x)
-        state.check_unchanged(self.module, versions)
-        if not torch.is_grad_enabled() or not (
-                x.requires_grad or any(t.requires_grad for t in read.values())):
-            return runner.forward(x, first, versions)
-        captured = state.capture(self.module, read)
-        inputs = [_node_input(t) for t in (x,) + captured.grad_tensors]
-        job = Job(runner, captured, state.modes(self.module), versions, first,
-                  [get_gradient_edge(t).node if t.requires_grad else None for t in inputs],
-                  autocast_state(x.device.type))
+    def forward(self, x) -> torch.Tensor:
+        """``module(transform(x))``, tile by tile. ``x``: a tensor on any device, or an array
+        read tile by tile (:class:`streamcnn.ImageArray`, a numpy array or memmap)."""
+        source = source_of(x)
+        _, tilings = self.prepare(source)
+        device = module_device(self.module) or source.device
+        pipeline = Pipeline(self.module, self.transform)
+        runner = TileRunner(pipeline, tilings, source, device, progress=self.progress,
+                            channels_last=self._channels_last(source, device))
+        versions = state.versions(pipeline)
+        first, read = runner.first_tile()
+        state.check_unchanged(pipeline, versions)
+        x_grad = isinstance(x, torch.Tensor) and x.requires_grad
+        if not torch.is_grad_enabled() or not (x_grad or any(t.requires_grad for t in read.values())):
+            return runner.forward(first, versions)
+        captured = state.capture(pipeline, read)
+        inputs = [_node_input(t) for t in (x if isinstance(x, torch.Tensor) else None,)
+                  + captured.grad_tensors]
+        job = Job(runner, captured, state.modes(pipeline), versions, first,
+                  [get_gradient_edge(t).node if t is not None and t.requires_grad else None
+                   for t in inputs], autocast_state(device.type))
         return StreamFunction.apply(job, *inputs)
 
+    def _channels_last(self, source, device) -> bool:
+        if len(source.shape) != 4:
+            return False
+        if self.channels_last is not None:
+            return self.channels_last
+        dtype = module_dtype(self.module) or source.dtype
+        return use_channels_last(device, dtype)
+
     def plan(self, input_shape, **kwargs):
-        """``streamcnn.plan(self.module, input_shape, self.tile_size, **kwargs)``."""
+        """``streamcnn.plan(self.module, input_shape, self.tile_size, transform=...)``."""
         from .plan import plan
+        kwargs.setdefault("transform", self.transform)
         return plan(self.module, input_shape, self.tile_size, **kwargs)
 
 
-def _node_input(t: torch.Tensor) -> torch.Tensor:
+def _node_input(t):
     """A leaf requiring grad enters the autograd node through a view, so the backward can
     ask the engine whether its gradient is wanted (the engine cannot say for leaves)."""
-    return t.view_as(t) if t.requires_grad and t.grad_fn is None else t
+    return t.view_as(t) if t is not None and t.requires_grad and t.grad_fn is None else t
 
 
-def use_channels_last(x: torch.Tensor) -> bool:
-    """Default tile layout: channels-last where oneDNN (CPU) convolves it natively."""
-    return (x.dim() == 4 and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+def use_channels_last(device: torch.device, dtype: torch.dtype) -> bool:
+    """Default 2D tile layout: channels-last where oneDNN (CPU) convolves it natively."""
+    return (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
             and torch.backends.mkldnn.is_available())
 
 
-def _check_structure(module: nn.Module, ndim: int | None) -> None:
+def _check_structure(module: nn.Module, ndim: int | None, transform) -> None:
     """Refuse unstreamable operations at construction, as far as they are known then.
 
     The modules are analysed in eval mode (modes are checked at every call, since
@@ -127,7 +144,7 @@ def _check_structure(module: nn.Module, ndim: int | None) -> None:
     if ndim is None:
         return
     try:
-        analyse_structure(module, ndim)
+        analyse_structure(module, ndim, transform=transform)
     except StreamingError:
         raise
     except Exception:  # needs the input to decide; the first call repeats the analysis

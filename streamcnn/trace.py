@@ -52,7 +52,7 @@ class TracedGraph:
     ndim: int
     steps: tuple[GraphStep, ...]
     graph: fx.Graph = field(repr=False)
-    root: nn.Module = field(repr=False)  # the tracing root (holds the user's module as ``m``)
+    root: nn.Module = field(repr=False)  # the traced Pipeline (the user's module and transform)
 
     def axis(self, a: int) -> tuple[Step, ...]:
         """The graph on spatial axis ``a``, for ``streamcnn.geometry``."""
@@ -67,21 +67,35 @@ class TracedGraph:
         return {s.node: i for i, s in enumerate(self.steps) if s.node is not None}
 
 
-class _Root(nn.Module):
-    """Tracing root: fx stores traced constants on the root, so they land here, not on
-    the user's module."""
+class Pipeline(nn.Module):
+    """What runs on one tile: ``module(transform(tile))``.
 
-    def __init__(self, module: nn.Module):
+    Tracing and the tile loop both run this, so the transform is analysed and
+    recomputed like the module. It is made anew for every call and never registered
+    anywhere, so fx's traced constants land here and the user's module is untouched.
+    """
+
+    def __init__(self, module: nn.Module, transform=None):
         super().__init__()
-        self.m = module
+        self.module = module
+        self.transform = transform
 
     def forward(self, x):
-        return self.m(x)
+        if self.transform is None:
+            return self.module(x)
+        y = self.transform(x)
+        if isinstance(y, torch.Tensor) and not isinstance(y, fx.Proxy) and (
+                not y.is_floating_point() or y.shape[2:] != x.shape[2:] or y.dim() != x.dim()):
+            raise StreamingError(
+                f"the transform turned a tile of shape {tuple(x.shape)} ({x.dtype}) into one of "
+                f"shape {tuple(y.shape)} ({y.dtype}); it must return a floating-point tile of the "
+                f"same spatial shape (it is applied to every tile, e.g. convert and normalise)")
+        return self.module(y)
 
 
 def module_path(path: str) -> str:
-    """A path under the tracing root as the user sees it (relative to their module)."""
-    return "" if path == "m" else path[2:] if path.startswith("m.") else path
+    """A path under the pipeline as the user sees it (relative to their module)."""
+    return "" if path == "module" else path[7:] if path.startswith("module.") else path
 
 
 def describe_layer(path: str, kind: str) -> str:
@@ -115,11 +129,11 @@ class _Tracer(fx.Tracer):
             self.module_stack_paths.pop()
 
 
-def trace(module: nn.Module, stack_traces: bool = False) -> tuple[_Root, fx.Graph]:
-    """The fx graph of ``module`` (under a root that keeps fx's constants off it)."""
+def trace(module: nn.Module, stack_traces: bool = False, transform=None) -> tuple[Pipeline, fx.Graph]:
+    """The fx graph of ``transform`` then ``module``, under a :class:`Pipeline` root."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"Streaming needs an nn.Module, got {type(module).__name__}")
-    root, tracer = _Root(module), _Tracer(stack_traces)
+    root, tracer = Pipeline(module, transform), _Tracer(stack_traces)
     try:
         return root, tracer.trace(root)
     except StreamingError:
@@ -135,18 +149,19 @@ def trace(module: nn.Module, stack_traces: bool = False) -> tuple[_Root, fx.Grap
 
 
 def analyse(module: nn.Module, ndim: int, channels: int | None = None, *, batch: int | None = None,
-            dtype: torch.dtype | None = None, device=None) -> TracedGraph:
-    """Trace ``module`` and derive the geometry of an (N, C, *spatial) input with ``ndim``
-    spatial axes and ``channels`` channels (None: unknown, checks skipped).
+            dtype: torch.dtype | None = None, device=None, transform=None) -> TracedGraph:
+    """Trace ``module`` (after ``transform``, if given) and derive the geometry of an
+    (N, C, *spatial) input with ``ndim`` spatial axes and ``channels`` channels (None:
+    unknown, checks skipped).
 
     Raises ``StreamingError`` for operations that cannot be streamed (in the modules'
     current train/eval modes) and ``ValueError`` for channel counts that do not fit.
     """
     try:
-        root, graph = trace(module)
+        root, graph = trace(module, transform=transform)
         return _Analysis(root, graph, ndim, channels, batch, dtype, device).run()
     except StreamingError:  # again with the source lines, for the message
-        root, graph = trace(module, stack_traces=True)
+        root, graph = trace(module, stack_traces=True, transform=transform)
         return _Analysis(root, graph, ndim, channels, batch, dtype, device).run()
 
 
@@ -253,7 +268,10 @@ class _Analysis:
                                   type(self.root.get_submodule(node.target)).__name__)
         name = node.target if isinstance(node.target, str) else getattr(
             node.target, "__name__", str(node.target))
-        path, kind = _scope(node)
+        stack = node.meta.get("nn_module_stack") or {}
+        if not stack:
+            return f"operation '{name}' in the transform"
+        path, kind = _scope(stack)
         return f"operation '{name}'" + (f" in '{path}' ({kind})" if path else "")
 
     def add_step(self, ctx, rule, inputs, dims, channels, source) -> FMap:
@@ -338,11 +356,8 @@ def _fetch(root: nn.Module, target: str):
     return obj
 
 
-def _scope(node: fx.Node) -> tuple[str, str]:
-    """(module path, class name) of the innermost module whose forward ran ``node``."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return "", ""
+def _scope(stack: dict) -> tuple[str, str]:
+    """(module path, class name) of the innermost module whose forward ran a node."""
     path, kind = list(stack.values())[-1]
     path = module_path(path)
     return path, kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
@@ -364,14 +379,15 @@ def _source_line(node: fx.Node) -> str:
     return ""
 
 
-def analyse_structure(module: nn.Module, ndim: int, channels: int | None = None) -> TracedGraph:
+def analyse_structure(module: nn.Module, ndim: int, channels: int | None = None,
+                      transform=None) -> TracedGraph:
     """``analyse`` with every layer in eval mode: the geometry, whatever modes the user
     sets later (modes are checked again at every call). The modes are restored."""
     flags = [(m, m.training) for m in module.modules()]
     try:
         for m, _ in flags:
             m.training = False  # set the flag only: a user's train() override may do more
-        return analyse(module, ndim, channels)
+        return analyse(module, ndim, channels, transform=transform)
     finally:
         for m, training in flags:
             m.training = training

@@ -175,17 +175,20 @@ def test_dtype_mismatch():
     with pytest.raises(TypeError, match=r"the input is torch.float64 but layer '0' \(Conv2d\) has "
                                         r"weight of dtype torch.float32"):
         model(x2d(dtype=torch.float64))
-    with pytest.raises(TypeError, match=r"must be a floating-point tensor, got torch.int64"):
+    with pytest.raises(TypeError, match=r"the input is torch.int64: give Streaming a transform that "
+                                        r"makes each tile floating point"):
         model(torch.ones(1, 3, 32, 32, dtype=torch.long))
     with pytest.raises(TypeError, match="expects a torch.Tensor"):
         model([[1.0]])
 
 
-def test_device_mismatch():
-    model = Streaming(nn.Sequential(conv()).to("meta"), 16)
-    with pytest.raises(ValueError, match=r"the input is on cpu but layer '0' \(Conv2d\) has weight "
-                                         r"on meta; move the module or the input"):
-        model(x2d())
+def test_module_on_several_devices():
+    """An input on another device is fine (each tile is copied over); a module split
+    across devices is not."""
+    net = nn.Sequential(conv(), nn.Conv2d(4, 4, 3).to("meta"))
+    with pytest.raises(ValueError, match=r"the streamed module has parameters or buffers on several "
+                                         r"devices \['cpu', 'meta'\]; move it to one"):
+        Streaming(net, 16)(x2d())
 
 
 def test_channel_mismatch():

@@ -1,0 +1,132 @@
+"""Where the image comes from: a tensor on any device, or an array read tile by tile.
+
+Streaming only ever needs one tile of the input at a time, so the input need not be
+a float tensor on the module's device. A source hands out one tile (an index box in
+channels-first order, ``(N, C, *spatial)``) at a time:
+
+* :class:`TensorSource` - a tensor anywhere (host memory, pinned or not, or the
+  module's device); each tile is a view, copied to the module's device when read;
+* :class:`ArraySource` - anything with ``.shape``, ``.dtype`` and numpy-style
+  slicing (a numpy array or ``numpy.memmap``, a zarr array, an h5py dataset, a TIFF
+  opened through tifffile's zarr store), channels-first or channels-last
+  (:class:`ImageArray`). A tile is read when it is needed - in the forward pass and
+  again in the backward recomputation - with one slicing call per tile, in
+  row-major tile order; nothing image-sized is ever built from it.
+"""
+
+from __future__ import annotations
+
+import mmap
+
+import numpy as np
+import torch
+
+_SPATIAL = {1: "L", 2: "HW"}
+
+
+class ImageArray:
+    """An image that is not a tensor: an array-like plus the order of its dimensions.
+
+    ``layout`` names each dimension: ``N`` (batch), ``C`` (channels) and the spatial
+    axes ``H``, ``W`` (2D) or ``L`` (1D), e.g. ``"NHWC"`` for a channels-last batch or
+    ``"HWC"`` for one RGB slide (the batch of one is added). Default: channels-first
+    with a batch, ``"NCHW"`` for 4 dimensions, ``"NCL"`` for 3.
+
+        >>> slide = np.memmap("slide.raw", np.uint8, "r", shape=(65536, 65536, 3))
+        >>> out = streaming(ImageArray(slide, "HWC"))
+    """
+
+    def __init__(self, array, layout: str | None = None):
+        for attr in ("shape", "dtype", "__getitem__"):
+            if not hasattr(array, attr):
+                raise TypeError(
+                    f"Streaming expects a torch.Tensor or an array with .shape, .dtype and "
+                    f"numpy-style slicing (numpy, numpy.memmap, zarr, h5py); "
+                    f"{type(array).__name__} has no {attr}")
+        rank = len(array.shape)
+        layout = layout or {4: "NCHW", 3: "NCL"}.get(rank, "")
+        letters = sorted(layout.replace("N", "")) if layout else []
+        if len(layout) != rank or len(set(layout)) != rank or letters not in (
+                sorted("CHW"), sorted("CL")):
+            raise ValueError(
+                f"layout {layout!r} does not describe an array of shape {tuple(array.shape)}: "
+                f"name each of its {rank} dimensions once with N (batch, optional), C "
+                f"(channels) and H, W (2D) or L (1D), e.g. 'NCHW', 'NHWC' or 'HWC'")
+        self.array, self.layout = array, layout
+
+
+def torch_dtype(dtype) -> torch.dtype:
+    """The torch dtype of an array's numpy dtype (a clear error if torch has none)."""
+    try:
+        return torch.from_numpy(np.empty(0, dtype=np.dtype(dtype))).dtype
+    except TypeError as err:
+        raise TypeError(f"the input array has dtype {dtype}, which torch cannot hold") from err
+
+
+class TensorSource:
+    """Tiles of a tensor: views, on the tensor's own device."""
+
+    def __init__(self, x: torch.Tensor):
+        self.tensor = x
+        self.shape, self.dtype, self.device = tuple(x.shape), x.dtype, x.device
+        self.fresh = False  # reads are views of the caller's tensor
+
+    def read(self, box: tuple, origin) -> torch.Tensor:
+        return self.tensor[box]
+
+
+class ArraySource:
+    """Tiles of an array-like, read on demand into fresh host tensors."""
+
+    def __init__(self, image: ImageArray):
+        self.array, self.layout = image.array, image.layout
+        self.spatial = [d for d in self.layout if d not in "NC"]
+        ndim = len(self.spatial)
+        self.order = ("N", "C") + tuple(_SPATIAL[ndim])  # channels-first dimension names
+        sizes = dict(zip(self.layout, self.array.shape))
+        self.shape = tuple(int(sizes.get(d, 1)) for d in self.order)
+        self.dtype, self.device = torch_dtype(self.array.dtype), torch.device("cpu")
+        self.fresh = True
+        self.release = _page_releaser(self.array)
+
+    def read(self, box: tuple, origin) -> torch.Tensor:
+        by_name = dict(zip(self.order, box))
+        index = tuple(by_name[d] for d in self.layout)
+        expected = tuple(len(range(*by_name[d].indices(self.shape[k])))
+                         for k, d in enumerate(self.order))
+        try:
+            data = np.array(self.array[index], copy=True)
+        except Exception as err:
+            raise OSError(f"reading the input tile at {origin} (pixel offsets per spatial axis) "
+                          f"failed: {type(err).__name__}: {err}") from err
+        finally:
+            self.release()
+        got = dict(zip(self.layout, data.shape))
+        if data.ndim != len(self.layout) or tuple(got.get(d, 1) for d in self.order) != expected:
+            raise ValueError(
+                f"the input array gave a piece of shape {data.shape} for the tile at {origin}, "
+                f"expected {tuple(expected[self.order.index(d)] for d in self.layout)} (layout "
+                f"{self.layout}): its .shape {tuple(self.array.shape)} does not describe its data")
+        tile = torch.from_numpy(data)
+        present = [d for d in self.order if d in self.layout]
+        tile = tile.permute([self.layout.index(d) for d in present])
+        return tile if "N" in self.layout else tile.unsqueeze(0)
+
+
+def _page_releaser(array):
+    """After each read of a read-only numpy.memmap, drop its pages from this process's
+    resident set: they stay in the kernel's page cache (a re-read is fast) but do not
+    count as this process's memory, so reading a slide larger than RAM keeps the
+    process at one tile. Other arrays: nothing to do."""
+    handle = getattr(array, "_mmap", None)
+    if not isinstance(handle, mmap.mmap) or getattr(array, "mode", None) != "r":
+        return lambda: None
+    return lambda: handle.madvise(mmap.MADV_DONTNEED)
+
+
+def source_of(x):
+    """The source for an input: a tensor, an :class:`ImageArray`, or a bare array-like
+    (channels-first)."""
+    if isinstance(x, torch.Tensor):
+        return TensorSource(x)
+    return ArraySource(x if isinstance(x, ImageArray) else ImageArray(x))

@@ -2,6 +2,7 @@
 
 Public API:
     Streaming(module, tile_size)        nn.Module that runs ``module`` tile by tile
+    ImageArray(array, layout)           an image read tile by tile (memmap, zarr, h5py)
     plan(module, input_shape, tile_size) -> StreamPlan (tiles, overlap, memory estimates)
     receptive_field(module, ndim, tile_size=None)  per-axis receptive field
     testing.compare(module, x, tile_size)  check streaming against conventional autograd
@@ -16,7 +17,8 @@ geometric step) -> ``trace`` (torch.fx graph -> steps) -> ``tiling`` -> ``state`
 from . import geometry, testing
 from .errors import StreamingError, TileTooSmallError
 from .plan import StreamPlan, plan, receptive_field
+from .sources import ImageArray
 from .streaming import Streaming
 
-__all__ = ["Streaming", "plan", "StreamPlan", "receptive_field", "geometry", "testing",
-           "StreamingError", "TileTooSmallError"]
+__all__ = ["Streaming", "ImageArray", "plan", "StreamPlan", "receptive_field", "geometry",
+           "testing", "StreamingError", "TileTooSmallError"]

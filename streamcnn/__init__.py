@@ -7,11 +7,12 @@ Public API:
     receptive_field(module, ndim, tile_size=None)  per-axis receptive field
     testing.compare(module, x, tile_size)  check streaming against conventional autograd
 
-Layers, bottom to top (imports point down only): ``_args``/``errors`` -> ``geometry``
-(integer tile geometry, no torch) -> ``rules`` (which torch operation is which
-geometric step) -> ``trace`` (torch.fx graph -> steps) -> ``tiling`` -> ``state``
-(what a forward read) -> ``function`` (tile loop, autograd node) -> ``streaming``
-(the module) -> ``plan`` (with ``memory``) -> ``testing``.
+Layers, bottom to top (imports point down only; verify/test_layout.py checks it):
+``_args``/``errors`` -> ``geometry`` (integer tile geometry, no torch) -> ``rules``
+(which torch operation is which geometric step) -> ``trace`` (torch.fx graph ->
+steps) -> ``tiling``, ``sources`` (where tiles are read from), ``inputs`` (checks) ->
+``state`` (what a forward read) -> ``memory``, ``plan`` (estimates before running) ->
+``function`` (tile loop, autograd node) -> ``streaming`` (the module) -> ``testing``.
 """
 
 from . import geometry, testing

@@ -12,6 +12,7 @@ from ._args import normalize_tile_size
 from .errors import StreamingError
 from .function import Job, StreamFunction, TileRunner, autocast_state
 from .inputs import check_source, expected_ndim, module_device, module_dtype
+from .plan import plan
 from .sources import source_of
 from .tiling import tile_image
 from .trace import Pipeline, analyse, analyse_structure
@@ -117,7 +118,6 @@ class Streaming(nn.Module):
 
     def plan(self, input_shape, **kwargs):
         """``streamcnn.plan(self.module, input_shape, self.tile_size, transform=...)``."""
-        from .plan import plan
         kwargs.setdefault("transform", self.transform)
         return plan(self.module, input_shape, self.tile_size, **kwargs)
 

@@ -77,17 +77,23 @@ class Unknown:
     """A value not known until the input is (batch or channel count before the first call)."""
 
 
-def is_dynamic(value) -> bool:
-    """Whether ``value`` (or anything inside it) depends on the streamed input."""
-    if isinstance(value, (FMap, Shape, Refused, Unknown)):
+def contains(value, kinds) -> bool:
+    """Whether ``value``, or anything in the tuples, lists, dicts and slices it holds, is
+    an instance of ``kinds``."""
+    if isinstance(value, kinds):
         return True
     if isinstance(value, (tuple, list)):
-        return any(is_dynamic(v) for v in value)
+        return any(contains(v, kinds) for v in value)
     if isinstance(value, dict):
-        return any(is_dynamic(v) for v in value.values())
+        return any(contains(v, kinds) for v in value.values())
     if isinstance(value, slice):
-        return any(is_dynamic(v) for v in (value.start, value.stop, value.step))
+        return any(contains(v, kinds) for v in (value.start, value.stop, value.step))
     return False
+
+
+def is_dynamic(value) -> bool:
+    """Whether ``value`` (or anything inside it) depends on the streamed input."""
+    return contains(value, (FMap, Shape, Refused, Unknown))
 
 
 def first_refused(value):
@@ -411,33 +417,28 @@ def cat(ctx, tensors, dim=0, *, out=None):
     return merge(ctx, maps, maps[0].dims, None if None in counts else sum(counts))
 
 
-def _channel_parts(ctx, input, sizes):
-    return tuple(_pointwise(ctx, input, channels=s) for s in sizes)
+def _channel_parts(ctx, x, dim, what, sizes_of):
+    """Pieces of ``x`` along the channels: one pointwise step each."""
+    refused = _channel_dim_op(ctx, x, dim, what)
+    if refused:
+        return refused
+    if x.channels is None:
+        return Unknown()
+    return tuple(_pointwise(ctx, x, channels=s) for s in sizes_of(x.channels))
+
+
+def _pieces(total: int, each: int) -> list[int]:
+    return [min(each, total - i) for i in range(0, total, each)]
 
 
 def chunk(ctx, input, chunks, dim=0):
-    refused = _channel_dim_op(ctx, input, dim, "a chunk")
-    if refused:
-        return refused
-    if input.channels is None:
-        return Unknown()
-    each = -(-input.channels // chunks)
-    sizes = [min(each, input.channels - i) for i in range(0, input.channels, each)]
-    return _channel_parts(ctx, input, sizes)
+    return _channel_parts(ctx, input, dim, "a chunk", lambda c: _pieces(c, -(-c // chunks)))
 
 
 def split(ctx, tensor, split_size_or_sections, dim=0):
-    refused = _channel_dim_op(ctx, tensor, dim, "a split")
-    if refused:
-        return refused
-    if tensor.channels is None:
-        return Unknown()
-    if isinstance(split_size_or_sections, int):
-        n = split_size_or_sections
-        sizes = [min(n, tensor.channels - i) for i in range(0, tensor.channels, n)]
-    else:
-        sizes = list(split_size_or_sections)
-    return _channel_parts(ctx, tensor, sizes)
+    sections = split_size_or_sections
+    return _channel_parts(ctx, tensor, dim, "a split", lambda c: _pieces(c, sections)
+                          if isinstance(sections, int) else list(sections))
 
 
 # --------------------------------------------------------------------------- layout and indexing

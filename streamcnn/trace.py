@@ -226,7 +226,7 @@ class _Analysis:
             return rules._random(ctx)
         if not rules.is_dynamic((args, kwargs)):
             return self._evaluate(node, args, kwargs)
-        if not _has_input(args, kwargs):
+        if not rules.contains((args, kwargs), (FMap, Shape)):  # only unknowns: wait for the input
             return Unknown()
         value = self._handle(ctx, node, args, kwargs)
         if node.op == "call_method" and node.target in rules.IN_PLACE_METHODS \
@@ -321,21 +321,6 @@ class _Analysis:
                                 s.channels, s.node)
                       for old, s in enumerate(self.steps) if old in new)
         return TracedGraph(self.ndim, steps, self.graph, self.root)
-
-
-def _has_input(args, kwargs) -> bool:
-    """Whether a feature map or its shape is among the arguments (else only unknowns)."""
-    def walk(v):
-        if isinstance(v, (FMap, Shape)):
-            return True
-        if isinstance(v, (tuple, list)):
-            return any(walk(x) for x in v)
-        if isinstance(v, dict):
-            return any(walk(x) for x in v.values())
-        if isinstance(v, slice):
-            return any(walk(x) for x in (v.start, v.stop, v.step))
-        return False
-    return walk((args, kwargs))
 
 
 def _special(target):

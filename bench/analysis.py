@@ -13,6 +13,7 @@ from bench import fit
 MEMORY_RATIO_TARGET = 10.0   # streaming peak at most 1/10 of conventional's
 PLAN_RATIO_TARGET = 1.2      # measured streaming peak within 1.2x of plan()'s estimate
 SPEED_TARGET = 1.0           # streaming step no slower than conventional's
+PROBES = ("default", "tuned_malloc", "omp_passive", "one_thread")  # run variants of the overhead section
 
 
 def plan_estimate(point: dict, which: str):
@@ -80,8 +81,14 @@ def _xy(points, key, use=lambda p: True):
     return [{"size": p["size"], "x": p["size"] ** 2, "y": p[key], "use": use(p)} for p in points]
 
 
-def _fit(rows):
-    return fit.linear_fit(rows, "x", "y", use=lambda r: r["use"])
+def _fit(rows, unit: str):
+    """fit.linear_fit over _xy records; ``unit`` names y's unit (x is pixels), and b is also given per µs/byte."""
+    res = fit.linear_fit(rows, "x", "y", use=lambda r: r["use"])
+    if res:
+        res["units"] = {"x": "pixels", "y": unit, "a": unit, "b": f"{unit} per pixel"}
+        if unit == "s":
+            res["b_us_per_pixel"] = res["b"] * 1e6
+    return res
 
 
 def fig3_fits(stream: list, min_side: int) -> dict:
@@ -93,9 +100,9 @@ def fig3_fits(stream: list, min_side: int) -> dict:
     pts = [p for p in measured(stream) if p["size"] >= min_side]
     planned = [{**p, "plan_bytes": plan_estimate(p, "streaming")} for p in pts if plan_estimate(p, "streaming")]
     return {"min_side": min_side,
-            "time": _fit(_xy(pts, "step_s", use=lambda p: p.get("clean", True))),
-            "memory": _fit(_xy(pts, "peak_bytes")),
-            "plan_memory": _fit(_xy(planned, "plan_bytes")),
+            "time": _fit(_xy(pts, "step_s", use=lambda p: p.get("clean", True)), "s"),
+            "memory": _fit(_xy(pts, "peak_bytes"), "bytes"),
+            "plan_memory": _fit(_xy(planned, "plan_bytes"), "bytes"),
             "plan_ratio": [{"size": p["size"], "ratio": p["peak_bytes"] / p["plan_bytes"],
                             "flagged": abs(p["peak_bytes"] / p["plan_bytes"] - 1) > fit.FLAG_REL} for p in planned]}
 
@@ -107,7 +114,7 @@ def conventional_fits(conv: list, min_side: int) -> dict:
     fewer than fit.MIN_POINTS such points there is no extrapolation at all.
     """
     pts = [p for p in measured(conv) if p["size"] >= min_side and p.get("clean", True)]
-    return {"time": _fit(_xy(pts, "step_s")), "memory": _fit(_xy(pts, "peak_bytes")),
+    return {"time": _fit(_xy(pts, "step_s"), "s"), "memory": _fit(_xy(pts, "peak_bytes"), "bytes"),
             "sizes": [p["size"] for p in pts]}
 
 
@@ -187,8 +194,7 @@ def overhead_rows(pts: Points, size: int, tiles) -> list:
     if not tiles:
         return []
     keys = [("conventional", None)] + [("streaming", t) for t in tiles]
-    return [{"mode": m, "tile": t, **{v: pts.get(m, size, t, v) for v in ("default", "tuned_malloc", "one_thread")}}
-            for m, t in keys]
+    return [{"mode": m, "tile": t, **{v: pts.get(m, size, t, v) for v in PROBES}} for m, t in keys]
 
 
 def analyse(cfg: dict, records: list) -> dict:
@@ -222,6 +228,7 @@ def quiet_summary(records: list) -> dict:
     label = lambda p: (f"{p['network']} {p['mode']} {p['size']}²" + (f" tile {p['tile']}" if p["tile"] else "")  # noqa: E731
                        + ("" if p.get("variant", "default") == "default" else f" ({p['variant']})"))
     return {"points": len(timed), "clean": len(timed) - len(disturbed),
+            "load_unknown": sum(p.get("foreign_cores") is None for p in timed),
             "remeasured": [{"point": label(p), "attempts": p.get("attempts", 1), "extra_steps": p.get("extra_steps", 0),
                             "clean": p.get("clean", True)} for p in remeasured],
             "disturbed": [{"point": label(p), "why": (p.get("disturbances") or ["?"])[0]} for p in disturbed],

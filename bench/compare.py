@@ -59,7 +59,7 @@ def compare(current: dict, reference: dict, label: str) -> dict:
                      "step_s": c["step_s"], "ref_step_s": r["step_s"], "time_ratio": t,
                      "peak_bytes": c["peak_bytes"], "ref_peak_bytes": r["peak_bytes"], "memory_ratio": m,
                      "time_ok": abs(t - 1) <= TIME_TOL, "memory_ok": abs(m - 1) <= MEMORY_TOL,
-                     "clean": c.get("clean", True), "ref_clean": r.get("clean", True)})
+                     "clean": c.get("clean"), "ref_clean": r.get("clean")})  # None: load not checked
     machine = reference.get("machine", {})
     return {"reference": label, "reference_date": machine.get("date"), "reference_cpu": machine.get("cpu_model"),
             "reference_schema": reference.get("schema", 1), "time_tol": TIME_TOL, "memory_tol": MEMORY_TOL,

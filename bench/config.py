@@ -24,6 +24,7 @@ class Config:
     foreign_cores: float = 0.15           # other work's cores tolerated beyond those our threads leave free
     quiet_sample_s: float = 1.0           # length of the load sample taken before each point
     quiet_wait_s: float = 60.0            # how long to wait for a quiet machine before a point
+    quiet_wait_budget_s: float = 600.0    # total waiting per run; once spent, points start after one sample
     micro_max_time: float = 1.0           # pytest-benchmark --benchmark-max-time per case
     seed: int = 0                         # network weights, input, and the order of the points
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
@@ -38,4 +39,4 @@ class Config:
 FULL = Config(name="full", out_dir=REPORTS, raw_dir=REPORTS / "_raw" / "full")
 
 QUICK = Config(name="quick", out_dir=REPORTS / "_raw" / "quick", raw_dir=REPORTS / "_raw" / "quick",
-               extra_steps=1, remeasure_budget_s=20.0, quiet_sample_s=0.5, quiet_wait_s=1.0, micro_max_time=0.1)
+               extra_steps=1, remeasure_budget_s=20.0, quiet_sample_s=0.5, quiet_wait_s=1.0, quiet_wait_budget_s=10.0, micro_max_time=0.1)

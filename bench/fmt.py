@@ -18,6 +18,11 @@ def fmt_s(t) -> str:
     return f"{t:.2f} s" if abs(t) < 100 else f"{t:.0f} s ({t / 60:.1f} min)"
 
 
+def fmt_dur(t) -> str:
+    """A budget or a wait: '45 s' / '10 min'."""
+    return f"{t:.0f} s" if t < 120 else f"{t / 60:.0f} min"
+
+
 def fmt_ms(t) -> str:
     return "–" if t is None else f"{t * 1e3:.3g} ms"
 

@@ -21,9 +21,13 @@ from bench.worker import RESULT_PREFIX
 # glibc malloc settings that keep tile-sized buffers (up to glibc's 32 MiB mmap ceiling) in the heap
 # between tiles instead of mmap/munmap-ing them for every tile; an opt-in, see BENCH.md's overhead section.
 TUNED_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(64 * 2**30)}
-VARIANTS = {  # how a point is run: what users get, and the two per-tile-overhead probes
+# OpenMP threads that sleep at a barrier instead of spinning: on cores shared with other programs a spinning
+# thread can hold the core its partner needs; an opt-in, see BENCH.md's overhead section.
+PASSIVE_OMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+VARIANTS = {  # how a point is run: what users get, and the per-tile-overhead probes
     "default": {"label": "defaults", "env": {}, "threads": None},
     "tuned_malloc": {"label": "tuned malloc", "env": TUNED_MALLOC_ENV, "threads": None},
+    "omp_passive": {"label": "passive OpenMP wait", "env": PASSIVE_OMP_ENV, "threads": None},
     "one_thread": {"label": "1 thread", "env": {}, "threads": 1},
 }
 
@@ -105,7 +109,7 @@ class PointRunner:
         self.cfg, self.device, self.cache = cfg, device, {}
         self.cores = os.cpu_count() or 1
         self.thresholds = protocol.Thresholds(foreign_cores=cfg.foreign_cores)
-        self.remeasure_spent_s, self.remeasure_refused = 0.0, 0
+        self.remeasure_spent_s, self.remeasure_refused, self.waited_s = 0.0, 0, 0.0
         cfg.raw_dir.mkdir(parents=True, exist_ok=True)
         for stale in [*cfg.raw_dir.glob("grads_*.pt"), *cfg.raw_dir.glob("worker_*.log"), cfg.raw_dir / "points.json"]:
             stale.unlink(missing_ok=True)  # from an earlier run: must not be mistaken for this run's
@@ -174,7 +178,9 @@ class PointRunner:
         cfg, threads, attempts = self.cfg, spec["threads"], []
         log = cfg.raw_dir / f"worker_{key.network}_{key.mode}_{key.size}_{key.tile}_{key.variant}.log"
         while True:
-            before = protocol.wait_for_quiet(threads, self.cores, self.thresholds, cfg.quiet_sample_s, cfg.quiet_wait_s)
+            max_wait = min(cfg.quiet_wait_s, max(0.0, cfg.quiet_wait_budget_s - self.waited_s))
+            before = protocol.wait_for_quiet(threads, self.cores, self.thresholds, cfg.quiet_sample_s, max_wait)
+            self.waited_s += before.get("waited_s", 0.0)
             t0 = time.perf_counter()
             result = run_worker(spec, cfg.point_timeout_s, log, VARIANTS[key.variant]["env"])
             wall = time.perf_counter() - t0

@@ -23,7 +23,7 @@ class Points:
     fig3_sizes: tuple                 # Fig. 3: streamed input sides; the largest is the headline step
     conventional_sizes: tuple         # conventional backprop in the tiles' layout (skipped where it won't fit)
     default_layout_sizes: tuple = ()  # conventional in torch's default layout: separate, labelled rows
-    overhead_tiles: tuple = ()        # Fig. 2 tiles re-measured with tuned malloc and with one thread
+    overhead_tiles: tuple = ()        # Fig. 2 tiles re-measured with each overhead probe (harness.VARIANTS)
     fit_min_side: int = 1024          # Fig. 3's straight-line fits use inputs from this side up
     oracle_max: int = 2048            # float64 gradient oracle for inputs up to this side
     full_warmup_max: int = 4096       # above this side, the warm-up step runs on a 2x2-tile input
@@ -85,7 +85,7 @@ CONV3 = Network(
     full=Points(fig2_input=2048, fig2_tiles=(128, 256, 384, 512, 1024, 2048),
                 fig3_tile=512, fig3_sizes=(1024, 2048, 3072, 4096, 8192, 16384),
                 conventional_sizes=(1024, 2048, 3072, 4096, 8192), default_layout_sizes=(2048,),
-                overhead_tiles=(128, 512)),
+                overhead_tiles=(128,)),
     quick=Points(fig2_input=512, fig2_tiles=(128, 256, 512), fig3_tile=128, fig3_sizes=(128, 256, 512),
                  conventional_sizes=(128, 256, 512), default_layout_sizes=(512,), overhead_tiles=(128,),
                  fit_min_side=128, oracle_max=256),

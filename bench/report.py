@@ -1,6 +1,6 @@
 """Renders reports/BENCH.md from the results dict that run.py also stores as bench.json."""
 from bench.compare import summary_line
-from bench.fmt import DISTURBED, fmt_bytes, fmt_ms, fmt_s, fmt_x, table
+from bench.fmt import DISTURBED, fmt_bytes, fmt_dur, fmt_ms, fmt_s, fmt_x, table
 from bench.guard import LIBRARY_OVERHEAD_BYTES, PLAN_SAFETY_FACTOR
 from bench.report_network import render_network, skipped_lines
 
@@ -44,6 +44,10 @@ def _quiet(res) -> str:
         return ""
     again = (f" {len(q['remeasured'])} point(s) were measured again (extra steps or a fresh process): see "
              f"[re-measured points](#re-measured-and-disturbed-points).") if q["remeasured"] else ""
+    if q.get("load_unknown"):
+        return (f"> **⚠ Load not checked** for {q['load_unknown']} of {q['points']} timed points: this system does "
+                f"not expose `/proc/stat`, so the benchmark could not tell whether other programs competed for the "
+                f"cores. Treat the times as unverified.{again}")
     if q["disturbed"]:
         head = ("**⚠ The machine never got quiet: these numbers are not clean.**" if q["never_quiet"]
                 else "**⚠ Not a clean run.**")
@@ -75,7 +79,7 @@ def comparison_text(comp: dict) -> str:
     rows = [[r["network"], r["mode"], f"{r['size']}²", r["tile"] or "–", r["variant"],
              fmt_s(r["step_s"]), fmt_s(r["ref_step_s"]), _ratio(r["time_ratio"], r["time_ok"]),
              fmt_bytes(r["peak_bytes"]), fmt_bytes(r["ref_peak_bytes"]), _ratio(r["memory_ratio"], r["memory_ok"]),
-             ("" if r["clean"] else f"{DISTURBED} here ") + ("" if r["ref_clean"] else f"{DISTURBED} there")]
+             _where_disturbed(r)]
             for r in comp["rows"]]
     text = summary_line(comp)
     if comp.get("reference_cpu"):
@@ -86,7 +90,14 @@ def comparison_text(comp: dict) -> str:
     if not rows:
         return text
     return text + "\n\n" + table(["network", "mode", "input", "tile", "variant", "step here", "step there",
-                                  "time ratio", "peak here", "peak there", "memory ratio", "disturbed"], rows)
+                                  "time ratio", "peak here", "peak there", "memory ratio", "load"], rows)
+
+
+def _where_disturbed(row) -> str:
+    """Which side of a comparison was disturbed, or had no load check (runs before the protocol)."""
+    notes = [f"{DISTURBED} {w}" for clean, w in ((row["clean"], "here"), (row["ref_clean"], "there")) if clean is False]
+    notes += [f"not checked {w}" for clean, w in ((row["clean"], "here"), (row["ref_clean"], "there")) if clean is None]
+    return ", ".join(notes)
 
 
 def _ratio(v, within) -> str:
@@ -152,16 +163,17 @@ def _method(res) -> str:
         f"random order (seed {pr['order_seed']}), not in blocks, so a slow drift of the machine does not line up with "
         "a mode or a size.",
         "- **Load before and during each point.** Before each point the harness samples the machine for "
-        f"{pr['quiet_sample_s']:g} s (nothing of ours runs) and waits, up to {pr['quiet_wait_s']:g} s, until other "
-        "programs leave the cores free. Around every timed step the worker reads `/proc/stat` (all cores' busy time, "
+        f"{pr['quiet_sample_s']:g} s (nothing of ours runs) and waits, up to {fmt_dur(pr['quiet_wait_s'])} per point "
+        f"and {fmt_dur(pr['quiet_wait_budget_s'])} per run ({fmt_dur(pr['waited_s'])} used), until other programs leave "
+        "the cores free. Around every timed step the worker reads `/proc/stat` (all cores' busy time, "
         "the hypervisor's *steal* included) and its own CPU time: *other work* = machine busy − own, in cores. A step "
         f"is **disturbed** when other work used more than {pr['foreign_cores']:g} of a core beyond the cores our "
         "threads leave free (plus two clock ticks per core of resolution). The process's CPU time over wall time × "
         "threads is reported beside it (near 1 when all threads computed throughout).",
         f"- **Measured again when disturbed**: a worker takes extra steps (up to {pr['max_steps']} in all) until "
         f"{pr['reps']} are undisturbed; failing that, the point is measured again in a fresh process (up to "
-        f"{pr['max_attempts']} attempts, while a re-measure budget of {pr['remeasure_budget_s'] / 60:.0f} min lasts: "
-        f"{pr['remeasure_spent_s'] / 60:.1f} min used"
+        f"{pr['max_attempts']} attempts, while a re-measure budget of {fmt_dur(pr['remeasure_budget_s'])} lasts: "
+        f"{fmt_dur(pr['remeasure_spent_s'])} used"
         + (f", {pr['remeasure_refused_by_budget']} attempt(s) refused by it" if pr["remeasure_refused_by_budget"] else "")
         + "). A point's time is the median of its undisturbed steps, with their min–max; a point that never got "
         f"enough is marked {DISTURBED} and left out of the time fits. The banner at the top says how this run went.",

@@ -78,14 +78,19 @@ def _cells(p):
     if not ok(p):
         return [(p or {}).get("status", "–")] + ["–"] * 7
     est = plan_estimate(p, "streaming" if p["mode"] == "streaming" else "conventional")
-    other = p.get("foreign_cores")
     return [step_cell(p), fmt_s(p["forward_s"]), fmt_s(p["backward_s"]),
             "–" if p.get("cpu_util") is None else f"{p['cpu_util']:.2f}",
-            "–" if other is None else f"{other:.2f}", fmt_bytes(p["peak_bytes"]),
+            f"{_cores((p.get('before') or {}).get('foreign_cores'))} / {_cores(p.get('foreign_cores'))}",
+            fmt_bytes(p["peak_bytes"]),
             fmt_bytes(est), fmt_x(p["peak_bytes"] / est if est else None)]
 
 
-POINT_HEADER = ["step: median (min–max)", "forward", "backward", "CPU / (wall × threads)", "other work (cores)",
+def _cores(v) -> str:
+    return "–" if v is None else f"{v:.2f}"
+
+
+POINT_HEADER = ["step: median (min–max)", "forward", "backward", "CPU / (wall × threads)",
+                "other work before / during (cores)",
                 "peak memory", "plan()", "measured / plan"]
 
 
@@ -125,9 +130,9 @@ def _breakdown(net) -> str:
 def _overhead(net, machine) -> str:
     rows = []
     for r in net["analysis"]["overhead"]:
-        d, t, one = (r.get(k) or {} for k in ("default", "tuned_malloc", "one_thread"))
-        rows.append([r["mode"], r["tile"] or "–", step_cell(d), step_cell(t), step_cell(one), _faults(d), _faults(t),
-                     fmt_bytes(d.get("peak_bytes")), fmt_bytes(t.get("peak_bytes"))])
+        d, t, passive, one = (r.get(k) or {} for k in ("default", "tuned_malloc", "omp_passive", "one_thread"))
+        rows.append([r["mode"], r["tile"] or "–", step_cell(d), step_cell(t), step_cell(passive), step_cell(one),
+                     _faults(d), _faults(t), fmt_bytes(d.get("peak_bytes")), fmt_bytes(t.get("peak_bytes"))])
     if not rows:
         return ""
     size, threads = net["points_config"]["fig2_input"], machine["torch_threads"]
@@ -135,11 +140,15 @@ def _overhead(net, machine) -> str:
             "streaming pays per tile. (a) The allocator: with glibc's defaults, buffers above the (adaptive) mmap "
             "threshold are mapped and unmapped for every tile, paying for fresh zero-filled pages each time (the "
             "page-fault counts). (b) Threads: small tiles mean many small convolutions, each a parallel region "
-            f"that waits for all its threads. The same {size}² points were measured again in fresh processes with "
-            "`MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=68719476736` (an opt-in: export it before "
-            "starting Python; the benchmark never sets it for the figures above) and with one torch thread.\n\n"
-            + table(["mode", "tile", f"step, defaults ({threads} threads)", "step, tuned malloc", "step, 1 thread",
-                     "page faults, defaults", "page faults, tuned", "peak, defaults", "peak, tuned"], rows))
+            "whose threads meet at a barrier; OpenMP threads spin there by default, which costs little on free cores "
+            "but, when other programs share the cores, can hold the core a partner thread needs. The same "
+            f"{size}² points were measured again in fresh processes with `MALLOC_MMAP_THRESHOLD_=33554432 "
+            "MALLOC_TRIM_THRESHOLD_=68719476736` (tuned malloc), with `OMP_WAIT_POLICY=PASSIVE` (threads sleep at "
+            "barriers) and with one torch thread. These are opt-ins a user may `export` before starting Python; "
+            "the benchmark never sets them for the other figures.\n\n"
+            + table(["mode", "tile", f"step, defaults ({threads} threads)", "step, tuned malloc",
+                     "step, passive OpenMP wait", "step, 1 thread", "page faults, defaults", "page faults, tuned",
+                     "peak, defaults", "peak, tuned"], rows))
 
 
 def _faults(p) -> str:

@@ -115,7 +115,8 @@ def protocol_record(cfg: Config, runner: PointRunner) -> dict:
     return {"reps": cfg.reps, "max_steps": cfg.max_steps, "max_attempts": cfg.max_attempts,
             "remeasure_budget_s": cfg.remeasure_budget_s, "remeasure_spent_s": runner.remeasure_spent_s,
             "remeasure_refused_by_budget": runner.remeasure_refused, "foreign_cores": cfg.foreign_cores,
-            "quiet_sample_s": cfg.quiet_sample_s, "quiet_wait_s": cfg.quiet_wait_s, "order_seed": cfg.seed,
+            "quiet_sample_s": cfg.quiet_sample_s, "quiet_wait_s": cfg.quiet_wait_s,
+            "quiet_wait_budget_s": cfg.quiet_wait_budget_s, "waited_s": runner.waited_s, "order_seed": cfg.seed,
             "cores": runner.cores}
 
 

@@ -183,6 +183,8 @@ def test_quiet_summary_says_when_the_machine_never_got_quiet():
     assert mostly_busy["never_quiet"] and len(mostly_busy["disturbed"]) == 2 and len(mostly_busy["remeasured"]) == 1
     fine = quiet_summary([point(True), point(True, 2)])
     assert not fine["never_quiet"] and fine["clean"] == 2 and not fine["disturbed"]
+    assert fine["load_unknown"] == 2  # these fake points carry no foreign-CPU reading: nothing was checked
+    assert quiet_summary([{**point(True), "foreign_cores": 0.01}])["load_unknown"] == 0
 
 
 # ---- fits ----

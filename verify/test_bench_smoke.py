@@ -114,7 +114,7 @@ def _fake_run(tmp_path):
         put(_point("streaming", size, 128, t, 20 * MIB + 40 * size ** 2, plan_stream=19 * MIB + 40 * size ** 2,
                    plan_conv=880 * size ** 2, clean=size != 2048))
     put(_point("streaming", 1024, 512, 2.1, 200 * MIB, plan_stream=190 * MIB, plan_conv=880 * 1024 ** 2))
-    for variant in ("tuned_malloc", "one_thread"):
+    for variant in ("tuned_malloc", "omp_passive", "one_thread"):
         put(_point("streaming", 1024, 128, 2.9, 60 * MIB, variant=variant))
     monkey_net = {"conv3": net}
     return cfg, runner, monkey_net
@@ -143,7 +143,7 @@ def test_report_and_figures_render_from_a_fake_result(tmp_path, monkeypatch):
     text = (tmp_path / "BENCH.md").read_text()
     for needle in ("**Measured on: fake CPU", "Not a clean run", "## Three 3×3 convolutions", "### Headline",
                    "### Targets", "fig2_memory_vs_tile.png", "fig3_time_vs_input.png", "(fit)", "would not fit",
-                   "**flagged**", "µs per pixel", "default layout (not like for like)", "step, 1 thread",
+                   "**flagged**", "µs per pixel", "default layout (not like for like)", "step, 1 thread", "passive OpenMP wait",
                    "Nothing to compare with", "### Re-measured and disturbed points"):
         assert needle in text, needle
     for png in ("fig2_memory_vs_tile.png", "fig3_time_vs_input.png"):

@@ -1,9 +1,11 @@
 """Benchmarks for streamcnn: the paper's Figs. 2 and 3, per network, on the user's own machine.
 
-    python -m bench                      # make bench: full run (~75–90 min on 2 quiet CPU cores), writes reports/
+    python -m bench                      # make bench: full run (~35 min for the paper's network on 2 quiet
+                                         #   CPU cores), writes reports/
     python -m bench --quick              # make bench QUICK=1: smoke run (~5 min), writes reports/_raw/quick/
     python -m bench --repeat fig2,fig3   # make bench REPEAT=fig2,fig3: measure those points again, compare
     python -m bench --render-only        # recompute derived numbers from bench.json's points, redraw
+    python -m bench --list               # the points a run would measure, in order
 
 Every point runs in a fresh subprocess under a measurement protocol (bench.protocol): warm-up,
 at least three undisturbed timed steps, load sampled before and during each step, disturbed

@@ -215,7 +215,8 @@ def _machine(res) -> str:
 
 
 def _reproduce(res) -> str:
-    took = f"{res['elapsed_s'] / 60:.0f} min here" if res["run"] == "full" else "about 75–90 min on 2 quiet CPU cores"
+    took = (f"{res['elapsed_s'] / 60:.0f} min here" if res["run"] == "full"
+            else "the committed reports/BENCH.md says how long it took")
     return ("## Reproduce\n\n```\n"
             f"make bench                    # full run: writes reports/ ({took})\n"
             "make bench QUICK=1            # smoke run (~5 min): writes reports/_raw/quick/, leaves reports/ alone\n"

@@ -30,6 +30,7 @@ def parse_args(argv):
     ap.add_argument("--repeat", metavar="GROUPS",
                     help=f"second run: measure again only these point groups (comma-separated, of {', '.join(GROUPS)}),"
                          " compare them with reports/bench.json and add that table to it and to BENCH.md")
+    ap.add_argument("--list", action="store_true", help="print the points this run would measure, in order, and exit")
     ap.add_argument("--network", action="append", choices=sorted(networks.NETWORKS),
                     help="measure only this network (repeatable; default: all registered)")
     ap.add_argument("--threads", type=int, default=None,
@@ -138,19 +139,28 @@ def full_run(cfg: Config, args, device: str, started: float) -> dict:
     return results
 
 
+def load_results(path: Path, why: str) -> dict:
+    """A bench.json written with the measurement protocol, or an error saying how to get one."""
+    hint = "run `python -m bench` (`make bench`) first"
+    if not path.exists():
+        raise SystemExit(f"{path} does not exist ({why}): {hint}")
+    results = json.loads(path.read_text())
+    if results.get("schema", 1) < SCHEMA:
+        raise SystemExit(f"{path} has schema {results.get('schema', 1)}, from before the measurement protocol "
+                         f"({why}): {hint}")
+    return results
+
+
 def second_run(cfg: Config, args, device: str, started: float) -> dict:
     """Measure the selected groups again and add the comparison with the stored run to its bench.json."""
     path = cfg.out_dir / "bench.json"
-    if not path.exists():
-        raise SystemExit(f"--repeat compares with {path}, which does not exist: run `python -m bench"
-                         f"{' --quick' if cfg.name == 'quick' else ''}` first")
-    results = json.loads(path.read_text())
-    if results.get("schema", 1) < SCHEMA:
-        raise SystemExit(f"{path} has schema {results.get('schema', 1)}, from before the measurement protocol: "
-                         f"run `python -m bench` first, then --repeat")
+    results = load_results(path, "--repeat compares with it")
     groups = [g.strip() for g in args.repeat.split(",") if g.strip()]
     runner = PointRunner(cfg, device)
-    jobs = select({k: g for k, g in all_jobs(cfg, device).items() if k.network in results["networks"]}, groups)
+    jobs = {}
+    for name, net in results["networks"].items():  # the stored run's own points, whatever the registry says now
+        jobs.update(network_jobs(name, networks.Points(**net["points_config"]), not device.startswith("cuda")))
+    jobs = select(jobs, groups)
     measure_all(cfg, runner, jobs)
     records = list(runner.cache.values())
     again = {"schema": SCHEMA, "networks": {n: {"points": [p for p in records if p["network"] == n]}
@@ -167,9 +177,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = make_config(args)
     started = time.perf_counter()
+    if args.list:
+        return list_points(cfg, args)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     if args.render_only:
-        results = rederive(json.loads((cfg.out_dir / "bench.json").read_text()))
+        results = rederive(load_results(cfg.out_dir / "bench.json", "--render-only redraws it"))
     elif args.repeat:
         results = second_run(cfg, args, pick_device(), started)
     else:
@@ -180,6 +192,17 @@ def main(argv=None) -> int:
         print("\n" + report.comparison_text(comp))
     verb = "re-rendered" if args.render_only else f"measured in {(time.perf_counter() - started) / 60:.1f} min and wrote"
     print(f"{verb} {cfg.out_dir / 'BENCH.md'}")
+    return 0
+
+
+def list_points(cfg: Config, args) -> int:
+    """Print the run's points in measuring order (what --repeat would select, when given)."""
+    jobs = all_jobs(cfg, pick_device())
+    if args.repeat:
+        jobs = select(jobs, [g.strip() for g in args.repeat.split(",") if g.strip()])
+    for i, key in enumerate(interleave(jobs, cfg.seed), 1):
+        print(f"{i:3d}  {key.network:10s} {key.mode:21s} {key.size:6d}² tile {str(key.tile or '-'):5s} "
+              f"{key.variant:13s} [{', '.join(sorted(jobs[key]))}]")
     return 0
 
 

@@ -13,7 +13,7 @@ from bench import fit
 MEMORY_RATIO_TARGET = 10.0   # streaming peak at most 1/10 of conventional's
 PLAN_RATIO_TARGET = 1.2      # measured streaming peak within 1.2x of plan()'s estimate
 SPEED_TARGET = 1.0           # streaming step no slower than conventional's
-PROBES = ("default", "tuned_malloc", "omp_passive", "one_thread")  # run variants of the overhead section
+PROBES = ("default", "heap_malloc", "omp_passive", "one_thread")  # run variants of the overhead section
 
 
 def plan_estimate(point: dict, which: str):
@@ -190,7 +190,7 @@ def breakdown(fig2_stream, fig2_conv) -> list:
 
 
 def overhead_rows(pts: Points, size: int, tiles) -> list:
-    """The Fig. 2 points re-measured with tuned malloc and with one thread, beside the defaults."""
+    """The Fig. 2 points re-measured with each overhead probe (harness.VARIANTS), beside the defaults."""
     if not tiles:
         return []
     keys = [("conventional", None)] + [("streaming", t) for t in tiles]

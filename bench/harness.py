@@ -18,15 +18,16 @@ from bench.config import REPO_ROOT, Config
 from bench.guard import fit_reason, plan_point
 from bench.worker import RESULT_PREFIX
 
-# glibc malloc settings that keep tile-sized buffers (up to glibc's 32 MiB mmap ceiling) in the heap
-# between tiles instead of mmap/munmap-ing them for every tile; an opt-in, see BENCH.md's overhead section.
-TUNED_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(64 * 2**30)}
+# glibc malloc settings that serve every buffer from the heap and keep freed memory there: by default
+# buffers above the mmap threshold (at most 32 MiB, however it is set) are mapped and unmapped for every
+# tile, and each mapping costs fresh zero-filled pages. An opt-in, see BENCH.md's overhead section.
+HEAP_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 * 2**30)}
 # OpenMP threads that sleep at a barrier instead of spinning: on cores shared with other programs a spinning
 # thread can hold the core its partner needs; an opt-in, see BENCH.md's overhead section.
 PASSIVE_OMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 VARIANTS = {  # how a point is run: what users get, and the per-tile-overhead probes
     "default": {"label": "defaults", "env": {}, "threads": None},
-    "tuned_malloc": {"label": "tuned malloc", "env": TUNED_MALLOC_ENV, "threads": None},
+    "heap_malloc": {"label": "malloc without mmap", "env": HEAP_MALLOC_ENV, "threads": None},
     "omp_passive": {"label": "passive OpenMP wait", "env": PASSIVE_OMP_ENV, "threads": None},
     "one_thread": {"label": "1 thread", "env": {}, "threads": 1},
 }

@@ -5,7 +5,7 @@ from bench.harness import Key
 from bench.networks import Points
 
 GROUPS = ("fig2", "fig3", "overhead", "oracle")  # --repeat may select any of these
-PROBE_VARIANTS = ("tuned_malloc", "omp_passive", "one_thread")
+PROBE_VARIANTS = ("heap_malloc", "omp_passive", "one_thread")
 
 
 def network_jobs(name: str, pts: Points, default_layout_differs: bool = True) -> dict:

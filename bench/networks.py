@@ -85,7 +85,7 @@ CONV3 = Network(
     full=Points(fig2_input=2048, fig2_tiles=(128, 256, 384, 512, 1024, 2048),
                 fig3_tile=512, fig3_sizes=(1024, 2048, 3072, 4096, 8192, 16384),
                 conventional_sizes=(1024, 2048, 3072, 4096, 8192), default_layout_sizes=(2048,),
-                overhead_tiles=(128,)),
+                overhead_tiles=(128, 512)),
     quick=Points(fig2_input=512, fig2_tiles=(128, 256, 512), fig3_tile=128, fig3_sizes=(128, 256, 512),
                  conventional_sizes=(128, 256, 512), default_layout_sizes=(512,), overhead_tiles=(128,),
                  fit_min_side=128, oracle_max=256),

@@ -130,25 +130,27 @@ def _breakdown(net) -> str:
 def _overhead(net, machine) -> str:
     rows = []
     for r in net["analysis"]["overhead"]:
-        d, t, passive, one = (r.get(k) or {} for k in ("default", "tuned_malloc", "omp_passive", "one_thread"))
-        rows.append([r["mode"], r["tile"] or "–", step_cell(d), step_cell(t), step_cell(passive), step_cell(one),
-                     _faults(d), _faults(t), fmt_bytes(d.get("peak_bytes")), fmt_bytes(t.get("peak_bytes"))])
+        d, heap, passive, one = (r.get(k) or {} for k in ("default", "heap_malloc", "omp_passive", "one_thread"))
+        rows.append([r["mode"], r["tile"] or "–", step_cell(d), step_cell(heap), step_cell(passive), step_cell(one),
+                     _faults(d), _faults(heap), fmt_bytes(d.get("peak_bytes")), fmt_bytes(heap.get("peak_bytes"))])
     if not rows:
         return ""
     size, threads = net["points_config"]["fig2_input"], machine["torch_threads"]
-    return ("#### Per-tile overhead: allocator and threads\n\nTwo costs that whole-image backprop pays once and "
-            "streaming pays per tile. (a) The allocator: with glibc's defaults, buffers above the (adaptive) mmap "
-            "threshold are mapped and unmapped for every tile, paying for fresh zero-filled pages each time (the "
-            "page-fault counts). (b) Threads: small tiles mean many small convolutions, each a parallel region "
-            "whose threads meet at a barrier; OpenMP threads spin there by default, which costs little on free cores "
-            "but, when other programs share the cores, can hold the core a partner thread needs. The same "
-            f"{size}² points were measured again in fresh processes with `MALLOC_MMAP_THRESHOLD_=33554432 "
-            "MALLOC_TRIM_THRESHOLD_=68719476736` (tuned malloc), with `OMP_WAIT_POLICY=PASSIVE` (threads sleep at "
-            "barriers) and with one torch thread. These are opt-ins a user may `export` before starting Python; "
-            "the benchmark never sets them for the other figures.\n\n"
-            + table(["mode", "tile", f"step, defaults ({threads} threads)", "step, tuned malloc",
-                     "step, passive OpenMP wait", "step, 1 thread", "page faults, defaults", "page faults, tuned",
-                     "peak, defaults", "peak, tuned"], rows))
+    return ("#### Per-tile overhead: allocator and threads\n\nTwo costs a tile-by-tile step can pay more often than "
+            "a whole-image step. (a) The allocator: with glibc's defaults, every buffer above the mmap threshold "
+            "(adaptive, at most 32 MiB) is mapped when torch allocates it and unmapped when torch frees it, so each "
+            "tile's large activations arrive as fresh zero-filled pages (the page-fault counts). (b) Threads: each "
+            "convolution is a parallel region whose threads meet at a barrier; OpenMP threads spin there by default, "
+            "which costs little on free cores but, when other programs share the cores, can hold the core a partner "
+            f"thread needs. The same {size}² points were measured again in fresh processes with "
+            "`MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736` (every buffer from the heap, freed memory kept "
+            "for the next tile), with `OMP_WAIT_POLICY=PASSIVE` (threads sleep at barriers) and with one torch "
+            "thread. All three are process-wide opt-ins a user may `export` before starting Python; the benchmark "
+            "never sets them for the other figures. Before every timed step the harness returns free heap memory "
+            "to the system (`malloc_trim`, for a tight memory baseline), so each step starts from the same state.\n\n"
+            + table(["mode", "tile", f"step, defaults ({threads} threads)", "step, malloc without mmap",
+                     "step, passive OpenMP wait", "step, 1 thread", "page faults, defaults",
+                     "page faults, without mmap", "peak, defaults", "peak, without mmap"], rows))
 
 
 def _faults(p) -> str:

@@ -114,7 +114,7 @@ def _fake_run(tmp_path):
         put(_point("streaming", size, 128, t, 20 * MIB + 40 * size ** 2, plan_stream=19 * MIB + 40 * size ** 2,
                    plan_conv=880 * size ** 2, clean=size != 2048))
     put(_point("streaming", 1024, 512, 2.1, 200 * MIB, plan_stream=190 * MIB, plan_conv=880 * 1024 ** 2))
-    for variant in ("tuned_malloc", "omp_passive", "one_thread"):
+    for variant in ("heap_malloc", "omp_passive", "one_thread"):
         put(_point("streaming", 1024, 128, 2.9, 60 * MIB, variant=variant))
     monkey_net = {"conv3": net}
     return cfg, runner, monkey_net

@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 from bench import fit
+from bench.fmt import point_label
 
 MEMORY_RATIO_TARGET = 10.0   # streaming peak at most 1/10 of conventional's
 PLAN_RATIO_TARGET = 1.2      # measured streaming peak within 1.2x of plan()'s estimate
@@ -225,12 +226,10 @@ def quiet_summary(records: list) -> dict:
     remeasured = [p for p in timed if p.get("attempts", 1) > 1 or p.get("extra_steps", 0) > 0]
     disturbed = [p for p in timed if not p.get("clean", True)]
     waited = [p for p in timed if (p.get("before") or {}).get("waited_s")]
-    label = lambda p: (f"{p['network']} {p['mode']} {p['size']}²" + (f" tile {p['tile']}" if p["tile"] else "")  # noqa: E731
-                       + ("" if p.get("variant", "default") == "default" else f" ({p['variant']})"))
     return {"points": len(timed), "clean": len(timed) - len(disturbed),
             "load_unknown": sum(p.get("foreign_cores") is None for p in timed),
-            "remeasured": [{"point": label(p), "attempts": p.get("attempts", 1), "extra_steps": p.get("extra_steps", 0),
+            "remeasured": [{"point": f"{p['network']} {point_label(p)}", "attempts": p.get("attempts", 1), "extra_steps": p.get("extra_steps", 0),
                             "clean": p.get("clean", True)} for p in remeasured],
-            "disturbed": [{"point": label(p), "why": (p.get("disturbances") or ["?"])[0]} for p in disturbed],
+            "disturbed": [{"point": f"{p['network']} {point_label(p)}", "why": (p.get("disturbances") or ["?"])[0]} for p in disturbed],
             "waited_before": len(waited),
             "never_quiet": bool(timed) and len(disturbed) * 2 > len(timed)}

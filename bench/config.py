@@ -39,4 +39,5 @@ class Config:
 FULL = Config(name="full", out_dir=REPORTS, raw_dir=REPORTS / "_raw" / "full")
 
 QUICK = Config(name="quick", out_dir=REPORTS / "_raw" / "quick", raw_dir=REPORTS / "_raw" / "quick",
-               extra_steps=1, remeasure_budget_s=20.0, quiet_sample_s=0.5, quiet_wait_s=1.0, quiet_wait_budget_s=10.0, micro_max_time=0.1)
+               extra_steps=1, remeasure_budget_s=20.0, quiet_sample_s=0.5, quiet_wait_s=1.0, quiet_wait_budget_s=10.0,
+               micro_max_time=0.1)

@@ -188,7 +188,8 @@ class PointRunner:
             if "error" in result:
                 return result["error"] if not attempts else attempts
             attempts.append({"steps": result["steps"], "wall_s": wall, "before": before, "layout": result["layout"]})
-            self.remeasure_spent_s += sum(s["step_s"] for s in result["steps"][cfg.reps:]) + (wall if len(attempts) > 1 else 0)
+            extra = sum(s["step_s"] for s in result["steps"][cfg.reps:])  # steps beyond the minimum
+            self.remeasure_spent_s += extra + (wall if len(attempts) > 1 else 0)
             if protocol.attempt_ok(result["steps"], cfg.reps):
                 return attempts
             if not protocol.may_remeasure(len(attempts), cfg.max_attempts, self.remeasure_spent_s,

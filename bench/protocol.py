@@ -108,7 +108,7 @@ def disturbance(win: dict, threads: int, cores: int, thr: Thresholds) -> str | N
         return None  # no /proc/stat: cannot tell (recorded as unknown, see machine description)
     limit = allowed_foreign_cores(threads, cores, win["wall_s"], thr)
     if foreign > limit:
-        steal = win.get("steal_cores") or 0.0
+        steal = min(win.get("steal_cores") or 0.0, foreign)  # tick rounding can put steal above the total
         return (f"other work used {foreign:.2f} cores ({steal:.2f} of them hypervisor steal) while "
                 f"{threads} thread(s) ran on {cores} cores (allowed {limit:.2f})")
     return None

@@ -66,8 +66,8 @@ def _remeasured(res) -> str:
     if not q["remeasured"] and not q["disturbed"]:
         return ""
     why = {d["point"]: d["why"] for d in q["disturbed"]}
-    rows = [[r["point"], r["attempts"], r["extra_steps"], "clean" if r["clean"] else f"{DISTURBED} {why.get(r['point'], '')}"]
-            for r in q["remeasured"]]
+    rows = [[r["point"], r["attempts"], r["extra_steps"],
+             "clean" if r["clean"] else f"{DISTURBED} {why.get(r['point'], '')}"] for r in q["remeasured"]]
     rows += [[d["point"], 1, 0, f"{DISTURBED} {d['why']}"] for d in q["disturbed"]
              if d["point"] not in {r["point"] for r in q["remeasured"]}]
     return ("### Re-measured and disturbed points\n\n"

@@ -12,7 +12,7 @@ def render_network(name: str, net: dict, machine: dict) -> str:
 
 
 def _headline(net, machine) -> str:
-    cfg, pts, res = net["points_config"], Points(net["points"]), net["analysis"]
+    pts, res = Points(net["points"]), net["analysis"]
     size, tile = res["headline"]["size"], res["headline"]["tile"]
     s, conv = pts.get("streaming", size, tile), pts.get("conventional", size)
     head = f"### Headline: one training step at {size}×{size} ({size * size / 1e6:.3g} megapixels)"
@@ -29,26 +29,28 @@ def _headline(net, machine) -> str:
     plus = lambda v: None if v is None else v + inp  # noqa: E731
     rows = [
         ["time per step", step_cell(s), fmt_s(c_time), "–", "–"],
-        ["peak memory above the input", fmt_bytes(s["peak_bytes"]) + mark(s), fmt_bytes(c_mem),
+        ["peak memory above the input", fmt_bytes(s["peak_bytes"]), fmt_bytes(c_mem),
          fmt_bytes(plan_s), fmt_bytes(plan_c)],
         ["peak memory including the input", fmt_bytes(s["peak_bytes"] + inp), fmt_bytes(plus(c_mem)),
          fmt_bytes(plus(plan_s)), fmt_bytes(plus(plan_c))],
         ["input", fmt_bytes(inp), fmt_bytes(inp), fmt_bytes(inp), fmt_bytes(inp)],
     ]
     text = (f"{head}\n\nWith streaming (tile {tile}) one step took **{fmt_s(s['step_s'])}** and needed "
-            f"**{fmt_bytes(s['peak_bytes'])}** above the {fmt_bytes(inp)} input.{_verdict(plus(c_mem), plus(plan_c), machine)}"
+            f"**{fmt_bytes(s['peak_bytes'])}** above the {fmt_bytes(inp)} input."
+            f"{_verdict(plus(c_mem), 'measured' if ok(conv) else 'by the fitted line', plus(plan_c), machine)}"
             f"{_speed(s, conv, c_time)} Each column has one source: measured, a fitted line, or plan(). "
             f"The input does not require a gradient (as in the paper).")
     return text + "\n\n" + table(["", "streaming, measured", conv_head, "plan(), streaming", "plan(), conventional"],
                                  rows)
 
 
-def _verdict(c_total, plan_total, machine) -> str:
+def _verdict(c_total, how: str, plan_total, machine) -> str:
+    """Whether conventional backprop fits this machine's RAM, by plan() (and by measurement or the fitted line)."""
     ram = machine.get("mem_total_bytes")
     if not ram or plan_total is None:
         return ""
     fits = "more than" if plan_total > ram else "within"
-    also = f" ({fmt_bytes(c_total)} by the fitted line)" if c_total is not None else ""
+    also = f" ({fmt_bytes(c_total)} {how})" if c_total is not None else ""
     return (f" Conventional backprop would need **{fmt_bytes(plan_total)}** including the input by plan()'s "
             f"estimate{also}: {fits} this machine's {fmt_bytes(ram)} of RAM.")
 
@@ -64,8 +66,8 @@ def _speed(s, conv, c_time) -> str:
 
 def _targets(net) -> str:
     cfg, res = net["points_config"], net["analysis"]
-    rows = [[t["target"], t.get("tile") or "–", t["detail"], {True: "**met**", False: "**not met**", None: "not evaluated"}[t["met"]]]
-            for t in res["targets"]]
+    verdict = {True: "**met**", False: "**not met**", None: "not evaluated"}
+    rows = [[t["target"], t.get("tile") or "–", t["detail"], verdict[t["met"]]] for t in res["targets"]]
     size = cfg["fig2_input"]
     return (f"### Targets at {size}×{size}\n\nAgainst {LIKE}. \"Best tile\" is the tile with the lowest peak "
             f"memory for the memory targets and the fastest step for the time target, among tiles smaller than the "
@@ -122,9 +124,26 @@ def _breakdown(net) -> str:
             "it. With conventional forward time F and backward time B (tiles' layout, measured above) and an overlap "
             "factor r (pixels the tiles cover, overlap counted each time, over image pixels, from plan()), the work "
             "model is r·(2F + B) against F + B: *recompute* = r·F, *overlap* = (r−1)·(F+B), and *other* = measured − "
-            "model (per-tile overhead and cache effects; negative means tiles run faster than the whole image).\n\n"
+            "model (per-tile overhead and cache effects; negative means tiles run faster than the whole image)."
+            + _overlap_example(net) + "\n\n"
             + table(["tile", "overlap factor r", "extra vs conventional", "recompute", "overlap", "other", "model time"],
                     body))
+
+
+def _overlap_example(net) -> str:
+    """Why r can be large: the tile starts of the Fig. 2 point with the largest overlap factor."""
+    factors = {r["tile"]: r["overlap_factor"] or 0 for r in net["analysis"]["breakdown"]}
+    pts = [p for p in Points(net["points"]).records if ok(p) and p["tile"] in factors
+           and p["size"] == net["points_config"]["fig2_input"] and p.get("variant", "default") == "default"
+           and (p.get("plan") or {}).get("tile_starts")]
+    if not pts:
+        return ""
+    p = max(pts, key=lambda q: factors[q["tile"]])
+    return (f" r counts every pixel a tile computes, the overlap with its neighbours included: with tile {p['tile']} "
+            f"on {p['size']} pixels the tiles start at {', '.join(map(str, p['plan']['tile_starts'][0]))} (the last "
+            f"one shorter, ending at the image edge), so each tile recomputes the overlap it shares with the one "
+            f"before it (r = {factors[p['tile']]:.2f}). Larger tiles share the same overlap among fewer tiles and "
+            f"keep r near 1.")
 
 
 def _overhead(net, machine) -> str:
@@ -168,7 +187,8 @@ def _fig3(net) -> str:
         p, c = pts.get("streaming", size, tile), pts.get("conventional", size)
         f = fit_rows.get(size * size)
         e = est.get(size) or {}
-        c_time = step_cell(c) if ok(c) else (f"~{fmt_s(e['time'])} (fit)" if e.get("time") else (c or {}).get("status", "–"))
+        c_time = (step_cell(c) if ok(c) else f"~{fmt_s(e['time'])} (fit)" if e.get("time")
+                  else (c or {}).get("status", "–"))
         c_mem = fmt_bytes(c["peak_bytes"]) if ok(c) else (f"~{fmt_bytes(e['memory'])} (fit)" if e.get("memory") else "–")
         rows.append([f"{size}²", f"{size * size / 1e6:.3g}", step_cell(p) if p else "–",
                      fmt_s(f["fit"]) if f else "–", _off(f),
@@ -197,7 +217,8 @@ def _fit_sentence(fit, what, b_text, a_text) -> str:
     flags = ("no point is more than {:.0%} off the line".format(fit["flag_rel"]) if not flagged else
              "**flagged** (more than {:.0%} off): ".format(fit["flag_rel"])
              + ", ".join(f"{int(round(r['x'] ** 0.5))}² ({fmt_pct(r['rel'])})" for r in flagged))
-    return f"- **{what}** = a + b·pixels: b = {b_text(fit['b'])}, a = {a_text(fit['a'])}, R² = {fit['r2']:.4f} over {fit['n']} inputs; {flags}."
+    return (f"- **{what}** = a + b·pixels: b = {b_text(fit['b'])}, a = {a_text(fit['a'])}, R² = {fit['r2']:.4f} "
+            f"over {fit['n']} inputs; {flags}.")
 
 
 def _fits(net) -> str:
@@ -208,7 +229,8 @@ def _fits(net) -> str:
     ratios = f3.get("plan_ratio") or []
     off = [r for r in ratios if r["flagged"]]
     plan_line = ("- **measured / plan()** per input: " + ", ".join(f"{r['size']}² {r['ratio']:.2f}" for r in ratios)
-                 + ("; **off by more than 20 %**: " + ", ".join(f"{r['size']}²" for r in off) if off else "; all within 20 %")
+                 + ("; **off by more than 20 %**: " + ", ".join(f"{r['size']}²" for r in off) if off
+                    else "; all within 20 %")
                  + ".") if ratios else ""
     bullets = [
         _fit_sentence(f3["time"], "streamed step time", us, fmt_s),

@@ -146,7 +146,8 @@ def _micro(res) -> str:
 
 
 def _skipped(res) -> str:
-    lines = [f"{line} ({name})" for name, net in res["networks"].items() for line in skipped_lines(net)]
+    lines = [f"- network `{name}`: **not measured** — {why}" for name, why in (res.get("unavailable") or {}).items()]
+    lines += [f"{line} ({name})" for name, net in res["networks"].items() for line in skipped_lines(net)]
     return "## Skipped or failed points\n\n" + "\n".join(lines) if lines else ""
 
 

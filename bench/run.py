@@ -49,16 +49,20 @@ def make_config(args) -> Config:
     return cfg
 
 
+def unavailable(cfg: Config) -> dict:
+    """{network: why} for the run's networks whose builder does not import here."""
+    return {name: why for name in cfg.networks if (why := networks.get(name).unavailable())}
+
+
 def all_jobs(cfg: Config, device: str) -> dict:
     """{Key: groups} for every available network of the run; unavailable networks are announced and left out."""
-    jobs = {}
+    jobs, missing = {}, unavailable(cfg)
     for name in cfg.networks:
-        net = networks.get(name)
-        why = net.unavailable()
-        if why:
-            print(f"bench: skipping network {name}: {why}")
+        if name in missing:
+            print(f"bench: skipping network {name}: {missing[name]}")
             continue
-        jobs.update(network_jobs(name, net.points(cfg.name), default_layout_differs=not device.startswith("cuda")))
+        pts = networks.get(name).points(cfg.name)
+        jobs.update(network_jobs(name, pts, default_layout_differs=not device.startswith("cuda")))
     return jobs
 
 
@@ -129,7 +133,7 @@ def full_run(cfg: Config, args, device: str, started: float) -> dict:
     measure_all(cfg, runner, jobs)
     results = {"schema": SCHEMA, "run": cfg.name, "machine": machine,
                "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()},
-               "protocol": protocol_record(cfg, runner),
+               "protocol": protocol_record(cfg, runner), "unavailable": unavailable(cfg),
                "networks": {n: network_results(cfg, n, runner) for n in cfg.networks if any(k.network == n for k in jobs)}}
     rederive(results)
     results["micro"] = {"skipped": "--no-micro"} if args.no_micro else run_micro(cfg)

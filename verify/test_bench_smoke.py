@@ -129,6 +129,7 @@ def test_report_and_figures_render_from_a_fake_result(tmp_path, monkeypatch):
                            "device": "cpu", "torch": "x", "numpy": "y", "python": "z", "torch_threads": 2,
                            "platform": "p", "load_avg_1min_at_start": 0.1},
                "networks": {"conv3": run.network_results(cfg, "conv3", runner)},
+               "unavailable": {"resnet34": "no torchvision"},
                "micro": {"rows": [{"case": "c", "op": "forward", "reference_s": 0.3, "torch_s": 0.1, "ratio": 3.0}]},
                "comparison": {"reference": "ref", "rows": [], "missing": True}, "elapsed_s": 60.0}
     run.rederive(results)
@@ -144,7 +145,7 @@ def test_report_and_figures_render_from_a_fake_result(tmp_path, monkeypatch):
     for needle in ("**Measured on: fake CPU", "Not a clean run", "## Three 3×3 convolutions", "### Headline",
                    "### Targets", "fig2_memory_vs_tile.png", "fig3_time_vs_input.png", "(fit)", "would not fit",
                    "**flagged**", "µs per pixel", "default layout (not like for like)", "step, 1 thread", "passive OpenMP wait",
-                   "Nothing to compare with", "### Re-measured and disturbed points"):
+                   "Nothing to compare with", "### Re-measured and disturbed points", "`resnet34`: **not measured**"):
         assert needle in text, needle
     for png in ("fig2_memory_vs_tile.png", "fig3_time_vs_input.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"

@@ -7,6 +7,7 @@ A point matches when network, mode, input, tile and variant are the same; its ti
 ``MEMORY_TOL``.
 """
 import json
+import statistics
 import subprocess
 from pathlib import Path
 
@@ -96,5 +97,8 @@ def summary_line(comp: dict) -> str:
         return f"Nothing to compare with: {comp['reference']}."
     if not n:
         return f"No point of this run was also measured in {comp['reference']}: nothing to compare."
+    ratios = sorted(r["time_ratio"] for r in comp["rows"])
     return (f"{n} points also measured in {comp['reference']}: time within ±{comp['time_tol']:.0%} on "
-            f"{comp['time_within']}, memory within ±{comp['memory_tol']:.0%} on {comp['memory_within']}.")
+            f"{comp['time_within']}, memory within ±{comp['memory_tol']:.0%} on {comp['memory_within']}; "
+            f"this run's step times are {statistics.median(ratios):.2f}× the reference's (median; "
+            f"{ratios[0]:.2f}–{ratios[-1]:.2f}).")

@@ -243,7 +243,7 @@ def test_comparison_gives_ratios_and_flags_points_outside_the_tolerances():
     assert rows["streaming", 2048]["memory_ratio"] == pytest.approx(1.04) and rows["streaming", 2048]["memory_ok"]
     assert not rows["conventional", 2048]["time_ok"]  # 1.25x
     assert comp["only_here"] == 1 and comp["only_there"] == 1
-    assert "2 points" in compare.summary_line(comp)
+    assert "2 points" in compare.summary_line(comp) and "1.18× the reference" in compare.summary_line(comp)
 
 
 def test_comparison_says_when_nothing_matches():

@@ -1,6 +1,7 @@
 # streamcnn — two commands do everything on a fresh machine:
 #   make verify   set up .venv and run the equivalence proofs (verify/)
-#   make bench    set up .venv and regenerate reports/ (QUICK=1 for a smoke run)
+#   make bench    set up .venv and regenerate reports/ (QUICK=1 for a smoke run,
+#                 REPEAT=fig2,fig3 to measure those points again and compare)
 #   make demo     set up .venv and regenerate the teaching figures in reports/
 #
 # TORCH_SPEC picks the torch build. The default is the CPU wheel this project is
@@ -13,6 +14,7 @@ TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
 EXTRAS      ?= dev,demo
 QUICK       ?=
+REPEAT      ?=
 comma       := ,
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
@@ -32,7 +34,7 @@ verify: $(STAMP)
 	$(PY) -m pytest verify -q
 
 bench: $(STAMP)
-	$(PY) -m bench $(if $(QUICK),--quick,)
+	$(PY) -m bench $(if $(QUICK),--quick,) $(if $(REPEAT),--repeat $(REPEAT),)
 
 demo: $(STAMP)
 	$(PY) -m demo $(if $(QUICK),--quick,)

@@ -1,10 +1,20 @@
-"""Numbers derived from the measured points: extrapolations, overlap, targets, gradient agreement."""
+"""Numbers derived from one network's measured points: fits, overlap, time breakdown, targets, gradients.
+
+Everything here is a pure function of the point records (bench.json keeps them), so
+``python -m bench --render-only`` can rebuild every derived number from the stored points.
+"Conventional" always means conventional backprop in the layout Streaming gives its tiles
+(like for like); the default-layout run is the separate mode ``conventional_default``.
+"""
 import math
 from pathlib import Path
+
+from bench import fit
+from bench.fmt import point_label
 
 MEMORY_RATIO_TARGET = 10.0   # streaming peak at most 1/10 of conventional's
 PLAN_RATIO_TARGET = 1.2      # measured streaming peak within 1.2x of plan()'s estimate
 SPEED_TARGET = 1.0           # streaming step no slower than conventional's
+PROBES = ("default", "heap_malloc", "omp_passive", "one_thread")  # run variants of the overhead section
 
 
 def plan_estimate(point: dict, which: str):
@@ -17,34 +27,24 @@ def plan_estimate(point: dict, which: str):
     return None if est is None else est - point["input_bytes"]
 
 
+def ok(point) -> bool:
+    return bool(point) and point.get("status") == "measured"
+
+
 def measured(points):
     """Only the points that were actually measured."""
-    return [p for p in points if p.get("status") == "measured"]
+    return [p for p in points if ok(p)]
 
 
-def fit_linear(xs, ys):
-    """Least-squares y = a*x + b; with one point, the proportional line through it."""
-    if not xs:
-        raise ValueError("fit_linear needs at least one measured point")
-    if len(xs) == 1:
-        return ys[0] / xs[0], 0.0
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    sxx = sum((x - mx) ** 2 for x in xs)
-    a = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
-    return a, my - a * mx
+class Points:
+    """Lookup of one network's point records by (mode, size, tile, variant)."""
 
+    def __init__(self, records: list):
+        self.records = records
+        self._by = {(p["mode"], p["size"], p["tile"], p.get("variant", "default")): p for p in records}
 
-def extrapolate(points, sizes, key):
-    """Estimate ``key`` (e.g. 'peak_bytes') at ``sizes`` from a linear fit in pixels over measured points.
-
-    Uses the two largest measured sizes (the per-pixel cost dominates there, so the
-    fit is not bent by fixed overheads that matter only for tiny inputs).
-    """
-    pts = sorted(measured(points), key=lambda p: p["size"])[-2:]
-    if not pts:
-        return {}
-    a, b = fit_linear([p["size"] ** 2 for p in pts], [p[key] for p in pts])
-    return {s: a * s * s + b for s in sizes}
+    def get(self, mode, size, tile=None, variant="default"):
+        return self._by.get((mode, size, tile, variant))
 
 
 def overlap_factor(plan: dict, size: int):
@@ -77,6 +77,53 @@ def time_breakdown(stream: dict, conventional: dict, factor):
             "other_s": stream["step_s"] - model, "extra_s": stream["step_s"] - (f + b)}
 
 
+def _xy(points, key, use=lambda p: True):
+    """Records for fit.linear_fit: x = pixels, y = ``key``, ``use`` deciding which are fitted."""
+    return [{"size": p["size"], "x": p["size"] ** 2, "y": p[key], "use": use(p)} for p in points]
+
+
+def _fit(rows, unit: str):
+    """fit.linear_fit over _xy records; ``unit`` names y's unit (x is pixels), and b is also given per µs/byte."""
+    res = fit.linear_fit(rows, "x", "y", use=lambda r: r["use"])
+    if res:
+        res["units"] = {"x": "pixels", "y": unit, "a": unit, "b": f"{unit} per pixel"}
+        if unit == "s":
+            res["b_us_per_pixel"] = res["b"] * 1e6
+    return res
+
+
+def fig3_fits(stream: list, min_side: int) -> dict:
+    """Streamed time and peak memory against pixels (inputs from ``min_side`` up), and plan()'s memory line.
+
+    Time is fitted over undisturbed points only (a disturbed point still gets its deviation);
+    memory does not depend on competing programs, so every measured point is fitted.
+    """
+    pts = [p for p in measured(stream) if p["size"] >= min_side]
+    planned = [{**p, "plan_bytes": plan_estimate(p, "streaming")} for p in pts if plan_estimate(p, "streaming")]
+    return {"min_side": min_side,
+            "time": _fit(_xy(pts, "step_s", use=lambda p: p.get("clean", True)), "s"),
+            "memory": _fit(_xy(pts, "peak_bytes"), "bytes"),
+            "plan_memory": _fit(_xy(planned, "plan_bytes"), "bytes"),
+            "plan_ratio": [{"size": p["size"], "ratio": p["peak_bytes"] / p["plan_bytes"],
+                            "flagged": abs(p["peak_bytes"] / p["plan_bytes"] - 1) > fit.FLAG_REL} for p in planned]}
+
+
+def conventional_fits(conv: list, min_side: int) -> dict:
+    """Conventional time and memory against pixels, over undisturbed measured points from ``min_side`` up.
+
+    These lines are the only source of conventional numbers where it was not measured; with
+    fewer than fit.MIN_POINTS such points there is no extrapolation at all.
+    """
+    pts = [p for p in measured(conv) if p["size"] >= min_side and p.get("clean", True)]
+    return {"time": _fit(_xy(pts, "step_s"), "s"), "memory": _fit(_xy(pts, "peak_bytes"), "bytes"),
+            "sizes": [p["size"] for p in pts]}
+
+
+def extrapolate(fits: dict, size: int) -> dict:
+    """Conventional time and memory at ``size`` from the fits, each None where there is no fit."""
+    return {k: (fit.predict(fits[k], size * size) if fits.get(k) else None) for k in ("time", "memory")}
+
+
 def grad_errors(path, oracle_path):
     """Worst relative error ||g - g64|| / ||g64|| over the weight tensors and over the bias tensors.
 
@@ -99,13 +146,13 @@ def _plan_ratio(point):
 
 
 def targets(fig2_stream, fig2_conv):
-    """The issue's three targets at the Fig. 2 input size, each with the numbers behind it.
+    """The issue's targets at the Fig. 2 input size against like-for-like conventional backprop.
 
     A tile as large as the image (one tile) is plain backprop in a wrapper, so only
     points with more than one tile compete for "best tile".
     """
     pts = [p for p in measured(fig2_stream) if math.prod(p["plan"].get("tiles_per_axis") or [2]) > 1]
-    if not pts or fig2_conv.get("status") != "measured":
+    if not pts or not ok(fig2_conv):
         return [{"target": "all", "met": None, "detail": "Fig. 2 points or the conventional reference were not measured"}]
     best_mem = min(pts, key=lambda p: p["peak_bytes"])
     best_time = min(pts, key=lambda p: p["step_s"])
@@ -129,3 +176,60 @@ def targets(fig2_stream, fig2_conv):
          "value": None, "threshold": None, "met": bool(both),
          "detail": ", ".join(str(p["tile"]) for p in both) or "no tile does"},
     ]
+
+
+def breakdown(fig2_stream, fig2_conv) -> list:
+    """Per Fig. 2 tile: overlap factor, forward/backward, and (with conventional measured) the time model."""
+    rows = []
+    for p in measured(fig2_stream):
+        factor = overlap_factor(p["plan"], p["size"])
+        row = {"tile": p["tile"], "overlap_factor": factor, "forward_s": p["forward_s"], "backward_s": p["backward_s"]}
+        if ok(fig2_conv):
+            row.update(time_breakdown(p, fig2_conv, factor))
+        rows.append(row)
+    return rows
+
+
+def overhead_rows(pts: Points, size: int, tiles) -> list:
+    """The Fig. 2 points re-measured with each overhead probe (harness.VARIANTS), beside the defaults."""
+    if not tiles:
+        return []
+    keys = [("conventional", None)] + [("streaming", t) for t in tiles]
+    return [{"mode": m, "tile": t, **{v: pts.get(m, size, t, v) for v in PROBES}} for m, t in keys]
+
+
+def analyse(cfg: dict, records: list) -> dict:
+    """All derived numbers of one network from its point records and its Points (as a dict)."""
+    pts = Points(records)
+    size2, tile3 = cfg["fig2_input"], cfg["fig3_tile"]
+    f2_stream = [pts.get("streaming", size2, t) for t in cfg["fig2_tiles"]]
+    f2_conv = pts.get("conventional", size2)
+    f3_stream = [pts.get("streaming", s, tile3) for s in cfg["fig3_sizes"]]
+    conv = [pts.get("conventional", s) for s in cfg["conventional_sizes"]]
+    conv_fits = conventional_fits([p for p in conv if p], cfg["fit_min_side"])
+    headline = max(cfg["fig3_sizes"])
+    return {
+        "breakdown": breakdown([p for p in f2_stream if p], f2_conv),
+        "targets": targets([p for p in f2_stream if p], f2_conv),
+        "fig3_fits": fig3_fits([p for p in f3_stream if p], cfg["fit_min_side"]),
+        "conventional_fits": conv_fits,
+        "conventional_extrapolated": [{"size": s, **extrapolate(conv_fits, s)} for s in cfg["fig3_sizes"]
+                                      if not ok(pts.get("conventional", s))],
+        "headline": {"size": headline, "tile": tile3, "extrapolated": extrapolate(conv_fits, headline)},
+        "overhead": overhead_rows(pts, size2, cfg.get("overhead_tiles", ())),
+    }
+
+
+def quiet_summary(records: list) -> dict:
+    """How quiet the machine was over a run's timed points: clean at once, clean after re-measuring, disturbed."""
+    timed = [p for p in measured(records) if p["mode"] != "oracle"]
+    remeasured = [p for p in timed if p.get("attempts", 1) > 1 or p.get("extra_steps", 0) > 0]
+    disturbed = [p for p in timed if not p.get("clean", True)]
+    waited = [p for p in timed if (p.get("before") or {}).get("waited_s")]
+    return {"points": len(timed), "clean": len(timed) - len(disturbed),
+            "load_unknown": sum(p.get("foreign_cores") is None for p in timed),
+            "remeasured": [{"point": f"{p['network']} {point_label(p)}", "attempts": p.get("attempts", 1), "extra_steps": p.get("extra_steps", 0),
+                            "clean": p.get("clean", True)} for p in remeasured],
+            "disturbed": [{"point": f"{p['network']} {point_label(p)}", "why": (p.get("disturbances") or ["?"])[0]} for p in disturbed],
+            "waited_before": len(waited),
+            "never_quiet": bool(timed) and len(disturbed) * 2 > len(timed)}

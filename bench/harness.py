@@ -1,22 +1,46 @@
-"""Launch one worker subprocess per point; skip points that would not fit in memory."""
-import dataclasses
+"""Measure points under the protocol: one fresh worker process per attempt, re-measured when disturbed.
+
+See bench.protocol for when a step counts as disturbed. Before every attempt the harness samples
+the machine's load (and waits, up to a bound, for it to be quiet); after it, a point with fewer than
+``reps`` undisturbed steps is measured again in a fresh process while the attempt bound and the
+run's re-measure budget allow.
+"""
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import NamedTuple
 
+from bench import networks, protocol
 from bench.config import REPO_ROOT, Config
-from bench.memory import mem_available_bytes
-from bench.network import build_network, input_bytes, input_shape
+from bench.guard import fit_reason, plan_point
 from bench.worker import RESULT_PREFIX
 
-GIB = 2**30
-LIBRARY_OVERHEAD_BYTES = GIB // 2  # torch + numpy loaded in the worker
-# glibc malloc settings that keep tile-sized buffers (up to glibc's 32 MiB mmap ceiling) in the heap
-# between tiles instead of mmap/munmap-ing them for every tile; see report "allocator" section.
-TUNED_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(64 * GIB)}
-PLAN_SAFETY_FACTOR = 2.0  # plan() counts tensors only; CPU conv workspaces add up to ~1.7x (measured)
+# glibc malloc settings that serve every buffer from the heap and keep freed memory there: by default
+# buffers above the mmap threshold (at most 32 MiB, however it is set) are mapped and unmapped for every
+# tile, and each mapping costs fresh zero-filled pages. An opt-in, see BENCH.md's overhead section.
+HEAP_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 * 2**30)}
+# OpenMP threads that sleep at a barrier instead of spinning: on cores shared with other programs a spinning
+# thread can hold the core its partner needs; an opt-in, see BENCH.md's overhead section.
+PASSIVE_OMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+VARIANTS = {  # how a point is run: what users get, and the per-tile-overhead probes
+    "default": {"label": "defaults", "env": {}, "threads": None},
+    "heap_malloc": {"label": "malloc without mmap", "env": HEAP_MALLOC_ENV, "threads": None},
+    "omp_passive": {"label": "passive OpenMP wait", "env": PASSIVE_OMP_ENV, "threads": None},
+    "one_thread": {"label": "1 thread", "env": {}, "threads": 1},
+}
+
+
+class Key(NamedTuple):
+    """What identifies a point (tile is None for conventional backprop and the oracle)."""
+
+    network: str
+    mode: str      # streaming | conventional | conventional_default | oracle
+    size: int
+    tile: object
+    variant: str = "default"
 
 
 def pick_device() -> str:
@@ -24,60 +48,6 @@ def pick_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _jsonable(value):
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (int, float, str, bool)) or value is None:
-        return value
-    return str(value)
-
-
-def plan_point(size: int, tile: int, seed: int) -> dict:
-    """streamcnn.plan() for the benchmark network as a JSON-able dict (with 'text' = its str)."""
-    from streamcnn import plan
-
-    try:
-        p = plan(build_network(seed), input_shape(size), tile)
-    except (ValueError, TypeError) as err:
-        return {"error": f"{type(err).__name__}: {err}"}
-    fields = {f.name: _jsonable(getattr(p, f.name)) for f in dataclasses.fields(p)}
-    return {**fields, "text": str(p)}
-
-
-def available_bytes(device: str) -> int:
-    """Memory a new point may use now: free GPU memory, or the OS's MemAvailable."""
-    if device.startswith("cuda"):
-        import torch
-
-        return torch.cuda.mem_get_info()[0]
-    return mem_available_bytes()
-
-
-def needed_bytes(mode: str, size: int, device: str, plan: dict) -> int:
-    """Bytes a point is expected to need: input + plan()'s step estimate (with margin) + libraries."""
-    key = f"{mode}_peak_bytes"
-    if plan.get(key) is None:
-        raise ValueError(f"plan() gave no {key} for size {size}: {plan.get('error', 'missing field')}")
-    step = plan[key] - input_bytes(size)  # plan() counts the input too
-    libraries = 0 if device.startswith("cuda") else LIBRARY_OVERHEAD_BYTES
-    return int(input_bytes(size) + PLAN_SAFETY_FACTOR * step + libraries)
-
-
-def fit_reason(mode: str, size: int, device: str, plan: dict, cfg: Config):
-    """None if the point should fit in memory now, else a sentence saying why it is skipped."""
-    try:
-        need = needed_bytes(mode, size, device, plan)
-    except ValueError as err:
-        return str(err)
-    have = available_bytes(device) - cfg.memory_margin_bytes
-    if need > have:
-        return (f"needs ~{need / GIB:.1f} GiB (input + {PLAN_SAFETY_FACTOR}x plan() estimate"
-                f" + libraries) but only {max(have, 0) / GIB:.1f} GiB are available")
-    return None
 
 
 def run_worker(spec: dict, timeout_s: int, log_path=None, extra_env=None) -> dict:
@@ -103,88 +73,126 @@ def run_worker(spec: dict, timeout_s: int, log_path=None, extra_env=None) -> dic
     return {"error": f"worker failed ({why}): {last[0]}" + (f" — full log: {log_path}" if log_path else "")}
 
 
-def summarise(result: dict) -> dict:
-    """The median step (by step time; its forward/backward split, CPU time and page faults come
-    from that same step, so they add up) and the worst peak memory over all measured steps."""
-    steps = result["steps"]
-    mid = sorted(steps, key=lambda st: st["step_s"])[(len(steps) - 1) // 2]
+def summarise(attempts: list, reps: int) -> dict:
+    """A point's numbers from its best attempt: median over its undisturbed steps when it has
+    ``reps`` of them (else over all its steps, and the point is marked disturbed). Forward/backward
+    split, CPU time and page faults come from the median step itself, so they add up; memory is
+    the largest peak over all the attempt's steps."""
+    best = protocol.best_attempt([a["steps"] for a in attempts])
+    steps = attempts[best]["steps"]
+    used, clean = protocol.used_steps(steps, reps)
+    mid = protocol.median_step(used)
+    worst = lambda k: max((s[k] for s in used if s.get(k) is not None), default=None)  # noqa: E731
+    reasons = list(dict.fromkeys(s["disturbed"] for s in steps if s.get("disturbed")))
     return {
-        "status": "measured",
-        "reps": len(steps),
-        **{k: mid[k] for k in ("step_s", "forward_s", "backward_s", "cpu_s", "page_faults")},
-        "step_s_all": [st["step_s"] for st in steps],
-        "peak_bytes": max(st["peak_growth_bytes"] for st in steps),
-        "peak_bytes_all": [st["peak_growth_bytes"] for st in steps],
-        "loss": steps[-1]["loss"],
-        "memory_method": result["memory_method"],
+        "status": "measured", "clean": clean, "reps": len(used),
+        **{k: mid[k] for k in ("step_s", "forward_s", "backward_s", "cpu_s", "cpu_util", "page_faults")},
+        "step_s_all": [s["step_s"] for s in used],
+        "peak_bytes": max(s["peak_growth_bytes"] for s in steps),
+        "peak_bytes_all": [s["peak_growth_bytes"] for s in steps],
+        "host_peak_bytes": max(s["host_peak_growth_bytes"] for s in steps),
+        "vmhwm_bytes": max(s["vmhwm_bytes"] for s in steps),
+        "foreign_cores": worst("foreign_cores"), "steal_cores": worst("steal_cores"), "pressure": worst("pressure"),
+        "attempts": len(attempts), "steps_timed": len(steps),
+        "extra_steps": sum(len(a["steps"]) for a in attempts) - reps,
+        "steps_disturbed": len(steps) - len(protocol.quiet_steps(steps)), "disturbances": reasons[:3],
+        "before": attempts[best]["before"],
+        "attempt_log": [{"steps": len(a["steps"]), "quiet_steps": len(protocol.quiet_steps(a["steps"])),
+                         "wall_s": a["wall_s"], "before": a["before"]} for a in attempts],
+        "loss": steps[-1]["loss"], "memory_method": steps[-1]["memory_method"], "layout": attempts[best]["layout"],
     }
 
 
 class PointRunner:
-    """Measures (mode, size, tile) points once each, reusing results shared between figures."""
+    """Measures each point once (results shared between figures), keeping every point in raw_dir/points.json."""
 
-    def __init__(self, cfg: Config, device: str, extra_env=None, reload: bool = False):
-        """``reload``: take the points of the last run from raw_dir/points.json instead of starting afresh."""
-        self.cfg, self.device, self.cache, self.extra_env = cfg, device, {}, dict(extra_env or {})
+    def __init__(self, cfg: Config, device: str):
+        self.cfg, self.device, self.cache = cfg, device, {}
+        self.cores = os.cpu_count() or 1
+        self.thresholds = protocol.Thresholds(foreign_cores=cfg.foreign_cores)
+        self.remeasure_spent_s, self.remeasure_refused, self.waited_s = 0.0, 0, 0.0
         cfg.raw_dir.mkdir(parents=True, exist_ok=True)
-        if reload:
-            points = json.loads((cfg.raw_dir / "points.json").read_text())
-            self.cache = {tuple(p.pop("key")): p for p in points}
-            return
         for stale in [*cfg.raw_dir.glob("grads_*.pt"), *cfg.raw_dir.glob("worker_*.log"), cfg.raw_dir / "points.json"]:
             stale.unlink(missing_ok=True)  # from an earlier run: must not be mistaken for this run's
 
-    def grads_path(self, mode: str, size: int, tile, dtype: str = "float32") -> str:
-        return str(self.cfg.raw_dir / f"grads_{mode}_{size}_{tile}_{dtype}.pt")
+    def grads_path(self, key: Key, dtype: str = "float32") -> str:
+        return str(self.cfg.raw_dir / f"grads_{key.network}_{key.mode}_{key.size}_{key.tile}_{key.variant}_{dtype}.pt")
 
-    def oracle(self, size: int) -> dict:
-        """Conventional backprop in float64 at ``size``: the reference the float32 gradients are judged by."""
-        key = ("oracle", size, None)
-        if key not in self.cache:
-            plan = plan_point(size, min(size, self.cfg.fig3_tile), self.cfg.seed)
-            f64 = {"conventional_peak_bytes": 2 * plan["conventional_peak_bytes"]} if "error" not in plan else plan
-            reason = fit_reason("conventional", size, self.device, f64, self.cfg)
-            record = {"mode": "oracle", "size": size, "tile": None, "input_bytes": input_bytes(size), "plan": {}}
-            if reason:
-                self.cache[key] = {**record, "status": "skipped", "reason": reason}
-            else:
-                spec = {**self.spec("conventional", size, None, 1), "warmup": "none", "dtype": "float64",
-                        "grads_path": self.grads_path("conventional", size, None, "float64")}
-                result = run_worker(spec, self.cfg.point_timeout_s, self.cfg.raw_dir / f"worker_oracle_{size}.log")
-                self.cache[key] = ({**record, "status": "failed", "reason": result["error"]} if "error" in result
-                                   else {**record, "status": "measured", "loss": result["steps"][-1]["loss"]})
-            self.save()
-        return self.cache[key]
+    def threads(self, variant: str) -> int:
+        return VARIANTS[variant]["threads"] or self.cfg.threads
 
-    def spec(self, mode: str, size: int, tile, reps: int) -> dict:
-        warmup = "full" if size <= self.cfg.full_warmup_max or mode == "conventional" else "small"
-        return {"mode": mode, "size": size, "tile": tile, "reps": reps, "warmup": warmup,
-                "seed": self.cfg.seed, "threads": self.cfg.threads, "device": self.device,
-                "grads_path": self.grads_path(mode, size, tile)}
-
-    def point(self, mode: str, size: int, tile=None, reps=None) -> dict:
+    def point(self, key: Key) -> dict:
         """The summary of one point: measured, skipped (would not fit) or failed."""
-        tile = tile if mode == "streaming" else None
-        key = (mode, size, tile)
         if key not in self.cache:
-            self.cache[key] = self._measure(mode, size, tile, reps or self.cfg.reps)
+            self.cache[key] = self._oracle(key) if key.mode == "oracle" else self._measure(key)
             self.save()
         return self.cache[key]
 
     def save(self) -> None:
         """Every point so far, in raw_dir/points.json, so a crash late in a long run loses nothing."""
-        points = [{"key": list(k), **v} for k, v in self.cache.items()]
-        (self.cfg.raw_dir / "points.json").write_text(json.dumps(points, indent=1))
+        (self.cfg.raw_dir / "points.json").write_text(json.dumps(list(self.cache.values()), indent=1))
 
-    def _measure(self, mode: str, size: int, tile, reps: int) -> dict:
-        plan = plan_point(size, tile or min(size, self.cfg.fig3_tile), self.cfg.seed)
-        record = {"mode": mode, "size": size, "tile": tile, "input_bytes": input_bytes(size), "plan": plan,
-                  "extra_env": self.extra_env, "threads": self.cfg.threads}
-        reason = fit_reason(mode, size, self.device, plan, self.cfg)
+    def _record(self, key: Key, net, plan: dict) -> dict:
+        return {**key._asdict(), "input_bytes": net.input_bytes(key.size), "plan": plan,
+                "extra_env": VARIANTS[key.variant]["env"], "threads": self.threads(key.variant)}
+
+    def _spec(self, key: Key, net, points, **over) -> dict:
+        big = key.size > points.full_warmup_max and key.mode == "streaming"
+        return {"network": key.network, "mode": key.mode, "size": key.size, "tile": key.tile,
+                "reps": self.cfg.reps, "max_steps": self.cfg.max_steps, "warmup": "small" if big else "full",
+                "seed": self.cfg.seed, "threads": self.threads(key.variant), "cores": self.cores,
+                "foreign_cores": self.cfg.foreign_cores, "device": self.device,
+                "grads_path": self.grads_path(key), **over}
+
+    def _oracle(self, key: Key) -> dict:
+        """Conventional backprop in float64: the reference the float32 gradients are judged by (not timed)."""
+        net = networks.get(key.network)
+        points = net.points(self.cfg.name)
+        plan = plan_point(net, key.size, min(key.size, points.fig3_tile), self.cfg.seed)
+        f64 = {"conventional_peak_bytes": 2 * plan["conventional_peak_bytes"]} if "error" not in plan else plan
+        record = {**self._record(key, net, {}), "tile": None}
+        reason = fit_reason("conventional", key.size, self.device, f64, self.cfg, net.input_bytes(key.size))
         if reason:
             return {**record, "status": "skipped", "reason": reason}
-        log = self.cfg.raw_dir / f"worker_{mode}_{size}_{tile}.log"
-        result = run_worker(self.spec(mode, size, tile, reps), self.cfg.point_timeout_s, log, self.extra_env)
+        spec = self._spec(key, net, points, mode="conventional", warmup="none", dtype="float64", reps=1, max_steps=1,
+                          grads_path=self.grads_path(key, "float64"))
+        result = run_worker(spec, self.cfg.point_timeout_s, self.cfg.raw_dir / f"worker_{key.network}_oracle_{key.size}.log")
         if "error" in result:
             return {**record, "status": "failed", "reason": result["error"]}
-        return {**record, **summarise(result)}
+        return {**record, "status": "measured", "loss": result["steps"][-1]["loss"]}
+
+    def _measure(self, key: Key) -> dict:
+        net = networks.get(key.network)
+        points = net.points(self.cfg.name)
+        plan = plan_point(net, key.size, key.tile or min(key.size, points.fig3_tile), self.cfg.seed)
+        record = self._record(key, net, plan)
+        reason = fit_reason(key.mode, key.size, self.device, plan, self.cfg, net.input_bytes(key.size))
+        if reason:
+            return {**record, "status": "skipped", "reason": reason}
+        attempts = self._attempts(key, self._spec(key, net, points))
+        if isinstance(attempts, str):
+            return {**record, "status": "failed", "reason": attempts}
+        return {**record, **summarise(attempts, self.cfg.reps)}
+
+    def _attempts(self, key: Key, spec: dict):
+        """Run the point until one attempt is clean or the bound/budget says stop; a str on failure."""
+        cfg, threads, attempts = self.cfg, spec["threads"], []
+        log = cfg.raw_dir / f"worker_{key.network}_{key.mode}_{key.size}_{key.tile}_{key.variant}.log"
+        while True:
+            max_wait = min(cfg.quiet_wait_s, max(0.0, cfg.quiet_wait_budget_s - self.waited_s))
+            before = protocol.wait_for_quiet(threads, self.cores, self.thresholds, cfg.quiet_sample_s, max_wait)
+            self.waited_s += before.get("waited_s", 0.0)
+            t0 = time.perf_counter()
+            result = run_worker(spec, cfg.point_timeout_s, log, VARIANTS[key.variant]["env"])
+            wall = time.perf_counter() - t0
+            if "error" in result:
+                return result["error"] if not attempts else attempts
+            attempts.append({"steps": result["steps"], "wall_s": wall, "before": before, "layout": result["layout"]})
+            extra = sum(s["step_s"] for s in result["steps"][cfg.reps:])  # steps beyond the minimum
+            self.remeasure_spent_s += extra + (wall if len(attempts) > 1 else 0)
+            if protocol.attempt_ok(result["steps"], cfg.reps):
+                return attempts
+            if not protocol.may_remeasure(len(attempts), cfg.max_attempts, self.remeasure_spent_s,
+                                          cfg.remeasure_budget_s, wall):
+                self.remeasure_refused += len(attempts) < cfg.max_attempts  # stopped by the budget, not the bound
+                return attempts

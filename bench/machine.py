@@ -27,6 +27,14 @@ def mem_total_bytes() -> int:
         return 0
 
 
+TUNING_PREFIXES = ("MALLOC_", "OMP_", "MKL_", "KMP_", "GOMP_", "OPENBLAS_", "DNNL_", "ONEDNN_")
+
+
+def tuning_env() -> dict:
+    """Environment variables that change allocator or threading behaviour, as the user has them set."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(TUNING_PREFIXES)}
+
+
 def describe(device: str, threads: int) -> dict:
     """Machine, software and run-time settings to store next to the results."""
     import numpy
@@ -43,6 +51,10 @@ def describe(device: str, threads: int) -> dict:
         "numpy": numpy.__version__,
         "torch_threads": threads,
         "device": device,
+        "onednn": torch.backends.mkldnn.is_available(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "tuning_env": tuning_env(),
+        "load_avg_1min_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
     if device.startswith("cuda"):
         props = torch.cuda.get_device_properties(device)

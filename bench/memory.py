@@ -6,7 +6,8 @@ resets ``VmHWM`` to the current RSS, so ``VmHWM - RSS_before`` after the step is
 step's peak growth. Where that reset is unavailable a background thread samples
 ``VmRSS`` every millisecond instead (it can miss short spikes; the method used is
 recorded with every result). CUDA: ``torch.cuda.max_memory_allocated`` after
-``reset_peak_memory_stats``, minus what was allocated before the step.
+``reset_peak_memory_stats``, minus what was allocated before the step; the host's
+VmHWM growth is recorded beside it.
 """
 import ctypes
 import gc
@@ -77,42 +78,54 @@ class _RssSampler(threading.Thread):
 class PeakMemory:
     """Context manager measuring the peak memory growth of the enclosed block.
 
-    ``device`` is ``"cpu"`` or a CUDA device string. After the block, ``growth`` is the
-    peak bytes above the level just before it and ``method`` names how it was measured.
+    ``device`` is ``"cpu"`` or a CUDA device string. The host's resident set is always
+    tracked (VmHWM, or the RSS sampler where VmHWM cannot be reset); on CUDA the device's
+    allocator peak is tracked too. After the block, ``growth`` is the peak bytes above the
+    level just before it on the benchmarked device, and :meth:`record` gives all of it.
     """
 
     def __init__(self, device: str = "cpu"):
         self.device, self.growth, self.baseline, self.method = device, None, None, None
-        self._sampler = None
+        self.host_growth, self.host_peak, self._host_base, self._sampler = None, None, None, None
+        self._cuda = device.startswith("cuda")
 
     def __enter__(self):
         release_free_memory()
-        if self.device.startswith("cuda"):
+        if self._cuda:
             import torch
 
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-            self.baseline, self.method = torch.cuda.memory_allocated(), "cuda.max_memory_allocated"
-        elif reset_hwm():
-            self.baseline, self.method = rss_bytes(), "VmHWM reset via /proc/self/clear_refs"
+        if reset_hwm():
+            host_method = "VmHWM reset via /proc/self/clear_refs"
         else:
             self._sampler = _RssSampler()
-            self.baseline, self.method = rss_bytes(), "VmRSS sampled every 1 ms"
+            host_method = "VmRSS sampled every 1 ms"
             self._sampler.start()
+        self._host_base = rss_bytes()
+        if self._cuda:
+            self.baseline, self.method = torch.cuda.memory_allocated(), f"cuda.max_memory_allocated (host: {host_method})"
+        else:
+            self.baseline, self.method = self._host_base, host_method
         return self
 
     def __exit__(self, *exc):
-        if self.device.startswith("cuda"):
+        if self._cuda:
             import torch
 
             torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated()
-        elif self._sampler is not None:
-            peak = self._sampler.stop()
-        else:
-            peak = read_status_bytes("VmHWM")
-        self.growth = max(0, peak - self.baseline)
+            self.growth = max(0, torch.cuda.max_memory_allocated() - self.baseline)
+        self.host_peak = self._sampler.stop() if self._sampler is not None else read_status_bytes("VmHWM")
+        self.host_growth = max(0, self.host_peak - self._host_base)
+        if not self._cuda:
+            self.growth = self.host_growth
         return False
+
+    def record(self) -> dict:
+        """The step's memory numbers, for a result record."""
+        return {"peak_growth_bytes": self.growth, "baseline_bytes": self.baseline,
+                "host_peak_growth_bytes": self.host_growth, "vmhwm_bytes": self.host_peak,
+                "memory_method": self.method}
 
 
 def mem_available_bytes() -> int:

@@ -1,14 +1,19 @@
-"""Figs. 2 and 3 of the paper, redrawn from the measured points."""
+"""Figs. 2 and 3 of the paper for one network, redrawn from its measured points and fits.
+
+Hollow markers are points measured while other programs competed for the cores (see BENCH.md);
+"conventional" is conventional backprop in the tiles' memory layout (like for like).
+"""
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator  # noqa: E402
 
-from bench.analysis import measured, plan_estimate  # noqa: E402
+from bench.analysis import Points, measured, ok, plan_estimate  # noqa: E402
+from bench.fit import predict  # noqa: E402
 
 MIB = 2**20
-STREAM, CONV, PLAN = "tab:blue", "tab:red", "0.35"
+STREAM, CONV, DEFAULT, PLAN = "tab:blue", "tab:red", "tab:orange", "0.35"
 
 
 def _side_axis(ax, sides, label):
@@ -20,16 +25,6 @@ def _side_axis(ax, sides, label):
     ax.grid(True, which="major", alpha=0.3)
 
 
-def _xy(points, key, scale=1.0, x="tile"):
-    pts = [p for p in measured(points) if p.get(key) is not None]
-    return [p[x] for p in pts], [p[key] / scale for p in pts]
-
-
-def _plan_xy(points, which, x):
-    pts = [p for p in points if plan_estimate(p, which)]
-    return [p[x] for p in pts], [plan_estimate(p, which) / MIB for p in pts]
-
-
 def _log_y(ax):
     """Log y axis with plain-number labels at 1, 2, 5 × powers of ten."""
     ax.set_yscale("log")
@@ -38,21 +33,33 @@ def _log_y(ax):
     ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
 
 
-def _annotate_last(ax, points, key, scale, text, below=True):
-    pts = measured(points)
+def _once(ax, label):
+    """``label`` unless the axes already have an entry with it (one legend entry for all disturbed points)."""
+    return "_nolegend_" if label in ax.get_legend_handles_labels()[1] else label
+
+
+def _series(ax, points, key, x, color, label, scale=1.0, line="-", marker="o", errors=False, timed=True):
+    """Measured points joined by a line, with min–max bars when ``errors``. For timed quantities
+    (``timed``), points measured while other work competed for the cores are drawn hollow."""
+    pts = [p for p in measured(points) if p.get(key) is not None]
+    if not pts:
+        return
+    xs, ys = [p[x] for p in pts], [p[key] / scale for p in pts]
+    ax.plot(xs, ys, linestyle=line, marker=marker, color=color, label=label)
+    if errors:
+        yerr = [[p[key] - min(p["step_s_all"]) for p in pts], [max(p["step_s_all"]) - p[key] for p in pts]]
+        ax.errorbar(xs, ys, yerr=yerr, fmt="none", ecolor=color, capsize=3)
+    bad = [p for p in pts if timed and not p.get("clean", True)]
+    if bad:
+        ax.plot([p[x] for p in bad], [p[key] / scale for p in bad], marker, linestyle="none", mfc="white", color=color,
+                ms=8, label=_once(ax, "disturbed (other work on the cores)"))
+
+
+def _plan_series(ax, points, which, x, color, label):
+    pts = [p for p in points if p and plan_estimate(p, which)]
     if pts:
-        p = max(pts, key=lambda q: q["size"])
-        ax.annotate(text(p), (p["size"], p[key] / scale), textcoords="offset points", xytext=(-8, -6 if below else 8),
-                    va="top" if below else "bottom", bbox={"fc": "white", "ec": "none", "alpha": 0.8},
-                    ha="right", fontsize=8, color=STREAM)
-
-
-def _seconds(t: float) -> str:
-    return f"{t:.1f} s" if t < 120 else f"{t / 60:.1f} min"
-
-
-def _mem(n: float) -> str:
-    return f"{n / MIB:.0f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
+        ax.plot([p[x] for p in pts], [plan_estimate(p, which) / MIB for p in pts], "x:", color=color, alpha=0.7,
+                label=label)
 
 
 def _hline(ax, value, color, style, label):
@@ -60,79 +67,101 @@ def _hline(ax, value, color, style, label):
         ax.axhline(value, color=color, linestyle=style, label=label)
 
 
-def draw_fig2(result: dict, path, machine: str) -> None:
-    """Peak memory and step time vs tile size at a fixed input, conventional as reference lines."""
-    stream, conv, size = result["streaming"], result["conventional"], result["input"]
-    tiles = [p["tile"] for p in stream]
-    fig, (ax_m, ax_t) = plt.subplots(1, 2, figsize=(11, 4.3))
-    ax_m.plot(*_xy(stream, "peak_bytes", MIB), "o-", color=STREAM, label="streaming, measured")
-    ax_m.plot(*_plan_xy(stream, "streaming", "tile"), "x:", color=PLAN, label="streaming, plan() estimate")
-    conv_ok = conv.get("status") == "measured"
-    _hline(ax_m, conv["peak_bytes"] / MIB if conv_ok else None, CONV, "-", "conventional, measured")
+def _fit_line(ax, fit, scale, color, label):
+    """The fitted line a + b·pixels across the fitted sides, with flagged points ringed."""
+    if not fit:
+        return
+    lo, hi = min(r["x"] for r in fit["rows"]), max(r["x"] for r in fit["rows"])
+    xs = [lo * (hi / lo) ** (i / 60) for i in range(61)]
+    ax.plot([x ** 0.5 for x in xs], [predict(fit, x) / scale for x in xs], "--", color=color, lw=1, alpha=0.8,
+            label=label)
+    flagged = [r for r in fit["rows"] if r["flagged"]]
+    if flagged:
+        ax.plot([r["x"] ** 0.5 for r in flagged], [r["y"] / scale for r in flagged], "s", mfc="none", ms=11,
+                color="black", label=f"more than {fit['flag_rel']:.0%} off the fit")
+
+
+def draw_fig2(net: dict, path, machine: str) -> None:
+    """Peak memory and step time vs tile size at a fixed input; conventional as reference lines."""
+    cfg, pts = net["points_config"], Points(net["points"])
+    size = cfg["fig2_input"]
+    stream = [p for p in (pts.get("streaming", size, t) for t in cfg["fig2_tiles"]) if p]
+    conv, default = pts.get("conventional", size), pts.get("conventional_default", size)
+    fig, (ax_m, ax_t) = plt.subplots(1, 2, figsize=(11, 4.5))
+    _series(ax_m, stream, "peak_bytes", "tile", STREAM, "streaming, measured", MIB, timed=False)
+    _plan_series(ax_m, stream, "streaming", "tile", PLAN, "streaming, plan() estimate")
+    _hline(ax_m, conv["peak_bytes"] / MIB if ok(conv) else None, CONV, "-", "conventional (tiles' layout), measured")
     conv_est = plan_estimate(conv, "conventional")
     _hline(ax_m, conv_est / MIB if conv_est else None, CONV, ":", "conventional, plan() estimate")
+    _hline(ax_m, default["peak_bytes"] / MIB if ok(default) else None, DEFAULT, "-.",
+           "conventional, default layout (not like for like)")
     _log_y(ax_m)
     ax_m.set_ylabel("peak memory of one step above the input (MiB, log)")
     ax_m.set_title(f"Memory vs tile size, input {size}×{size}")
-    ts = measured(stream)
-    ax_t.errorbar([p["tile"] for p in ts], [p["step_s"] for p in ts],
-                  yerr=[[p["step_s"] - min(p["step_s_all"]) for p in ts], [max(p["step_s_all"]) - p["step_s"] for p in ts]],
-                  fmt="o-", color=STREAM, capsize=3, label="streaming (median, min–max)")
-    ax_t.plot(*_xy(stream, "backward_s"), "s--", color=STREAM, alpha=0.5, ms=4, label="streaming, backward part")
-    _hline(ax_t, conv["step_s"] if conv_ok else None, CONV, "-", "conventional")
+    _series(ax_t, stream, "step_s", "tile", STREAM, "streaming (median, min–max)", errors=True)
+    _series(ax_t, stream, "backward_s", "tile", STREAM, "streaming, backward part", line="--", marker="s")
+    _hline(ax_t, conv["step_s"] if ok(conv) else None, CONV, "-", "conventional (tiles' layout)")
+    _hline(ax_t, default["step_s"] if ok(default) else None, DEFAULT, "-.", "conventional, default layout")
     ax_t.set_ylim(bottom=0)
     ax_t.set_ylabel("time per training step (s)")
     ax_t.set_title("Time vs tile size")
     for ax in (ax_m, ax_t):
-        _side_axis(ax, tiles, "tile size (pixels per side)")
-        ax.legend(fontsize=8, loc="best")
-    _finish(fig, path, machine)
+        _side_axis(ax, list(cfg["fig2_tiles"]), "tile size (pixels per side)")
+        ax.legend(fontsize=7, loc="best")
+    _finish(fig, path, net["title"], machine)
 
 
-def draw_fig3(result: dict, path, machine: str, mem_total_bytes: int = 0) -> None:
-    """Step time and peak memory vs input size at a fixed tile; conventional extrapolated where it does not fit."""
-    stream, conv, est = result["streaming"], result["conventional"], result["conventional_estimated"]
-    sizes = sorted({p["size"] for p in stream} | {p["size"] for p in conv})
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.3))
-    ax_t.plot(*_xy(stream, "step_s", x="size"), "o-", color=STREAM, label=f"streaming (tile {result['tile']})")
-    ax_t.plot(*_xy(conv, "step_s", x="size"), "o-", color=CONV, label="conventional, measured")
-    ax_m.plot(*_xy(stream, "peak_bytes", MIB, x="size"), "o-", color=STREAM, label="streaming, measured")
-    ax_m.plot(*_plan_xy(stream, "streaming", "size"), "x:", color=STREAM, alpha=0.6,
-              label="streaming, plan() estimate")
-    ax_m.plot(*_xy(conv, "peak_bytes", MIB, x="size"), "o-", color=CONV, label="conventional, measured")
-    ax_m.plot(*_plan_xy(stream, "conventional", "size"), "x:", color=CONV, alpha=0.6,
-              label="conventional, plan() estimate")
-    _draw_estimated(ax_t, conv, est, "step_s", 1.0)
-    _draw_estimated(ax_m, conv, est, "peak_bytes", MIB)
+def draw_fig3(net: dict, path, machine: str, mem_total_bytes: int = 0) -> None:
+    """Step time and peak memory vs input size at a fixed tile, with the straight-line fits in pixels."""
+    cfg, pts, res = net["points_config"], Points(net["points"]), net["analysis"]
+    stream = [p for p in (pts.get("streaming", s, cfg["fig3_tile"]) for s in cfg["fig3_sizes"]) if p]
+    conv = [p for p in (pts.get("conventional", s) for s in cfg["conventional_sizes"]) if p]
+    sides = sorted({p["size"] for p in stream} | {p["size"] for p in conv})
+    fits = res["fig3_fits"]
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.5))
+    _series(ax_t, stream, "step_s", "size", STREAM, f"streaming (tile {cfg['fig3_tile']}), median, min–max", errors=True)
+    _fit_line(ax_t, fits["time"], 1.0, STREAM, _fit_label(fits["time"], "µs/px", 1e6, "s"))
+    _series(ax_t, conv, "step_s", "size", CONV, "conventional (tiles' layout)")
+    _series(ax_m, stream, "peak_bytes", "size", STREAM, "streaming, measured", MIB, timed=False)
+    _fit_line(ax_m, fits["memory"], MIB, STREAM, _fit_label(fits["memory"], "B/px", 1, "MiB", MIB))
+    _plan_series(ax_m, stream, "streaming", "size", PLAN, "streaming, plan() estimate")
+    _series(ax_m, conv, "peak_bytes", "size", CONV, "conventional, measured", MIB, timed=False)
+    _plan_series(ax_m, stream, "conventional", "size", CONV, "conventional, plan() estimate")
+    _draw_extrapolated(ax_t, ax_m, conv, res["conventional_extrapolated"])
     if mem_total_bytes:
         _hline(ax_m, mem_total_bytes / MIB, "0.5", "-.", "this machine's RAM")
     ax_t.set_ylabel("time per training step (s, log)")
     ax_t.set_title("Time vs input size")
     ax_m.set_ylabel("peak memory of one step above the input (MiB, log)")
     ax_m.set_title("Memory vs input size")
-    _annotate_last(ax_t, stream, "step_s", 1.0, lambda p: f"{p['size']}²: {_seconds(p['step_s'])} per step")
-    _annotate_last(ax_m, stream, "peak_bytes", MIB, lambda p: f"{p['size']}²: {_mem(p['peak_bytes'])}", below=False)
     for ax in (ax_t, ax_m):
         _log_y(ax)
-        _side_axis(ax, sizes, "input size (pixels per side)")
-        ax.legend(fontsize=8, loc="best")
-    _finish(fig, path, machine)
+        _side_axis(ax, sides, "input size (pixels per side)")
+        ax.legend(fontsize=7, loc="best")
+    _finish(fig, path, net["title"], machine)
 
 
-def _draw_estimated(ax, conv, estimates: list, key: str, scale: float) -> None:
-    """Dashed line from the last measured conventional point through the extrapolated ones."""
-    if not estimates:
-        return
-    last = measured(conv)[-1:]
-    pts = sorted(estimates, key=lambda e: e["size"])
-    xs = [p["size"] for p in last] + [e["size"] for e in pts]
-    ys = [p[key] / scale for p in last] + [e[key] / scale for e in pts]
-    ax.plot(xs, ys, "o--", color=CONV, mfc="none", label="conventional, estimated (extrapolated)")
+def _fit_label(fit, unit, b_scale, a_unit, a_scale=1.0):
+    if not fit:
+        return None
+    return (f"fit a + b·pixels: b = {fit['b'] * b_scale:.3g} {unit}, a = {fit['a'] / a_scale:.3g} {a_unit}, "
+            f"R² = {fit['r2']:.4f}")
 
 
-def _finish(fig, path, machine):
+def _draw_extrapolated(ax_t, ax_m, conv, estimates: list) -> None:
+    """Dashed hollow points from the last measured conventional point through the fit's extrapolations."""
+    last = sorted(measured(conv), key=lambda p: p["size"])[-1:]
+    for ax, key, est_key, scale in ((ax_t, "step_s", "time", 1.0), (ax_m, "peak_bytes", "memory", MIB)):
+        est = [e for e in estimates if e.get(est_key) is not None]
+        if est and last:
+            xs = [last[0]["size"]] + [e["size"] for e in est]
+            ys = [last[0][key] / scale] + [e[est_key] / scale for e in est]
+            ax.plot(xs, ys, "o--", color=CONV, mfc="none", label="conventional, extrapolated (fit in pixels)")
+
+
+def _finish(fig, path, title, machine):
     """Title with the network and machine, then save and release the figure."""
-    fig.suptitle(f"Three 3×3 convolutions (3→3→64→3 channels), forward + backward — {machine}", fontsize=9)
+    fig.suptitle(f"{title}: forward + backward — {machine}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)

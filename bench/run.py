@@ -1,213 +1,222 @@
-"""Orchestrates ``python -m bench``: measure every point, then write JSON, figures and BENCH.md."""
+"""Orchestrates ``python -m bench``: measure every point under the protocol, then write JSON, figures and BENCH.md."""
 import argparse
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
-from bench import analysis, plots, report
-from bench.config import FULL, QUICK, Config
-from bench.harness import TUNED_MALLOC_ENV, PointRunner, pick_device
+from bench import analysis, compare, networks, plots, report
+from bench.config import FULL, QUICK, REPO_ROOT, REPORTS, Config
+from bench.harness import VARIANTS, Key, PointRunner, pick_device
+from bench.jobs import GROUPS, interleave, network_jobs, select
 from bench.machine import describe
-from bench.network import input_bytes
 from bench.micro import run_micro
 
-FIG2_PNG, FIG3_PNG = "fig2_memory_vs_tile.png", "fig3_time_vs_input.png"
-VARIANTS = {"tuned": "tuned malloc", "one_thread": "1 thread"}  # re-measured Fig. 2 points, see allocator_rows
+SCHEMA = 2
 
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(
         prog="python -m bench",
-        description="Streaming vs conventional backprop on this machine (the paper's Figs. 2 and 3): writes "
-                    "fig2_memory_vs_tile.png, fig3_time_vs_input.png, bench.json and BENCH.md into reports/.")
+        description="Streaming vs conventional backprop on this machine (the paper's Figs. 2 and 3, per network): "
+                    "writes figures, bench.json and BENCH.md into reports/, and compares them with the committed run.")
     ap.add_argument("--quick", action="store_true",
-                    help="small smoke run (< 3 min); writes to reports/_raw/quick/ instead of reports/")
+                    help="small smoke run (a few minutes); writes to reports/_raw/quick/ instead of reports/")
     ap.add_argument("--no-micro", action="store_true", help="skip the pytest-benchmark micro-benchmarks")
     ap.add_argument("--render-only", action="store_true",
-                    help="measure nothing: rebuild bench.json, figures and BENCH.md from the last run's raw points")
+                    help="measure nothing: recompute every derived number from bench.json's points and redraw")
+    ap.add_argument("--repeat", metavar="GROUPS",
+                    help=f"second run: measure again only these point groups (comma-separated, of {', '.join(GROUPS)}),"
+                         " compare them with reports/bench.json and add that table to it and to BENCH.md")
+    ap.add_argument("--list", action="store_true", help="print the points this run would measure, in order, and exit")
+    ap.add_argument("--network", action="append", choices=sorted(networks.NETWORKS),
+                    help="measure only this network (repeatable; default: all registered)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads per point (default: all cores); the report records it")
     return ap.parse_args(argv)
 
 
-def point_jobs(cfg: Config):
-    """(runner, mode, size, tile, reps) for every point, cheapest first, the headline last.
-
-    runner "default" measures with the C library's default allocator settings and all cores
-    (what users get); the VARIANTS repeat a few Fig. 2 points with tuned malloc settings and
-    with one thread, to show where small tiles lose time.
-    """
-    jobs = [("default", "conventional", cfg.fig2_input, None, cfg.reps)]
-    jobs += [("default", "streaming", cfg.fig2_input, t, cfg.reps) for t in cfg.fig2_tiles]
-    for size in cfg.fig3_sizes:
-        jobs.append(("default", "conventional", size, None, cfg.reps))
-        reps = cfg.headline_reps if size == cfg.headline_size else cfg.reps
-        jobs.append(("default", "streaming", size, cfg.fig3_tile, reps))
-    if cfg.headline_size not in cfg.fig3_sizes:
-        jobs.append(("default", "streaming", cfg.headline_size, cfg.fig3_tile, cfg.headline_reps))
-    jobs += [("default", "oracle", s, None, 1) for s in sorted({cfg.fig2_input, *cfg.fig3_sizes}) if s <= cfg.oracle_max]
-    jobs += [(which, mode, cfg.fig2_input, tile, cfg.reps) for which in VARIANTS for mode, tile in allocator_points(cfg)]
-    return sorted(jobs, key=lambda j: (j[2] == cfg.headline_size and j[1] == "streaming" and j[0] == "default", j[2]))
+def make_config(args) -> Config:
+    cfg = QUICK if args.quick else FULL
+    if args.threads:
+        cfg = dataclasses.replace(cfg, threads=args.threads)
+    if args.network:
+        cfg = dataclasses.replace(cfg, networks=tuple(args.network))
+    if args.repeat:
+        cfg = dataclasses.replace(cfg, raw_dir=cfg.raw_dir.parent / f"{cfg.name}_repeat")
+    return cfg
 
 
-def allocator_points(cfg: Config):
-    """(mode, tile) re-measured with the tuned allocator: conventional, the smallest tile, the Fig. 3 tile."""
-    tiles = sorted({cfg.fig2_tiles[0], cfg.fig3_tile} & set(cfg.fig2_tiles))
-    return [("conventional", None)] + [("streaming", t) for t in tiles]
+def unavailable(cfg: Config) -> dict:
+    """{network: why} for the run's networks whose builder does not import here."""
+    return {name: why for name in cfg.networks if (why := networks.get(name).unavailable())}
 
 
-def measure_all(cfg: Config, runners: dict) -> None:
-    """Measure every job (results land in the runners' caches); a conventional size that does not fit ends the conventional series."""
-    conv_stopped = None
-    bar = tqdm(point_jobs(cfg), desc=f"bench ({cfg.name})", unit="point")
-    for which, mode, size, tile, reps in bar:
-        runner = runners[which]
-        eta = _eta(runners["default"], size) if mode == "streaming" else ""
-        label = f"{mode} {size}² tile {tile or '-'} ×{reps}" + (f" ({VARIANTS[which]})" if which in VARIANTS else "")
-        bar.set_postfix_str(f"{label} {eta}".strip())
-        if mode == "conventional" and which == "default" and conv_stopped and size > conv_stopped:
-            runner.cache[(mode, size, None)] = {"mode": mode, "size": size, "tile": None, "status": "skipped",
-                                                "input_bytes": input_bytes(size),
-                                                "reason": f"a smaller input ({conv_stopped}²) already did not fit",
-                                                "plan": {}}
+def all_jobs(cfg: Config, device: str) -> dict:
+    """{Key: groups} for every available network of the run; unavailable networks are announced and left out."""
+    jobs, missing = {}, unavailable(cfg)
+    for name in cfg.networks:
+        if name in missing:
+            print(f"bench: skipping network {name}: {missing[name]}")
             continue
-        point = runner.oracle(size) if mode == "oracle" else runner.point(mode, size, tile, reps)
+        pts = networks.get(name).points(cfg.name)
+        jobs.update(network_jobs(name, pts, default_layout_differs=not device.startswith("cuda")))
+    return jobs
+
+
+def measure_all(cfg: Config, runner: PointRunner, jobs: dict) -> None:
+    """Measure every job in interleaved order (results land in the runner's cache)."""
+    bar = tqdm(interleave(jobs, cfg.seed), desc=f"bench ({cfg.name})", unit="point")
+    for key in bar:
+        label = f"{key.network} {key.mode} {key.size}² tile {key.tile or '-'}" + (
+            f" ({VARIANTS[key.variant]['label']})" if key.variant != "default" else "")
+        bar.set_postfix_str(label)
+        point = runner.point(key)
         if point["status"] != "measured":
             tqdm.write(f"  {label}: {point['status']} — {point['reason']}")
-            if mode == "conventional" and which == "default":
-                conv_stopped = size
+        elif not point.get("clean", True):
+            tqdm.write(f"  {label}: disturbed after {point['attempts']} attempt(s) — {point['disturbances'][0]}")
 
 
-def _eta(runner: PointRunner, size: int) -> str:
-    """A rough per-step time guess from the largest streaming point measured so far."""
-    done = [p for (m, _, _), p in runner.cache.items() if m == "streaming" and p.get("status") == "measured"]
-    if not done:
-        return ""
-    ref = max(done, key=lambda p: p["size"])
-    return f"(~{ref['step_s'] * (size / ref['size']) ** 2:.0f} s/step)"
-
-
-def collect(cfg: Config, runner: PointRunner, variants=None) -> dict:
-    """Arrange the cached points by figure and derive extrapolations, breakdowns and targets."""
-    get = runner.cache.get
-    fig2_stream = [get(("streaming", cfg.fig2_input, t)) for t in cfg.fig2_tiles]
-    fig2_conv = get(("conventional", cfg.fig2_input, None))
-    fig3_stream = [get(("streaming", s, cfg.fig3_tile)) for s in cfg.fig3_sizes]
-    fig3_conv = [get(("conventional", s, None)) for s in cfg.fig3_sizes]
-    missing = [s for s, p in zip(cfg.fig3_sizes, fig3_conv) if p["status"] != "measured"]
-    headline_size = cfg.headline_size
-    measured_sizes = {p["size"] for p in analysis.measured(fig3_conv)}
-    est_sizes = sorted((set(missing) | {headline_size}) - measured_sizes)
-    est_mem = analysis.extrapolate(fig3_conv, est_sizes, "peak_bytes")
-    est_time = analysis.extrapolate(fig3_conv, est_sizes, "step_s")
-    estimated = [{"size": s, "peak_bytes": est_mem[s], "step_s": est_time[s]} for s in est_sizes if s in est_mem]
-    breakdown = []
-    for p in analysis.measured(fig2_stream):
-        factor = analysis.overlap_factor(p["plan"], p["size"])
-        row = {"tile": p["tile"], "overlap_factor": factor, "forward_s": p["forward_s"], "backward_s": p["backward_s"]}
-        if fig2_conv.get("status") == "measured":
-            row.update(analysis.time_breakdown(p, fig2_conv, factor))
-        breakdown.append(row)
-    return {
-        "fig2": {"input": cfg.fig2_input, "streaming": fig2_stream, "conventional": fig2_conv, "breakdown": breakdown},
-        "fig3": {"tile": cfg.fig3_tile, "streaming": fig3_stream, "conventional": fig3_conv,
-                 "conventional_estimated": estimated},
-        "headline": headline(cfg, get(("streaming", headline_size, cfg.fig3_tile)),
-                             get(("conventional", headline_size, None)), estimated),
-        "targets": analysis.targets(fig2_stream, fig2_conv),
-        "grad_agreement": grad_agreement(runner),
-        "allocator": allocator_rows(cfg, runner, variants),
-    }
-
-
-def allocator_rows(cfg: Config, runner: PointRunner, variants=None) -> dict:
-    """The same Fig. 2 points with the defaults and with each variant (tuned malloc, one thread)."""
-    rows = []
-    for mode, tile in allocator_points(cfg) if variants else []:
-        key = (mode, cfg.fig2_input, tile)
-        rows.append({"mode": mode, "tile": tile, "default": runner.cache.get(key),
-                     **{name: v.cache.get(key) for name, v in variants.items()}})
-    return {"env": TUNED_MALLOC_ENV, "variants": VARIANTS, "rows": rows}
-
-
-def headline(cfg: Config, stream: dict, conv, estimated) -> dict:
-    """The big streaming step next to what conventional backprop would need."""
-    est = next((e for e in estimated if e["size"] == cfg.headline_size), None)
-    return {"size": cfg.headline_size, "tile": cfg.fig3_tile, "streaming": stream,
-            "conventional_measured": conv if conv and conv.get("status") == "measured" else None,
-            "conventional_extrapolated": est,
-            "conventional_plan_bytes": analysis.plan_estimate(stream, "conventional")}
-
-
-def grad_agreement(runner: PointRunner) -> list:
-    """Every measured float32 point's gradient error against the float64 conventional oracle."""
-    rows = []
-    for (kind, size, _), oracle_point in sorted(runner.cache.items(), key=lambda kv: kv[0][1]):
-        if kind != "oracle" or oracle_point["status"] != "measured":
+def grad_agreement(runner: PointRunner, network: str) -> list:
+    """Every measured float32 point's gradient error against the float64 conventional oracle at its size."""
+    rows, cache = [], runner.cache
+    for key, oracle in sorted(cache.items(), key=lambda kv: kv[0].size):
+        if key.network != network or key.mode != "oracle" or oracle["status"] != "measured":
             continue
-        oracle = runner.grads_path("conventional", size, None, "float64")
-        conv = runner.cache.get(("conventional", size, None))
-        conv_err = (analysis.grad_errors(runner.grads_path("conventional", size, None), oracle)
-                    if conv and conv["status"] == "measured" else None)
-        for (mode, s, tile), p in sorted(runner.cache.items(), key=lambda kv: kv[0][2] or 0):
-            if mode == "streaming" and s == size and p["status"] == "measured":
-                rows.append({"size": size, "tile": tile, "conventional": conv_err,
-                             "streaming": analysis.grad_errors(runner.grads_path(mode, size, tile), oracle),
-                             "loss_streaming": p["loss"], "loss_float64": oracle_point["loss"]})
+        oracle_path = runner.grads_path(key, "float64")
+        conv_key = Key(network, "conventional", key.size, None)
+        conv_err = (analysis.grad_errors(runner.grads_path(conv_key), oracle_path)
+                    if analysis.ok(cache.get(conv_key)) else None)
+        for k, p in sorted(cache.items(), key=lambda kv: kv[0].tile or 0):
+            if k.network == network and k.mode == "streaming" and k.size == key.size and k.variant == "default" \
+                    and analysis.ok(p):
+                rows.append({"size": key.size, "tile": k.tile, "conventional": conv_err,
+                             "streaming": analysis.grad_errors(runner.grads_path(k), oracle_path),
+                             "loss_streaming": p["loss"], "loss_float64": oracle["loss"]})
     return rows
+
+
+def network_results(cfg: Config, name: str, runner: PointRunner) -> dict:
+    """One network's section of bench.json: its point list, its derived numbers and its gradient check."""
+    net = networks.get(name)
+    points = dataclasses.asdict(net.points(cfg.name))
+    records = [p for k, p in runner.cache.items() if k.network == name]
+    return {"title": net.title, "figures": net.figures(), "points_config": points, "points": records,
+            "analysis": analysis.analyse(points, records), "grad_agreement": grad_agreement(runner, name)}
+
+
+def rederive(results: dict) -> dict:
+    """Recompute every derived number from the stored points (nothing measured)."""
+    for net in results["networks"].values():
+        net["analysis"] = analysis.analyse(net["points_config"], net["points"])
+    results["quiet"] = analysis.quiet_summary([p for n in results["networks"].values() for p in n["points"]])
+    return results
+
+
+def protocol_record(cfg: Config, runner: PointRunner) -> dict:
+    return {"reps": cfg.reps, "max_steps": cfg.max_steps, "max_attempts": cfg.max_attempts,
+            "remeasure_budget_s": cfg.remeasure_budget_s, "remeasure_spent_s": runner.remeasure_spent_s,
+            "remeasure_refused_by_budget": runner.remeasure_refused, "foreign_cores": cfg.foreign_cores,
+            "quiet_sample_s": cfg.quiet_sample_s, "quiet_wait_s": cfg.quiet_wait_s,
+            "quiet_wait_budget_s": cfg.quiet_wait_budget_s, "waited_s": runner.waited_s, "order_seed": cfg.seed,
+            "cores": runner.cores}
+
+
+def full_run(cfg: Config, args, device: str, started: float) -> dict:
+    machine = describe(device, cfg.threads)
+    reference, label = compare.load_reference(REPORTS / "bench.json", REPO_ROOT)  # quick runs compare what they can
+    runner = PointRunner(cfg, device)
+    jobs = all_jobs(cfg, device)
+    measure_all(cfg, runner, jobs)
+    results = {"schema": SCHEMA, "run": cfg.name, "machine": machine,
+               "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()},
+               "protocol": protocol_record(cfg, runner), "unavailable": unavailable(cfg),
+               "networks": {n: network_results(cfg, n, runner) for n in cfg.networks if any(k.network == n for k in jobs)}}
+    rederive(results)
+    results["micro"] = {"skipped": "--no-micro"} if args.no_micro else run_micro(cfg)
+    results["comparison"] = (compare.compare(results, reference, label) if reference
+                             else {"reference": label, "rows": [], "missing": True})
+    results["elapsed_s"] = time.perf_counter() - started
+    return results
+
+
+def load_results(path: Path, why: str) -> dict:
+    """A bench.json written with the measurement protocol, or an error saying how to get one."""
+    hint = "run `python -m bench` (`make bench`) first"
+    if not path.exists():
+        raise SystemExit(f"{path} does not exist ({why}): {hint}")
+    results = json.loads(path.read_text())
+    if results.get("schema", 1) < SCHEMA:
+        raise SystemExit(f"{path} has schema {results.get('schema', 1)}, from before the measurement protocol "
+                         f"({why}): {hint}")
+    return results
+
+
+def second_run(cfg: Config, args, device: str, started: float) -> dict:
+    """Measure the selected groups again and add the comparison with the stored run to its bench.json."""
+    path = cfg.out_dir / "bench.json"
+    results = load_results(path, "--repeat compares with it")
+    groups = [g.strip() for g in args.repeat.split(",") if g.strip()]
+    runner = PointRunner(cfg, device)
+    jobs = {}
+    for name, net in results["networks"].items():  # the stored run's own points, whatever the registry says now
+        jobs.update(network_jobs(name, networks.Points(**net["points_config"]), not device.startswith("cuda")))
+    jobs = select(jobs, groups)
+    measure_all(cfg, runner, jobs)
+    records = list(runner.cache.values())
+    again = {"schema": SCHEMA, "networks": {n: {"points": [p for p in records if p["network"] == n]}
+                                            for n in results["networks"]}}
+    results["second_run"] = {"groups": groups, "machine": describe(device, cfg.threads),
+                             "protocol": protocol_record(cfg, runner), "points": records,
+                             "quiet": analysis.quiet_summary(records),
+                             "comparison": compare.compare(again, results, f"the run above ({path.name})"),
+                             "elapsed_s": time.perf_counter() - started}
+    return rederive(results)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cfg = QUICK if args.quick else FULL
-    if args.threads:
-        cfg = dataclasses.replace(cfg, threads=args.threads)
-    started, load_start = time.perf_counter(), _load()
-    device = pick_device()
+    cfg = make_config(args)
+    started = time.perf_counter()
+    if args.list:
+        return list_points(cfg, args)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    runner = PointRunner(cfg, device, reload=args.render_only)
-    variants = {
-        "tuned": PointRunner(dataclasses.replace(cfg, raw_dir=cfg.raw_dir / "tuned_malloc"), device,
-                             TUNED_MALLOC_ENV, reload=args.render_only),
-        "one_thread": PointRunner(dataclasses.replace(cfg, raw_dir=cfg.raw_dir / "one_thread", threads=1), device,
-                                  reload=args.render_only),
-    }
     if args.render_only:
-        previous = json.loads((cfg.out_dir / "bench.json").read_text())
+        results = rederive(load_results(cfg.out_dir / "bench.json", "--render-only redraws it"))
+    elif args.repeat:
+        results = second_run(cfg, args, pick_device(), started)
     else:
-        measure_all(cfg, {"default": runner, **variants})
-    results = {"schema": 1, "run": cfg.name, "machine": describe(device, cfg.threads),
-               "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()}}
-    results.update(collect(cfg, runner, variants))
-    if args.render_only:  # keep what was measured then, not what this process sees now
-        results.update({k: previous[k] for k in ("machine", "micro", "elapsed_s")})
-    else:
-        results["micro"] = {"skipped": "--no-micro"} if args.no_micro else run_micro(cfg)
-        results["elapsed_s"] = time.perf_counter() - started
-        results["machine"]["load_avg_1min_at_start"] = load_start
+        results = full_run(cfg, args, pick_device(), started)
     write_outputs(cfg, results)
-    verb = "re-rendered" if args.render_only else f"measured in {results['elapsed_s'] / 60:.1f} min and wrote"
+    comp = (results.get("second_run") or {}).get("comparison") if args.repeat else results.get("comparison")
+    if comp is not None and not args.render_only:
+        print("\n" + report.comparison_text(comp))
+    verb = "re-rendered" if args.render_only else f"measured in {(time.perf_counter() - started) / 60:.1f} min and wrote"
     print(f"{verb} {cfg.out_dir / 'BENCH.md'}")
     return 0
 
 
-def _load():
-    """1-minute load average (other processes competing for the cores), or None."""
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return None
+def list_points(cfg: Config, args) -> int:
+    """Print the run's points in measuring order (what --repeat would select, when given)."""
+    jobs = all_jobs(cfg, pick_device())
+    if args.repeat:
+        jobs = select(jobs, [g.strip() for g in args.repeat.split(",") if g.strip()])
+    for i, key in enumerate(interleave(jobs, cfg.seed), 1):
+        print(f"{i:3d}  {key.network:10s} {key.mode:21s} {key.size:6d}² tile {str(key.tile or '-'):5s} "
+              f"{key.variant:13s} [{', '.join(sorted(jobs[key]))}]")
+    return 0
 
 
 def write_outputs(cfg: Config, results: dict) -> None:
-    """bench.json, the two figures and BENCH.md into cfg.out_dir."""
+    """bench.json, each network's two figures and BENCH.md into cfg.out_dir."""
     out = cfg.out_dir
     (out / "bench.json").write_text(json.dumps(results, indent=1) + "\n")
-    machine = f"{results['machine']['cpu_model']}, {results['machine']['torch_threads']} threads, torch {results['machine']['torch']}"
-    plots.draw_fig2(results["fig2"], out / FIG2_PNG, machine)
-    plots.draw_fig3(results["fig3"], out / FIG3_PNG, machine, results["machine"]["mem_total_bytes"])
-    (out / "BENCH.md").write_text(report.render(results, FIG2_PNG, FIG3_PNG))
+    m = results["machine"]
+    machine = f"{m['cpu_model']}, {m['torch_threads']} threads, torch {m['torch']}"
+    for net in results["networks"].values():
+        plots.draw_fig2(net, out / net["figures"]["fig2"], machine)
+        plots.draw_fig3(net, out / net["figures"]["fig3"], machine, m["mem_total_bytes"])
+    (out / "BENCH.md").write_text(report.render(results))

@@ -1,11 +1,16 @@
 """One measured benchmark point, meant to run in a fresh subprocess.
 
-    python -m bench.worker '{"mode": "streaming", "size": 2048, "tile": 512, ...}'
+    python -m bench.worker '{"network": "conv3", "mode": "streaming", "size": 2048, "tile": 512, ...}'
 
 prints one line ``BENCH_RESULT {json}``. A fresh process per point means no
 memory left over from earlier points can hide (or inflate) this point's peak.
 The input is allocated before the memory baseline is taken, so the reported
 peak is what the training step needs on top of the data it trains on.
+
+Modes: ``streaming`` (streamcnn.Streaming around the network), ``conventional``
+(plain backprop with the input in the layout Streaming gives its tiles, so the
+two are compared like for like), ``conventional_default`` (plain backprop in
+torch's default contiguous layout, reported separately).
 """
 import json
 import sys
@@ -13,23 +18,39 @@ import time
 
 import torch
 
+from bench import networks, protocol
 from bench.memory import PeakMemory
-from bench.network import build_network, make_input
 
 RESULT_PREFIX = "BENCH_RESULT "
 SMALL_WARMUP_TILES = 2  # side of the small warm-up input, in tiles
+MODES = ("streaming", "conventional", "conventional_default")
 
 
-def build_model(mode: str, tile, seed: int):
-    """(network, model to train): the model is the network itself or streamcnn.Streaming around it."""
-    net = build_network(seed)
-    if mode == "conventional":
-        return net, net
+def tile_layout(x: torch.Tensor) -> str:
+    """The memory layout Streaming gives each tile of ``x`` by default."""
+    from streamcnn.streaming import use_channels_last
+
+    return "channels_last" if use_channels_last(x) else "contiguous"
+
+
+def build_model(net, mode: str, tile):
+    """The model to train: the network itself or streamcnn.Streaming around it."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "streaming":
         from streamcnn import Streaming
 
-        return net, Streaming(net, tile)
-    raise ValueError(f"mode must be 'conventional' or 'streaming', got {mode!r}")
+        return Streaming(net, tile)
+    return net
+
+
+def arrange_input(x: torch.Tensor, mode: str) -> tuple:
+    """(input to train on, its layout name). Conventional backprop gets the tiles' layout."""
+    if mode == "conventional" and tile_layout(x) == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last), "channels_last"
+    if mode == "streaming":
+        return x, f"tiles {tile_layout(x)}"
+    return x, "contiguous"
 
 
 def _sync(device: str) -> None:
@@ -63,7 +84,20 @@ def _minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def warm_up(model, spec: dict, x) -> None:
+def timed_step(model, x, spec: dict, thr: protocol.Thresholds) -> dict:
+    """One training step with its peak memory, CPU use and whether other work competed with it."""
+    with PeakMemory(spec["device"]) as peak:
+        before = protocol.sample()
+        step = training_step(model, x, spec["device"])
+        after = protocol.sample()
+    win = protocol.window(before, after)
+    return {**step, "cpu_util": step["cpu_s"] / (step["step_s"] * spec["threads"]),
+            "foreign_cores": win["foreign_cores"], "steal_cores": win["steal_cores"], "pressure": win["pressure"],
+            "disturbed": protocol.disturbance(win, spec["threads"], spec["cores"], thr),
+            **peak.record()}
+
+
+def warm_up(model, spec: dict, x, net) -> None:
     """One untimed step: on the full input, (for huge inputs) on a few tiles only, or none.
 
     The small warm-up loads the libraries and primes the tile-sized kernels that
@@ -75,36 +109,35 @@ def warm_up(model, spec: dict, x) -> None:
         training_step(model, x, spec["device"])
     elif spec["warmup"] == "small":
         side = min(spec["size"], SMALL_WARMUP_TILES * (spec["tile"] or spec["size"]))
-        small = make_input(side, spec["seed"], spec["device"]).to(x.dtype)
-        training_step(model, small, spec["device"])
+        small = net.make_input(side, spec["seed"], spec["device"]).to(x.dtype)
+        training_step(model, arrange_input(small, spec["mode"])[0], spec["device"])
     else:
         raise ValueError(f"warmup must be 'full', 'small' or 'none', got {spec['warmup']!r}")
     model.zero_grad(set_to_none=True)
 
 
 def measure(spec: dict) -> dict:
-    """Run warm-up plus ``reps`` measured steps; every step's time and peak growth are kept.
+    """Warm-up, then timed steps until ``reps`` are undisturbed or ``max_steps`` were taken.
 
     ``spec['dtype']`` (default float32) other than float32 is used only for the
     float64 gradient oracle; the input is drawn in float32 and converted, so it is
     the same image.
     """
     torch.set_num_threads(spec["threads"])
-    device = spec["device"]
-    dtype = getattr(torch, spec.get("dtype", "float32"))
-    net, model = build_model(spec["mode"], spec.get("tile"), spec["seed"])
+    thr = protocol.Thresholds(foreign_cores=spec["foreign_cores"])
+    device, dtype = spec["device"], getattr(torch, spec.get("dtype", "float32"))
+    net_spec = networks.get(spec["network"])
+    net = net_spec.build(spec["seed"])
+    model = build_model(net, spec["mode"], spec.get("tile"))
     model.to(device=device, dtype=dtype)
-    x = make_input(spec["size"], spec["seed"], device).to(dtype)
-    warm_up(model, spec, x)
-    steps, method = [], None
-    for _ in range(spec["reps"]):
-        with PeakMemory(device) as peak:
-            step = training_step(model, x, device)
-        steps.append({**step, "peak_growth_bytes": peak.growth, "baseline_bytes": peak.baseline})
-        method = peak.method
+    x, layout = arrange_input(net_spec.make_input(spec["size"], spec["seed"], device).to(dtype), spec["mode"])
+    warm_up(model, spec, x, net_spec)
+    steps = []
+    while protocol.need_more_steps(steps, spec["reps"], spec["max_steps"]):
+        steps.append(timed_step(model, x, spec, thr))
     if spec.get("grads_path"):
         torch.save({n: p.grad.detach().cpu() for n, p in net.named_parameters()}, spec["grads_path"])
-    return {"spec": spec, "steps": steps, "memory_method": method}
+    return {"spec": spec, "steps": steps, "layout": layout}
 
 
 def main(argv=None) -> int:

@@ -1,8 +1,8 @@
 """Fast checks of the benchmark harness's pure pieces (no benchmark is run here).
 
-Covers: /proc status parsing and the VmHWM peak measurement, the linear
-extrapolation, the overlap factor, the targets, the memory guard, and rendering
-BENCH.md plus both figures from a small fake result.
+Covers: /proc status parsing and the VmHWM peak measurement, the overlap factor, the
+targets, the memory guard, the network registry, and rendering BENCH.md plus both figures
+from a small fake result. The protocol, fits and comparison are in test_bench_protocol.py.
 """
 import dataclasses
 import os
@@ -10,9 +10,10 @@ import os
 import numpy as np
 import pytest
 
-from bench import analysis, memory, run
+from bench import analysis, memory, networks, run
 from bench.config import QUICK
-from bench.harness import PointRunner, fit_reason
+from bench.guard import fit_reason
+from bench.harness import Key, PointRunner
 from bench.micro import summarise_micro
 
 MIB = 2**20
@@ -46,12 +47,6 @@ def test_peak_memory_does_not_count_what_existed_before():
     assert peak.growth < 16 * MIB
 
 
-def test_fit_linear_recovers_a_line_and_extrapolates_in_pixels():
-    assert analysis.fit_linear([1, 2, 3], [5, 7, 9]) == pytest.approx((2, 3))
-    pts = [{"status": "measured", "size": s, "peak_bytes": 10 * s * s + 7} for s in (256, 512, 1024)]
-    assert analysis.extrapolate(pts, [4096], "peak_bytes")[4096] == pytest.approx(10 * 4096**2 + 7)
-
-
 def test_overlap_factor_counts_recomputed_pixels_per_axis():
     plan = {"tiles_per_axis": [5, 5], "tile_starts": [[0, 506, 1012, 1518, 1536]] * 2,
             "tile_stops": [[512, 1018, 1524, 2030, 2048]] * 2}
@@ -59,17 +54,19 @@ def test_overlap_factor_counts_recomputed_pixels_per_axis():
     assert analysis.overlap_factor({}, 2048) is None
 
 
-def _point(mode, size, tile, step_s, peak, plan_stream=None, plan_conv=None):
+def _point(mode, size, tile, step_s, peak, plan_stream=None, plan_conv=None, clean=True, variant="default"):
     inp = 12 * size * size
     plan = {"tiles_per_axis": [2, 2], "tile_starts": [[0, size // 2]] * 2, "tile_stops": [[size // 2, size]] * 2}
     if plan_stream:
         plan["streaming_peak_bytes"] = plan_stream + inp
     if plan_conv:
         plan["conventional_peak_bytes"] = plan_conv + inp
-    return {"mode": mode, "size": size, "tile": tile, "input_bytes": inp, "plan": plan, "status": "measured",
-            "reps": 3, "step_s": step_s, "forward_s": step_s / 3, "backward_s": 2 * step_s / 3,
-            "step_s_all": [step_s] * 3, "peak_bytes": peak, "peak_bytes_all": [peak] * 3, "loss": 0.5,
-            "memory_method": "fake"}
+    return {"network": "conv3", "mode": mode, "size": size, "tile": tile, "variant": variant, "input_bytes": inp,
+            "plan": plan, "status": "measured", "clean": clean, "reps": 3, "step_s": step_s,
+            "forward_s": step_s / 3, "backward_s": 2 * step_s / 3, "cpu_s": 2 * step_s, "cpu_util": 0.97,
+            "page_faults": 1000, "foreign_cores": 0.02 if clean else 1.2, "step_s_all": [step_s * 0.98, step_s, step_s * 1.03],
+            "peak_bytes": peak, "peak_bytes_all": [peak] * 3, "loss": 0.5, "memory_method": "fake",
+            "attempts": 1 if clean else 2, "extra_steps": 0 if clean else 3, "disturbances": [] if clean else ["busy"]}
 
 
 def test_targets_report_met_and_not_met_with_numbers():
@@ -85,9 +82,10 @@ def test_targets_report_met_and_not_met_with_numbers():
 
 def test_guard_skips_a_point_that_plan_says_will_not_fit():
     huge = {"conventional_peak_bytes": 10**15}
-    reason = fit_reason("conventional", 1024, "cpu", huge, QUICK)
+    reason = fit_reason("conventional", 1024, "cpu", huge, QUICK, 12 * 1024**2)
     assert reason and "available" in reason
-    assert fit_reason("conventional", 64, "cpu", {"conventional_peak_bytes": MIB}, QUICK) is None
+    assert fit_reason("conventional", 64, "cpu", {"conventional_peak_bytes": MIB}, QUICK, 12 * 64**2) is None
+    assert "streaming_peak_bytes" in fit_reason("streaming", 64, "cpu", {"error": "too small"}, QUICK, 12 * 64**2)
 
 
 def test_micro_summary_pairs_reference_and_torch():
@@ -96,41 +94,73 @@ def test_micro_summary_pairs_reference_and_torch():
     assert rows == [{"case": "c", "op": "forward", "reference_s": 0.3, "torch_s": 0.1, "ratio": pytest.approx(3.0)}]
 
 
-def test_report_and_figures_render_from_a_fake_result(tmp_path):
-    cfg = dataclasses.replace(QUICK, out_dir=tmp_path, raw_dir=tmp_path, fig2_input=1024, fig2_tiles=(128, 512),
-                              fig3_tile=128, fig3_sizes=(512, 1024, 2048), headline_size=2048,
-                              oracle_max=0)
+def _fake_run(tmp_path):
+    """A full run's results from fake points: like-for-like conventional fits up to 1024², streaming to 4096²."""
+    pts = networks.Points(fig2_input=1024, fig2_tiles=(128, 512), fig3_tile=128, fig3_sizes=(256, 512, 1024, 2048, 4096),
+                          conventional_sizes=(256, 512, 1024, 2048), default_layout_sizes=(1024,), overhead_tiles=(128,),
+                          fit_min_side=256, oracle_max=0)
+    net = dataclasses.replace(networks.CONV3, full=pts)
+    cfg = dataclasses.replace(QUICK, name="full", out_dir=tmp_path, raw_dir=tmp_path)
     runner = PointRunner(cfg, "cpu")
-    c = runner.cache
-    c[("conventional", 1024, None)] = _point("conventional", 1024, None, 2.0, 1000 * MIB, plan_conv=900 * MIB)
-    c[("conventional", 512, None)] = _point("conventional", 512, None, 0.5, 250 * MIB, plan_conv=225 * MIB)
-    c[("conventional", 2048, None)] = {"mode": "conventional", "size": 2048, "tile": None, "input_bytes": 12 * 2048**2,
-                                       "plan": {}, "status": "skipped", "reason": "would not fit"}
-    for tile, t in ((128, 3.0), (512, 1.5)):
-        c[("streaming", 1024, tile)] = _point("streaming", 1024, tile, t, 60 * MIB, plan_stream=50 * MIB, plan_conv=900 * MIB)
-    c[("streaming", 512, 128)] = _point("streaming", 512, 128, 0.8, 20 * MIB, plan_stream=18 * MIB, plan_conv=225 * MIB)
-    c[("streaming", 2048, 128)] = _point("streaming", 2048, 128, 12.0, 200 * MIB, plan_stream=190 * MIB, plan_conv=3600 * MIB)
-    results = {"schema": 1, "run": "quick", "config": {"seed": 0, "full_warmup_max": 4096, "reps": 3, "headline_reps": 1,
-                                                       "memory_margin_bytes": 2**31},
+
+    def put(p):
+        runner.cache[Key("conv3", p["mode"], p["size"], p["tile"], p["variant"])] = p
+    for size in (256, 512, 1024):
+        put(_point("conventional", size, None, 0.2 + 2e-6 * size ** 2, 900 * size ** 2, plan_conv=880 * size ** 2))
+    put({**_point("conventional", 2048, None, 1, 1), "status": "skipped", "reason": "would not fit"})
+    put(_point("conventional_default", 1024, None, 6.0, 1400 * MIB))
+    for size in (256, 512, 1024, 2048, 4096):
+        t = 0.1 + 2.4e-6 * size ** 2 * (1.5 if size == 512 else 1.0)  # 512² is 43 % off the line: flagged
+        put(_point("streaming", size, 128, t, 20 * MIB + 40 * size ** 2, plan_stream=19 * MIB + 40 * size ** 2,
+                   plan_conv=880 * size ** 2, clean=size != 2048))
+    put(_point("streaming", 1024, 512, 2.1, 200 * MIB, plan_stream=190 * MIB, plan_conv=880 * 1024 ** 2))
+    for variant in ("heap_malloc", "omp_passive", "one_thread"):
+        put(_point("streaming", 1024, 128, 2.9, 60 * MIB, variant=variant))
+    monkey_net = {"conv3": net}
+    return cfg, runner, monkey_net
+
+
+def test_report_and_figures_render_from_a_fake_result(tmp_path, monkeypatch):
+    cfg, runner, nets = _fake_run(tmp_path)
+    monkeypatch.setattr(networks, "NETWORKS", nets)
+    results = {"schema": 2, "run": "full", "config": {"seed": 0, "memory_margin_bytes": 2**31},
+               "protocol": run.protocol_record(cfg, runner),
                "machine": {"date": "today", "cpu_model": "fake CPU", "cpu_cores": 2, "mem_total_bytes": 2**34,
                            "device": "cpu", "torch": "x", "numpy": "y", "python": "z", "torch_threads": 2,
                            "platform": "p", "load_avg_1min_at_start": 0.1},
+               "networks": {"conv3": run.network_results(cfg, "conv3", runner)},
+               "unavailable": {"resnet34": "no torchvision"},
                "micro": {"rows": [{"case": "c", "op": "forward", "reference_s": 0.3, "torch_s": 0.1, "ratio": 3.0}]},
-               "elapsed_s": 1.0}
-    variants = {name: PointRunner(dataclasses.replace(cfg, raw_dir=tmp_path / name), "cpu") for name in run.VARIANTS}
-    for name, v in variants.items():
-        v.cache[("streaming", 1024, 128)] = _point("streaming", 1024, 128, 0.9, 70 * MIB)
-    results.update(run.collect(cfg, runner, variants))
-    est = results["fig3"]["conventional_estimated"]
-    assert [e["size"] for e in est] == [2048]
-    assert est[0]["peak_bytes"] == pytest.approx(4000 * MIB)  # linear in pixels through 512² and 1024²
+               "comparison": {"reference": "ref", "rows": [], "missing": True}, "elapsed_s": 60.0}
+    run.rederive(results)
+    res = results["networks"]["conv3"]["analysis"]
+    time_fit = res["fig3_fits"]["time"]
+    assert time_fit["n"] == 4 and [r["flagged"] for r in time_fit["rows"]] == [False, True, False, False, False]
+    assert res["conventional_fits"]["time"]["b"] == pytest.approx(2e-6)
+    assert [e["size"] for e in res["conventional_extrapolated"]] == [2048, 4096]
+    assert res["headline"]["extrapolated"]["memory"] == pytest.approx(900 * 4096 ** 2)
+    assert results["quiet"]["disturbed"][0]["point"] == "conv3 streaming 2048² tile 128"
     run.write_outputs(cfg, results)
     text = (tmp_path / "BENCH.md").read_text()
-    for needle in ("## Headline", "## Targets", "fig2_memory_vs_tile.png", "fig3_time_vs_input.png",
-                   "(est.)", "would not fit", "fake CPU", "3.0×", "step, 1 thread", "0.90 s"):
+    for needle in ("**Measured on: fake CPU", "Not a clean run", "## Three 3×3 convolutions", "### Headline",
+                   "### Targets", "fig2_memory_vs_tile.png", "fig3_time_vs_input.png", "(fit)", "would not fit",
+                   "**flagged**", "µs per pixel", "default layout (not like for like)", "step, 1 thread", "passive OpenMP wait",
+                   "Nothing to compare with", "### Re-measured and disturbed points", "`resnet34`: **not measured**"):
         assert needle in text, needle
     for png in ("fig2_memory_vs_tile.png", "fig3_time_vs_input.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_every_registered_network_builds_and_names_its_own_figures():
+    figures = set()
+    for net in networks.NETWORKS.values():
+        figures |= set(net.figures().values())
+    assert len(figures) == 2 * len(networks.NETWORKS)
+    full = networks.CONV3.full  # the issue: Fig. 3 from 1 MP to 268 MP, fitted over all of it
+    assert (min(full.fig3_sizes), full.headline_size, full.fit_min_side) == (1024, 16384, 1024)
+    assert networks.get("conv3").build(0)[1].out_channels == 64
+    with pytest.raises(ValueError, match="registered: conv3"):
+        networks.get("nope")
 
 
 def test_grad_agreement_judges_float32_gradients_by_the_float64_oracle(tmp_path):
@@ -138,12 +168,13 @@ def test_grad_agreement_judges_float32_gradients_by_the_float64_oracle(tmp_path)
 
     cfg = dataclasses.replace(QUICK, out_dir=tmp_path, raw_dir=tmp_path)
     runner = PointRunner(cfg, "cpu")
+    oracle, stream = Key("conv3", "oracle", 64, None), Key("conv3", "streaming", 64, 32)
     ref = {"0.weight": torch.ones(4, dtype=torch.float64), "0.bias": torch.ones(2, dtype=torch.float64)}
-    torch.save(ref, runner.grads_path("conventional", 64, None, "float64"))
-    torch.save({"0.weight": torch.ones(4) * 1.001, "0.bias": torch.ones(2)}, runner.grads_path("streaming", 64, 32))
-    runner.cache[("oracle", 64, None)] = {"status": "measured", "loss": 0.25}
-    runner.cache[("streaming", 64, 32)] = {**_point("streaming", 64, 32, 1.0, MIB), "loss": 0.25}
-    (row,) = run.grad_agreement(runner)
+    torch.save(ref, runner.grads_path(oracle, "float64"))
+    torch.save({"0.weight": torch.ones(4) * 1.001, "0.bias": torch.ones(2)}, runner.grads_path(stream))
+    runner.cache[oracle] = {"status": "measured", "loss": 0.25}
+    runner.cache[stream] = {**_point("streaming", 64, 32, 1.0, MIB), "loss": 0.25}
+    (row,) = run.grad_agreement(runner, "conv3")
     assert row["streaming"]["weights"] == pytest.approx(1e-3, rel=1e-3)
     assert row["streaming"]["biases"] == 0.0
     assert row["conventional"] is None  # no conventional float32 point at this size

@@ -30,6 +30,7 @@ class Config:
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     point_timeout_s: int = 3600
     memory_margin_bytes: int = 2 * 2**30  # keep this much RAM free when deciding what fits
+    slide_sides: tuple = (32768,)         # uint8 memmap slides trained on from disk (bench.slide)
 
     @property
     def max_steps(self) -> int:
@@ -40,4 +41,4 @@ FULL = Config(name="full", out_dir=REPORTS, raw_dir=REPORTS / "_raw" / "full")
 
 QUICK = Config(name="quick", out_dir=REPORTS / "_raw" / "quick", raw_dir=REPORTS / "_raw" / "quick",
                extra_steps=1, remeasure_budget_s=20.0, quiet_sample_s=0.5, quiet_wait_s=1.0, quiet_wait_budget_s=10.0,
-               micro_max_time=0.1)
+               micro_max_time=0.1, slide_sides=(4096,))

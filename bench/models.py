@@ -222,3 +222,15 @@ def uniform_(t: torch.Tensor, lo: float, hi: float, generator: torch.Generator) 
     """Fill ``t`` (any dtype or device) with U[lo, hi) draws from a CPU ``generator``."""
     with torch.no_grad():
         t.copy_(torch.rand(t.shape, generator=generator, dtype=torch.float64) * (hi - lo) + lo)
+
+
+def resnet34_prostate(seed: int = 0) -> nn.Sequential:
+    """The prostate paper's streamed part: ResNet-34 through ``layer3`` with frozen BatchNorm.
+
+    Random weights (seeded; nothing is downloaded). The BatchNorm statistics are those of a
+    seeded 256×256 standard-normal image - the benchmark's inputs are standard normal too -
+    so activations keep moderate magnitudes through all 16 blocks, as with trained weights.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    sample = torch.randn(1, 3, 256, 256, generator=gen)
+    return freeze_batchnorm(resnet_front(seed=seed), sample=sample, seed=seed)

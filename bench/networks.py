@@ -44,6 +44,7 @@ class Network:
     full: Points
     quick: Points
     figure_prefix: str    # figure files are {prefix}fig2_memory_vs_tile.png and {prefix}fig3_time_vs_input.png
+    paper: str = ""       # what the paper says of this setting (quoted beside plan() and the measurement)
 
     def build(self, seed: int):
         module, _, func = self.builder.partition(":")
@@ -92,7 +93,25 @@ CONV3 = Network(
     figure_prefix="",  # the paper's network keeps the plain names the README links to
 )
 
-NETWORKS = {net.name: net for net in (CONV3,)}
+RESNET34 = Network(
+    name="resnet34",
+    title="ResNet-34 through layer3 with frozen BatchNorm, the prostate paper's streamed part",
+    builder="bench.models:resnet34_prostate",
+    in_channels=3,
+    # ~4.7 µs per pixel streamed on 2 cores (receptive field 547 px, overlap 560 px at tile 2800), so the
+    # points are few: ~9 min for Fig. 2, ~15 min for Fig. 3, ~32 min for the 16384² step (1.54× its pixels).
+    full=Points(fig2_input=2048, fig2_tiles=(1280, 1536, 2048), fig3_tile=2800,
+                fig3_sizes=(1024, 2048, 4096, 16384), conventional_sizes=(1024, 2048, 4096),
+                fit_min_side=1024, oracle_max=0),
+    quick=Points(fig2_input=640, fig2_tiles=(600, 640), fig3_tile=600, fig3_sizes=(600, 640),
+                 conventional_sizes=(600, 640), fit_min_side=600, oracle_max=0),
+    figure_prefix="resnet34_",
+    paper=("The prostate paper (Pinckaers et al., IEEE TMI 2021) streamed this part of a ResNet-34 over "
+           "16384×16384 biopsies with 2800×2800 tiles and wrote that training it without streaming \"would "
+           "require a accelerator card with 2.4 terabyte of memory\" (their whole network and setting)."),
+)
+
+NETWORKS = {net.name: net for net in (CONV3, RESNET34)}
 
 
 def get(name: str) -> Network:

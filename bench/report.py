@@ -1,4 +1,5 @@
 """Renders reports/BENCH.md from the results dict that run.py also stores as bench.json."""
+from bench import slide
 from bench.compare import summary_line
 from bench.fmt import DISTURBED, fmt_bytes, fmt_dur, fmt_ms, fmt_s, fmt_x, table
 from bench.guard import LIBRARY_OVERHEAD_BYTES, PLAN_SAFETY_FACTOR
@@ -10,7 +11,7 @@ GIB = 2**30
 def render(res: dict) -> str:
     """The whole BENCH.md."""
     parts = [_intro(res), _quiet(res), *(render_network(n, net, res["machine"]) for n, net in res["networks"].items()),
-             _comparison(res), _second_run(res), _micro(res), _skipped(res), _method(res), _remeasured(res),
+             slide.render(res.get("slide") or {}), _comparison(res), _second_run(res), _micro(res), _skipped(res), _method(res), _remeasured(res),
              _machine(res),
              _reproduce(res)]
     return "\n\n".join(p for p in parts if p) + "\n"

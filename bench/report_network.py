@@ -6,7 +6,8 @@ LIKE = "conventional backprop with its input in the layout Streaming gives its t
 
 
 def render_network(name: str, net: dict, machine: dict) -> str:
-    parts = [f"## {net['title']} (`{name}`)", _headline(net, machine), _targets(net), _fig2(net), _breakdown(net),
+    parts = [f"## {net['title']} (`{name}`)", _headline(net, machine), _paper(net), _targets(net), _fig2(net),
+             _breakdown(net),
              _overhead(net, machine), _fig3(net), _fits(net), _grads(net)]
     return "\n\n".join(p for p in parts if p)
 
@@ -42,6 +43,23 @@ def _headline(net, machine) -> str:
             f"The input does not require a gradient (as in the paper).")
     return text + "\n\n" + table(["", "streaming, measured", conv_head, "plan(), streaming", "plan(), conventional"],
                                  rows)
+
+
+def _paper(net) -> str:
+    """The paper's own claim for this setting, beside plan() and the measurement (one source each)."""
+    if not net.get("paper"):
+        return ""
+    pts, res = Points(net["points"]), net["analysis"]
+    size, tile = res["headline"]["size"], res["headline"]["tile"]
+    s = pts.get("streaming", size, tile)
+    if not ok(s) or not s.get("plan", {}).get("conventional_peak_bytes"):
+        return net["paper"]
+    p = s["plan"]
+    return (f"{net['paper']} For the same input and tile, plan() estimates that conventional backprop through "
+            f"the streamed part needs **{fmt_bytes(p['conventional_peak_bytes'])}** (float32, one image, tensors "
+            f"autograd keeps; the layers after it, the optimiser and library workspaces not counted) and streaming "
+            f"{fmt_bytes(p['streaming_peak_bytes'])}; measured here, streaming needed "
+            f"**{fmt_bytes(s['peak_bytes'])}** above the input and took {fmt_s(s['step_s'])} per step.")
 
 
 def _verdict(c_total, how: str, plan_total, machine) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from bench import analysis, compare, networks, plots, report
+from bench import analysis, compare, networks, plots, report, slide
 from bench.config import FULL, QUICK, REPO_ROOT, REPORTS, Config
 from bench.harness import VARIANTS, Key, PointRunner, pick_device
 from bench.jobs import GROUPS, interleave, network_jobs, select
@@ -105,6 +105,7 @@ def network_results(cfg: Config, name: str, runner: PointRunner) -> dict:
     points = dataclasses.asdict(net.points(cfg.name))
     records = [p for k, p in runner.cache.items() if k.network == name]
     return {"title": net.title, "figures": net.figures(), "points_config": points, "points": records,
+            "paper": net.paper,
             "analysis": analysis.analyse(points, records), "grad_agreement": grad_agreement(runner, name)}
 
 
@@ -136,6 +137,8 @@ def full_run(cfg: Config, args, device: str, started: float) -> dict:
                "protocol": protocol_record(cfg, runner), "unavailable": unavailable(cfg),
                "networks": {n: network_results(cfg, n, runner) for n in cfg.networks if any(k.network == n for k in jobs)}}
     rederive(results)
+    results["slide"] = slide.merge([slide.measure(side, cfg.threads) for side in cfg.slide_sides],
+                                   cfg.out_dir / "slide.json")
     results["micro"] = {"skipped": "--no-micro"} if args.no_micro else run_micro(cfg)
     results["comparison"] = (compare.compare(results, reference, label) if reference
                              else {"reference": label, "rows": [], "missing": True})
@@ -163,6 +166,8 @@ def second_run(cfg: Config, args, device: str, started: float) -> dict:
     runner = PointRunner(cfg, device)
     jobs = {}
     for name, net in results["networks"].items():  # the stored run's own points, whatever the registry says now
+        if name not in cfg.networks:
+            continue
         jobs.update(network_jobs(name, networks.Points(**net["points_config"]), not device.startswith("cuda")))
     jobs = select(jobs, groups)
     measure_all(cfg, runner, jobs)
@@ -196,7 +201,18 @@ def main(argv=None) -> int:
         print("\n" + report.comparison_text(comp))
     verb = "re-rendered" if args.render_only else f"measured in {(time.perf_counter() - started) / 60:.1f} min and wrote"
     print(f"{verb} {cfg.out_dir / 'BENCH.md'}")
-    return 0
+    return _exit_status(results)
+
+
+def _exit_status(results: dict) -> int:
+    """1 when a measurement crashed (a bug, not a point that did not fit): CI must see it."""
+    points = [p for net in results["networks"].values() for p in net["points"]]
+    points += [r for r in (results.get("slide") or {}).values()]
+    failed = [p for p in points if p.get("status") == "failed"]
+    for p in failed:
+        print(f"bench: a measurement failed: {p.get('network', 'slide')} {p.get('mode', '')} "
+              f"{p.get('size', p.get('side'))}: {p.get('reason', '')[:300]}")
+    return 1 if failed else 0
 
 
 def list_points(cfg: Config, args) -> int:

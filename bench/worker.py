@@ -30,7 +30,7 @@ def tile_layout(x: torch.Tensor) -> str:
     """The memory layout Streaming gives each tile of ``x`` by default."""
     from streamcnn.streaming import use_channels_last
 
-    return "channels_last" if use_channels_last(x) else "contiguous"
+    return "channels_last" if x.dim() == 4 and use_channels_last(x.device, x.dtype) else "contiguous"
 
 
 def build_model(net, mode: str, tile):

@@ -6,6 +6,7 @@ Public API:
     plan(module, input_shape, tile_size) -> StreamPlan (tiles, overlap, memory estimates)
     receptive_field(module, ndim, tile_size=None)  per-axis receptive field
     testing.compare(module, x, tile_size)  check streaming against conventional autograd
+    tuning.keep_freed_memory()          opt-in glibc allocator setting (faster CPU tiles)
 
 Layers, bottom to top (imports point down only; verify/test_layout.py checks it):
 ``_args``/``errors`` -> ``geometry`` (integer tile geometry, no torch) -> ``rules``
@@ -15,11 +16,11 @@ steps) -> ``tiling``, ``sources`` (where tiles are read from), ``inputs`` (check
 ``function`` (tile loop, autograd node) -> ``streaming`` (the module) -> ``testing``.
 """
 
-from . import geometry, testing
+from . import geometry, testing, tuning
 from .errors import StreamingError, TileTooSmallError
 from .plan import StreamPlan, plan, receptive_field
 from .sources import ImageArray
 from .streaming import Streaming
 
 __all__ = ["Streaming", "ImageArray", "plan", "StreamPlan", "receptive_field", "geometry",
-           "testing", "StreamingError", "TileTooSmallError"]
+           "testing", "tuning", "StreamingError", "TileTooSmallError"]

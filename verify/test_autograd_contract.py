@@ -381,3 +381,15 @@ def test_deepcopy_of_a_streamed_model_trains_alike():
     base(x).sum().backward()
     clone(x).sum().backward()
     assert_same(grads(clone.parameters()), grads(base.parameters()))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 1, reason="needs a CUDA GPU for nn.DataParallel")
+def test_real_data_parallel_on_gpus():
+    """The same as the CPU replica test above, with torch's own nn.DataParallel."""
+    def run(stream):
+        net = model(Streaming(front(), 12) if stream else front()).cuda()
+        dp = nn.DataParallel(net)
+        dp(rand(4, 3, 30, 26).cuda()).pow(2).sum().backward()
+        return grads(net.parameters())
+
+    assert_same(run(True), run(False))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "streamcnn"
 ORDER = ["_args", "errors", "geometry", "rules", "trace", "tiling", "sources", "inputs", "state",
-         "memory", "plan", "function", "streaming", "testing", "__init__"]
+         "memory", "plan", "function", "streaming", "testing", "tuning", "__init__"]
 
 
 def imports(module: str) -> set[str]:

@@ -1,0 +1,34 @@
+"""Opt-in, process-wide settings that make streaming faster on some machines. Nothing here
+is applied unless you call it.
+
+On a CPU, every tile allocates its activations afresh. glibc serves allocations above its
+mmap threshold (at most 32 MiB) with fresh pages from the kernel and returns them on free,
+so with tiles of a few hundred pixels and more every tile faults its activations in again
+(reports/BENCH.md, "overhead probes", shows the page faults and what avoiding them changes on
+the benchmark machine). Torch allocates the activations itself, so the backend cannot reuse
+them across tiles; the allocator can.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameter numbers (malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """Serve every allocation from the heap and keep freed memory for reuse (glibc only).
+
+    Process-wide and not undoable: the same as starting Python with
+    ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647``. The next tile then reuses
+    the previous tile's pages instead of faulting in new ones; the price is that the
+    process's resident memory stays at its high-water mark.
+    Returns whether the C library took the settings (False where it is not glibc).
+    On machines shared with other programs, also consider ``OMP_WAIT_POLICY=PASSIVE``
+    (set before starting Python), which stops idle OpenMP threads from spinning.
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))

@@ -51,7 +51,8 @@ def step_cell(point) -> str:
     if not point or point.get("status") != "measured":
         return (point or {}).get("status", "–")
     times = point.get("step_s_all") or [point["step_s"]]
-    rng = f" ({min(times):.2f}–{max(times):.2f})" if len(times) > 1 and point["step_s"] < 100 else ""
+    rng = (f" ({min(times):.2f}–{max(times):.2f})" if len(times) > 1 and point["step_s"] < 100 else
+           " (1 step)" if len(times) == 1 else "")
     return fmt_s(point["step_s"]) + rng + mark(point)
 
 

@@ -136,10 +136,18 @@ class PointRunner:
         return {**key._asdict(), "input_bytes": net.input_bytes(key.size), "plan": plan,
                 "extra_env": VARIANTS[key.variant]["env"], "threads": self.threads(key.variant)}
 
+    def reps(self, key: Key, points) -> tuple[int, int]:
+        """(timed steps, most steps) for a point: the protocol's, except a headline step that
+        ``points.headline_reps`` limits (one step of a long step is all a run can afford)."""
+        if points.headline_reps and key.mode == "streaming" and key.size == points.headline_size:
+            return points.headline_reps, points.headline_reps
+        return self.cfg.reps, self.cfg.max_steps
+
     def _spec(self, key: Key, net, points, **over) -> dict:
         big = key.size > points.full_warmup_max and key.mode == "streaming"
+        reps, max_steps = self.reps(key, points)
         return {"network": key.network, "mode": key.mode, "size": key.size, "tile": key.tile,
-                "reps": self.cfg.reps, "max_steps": self.cfg.max_steps, "warmup": "small" if big else "full",
+                "reps": reps, "max_steps": max_steps, "warmup": "small" if big else "full",
                 "seed": self.cfg.seed, "threads": self.threads(key.variant), "cores": self.cores,
                 "foreign_cores": self.cfg.foreign_cores, "device": self.device,
                 "grads_path": self.grads_path(key), **over}
@@ -169,14 +177,15 @@ class PointRunner:
         reason = fit_reason(key.mode, key.size, self.device, plan, self.cfg, net.input_bytes(key.size))
         if reason:
             return {**record, "status": "skipped", "reason": reason}
-        attempts = self._attempts(key, self._spec(key, net, points))
+        spec = self._spec(key, net, points)
+        attempts = self._attempts(key, spec)
         if isinstance(attempts, str):
             return {**record, "status": "failed", "reason": attempts}
-        return {**record, **summarise(attempts, self.cfg.reps)}
+        return {**record, **summarise(attempts, spec["reps"])}
 
     def _attempts(self, key: Key, spec: dict):
         """Run the point until one attempt is clean or the bound/budget says stop; a str on failure."""
-        cfg, threads, attempts = self.cfg, spec["threads"], []
+        cfg, threads, attempts, reps = self.cfg, spec["threads"], [], spec["reps"]
         log = cfg.raw_dir / f"worker_{key.network}_{key.mode}_{key.size}_{key.tile}_{key.variant}.log"
         while True:
             max_wait = min(cfg.quiet_wait_s, max(0.0, cfg.quiet_wait_budget_s - self.waited_s))
@@ -188,9 +197,9 @@ class PointRunner:
             if "error" in result:
                 return result["error"] if not attempts else attempts
             attempts.append({"steps": result["steps"], "wall_s": wall, "before": before, "layout": result["layout"]})
-            extra = sum(s["step_s"] for s in result["steps"][cfg.reps:])  # steps beyond the minimum
+            extra = sum(s["step_s"] for s in result["steps"][reps:])  # steps beyond the minimum
             self.remeasure_spent_s += extra + (wall if len(attempts) > 1 else 0)
-            if protocol.attempt_ok(result["steps"], cfg.reps):
+            if protocol.attempt_ok(result["steps"], reps):
                 return attempts
             if not protocol.may_remeasure(len(attempts), cfg.max_attempts, self.remeasure_spent_s,
                                           cfg.remeasure_budget_s, wall):

@@ -27,6 +27,7 @@ class Points:
     fit_min_side: int = 1024          # Fig. 3's straight-line fits use inputs from this side up
     oracle_max: int = 2048            # float64 gradient oracle for inputs up to this side
     full_warmup_max: int = 4096       # above this side, the warm-up step runs on a 2x2-tile input
+    headline_reps: int | None = None  # timed steps of the streamed headline step (None: the protocol's)
 
     @property
     def headline_size(self) -> int:
@@ -102,7 +103,7 @@ RESNET34 = Network(
     # points are few: ~9 min for Fig. 2, ~15 min for Fig. 3, ~32 min for the 16384² step (1.54× its pixels).
     full=Points(fig2_input=2048, fig2_tiles=(1280, 1536, 2048), fig3_tile=2800,
                 fig3_sizes=(1024, 2048, 4096, 16384), conventional_sizes=(1024, 2048, 4096),
-                fit_min_side=1024, oracle_max=0),
+                fit_min_side=1024, oracle_max=0, headline_reps=1),
     quick=Points(fig2_input=640, fig2_tiles=(600, 640), fig3_tile=600, fig3_sizes=(600, 640),
                  conventional_sizes=(600, 640), fit_min_side=600, oracle_max=0),
     figure_prefix="resnet34_",

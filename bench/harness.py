@@ -185,7 +185,8 @@ class PointRunner:
 
     def _attempts(self, key: Key, spec: dict):
         """Run the point until one attempt is clean or the bound/budget says stop; a str on failure."""
-        cfg, threads, attempts, reps = self.cfg, spec["threads"], [], spec["reps"]
+        cfg, threads, attempts = self.cfg, spec["threads"], []
+        reps = spec.get("reps", cfg.reps)
         log = cfg.raw_dir / f"worker_{key.network}_{key.mode}_{key.size}_{key.tile}_{key.variant}.log"
         while True:
             max_wait = min(cfg.quiet_wait_s, max(0.0, cfg.quiet_wait_budget_s - self.waited_s))

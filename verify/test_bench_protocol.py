@@ -289,3 +289,15 @@ def test_interleaved_order_is_seeded_and_mixes_modes():
     switches = sum(a != b for a, b in zip(modes, modes[1:]))
     assert switches > len(set(modes))  # measured in blocks, the mode would change only len(set) - 1 times
     assert [k.size for k in timed] != sorted(k.size for k in timed)
+
+
+def test_headline_reps_limit_only_the_streamed_headline(tmp_path):
+    cfg = dataclasses.replace(QUICK, raw_dir=tmp_path)
+    runner = PointRunner(cfg, "cpu")
+    pts = Points(fig2_input=64, fig2_tiles=(32,), fig3_tile=32, fig3_sizes=(64, 128),
+                 conventional_sizes=(64,), headline_reps=1)
+    assert runner.reps(Key("n", "streaming", 128, 32, "default"), pts) == (1, 1)
+    assert runner.reps(Key("n", "streaming", 64, 32, "default"), pts) == (cfg.reps, cfg.max_steps)
+    assert runner.reps(Key("n", "conventional", 128, None, "default"), pts) == (cfg.reps, cfg.max_steps)
+    no_limit = dataclasses.replace(pts, headline_reps=None)
+    assert runner.reps(Key("n", "streaming", 128, 32, "default"), no_limit) == (cfg.reps, cfg.max_steps)

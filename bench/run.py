@@ -195,6 +195,9 @@ def main(argv=None) -> int:
         results = second_run(cfg, args, pick_device(), started)
     else:
         results = full_run(cfg, args, pick_device(), started)
+    slides = cfg.out_dir / "slide.json"  # measured by every run, or by hand (python -m bench.slide 65536)
+    if slides.exists():
+        results["slide"] = json.loads(slides.read_text())
     write_outputs(cfg, results)
     comp = (results.get("second_run") or {}).get("comparison") if args.repeat else results.get("comparison")
     if comp is not None and not args.render_only:

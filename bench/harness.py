@@ -106,14 +106,32 @@ def summarise(attempts: list, reps: int) -> dict:
 class PointRunner:
     """Measures each point once (results shared between figures), keeping every point in raw_dir/points.json."""
 
-    def __init__(self, cfg: Config, device: str):
+    def __init__(self, cfg: Config, device: str, resume_keys=()):
         self.cfg, self.device, self.cache = cfg, device, {}
         self.cores = os.cpu_count() or 1
         self.thresholds = protocol.Thresholds(foreign_cores=cfg.foreign_cores)
         self.remeasure_spent_s, self.remeasure_refused, self.waited_s = 0.0, 0, 0.0
         cfg.raw_dir.mkdir(parents=True, exist_ok=True)
-        for stale in [*cfg.raw_dir.glob("grads_*.pt"), *cfg.raw_dir.glob("worker_*.log"), cfg.raw_dir / "points.json"]:
-            stale.unlink(missing_ok=True)  # from an earlier run: must not be mistaken for this run's
+        self.resumed = self._carry_over(set(resume_keys))
+        keep = {self.grads_path(k, d) for k in self.cache for d in ("float32", "float64")}
+        for stale in [*cfg.raw_dir.glob("grads_*.pt"), *cfg.raw_dir.glob("worker_*.log")]:
+            if str(stale) not in keep:
+                stale.unlink()  # from an earlier run: must not be mistaken for this run's
+        self.save()
+
+    def _carry_over(self, wanted: set) -> int:
+        """Keep an interrupted run's clean points that this run wants (``--resume``); return how many.
+
+        A disturbed or failed point is measured again; so is one whose saved gradients are gone."""
+        path = self.cfg.raw_dir / "points.json"
+        for point in json.loads(path.read_text()) if wanted and path.exists() else []:
+            key = Key(*(point[f] for f in Key._fields))
+            grads = Path(self.grads_path(key, "float64" if key.mode == "oracle" else "float32"))
+            done = point["status"] == "skipped" or (
+                point["status"] == "measured" and point.get("clean", True) and grads.exists())
+            if key in wanted and done:
+                self.cache[key] = {**point, "resumed": True}
+        return len(self.cache)
 
     def grads_path(self, key: Key, dtype: str = "float32") -> str:
         return str(self.cfg.raw_dir / f"grads_{key.network}_{key.mode}_{key.size}_{key.tile}_{key.variant}_{dtype}.pt")

@@ -30,6 +30,9 @@ def parse_args(argv):
     ap.add_argument("--repeat", metavar="GROUPS",
                     help=f"second run: measure again only these point groups (comma-separated, of {', '.join(GROUPS)}),"
                          " compare them with reports/bench.json and add that table to it and to BENCH.md")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the clean points an interrupted run of the same kind left in its points.json "
+                         "and measure only the rest (the report says how many were carried over)")
     ap.add_argument("--list", action="store_true", help="print the points this run would measure, in order, and exit")
     ap.add_argument("--network", action="append", choices=sorted(networks.NETWORKS),
                     help="measure only this network (repeatable; default: all registered)")
@@ -123,14 +126,14 @@ def protocol_record(cfg: Config, runner: PointRunner) -> dict:
             "remeasure_refused_by_budget": runner.remeasure_refused, "foreign_cores": cfg.foreign_cores,
             "quiet_sample_s": cfg.quiet_sample_s, "quiet_wait_s": cfg.quiet_wait_s,
             "quiet_wait_budget_s": cfg.quiet_wait_budget_s, "waited_s": runner.waited_s, "order_seed": cfg.seed,
-            "cores": runner.cores}
+            "cores": runner.cores, "resumed_points": runner.resumed}
 
 
 def full_run(cfg: Config, args, device: str, started: float) -> dict:
     machine = describe(device, cfg.threads)
     reference, label = compare.load_reference(REPORTS / "bench.json", REPO_ROOT)  # quick runs compare what they can
-    runner = PointRunner(cfg, device)
     jobs = all_jobs(cfg, device)
+    runner = PointRunner(cfg, device, resume_keys=jobs if args.resume else ())
     measure_all(cfg, runner, jobs)
     results = {"schema": SCHEMA, "run": cfg.name, "machine": machine,
                "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()},
@@ -163,13 +166,13 @@ def second_run(cfg: Config, args, device: str, started: float) -> dict:
     path = cfg.out_dir / "bench.json"
     results = load_results(path, "--repeat compares with it")
     groups = [g.strip() for g in args.repeat.split(",") if g.strip()]
-    runner = PointRunner(cfg, device)
     jobs = {}
     for name, net in results["networks"].items():  # the stored run's own points, whatever the registry says now
         if name not in cfg.networks:
             continue
         jobs.update(network_jobs(name, networks.Points(**net["points_config"]), not device.startswith("cuda")))
     jobs = select(jobs, groups)
+    runner = PointRunner(cfg, device, resume_keys=jobs if args.resume else ())
     measure_all(cfg, runner, jobs)
     records = list(runner.cache.values())
     again = {"schema": SCHEMA, "networks": {n: {"points": [p for p in records if p["network"] == n]}

@@ -4,6 +4,7 @@ Oracles are hand-computed: /proc texts with known tick counts, lines with known 
 and attempts whose quiet/disturbed steps are set by construction.
 """
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -301,3 +302,26 @@ def test_headline_reps_limit_only_the_streamed_headline(tmp_path):
     assert runner.reps(Key("n", "conventional", 128, None, "default"), pts) == (cfg.reps, cfg.max_steps)
     no_limit = dataclasses.replace(pts, headline_reps=None)
     assert runner.reps(Key("n", "streaming", 128, 32, "default"), no_limit) == (cfg.reps, cfg.max_steps)
+
+
+def test_resume_keeps_only_clean_wanted_points_with_their_gradients(tmp_path):
+    """--resume carries over what an interrupted run measured cleanly; everything else is measured again."""
+    cfg = dataclasses.replace(QUICK, raw_dir=tmp_path)
+    first = PointRunner(cfg, "cpu")
+    clean, dirty, failed, lost, unwanted, skipped = (Key("conv3", "streaming", 64, t) for t in (8, 16, 24, 32, 40, 48))
+    first.cache = {clean: {**clean._asdict(), "status": "measured", "clean": True},
+                   dirty: {**dirty._asdict(), "status": "measured", "clean": False},
+                   failed: {**failed._asdict(), "status": "failed", "reason": "killed"},
+                   lost: {**lost._asdict(), "status": "measured", "clean": True},
+                   unwanted: {**unwanted._asdict(), "status": "measured", "clean": True},
+                   skipped: {**skipped._asdict(), "status": "skipped", "reason": "would not fit"}}
+    first.save()
+    for key in (clean, dirty, unwanted):
+        Path(first.grads_path(key)).write_bytes(b"grads")
+    resumed = PointRunner(cfg, "cpu", resume_keys=[clean, dirty, failed, lost, skipped])
+    assert set(resumed.cache) == {clean, skipped} and resumed.resumed == 2
+    assert all(p["resumed"] for p in resumed.cache.values())
+    assert Path(resumed.grads_path(clean)).exists()
+    assert not Path(resumed.grads_path(dirty)).exists() and not Path(resumed.grads_path(unwanted)).exists()
+    fresh = PointRunner(cfg, "cpu")  # without --resume nothing is carried over
+    assert fresh.cache == {} and not Path(fresh.grads_path(clean)).exists()

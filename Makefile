@@ -1,7 +1,8 @@
 # streamcnn — two commands do everything on a fresh machine:
 #   make verify   set up .venv and run the equivalence proofs (verify/)
 #   make bench    set up .venv and regenerate reports/ (QUICK=1 for a smoke run,
-#                 REPEAT=fig2,fig3 to measure those points again and compare)
+#                 REPEAT=fig2,fig3 to measure those points again and compare,
+#                 RESUME=1 to keep what an interrupted run measured cleanly)
 #   make demo     set up .venv and regenerate the teaching figures in reports/
 #
 # TORCH_SPEC picks the torch build. The default is the CPU wheel this project is
@@ -15,6 +16,7 @@ TORCH_INDEX ?=
 EXTRAS      ?= dev,demo
 QUICK       ?=
 REPEAT      ?=
+RESUME      ?=
 comma       := ,
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
@@ -34,7 +36,7 @@ verify: $(STAMP)
 	$(PY) -m pytest verify -q
 
 bench: $(STAMP)
-	$(PY) -m bench $(if $(QUICK),--quick,) $(if $(REPEAT),--repeat $(REPEAT),)
+	$(PY) -m bench $(if $(QUICK),--quick,) $(if $(REPEAT),--repeat $(REPEAT),) $(if $(RESUME),--resume,)
 
 demo: $(STAMP)
 	$(PY) -m demo $(if $(QUICK),--quick,)

@@ -82,6 +82,13 @@ def _xy(points, key, use=lambda p: True):
     return [{"size": p["size"], "x": p["size"] ** 2, "y": p[key], "use": use(p)} for p in points]
 
 
+def _computed_xy(points, key, use=lambda p: True):
+    """As _xy, with x = the input pixels the tiles compute (overlap_factor × pixels): overlap repeats work."""
+    rows = [{**r, "x": r["x"] * f, "factor": f}
+            for r, p in zip(_xy(points, key, use), points) if (f := overlap_factor(p.get("plan") or {}, p["size"]))]
+    return rows if len(rows) == len(points) else []
+
+
 def _fit(rows, unit: str):
     """fit.linear_fit over _xy records; ``unit`` names y's unit (x is pixels), and b is also given per µs/byte."""
     res = fit.linear_fit(rows, "x", "y", use=lambda r: r["use"])
@@ -102,6 +109,8 @@ def fig3_fits(stream: list, min_side: int) -> dict:
     planned = [{**p, "plan_bytes": plan_estimate(p, "streaming")} for p in pts if plan_estimate(p, "streaming")]
     return {"min_side": min_side,
             "time": _fit(_xy(pts, "step_s", use=lambda p: p.get("clean", True)), "s"),
+            "time_computed": _fit(_computed_xy(pts, "step_s", use=lambda p: p.get("clean", True)), "s"),
+            "overlap_factors": {p["size"]: overlap_factor(p.get("plan") or {}, p["size"]) for p in pts},
             "memory": _fit(_xy(pts, "peak_bytes"), "bytes"),
             "plan_memory": _fit(_xy(planned, "plan_bytes"), "bytes"),
             "plan_ratio": [{"size": p["size"], "ratio": p["peak_bytes"] / p["plan_bytes"],

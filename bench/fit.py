@@ -43,7 +43,7 @@ def linear_fit(points: list, x_key: str, y_key: str, use=lambda p: True) -> dict
     """Fit y = a + b·x over the points ``use`` accepts; every point gets its deviation and a flag.
 
     ``points`` are dicts; returns None when fewer than MIN_POINTS are usable, else
-    {a, b, r2, n, rows: [{x, y, fit, rel, flagged, used}]}.
+    {a, b, r2, n, rows: [{x, y, fit, rel, flagged, used, size}]} (size: the point's, if it has one).
     """
     fitted = [p for p in points if use(p)]
     if len(fitted) < MIN_POINTS:
@@ -54,7 +54,7 @@ def linear_fit(points: list, x_key: str, y_key: str, use=lambda p: True) -> dict
     for p in points:
         pred = a + b * p[x_key]
         rel = (p[y_key] - pred) / pred if pred > 0 else math.inf
-        rows.append({"x": p[x_key], "y": p[y_key], "fit": pred, "rel": rel,
+        rows.append({"x": p[x_key], "y": p[y_key], "fit": pred, "rel": rel, "size": p.get("size"),
                      "flagged": abs(rel) > FLAG_REL, "used": use(p)})
     return {"a": a, "b": b, "r2": r_squared(xs, ys, a, b), "n": len(fitted), "flag_rel": FLAG_REL, "rows": rows}
 

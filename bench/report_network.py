@@ -234,9 +234,19 @@ def _fit_sentence(fit, what, b_text, a_text) -> str:
     flagged = [r for r in fit["rows"] if r["flagged"]]
     flags = ("no point is more than {:.0%} off the line".format(fit["flag_rel"]) if not flagged else
              "**flagged** (more than {:.0%} off): ".format(fit["flag_rel"])
-             + ", ".join(f"{int(round(r['x'] ** 0.5))}² ({fmt_pct(r['rel'])})" for r in flagged))
+             + ", ".join(f"{r.get('size') or int(round(r['x'] ** 0.5))}² ({fmt_pct(r['rel'])})" for r in flagged))
     return (f"- **{what}** = a + b·pixels: b = {b_text(fit['b'])}, a = {a_text(fit['a'])}, R² = {fit['r2']:.4f} "
             f"over {fit['n']} inputs; {flags}.")
+
+
+def _computed_sentence(f3: dict, us) -> str:
+    """The time line against the pixels the tiles compute, where overlap makes that differ from the input's."""
+    factors = {int(k): v for k, v in (f3.get("overlap_factors") or {}).items() if v}
+    if not f3.get("time_computed") or not factors or max(factors.values()) < 1.05:
+        return ""  # overlap repeats under 5 % of the work: the line in input pixels says it all
+    spread = ", ".join(f"{k}² {v:.2f}×" for k, v in sorted(factors.items()))
+    return _fit_sentence(f3["time_computed"], "streamed step time against the pixels the tiles compute "
+                         f"(overlapping tiles repeat work: plan()'s coverage {spread})", us, fmt_s)
 
 
 def _fits(net) -> str:
@@ -252,6 +262,7 @@ def _fits(net) -> str:
                  + ".") if ratios else ""
     bullets = [
         _fit_sentence(f3["time"], "streamed step time", us, fmt_s),
+        _computed_sentence(f3, us),
         _fit_sentence(f3["memory"], "streamed peak memory", bpp, fmt_bytes),
         _fit_sentence(f3["plan_memory"], "plan()'s streamed peak", bpp, fmt_bytes),
         plan_line,

@@ -86,8 +86,8 @@ CONV3 = Network(
     # Full run: ~30 min on 2 quiet cores, two thirds of it the 16384² steps.
     full=Points(fig2_input=2048, fig2_tiles=(128, 256, 384, 512, 1024, 2048),
                 fig3_tile=512, fig3_sizes=(1024, 2048, 3072, 4096, 8192, 16384),
-                # Conventional stops at 2896² on CPU: from 2897² its 64-channel activation passes 2**31 bytes and
-                # oneDNN's weight-gradient kernel falls back to its reference loop (see ONEDNN_CLIFF in report.py).
+                # Conventional stops at 2896² on CPU: from 2897² oneDNN's weight-gradient kernel falls back to its
+                # reference loop (see ONEDNN_CLIFF in report.py; ResNet-34's first layer too).
                 conventional_sizes=(1024, 2048, 2896, 8192), default_layout_sizes=(2048,),
                 overhead_tiles=(128, 512)),
     quick=Points(fig2_input=512, fig2_tiles=(128, 256, 512), fig3_tile=128, fig3_sizes=(128, 256, 512),
@@ -104,7 +104,7 @@ RESNET34 = Network(
     # ~4.7 µs per pixel streamed on 2 cores (receptive field 547 px, overlap 560 px at tile 2800), so the
     # points are few: ~9 min for Fig. 2, ~15 min for Fig. 3, ~32 min for the 16384² step (1.54× its pixels).
     full=Points(fig2_input=2048, fig2_tiles=(1280, 1536, 2048), fig3_tile=2800,
-                fig3_sizes=(1024, 2048, 4096, 16384), conventional_sizes=(1024, 1536, 2048, 3072, 4096),
+                fig3_sizes=(1024, 2048, 4096, 16384), conventional_sizes=(1024, 1536, 2048, 2896, 4096),
                 fit_min_side=1024, oracle_max=0, headline_reps=1),
     quick=Points(fig2_input=640, fig2_tiles=(600, 640), fig3_tile=600, fig3_sizes=(600, 640),
                  conventional_sizes=(600, 640), fit_min_side=600, oracle_max=0),

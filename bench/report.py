@@ -41,12 +41,12 @@ def _intro(res) -> str:
 
 
 ONEDNN_CLIFF = (
-    "- **Where conventional backprop stops on CPU.** From 2897×2897 on, the three-convolution network's 64-channel "
-    "activation passes 2³¹ bytes, and oneDNN (torch's CPU convolution library) computes that layer's weight "
-    "gradient with its reference loop instead of its JIT kernel (`ONEDNN_VERBOSE=1` shows `ref:any` "
-    "`backward_weights`): 152 s instead of about 1 s at 3072×3072 on this machine, in either memory layout. "
-    "Timing that would measure oneDNN's fallback, not backpropagation, so conventional points stop at 2896×2896 "
-    "and larger sizes come from the fitted line. Streamed tiles stay far below the limit.")
+    "- **Where conventional backprop stops on CPU.** From 2897×2897 on, oneDNN (torch's CPU convolution library) "
+    "computes the weight gradient of the three-convolution network's 64-channel layer, and of ResNet-34's 7×7 "
+    "stride-2 first layer, with its reference loop instead of its JIT kernel (`ONEDNN_VERBOSE=1` shows `ref:any` "
+    "`backward_weights`): 152 s instead of about 1 s for that one layer at 3072×3072 on this machine, in either "
+    "memory layout. Timing that would measure oneDNN's fallback, not backpropagation, so conventional points stop "
+    "at 2896×2896 and larger sizes come from the fitted line. Streamed tiles stay far below the limit.")
 
 
 def _resumed(res) -> str:

@@ -9,13 +9,13 @@ Run: ``python -m demo.residual [--reports-dir reports]``.
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 from dataclasses import dataclass
 from fractions import Fraction
 
 import numpy as np
 
+from demo.figure_cli import run_alone, write_figure
 from demo.walkthrough import INCOMPLETE, NEUTRAL, PALE, TEXT, TILE_COLOURS, Canvas
 from reference import overlap
 from reference.graph import Concat, Residual
@@ -186,12 +186,8 @@ def draw(data: Residual1D, path: pathlib.Path) -> None:
 
 def main(reports_dir: pathlib.Path) -> None:
     """Render reports/residual_overlap.png (called by ``python -m demo``)."""
-    path = pathlib.Path(reports_dir) / "residual_overlap.png"
-    draw(compute(), path)
-    print(f"wrote {path}")
+    write_figure(draw, compute(), reports_dir, "residual_overlap.png")
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reports-dir", type=pathlib.Path, default=pathlib.Path("reports"))
-    main(parser.parse_args().reports_dir)
+    run_alone(main, __doc__)

@@ -12,12 +12,12 @@ Run: ``python -m demo.walkthrough [--reports-dir reports]``.
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 from dataclasses import dataclass
 
 import numpy as np
 
+from demo.figure_cli import run_alone, write_figure
 from reference.layers import Conv
 from reference.streaming import conventional, streamed
 
@@ -260,13 +260,8 @@ def _owner_x(tiles, i):
 
 def main(reports_dir: pathlib.Path) -> None:
     """Render reports/fig1_1d_walkthrough.png (called by ``python -m demo``)."""
-    reports_dir = pathlib.Path(reports_dir)
-    path = reports_dir / "fig1_1d_walkthrough.png"
-    draw(compute(), path)
-    print(f"wrote {path}")
+    write_figure(draw, compute(), reports_dir, "fig1_1d_walkthrough.png")
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reports-dir", type=pathlib.Path, default=pathlib.Path("reports"))
-    main(parser.parse_args().reports_dir)
+    run_alone(main, __doc__)

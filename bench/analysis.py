@@ -99,20 +99,33 @@ def _fit(rows, unit: str):
     return res
 
 
+def several_tiles(point) -> bool:
+    """True when more than one tile covers the input (a plan without a tile grid counts as tiled).
+
+    With one tile the step is plain backprop of the whole image in a wrapper, so its memory
+    is set by the image, not by the tile.
+    """
+    return math.prod(point["plan"].get("tiles_per_axis") or [2]) > 1
+
+
 def fig3_fits(stream: list, min_side: int) -> dict:
     """Streamed time and peak memory against pixels (inputs from ``min_side`` up), and plan()'s memory line.
 
-    Time is fitted over undisturbed points only (a disturbed point still gets its deviation);
-    memory does not depend on competing programs, so every measured point is fitted.
+    Time is fitted over undisturbed points only (a disturbed point still gets its deviation).
+    Memory does not depend on competing programs, but its model a + b·pixels (a: the tile's
+    working set, b: the buffers as large as the image) holds only where several tiles cover the
+    input, so the memory lines use those inputs alone; ``single_tile`` lists the others.
     """
     pts = [p for p in measured(stream) if p["size"] >= min_side]
+    tiled = [p for p in pts if several_tiles(p)]
     planned = [{**p, "plan_bytes": plan_estimate(p, "streaming")} for p in pts if plan_estimate(p, "streaming")]
     return {"min_side": min_side,
             "time": _fit(_xy(pts, "step_s", use=lambda p: p.get("clean", True)), "s"),
             "time_computed": _fit(_computed_xy(pts, "step_s", use=lambda p: p.get("clean", True)), "s"),
             "overlap_factors": {p["size"]: overlap_factor(p.get("plan") or {}, p["size"]) for p in pts},
-            "memory": _fit(_xy(pts, "peak_bytes"), "bytes"),
-            "plan_memory": _fit(_xy(planned, "plan_bytes"), "bytes"),
+            "single_tile": [p["size"] for p in pts if not several_tiles(p)],
+            "memory": _fit(_xy(tiled, "peak_bytes"), "bytes"),
+            "plan_memory": _fit(_xy([p for p in planned if several_tiles(p)], "plan_bytes"), "bytes"),
             "plan_ratio": [{"size": p["size"], "ratio": p["peak_bytes"] / p["plan_bytes"],
                             "flagged": abs(p["peak_bytes"] / p["plan_bytes"] - 1) > fit.FLAG_REL} for p in planned]}
 
@@ -160,7 +173,7 @@ def targets(fig2_stream, fig2_conv):
     A tile as large as the image (one tile) is plain backprop in a wrapper, so only
     points with more than one tile compete for "best tile".
     """
-    pts = [p for p in measured(fig2_stream) if math.prod(p["plan"].get("tiles_per_axis") or [2]) > 1]
+    pts = [p for p in measured(fig2_stream) if several_tiles(p)]
     if not pts or not ok(fig2_conv):
         return [{"target": "all", "met": None, "detail": "Fig. 2 points or the conventional reference were not measured"}]
     best_mem = min(pts, key=lambda p: p["peak_bytes"])

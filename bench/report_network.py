@@ -249,6 +249,17 @@ def _computed_sentence(f3: dict, us) -> str:
                          f"(overlapping tiles repeat work: plan()'s coverage {spread})", us, fmt_s)
 
 
+def _single_tile_sentence(sizes, tile) -> str:
+    """Why the memory lines leave out the inputs one tile covers."""
+    if not sizes:
+        return ""
+    names = ", ".join(f"{s}²" for s in sorted(sizes))
+    return (f"- **Memory lines use only the inputs several tiles cover.** At {names} one {tile}-pixel tile covers the "
+            "whole image, so the step is plain backprop of that image and its memory is set by the image, not by the "
+            "tile; the line's model (a = the tile's working set, b = the buffers as large as the image) does not "
+            "apply there. measured / plan() below still checks every input.")
+
+
 def _fits(net) -> str:
     res = net["analysis"]
     f3, conv = res["fig3_fits"], res["conventional_fits"]
@@ -263,6 +274,7 @@ def _fits(net) -> str:
     bullets = [
         _fit_sentence(f3["time"], "streamed step time", us, fmt_s),
         _computed_sentence(f3, us),
+        _single_tile_sentence(f3.get("single_tile"), net["points_config"]["fig3_tile"]),
         _fit_sentence(f3["memory"], "streamed peak memory", bpp, fmt_bytes),
         _fit_sentence(f3["plan_memory"], "plan()'s streamed peak", bpp, fmt_bytes),
         plan_line,

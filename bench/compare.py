@@ -59,6 +59,7 @@ def compare(current: dict, reference: dict, label: str) -> dict:
         rows.append({"network": key[0], "mode": key[1], "size": key[2], "tile": key[3], "variant": key[4],
                      "step_s": c["step_s"], "ref_step_s": r["step_s"], "time_ratio": t,
                      "peak_bytes": c["peak_bytes"], "ref_peak_bytes": r["peak_bytes"], "memory_ratio": m,
+                     "peaks": c.get("peak_bytes_all"), "ref_peaks": r.get("peak_bytes_all"),
                      "time_ok": abs(t - 1) <= TIME_TOL, "memory_ok": abs(m - 1) <= MEMORY_TOL,
                      "clean": c.get("clean"), "ref_clean": r.get("clean")})  # None: load not checked
     machine = reference.get("machine", {})

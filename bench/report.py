@@ -1,5 +1,5 @@
 """Renders reports/BENCH.md from the results dict that run.py also stores as bench.json."""
-from bench import slide
+from bench import allocator, slide
 from bench.compare import summary_line
 from bench.fmt import DISTURBED, fmt_bytes, fmt_dur, fmt_ms, fmt_s, fmt_x, table
 from bench.guard import LIBRARY_OVERHEAD_BYTES, PLAN_SAFETY_FACTOR
@@ -11,7 +11,8 @@ GIB = 2**30
 def render(res: dict) -> str:
     """The whole BENCH.md."""
     parts = [_intro(res), _quiet(res), *(render_network(n, net, res["machine"]) for n, net in res["networks"].items()),
-             slide.render(res.get("slide") or {}), _comparison(res), _second_run(res), _micro(res), _skipped(res), _method(res), _remeasured(res),
+             slide.render(res.get("slide") or {}), _comparison(res), _second_run(res), allocator.render(res.get("allocator") or {}),
+             _micro(res), _skipped(res), _method(res), _remeasured(res),
              _machine(res),
              _reproduce(res)]
     return "\n\n".join(p for p in parts if p) + "\n"
@@ -138,13 +139,23 @@ def _second_run(res) -> str:
     comp = sr["comparison"]
     rows = comp["rows"]
     agree = rows and all(r["time_ok"] and r["memory_ok"] for r in rows)
+    outside = sum(not (r["time_ok"] and r["memory_ok"]) for r in rows)
     verdict = ("**reproduced**: every point agrees within the tolerances" if agree else
-               "**not reproduced** on every point" if rows else "nothing to compare")
+               f"**not reproduced on every point**: {outside} of {len(rows)} outside the tolerances"
+               + _outside_steps(rows) if rows else "nothing to compare")
     return (f"## Second run: does a rerun reproduce these figures?\n\n`python -m bench --repeat "
             f"{','.join(sr['groups'])}` measured the {', '.join(sr['groups'])} points again in fresh processes on "
             f"{sr['machine']['date']} ({machine_line(sr['machine'])}), {sr['elapsed_s'] / 60:.0f} min, "
             f"{sr['quiet']['clean']} of {sr['quiet']['points']} points undisturbed. Result: {verdict}.\n\n"
             + comparison_text(comp))
+
+
+def _outside_steps(rows) -> str:
+    """The per-step peaks of the points whose memory is outside the tolerance, here and there."""
+    out = [r for r in rows if not r["memory_ok"] and r.get("peaks") and r.get("ref_peaks")]
+    mib = lambda ps: ", ".join(f"{p / 2**20:.1f}" for p in ps)  # noqa: E731
+    return "".join(f" (memory of {r['network']} {r['size']}² tile {r['tile']}, each step's peak: {mib(r['peaks'])} MiB "
+                   f"here, {mib(r['ref_peaks'])} MiB there)" for r in out)
 
 
 def _micro(res) -> str:
@@ -240,5 +251,7 @@ def _reproduce(res) -> str:
             f"make bench                    # full run: writes reports/ ({took})\n"
             "make bench QUICK=1            # smoke run (~5 min): writes reports/_raw/quick/, leaves reports/ alone\n"
             "make bench REPEAT=fig2,fig3   # second run of those points, compared with reports/bench.json\n"
+            "python -m bench.slide 65536   # a 65536² slide from disk (12 GiB file), added to reports/slide.json\n"
+            "python -m bench.allocator     # one point's memory in fresh processes, glibc defaults vs fixed mmap threshold\n"
             "python -m bench --help\n```\n\nRun it on a quiet machine: the protocol detects other programs on the "
             "cores and measures again, but only within its bounds.")

@@ -117,7 +117,16 @@ def rederive(results: dict) -> dict:
     for net in results["networks"].values():
         net["analysis"] = analysis.analyse(net["points_config"], net["points"])
     results["quiet"] = analysis.quiet_summary([p for n in results["networks"].values() for p in n["points"]])
+    if results.get("second_run"):
+        results["second_run"]["comparison"] = against_first(results, results["second_run"]["points"])
     return results
+
+
+def against_first(results: dict, records: list) -> dict:
+    """The comparison of a second run's point records with the run stored in ``results``."""
+    again = {"schema": SCHEMA, "networks": {n: {"points": [p for p in records if p["network"] == n]}
+                                            for n in results["networks"]}}
+    return compare.compare(again, results, "the run above (bench.json)")
 
 
 def protocol_record(cfg: Config, runner: PointRunner) -> dict:
@@ -175,14 +184,11 @@ def second_run(cfg: Config, args, device: str, started: float) -> dict:
     runner = PointRunner(cfg, device, resume_keys=jobs if args.resume else ())
     measure_all(cfg, runner, jobs)
     records = list(runner.cache.values())
-    again = {"schema": SCHEMA, "networks": {n: {"points": [p for p in records if p["network"] == n]}
-                                            for n in results["networks"]}}
     results["second_run"] = {"groups": groups, "machine": describe(device, cfg.threads),
                              "protocol": protocol_record(cfg, runner), "points": records,
                              "quiet": analysis.quiet_summary(records),
-                             "comparison": compare.compare(again, results, f"the run above ({path.name})"),
                              "elapsed_s": time.perf_counter() - started}
-    return rederive(results)
+    return rederive(results)  # adds the second run's comparison
 
 
 def main(argv=None) -> int:
@@ -201,6 +207,9 @@ def main(argv=None) -> int:
     slides = cfg.out_dir / "slide.json"  # measured by every run, or by hand (python -m bench.slide 65536)
     if slides.exists():
         results["slide"] = json.loads(slides.read_text())
+    probe = cfg.out_dir / "allocator.json"  # measured by hand (python -m bench.allocator)
+    if probe.exists():
+        results["allocator"] = json.loads(probe.read_text())
     write_outputs(cfg, results)
     comp = (results.get("second_run") or {}).get("comparison") if args.repeat else results.get("comparison")
     if comp is not None and not args.render_only:

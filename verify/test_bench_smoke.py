@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 
-from bench import analysis, memory, networks, run
+from bench import allocator, analysis, memory, networks, plots, report, run
 from bench.config import QUICK
 from bench.guard import fit_reason
 from bench.harness import Key, PointRunner
@@ -78,6 +78,29 @@ def test_targets_report_met_and_not_met_with_numbers():
     assert rows["peak memory within 1.2x of plan()"]["value"] == pytest.approx(50 / 45)
     assert rows["step time no slower than conventional"]["met"] and rows["step time no slower than conventional"]["tile"] == 512
     assert not rows["one tile meets both the memory and the time target"]["met"]
+
+
+def test_memory_lines_leave_out_inputs_one_tile_covers():
+    # ResNet-34's case: a 2800 tile covers 1024² and 2048² whole; memory there is the image's, not the tile's.
+    pts = [_point("streaming", s, 2800, 1e-6 * s * s, 300 * MIB + 30 * s * s, plan_stream=280 * MIB + 28 * s * s)
+           for s in (1024, 2048, 4096, 8192, 16384)]
+    for p in pts[:2]:
+        p["plan"]["tiles_per_axis"] = [1, 1]
+        p["peak_bytes"] = 40 * p["size"] ** 2  # far below the tiled line's constant: would be flagged if fitted
+    fits = analysis.fig3_fits(pts, 1024)
+    assert fits["single_tile"] == [1024, 2048]
+    assert [r["size"] for r in fits["memory"]["rows"]] == [4096, 8192, 16384]
+    assert fits["memory"]["b"] == pytest.approx(30) and fits["memory"]["r2"] == pytest.approx(1.0)
+    assert fits["time"]["n"] == 5  # time is linear in pixels either way
+    assert analysis.fig3_fits(pts[:4], 1024)["memory"] is None  # two tiled inputs: no line
+
+
+def test_tick_labels_never_overprint_and_keep_the_preferred_sides():
+    sides = [1024, 2048, 2896, 3072, 4096, 8192, 16384]
+    assert plots.tick_labels(sides, preferred=[1024, 2048, 3072, 4096, 8192, 16384])[2:4] == ["", "3072"]
+    assert plots.tick_labels(sides)[2:4] == ["2896", ""]
+    assert plots.tick_labels([1280, 1536, 2048]) == ["1280", "1536", "2048"]  # a narrow axis has room
+    assert plots.tick_labels([512]) == ["512"]
 
 
 def test_guard_skips_a_point_that_plan_says_will_not_fit():
@@ -178,3 +201,26 @@ def test_grad_agreement_judges_float32_gradients_by_the_float64_oracle(tmp_path)
     assert row["streaming"]["weights"] == pytest.approx(1e-3, rel=1e-3)
     assert row["streaming"]["biases"] == 0.0
     assert row["conventional"] is None  # no conventional float32 point at this size
+
+
+def test_allocator_note_renders_each_setting_and_its_spread():
+    rec = {"network": "conv3", "size": 2048, "tile": 256, "steps": 2, "plan_bytes": 131 * MIB, "date": "2026-11-23T22:00",
+           "peaks": {"glibc defaults": [[134 * MIB, 150 * MIB], [139 * MIB, 139 * MIB]],
+                     "mmap threshold fixed at 128 KiB": [[132 * MIB, 132 * MIB], [132 * MIB, 132 * MIB]]}}
+    text = allocator.render(rec)
+    assert "| glibc defaults | 150 MiB, 139 MiB | 134 MiB – 150 MiB | +11.9% |" in text
+    assert "| mmap threshold fixed at 128 KiB | 132 MiB, 132 MiB | 132 MiB – 132 MiB | +0.0% |" in text
+    assert allocator.render({}) == ""
+
+
+def test_second_run_comparison_is_rederived_with_each_steps_peak():
+    first = _point("streaming", 1024, 256, 2.0, 100 * MIB)
+    again = {**first, "peak_bytes": 110 * MIB, "peak_bytes_all": [110 * MIB, 100 * MIB, 100 * MIB]}
+    results = {"schema": 2, "networks": {"conv3": {"points": [first], "points_config": dataclasses.asdict(networks.CONV3.quick)}},
+               "second_run": {"points": [again]}}
+    rows = run.rederive(results)["second_run"]["comparison"]["rows"]
+    assert len(rows) == 1 and rows[0]["memory_ratio"] == pytest.approx(1.1) and not rows[0]["memory_ok"]
+    assert "each step's peak: 110.0, 100.0, 100.0 MiB here, 100.0, 100.0, 100.0 MiB there" in report._second_run(
+        {**results, "second_run": {**results["second_run"], "groups": ["fig2"], "elapsed_s": 60,
+                                   "quiet": {"clean": 1, "points": 1}, "machine": {"date": "d", "cpu_model": "c", "cpu_cores": 2, "mem_total_bytes": 2**34, "device": "cpu",
+                                               "torch_threads": 2, "torch": "x"}}})

@@ -1,13 +1,13 @@
-"""How much of a point's measured peak is the allocator's: one point in several fresh processes,
+"""How much of the measured peak memory is the allocator's: points in several fresh processes,
 with glibc's default malloc and with its mmap threshold fixed.
 
-glibc serves buffers above its mmap threshold with fresh mappings, and raises the threshold (up
-to 32 MiB) whenever such a mapping is freed; from then on tile-sized buffers come from the heap,
-whose free space can fragment, so the same step may hold one tile-sized buffer more or less,
-depending on what the process allocated before. ``MALLOC_MMAP_THRESHOLD_`` fixes the threshold:
-every buffer above it is mapped and unmapped, and the resident peak is the tensors' own.
+glibc serves buffers above its mmap threshold with fresh mappings and raises the threshold (up
+to 32 MiB) whenever such a mapping is freed; from then on tile-sized buffers may come from the
+heap instead, so the same step may hold one tile-sized buffer more or less, depending on what the
+process did before. ``MALLOC_MMAP_THRESHOLD_`` fixes the threshold: every buffer above it is
+mapped and unmapped. Step times are recorded too: fresh mappings cost page faults.
 
-    python -m bench.allocator          # conv3, 2048², tile 256, 4 processes per setting
+    python -m bench.allocator --conventional   # conv3, 2048², tiles 128/256/512 and conventional, 3 processes each
 
 writes ``reports/allocator.json``; BENCH.md shows it beside the second run's comparison.
 """
@@ -16,10 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 
 from bench.config import REPORTS
-from bench.fmt import fmt_bytes, table
+from bench.fmt import fmt_bytes, fmt_s, table
 
 ALLOCATOR_JSON = REPORTS / "allocator.json"
 RAW = REPORTS / "_raw" / "allocator"
@@ -29,71 +30,90 @@ SETTINGS = {  # label -> extra environment of the worker process
 }
 
 
-def _spec(network: str, size: int, tile: int, steps: int, threads: int) -> dict:
-    return {"network": network, "mode": "streaming", "size": size, "tile": tile, "reps": steps,
+def _spec(network: str, mode: str, size: int, tile, steps: int, threads: int) -> dict:
+    return {"network": network, "mode": mode, "size": size, "tile": tile, "reps": steps,
             "max_steps": steps, "warmup": "full", "seed": 0, "threads": threads, "cores": os.cpu_count() or 1,
             "foreign_cores": 0.15, "device": "cpu"}
 
 
-def probe(network: str, size: int, tile: int, processes: int, steps: int, threads: int) -> dict:
-    """Each setting in ``processes`` fresh workers (settings alternate); every step's peak growth."""
+def probe(network: str, size: int, points: list, processes: int, steps: int, threads: int) -> dict:
+    """Each (mode, tile) of ``points`` under each setting in ``processes`` fresh workers (settings
+    alternate); every step's peak growth and time, and whether other work disturbed it."""
     from tqdm import tqdm
 
     from bench import networks
     from bench.guard import plan_point
     from bench.harness import run_worker  # imported here: BENCH.md's renderer needs none of torch
 
-    spec = _spec(network, size, tile, steps, threads)
     net = networks.get(network)
-    plan = plan_point(net, size, tile, 0)
     RAW.mkdir(parents=True, exist_ok=True)
-    runs = {label: [] for label in SETTINGS}
-    for i in tqdm(range(processes * len(SETTINGS)), desc="allocator probe", unit="process"):
-        label = list(SETTINGS)[i % len(SETTINGS)]
-        result = run_worker(spec, 1800, RAW / f"worker_{i}.log", SETTINGS[label])
+    jobs = [(mode, tile, label) for mode, tile in points for _ in range(processes) for label in SETTINGS]
+    out = {(mode, tile): {"mode": mode, "tile": tile, "runs": {label: [] for label in SETTINGS}}
+           for mode, tile in points}
+    for i, (mode, tile, label) in enumerate(tqdm(jobs, desc="allocator probe", unit="process")):
+        result = run_worker(_spec(network, mode, size, tile, steps, threads), 1800, RAW / f"worker_{i}.log",
+                            SETTINGS[label])
         if "error" in result:
-            raise RuntimeError(f"allocator probe, {label}: {result['error']}")
-        runs[label].append([s["peak_growth_bytes"] for s in result["steps"]])
-    return {"network": network, "size": size, "tile": tile, "threads": threads, "steps": steps,
-            "env": SETTINGS, "peaks": runs,
-            "plan_bytes": plan["streaming_peak_bytes"] - net.input_bytes(size),
-            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            raise RuntimeError(f"allocator probe, {mode} tile {tile}, {label}: {result['error']}")
+        out[(mode, tile)]["runs"][label].append(
+            [{k: s[k] for k in ("peak_growth_bytes", "step_s", "disturbed")} for s in result["steps"]])
+    for (mode, tile), rec in out.items():
+        plan = plan_point(net, size, tile or size, 0)
+        rec["plan_bytes"] = plan[f"{mode}_peak_bytes"] - net.input_bytes(size)
+    return {"network": network, "size": size, "threads": threads, "steps": steps, "processes": processes,
+            "env": SETTINGS, "points": list(out.values()), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def _rows(rec: dict) -> list:
+    rows = []
+    for point in rec["points"]:
+        name = point["mode"] + (f", tile {point['tile']}" if point["tile"] else "")
+        base = None
+        for label, runs in point["runs"].items():
+            peaks = [s["peak_growth_bytes"] for r in runs for s in r]
+            times = statistics.median(s["step_s"] for r in runs for s in r)
+            base = base or times
+            disturbed = sum(bool(s["disturbed"]) for r in runs for s in r)
+            rows.append([name, label, ", ".join(fmt_bytes(max(s["peak_growth_bytes"] for s in r)) for r in runs),
+                         f"{fmt_bytes(min(peaks))} – {fmt_bytes(max(peaks))}", f"{max(peaks) / min(peaks) - 1:+.1%}",
+                         fmt_bytes(point["plan_bytes"]), fmt_s(times), f"{times / base:.2f}×",
+                         f"{disturbed} of {len(peaks)}" if disturbed else "none"])
+    return rows
 
 
 def render(rec: dict) -> str:
     """BENCH.md's note on allocator noise in the memory figures ('' when the probe has not run)."""
     if not rec:
         return ""
-    rows = []
-    for label, runs in rec["peaks"].items():
-        per_process = [max(r) for r in runs]
-        every = [p for r in runs for p in r]
-        rows.append([label, ", ".join(fmt_bytes(p) for p in per_process),
-                     f"{fmt_bytes(min(every))} – {fmt_bytes(max(every))}",
-                     f"{max(every) / min(every) - 1:+.1%}"])
     return (f"### Memory from one process to the next: the allocator\n\n"
-            f"The same point, {rec['network']} {rec['size']}² with tile {rec['tile']}, measured in "
-            f"{len(next(iter(rec['peaks'].values())))} fresh processes per setting ({rec['steps']} timed steps each, "
-            f"settings alternating; `python -m bench.allocator`, {rec['date'][:10]}). With glibc's defaults the mmap "
-            "threshold adapts (up to 32 MiB) as mapped buffers are freed, so whether a tile-sized buffer is mapped "
-            "afresh or taken from the heap depends on what the process did before, and the peak can differ by about "
-            "one tile-sized buffer from one process to the next. With the threshold fixed "
-            "(`MALLOC_MMAP_THRESHOLD_`) every large buffer is mapped and unmapped and the spread goes away; plan() "
-            f"estimates {fmt_bytes(rec['plan_bytes'])}. The figures above use the defaults, as users get them, so "
-            "points with small tiles carry this spread from run to run.\n\n"
-            + table(["malloc", "peak of each process", "every step: lowest – highest", "spread"], rows))
+            f"The same {rec['network']} {rec['size']}² points, each measured in {rec['processes']} fresh processes "
+            f"per setting ({rec['steps']} timed steps each, settings alternating; `python -m bench.allocator`, "
+            f"{rec['date'][:10]}). With glibc's defaults the mmap threshold adapts (up to 32 MiB) as mapped "
+            "buffers are freed, so whether a tile-sized buffer is mapped afresh or taken from the heap depends on "
+            "what the process did before, and the peak can differ by about one tile-sized buffer from one process "
+            "to the next. With the threshold fixed (`MALLOC_MMAP_THRESHOLD_`) every large buffer is mapped and "
+            "unmapped. The figures above use the defaults, as users get them, so points with small tiles carry "
+            "this spread from run to run. Step time: the median over all steps of the setting, and its ratio to "
+            "the defaults'; indicative only, since the probe does not measure disturbed steps again (last "
+            "column). A fixed threshold would make the memory figures repeat exactly, but it slows streamed steps "
+            "(every tile's buffers are mapped afresh) and not conventional ones, so the benchmark does not use "
+            "it.\n\n"
+            + table(["point", "malloc", "peak of each process", "every step: lowest – highest", "spread", "plan()",
+                     "step time", "vs defaults", "disturbed steps"], _rows(rec)))
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.allocator", description=__doc__.splitlines()[0])
     ap.add_argument("--network", default="conv3")
     ap.add_argument("--size", type=int, default=2048)
-    ap.add_argument("--tile", type=int, default=256)
-    ap.add_argument("--processes", type=int, default=4)
+    ap.add_argument("--tiles", type=int, nargs="+", default=[128, 256, 512])
+    ap.add_argument("--conventional", action="store_true", help="also conventional backprop at --size")
+    ap.add_argument("--processes", type=int, default=3)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args(argv)
-    rec = probe(args.network, args.size, args.tile, args.processes, args.steps, args.threads)
+    points = [("streaming", t) for t in args.tiles] + ([("conventional", None)] if args.conventional else [])
+    rec = probe(args.network, args.size, points, args.processes, args.steps, args.threads)
     ALLOCATOR_JSON.write_text(json.dumps(rec, indent=1) + "\n")
     print(render(rec))
     return 0

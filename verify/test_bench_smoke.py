@@ -204,12 +204,14 @@ def test_grad_agreement_judges_float32_gradients_by_the_float64_oracle(tmp_path)
 
 
 def test_allocator_note_renders_each_setting_and_its_spread():
-    rec = {"network": "conv3", "size": 2048, "tile": 256, "steps": 2, "plan_bytes": 131 * MIB, "date": "2026-11-23T22:00",
-           "peaks": {"glibc defaults": [[134 * MIB, 150 * MIB], [139 * MIB, 139 * MIB]],
-                     "mmap threshold fixed at 128 KiB": [[132 * MIB, 132 * MIB], [132 * MIB, 132 * MIB]]}}
+    step = lambda mib, t: {"peak_growth_bytes": mib * MIB, "step_s": t, "disturbed": None}  # noqa: E731
+    rec = {"network": "conv3", "size": 2048, "steps": 2, "processes": 2, "date": "2026-11-23T22:00",
+           "points": [{"mode": "streaming", "tile": 256, "plan_bytes": 131 * MIB, "runs": {
+               "glibc defaults": [[step(134, 4.0), step(150, 4.2)], [step(139, 4.1), step(139, 4.1)]],
+               "mmap threshold fixed at 128 KiB": [[step(132, 4.4), step(132, 4.4)], [step(132, 4.6), step(132, 4.4)]]}}]}
     text = allocator.render(rec)
-    assert "| glibc defaults | 150 MiB, 139 MiB | 134 MiB – 150 MiB | +11.9% |" in text
-    assert "| mmap threshold fixed at 128 KiB | 132 MiB, 132 MiB | 132 MiB – 132 MiB | +0.0% |" in text
+    assert "| streaming, tile 256 | glibc defaults | 150 MiB, 139 MiB | 134 MiB – 150 MiB | +11.9% | 131 MiB | 4.10 s | 1.00× | none |" in text
+    assert "| mmap threshold fixed at 128 KiB | 132 MiB, 132 MiB | 132 MiB – 132 MiB | +0.0% | 131 MiB | 4.40 s | 1.07× |" in text
     assert allocator.render({}) == ""
 
 

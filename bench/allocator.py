@@ -30,20 +30,15 @@ SETTINGS = {  # label -> extra environment of the worker process
 }
 
 
-def _spec(network: str, mode: str, size: int, tile, steps: int, threads: int) -> dict:
-    return {"network": network, "mode": mode, "size": size, "tile": tile, "reps": steps,
-            "max_steps": steps, "warmup": "full", "seed": 0, "threads": threads, "cores": os.cpu_count() or 1,
-            "foreign_cores": 0.15, "device": "cpu"}
-
-
 def probe(network: str, size: int, points: list, processes: int, steps: int, threads: int) -> dict:
     """Each (mode, tile) of ``points`` under each setting in ``processes`` fresh workers (settings
     alternate); every step's peak growth and time, and whether other work disturbed it."""
     from tqdm import tqdm
 
     from bench import networks
+    from bench.config import FULL
     from bench.guard import plan_point
-    from bench.harness import run_worker  # imported here: BENCH.md's renderer needs none of torch
+    from bench.harness import Key, run_worker, worker_spec  # imported here: BENCH.md's renderer needs no torch
 
     net = networks.get(network)
     RAW.mkdir(parents=True, exist_ok=True)
@@ -51,8 +46,8 @@ def probe(network: str, size: int, points: list, processes: int, steps: int, thr
     out = {(mode, tile): {"mode": mode, "tile": tile, "runs": {label: [] for label in SETTINGS}}
            for mode, tile in points}
     for i, (mode, tile, label) in enumerate(tqdm(jobs, desc="allocator probe", unit="process")):
-        result = run_worker(_spec(network, mode, size, tile, steps, threads), 1800, RAW / f"worker_{i}.log",
-                            SETTINGS[label])
+        spec = worker_spec(FULL, Key(network, mode, size, tile, "default"), threads, "cpu", reps=steps, max_steps=steps)
+        result = run_worker(spec, 1800, RAW / f"worker_{i}.log", SETTINGS[label])
         if "error" in result:
             raise RuntimeError(f"allocator probe, {mode} tile {tile}, {label}: {result['error']}")
         out[(mode, tile)]["runs"][label].append(

@@ -103,6 +103,13 @@ def summarise(attempts: list, reps: int) -> dict:
     }
 
 
+def worker_spec(cfg: Config, key: Key, threads: int, device: str, **over) -> dict:
+    """What bench.worker.measure needs to measure ``key`` under ``cfg``'s protocol; ``over`` replaces fields."""
+    return {"network": key.network, "mode": key.mode, "size": key.size, "tile": key.tile, "reps": cfg.reps,
+            "max_steps": cfg.max_steps, "warmup": "full", "seed": cfg.seed, "threads": threads,
+            "cores": os.cpu_count() or 1, "foreign_cores": cfg.foreign_cores, "device": device, **over}
+
+
 class PointRunner:
     """Measures each point once (results shared between figures), keeping every point in raw_dir/points.json."""
 
@@ -164,11 +171,9 @@ class PointRunner:
     def _spec(self, key: Key, net, points, **over) -> dict:
         big = key.size > points.full_warmup_max and key.mode == "streaming"
         reps, max_steps = self.reps(key, points)
-        return {"network": key.network, "mode": key.mode, "size": key.size, "tile": key.tile,
-                "reps": reps, "max_steps": max_steps, "warmup": "small" if big else "full",
-                "seed": self.cfg.seed, "threads": self.threads(key.variant), "cores": self.cores,
-                "foreign_cores": self.cfg.foreign_cores, "device": self.device,
-                "grads_path": self.grads_path(key), **over}
+        return worker_spec(self.cfg, key, self.threads(key.variant), self.device, **{
+            "reps": reps, "max_steps": max_steps, "warmup": "small" if big else "full",
+            "grads_path": self.grads_path(key), **over})
 
     def _oracle(self, key: Key) -> dict:
         """Conventional backprop in float64: the reference the float32 gradients are judged by (not timed)."""

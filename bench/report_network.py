@@ -234,7 +234,7 @@ def _fit_sentence(fit, what, b_text, a_text) -> str:
     flagged = [r for r in fit["rows"] if r["flagged"]]
     flags = ("no point is more than {:.0%} off the line".format(fit["flag_rel"]) if not flagged else
              "**flagged** (more than {:.0%} off): ".format(fit["flag_rel"])
-             + ", ".join(f"{r.get('size') or int(round(r['x'] ** 0.5))}² ({fmt_pct(r['rel'])})" for r in flagged))
+             + ", ".join(f"{r['size']}² ({fmt_pct(r['rel'])})" for r in flagged))
     return (f"- **{what}** = a + b·pixels: b = {b_text(fit['b'])}, a = {a_text(fit['a'])}, R² = {fit['r2']:.4f} "
             f"over {fit['n']} inputs; {flags}.")
 

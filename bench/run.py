@@ -204,12 +204,10 @@ def main(argv=None) -> int:
         results = second_run(cfg, args, pick_device(), started)
     else:
         results = full_run(cfg, args, pick_device(), started)
-    slides = cfg.out_dir / "slide.json"  # measured by every run, or by hand (python -m bench.slide 65536)
-    if slides.exists():
-        results["slide"] = json.loads(slides.read_text())
-    probe = cfg.out_dir / "allocator.json"  # measured by hand (python -m bench.allocator)
-    if probe.exists():
-        results["allocator"] = json.loads(probe.read_text())
+    # slide.json: measured by every run, or by hand (python -m bench.slide 65536); allocator.json: by hand
+    for name in ("slide", "allocator"):
+        if (cfg.out_dir / f"{name}.json").exists():
+            results[name] = json.loads((cfg.out_dir / f"{name}.json").read_text())
     write_outputs(cfg, results)
     comp = (results.get("second_run") or {}).get("comparison") if args.repeat else results.get("comparison")
     if comp is not None and not args.render_only:

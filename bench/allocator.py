@@ -19,14 +19,14 @@ import os
 import statistics
 import time
 
-from bench.config import REPORTS
+from bench.config import FIXED_MMAP_ENV, REPORTS
 from bench.fmt import fmt_bytes, fmt_s, table
 
 ALLOCATOR_JSON = REPORTS / "allocator.json"
 RAW = REPORTS / "_raw" / "allocator"
 SETTINGS = {  # label -> extra environment of the worker process
     "glibc defaults": {},
-    "mmap threshold fixed at 128 KiB": {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)},
+    "mmap threshold fixed at 128 KiB": FIXED_MMAP_ENV,
 }
 
 
@@ -88,11 +88,12 @@ def render(rec: dict) -> str:
             "what the process did before, and the peak can differ by about one tile-sized buffer from one process "
             "to the next. With the threshold fixed (`MALLOC_MMAP_THRESHOLD_`) every large buffer is mapped and "
             "unmapped. The figures above use the defaults, as users get them, so points with small tiles carry "
-            "this spread from run to run. Step time: the median over all steps of the setting, and its ratio to "
+            "this spread from run to run; comparisons between runs therefore judge each point's memory-only probe "
+            "with the threshold fixed (see How this was measured). Step time: the median over all steps of the setting, and its ratio to "
             "the defaults'; indicative only, since the probe does not measure disturbed steps again (last "
             "column). A fixed threshold would make the memory figures repeat exactly, but it slows streamed steps "
-            "(every tile's buffers are mapped afresh) and not conventional ones, so the benchmark does not use "
-            "it.\n\n"
+            "(every tile's buffers are mapped afresh) and not conventional ones, so timed steps never use it."
+            "\n\n"
             + table(["point", "malloc", "peak of each process", "every step: lowest – highest", "spread", "plan()",
                      "step time", "vs defaults", "disturbed steps"], _rows(rec)))
 

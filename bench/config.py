@@ -7,6 +7,11 @@ from bench.networks import NETWORKS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REPORTS = REPO_ROOT / "reports"
+# glibc's mmap threshold held at its initial 128 KiB instead of adapting: every buffer above it is mapped when
+# allocated and unmapped when freed, so a step's peak RSS no longer depends on what the process freed before
+# (with the adaptive default it varies by up to one tile-sized buffer between processes; BENCH.md's allocator
+# section). Used for the memory-only probe of each point, never for timed steps.
+FIXED_MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from bench import networks, protocol
-from bench.config import REPO_ROOT, Config
+from bench.config import FIXED_MMAP_ENV, REPO_ROOT, Config
 from bench.guard import fit_reason, plan_point
 from bench.worker import RESULT_PREFIX
 
@@ -151,7 +151,31 @@ class PointRunner:
         if key not in self.cache:
             self.cache[key] = self._oracle(key) if key.mode == "oracle" else self._measure(key)
             self.save()
+        if self._wants_fixed_mmap(key):  # also for a point carried over by --resume
+            self.cache[key] = {**self.cache[key], **self._fixed_mmap_memory(key)}
+            self.save()
         return self.cache[key]
+
+    def _wants_fixed_mmap(self, key: Key) -> bool:
+        """Whether a measured point still needs its memory-only probe (CPU only: glibc's allocator)."""
+        point = self.cache[key]
+        return (point["status"] == "measured" and key.mode != "oracle" and key.variant == "default"
+                and not self.device.startswith("cuda") and ("fixed_mmap_peak_bytes" not in point or "fixed_mmap_error" in point)
+                and networks.get(key.network).points(self.cfg.name).fixed_mmap_memory)
+
+    def _fixed_mmap_memory(self, key: Key) -> dict:
+        """The point's peak memory once more, in a fresh process with glibc's mmap threshold fixed
+        (config.FIXED_MMAP_ENV): the same warm-up, then one untimed step. Its peak does not depend on the
+        process's allocation history, so it repeats from run to run where the timed steps' may not."""
+        net = networks.get(key.network)
+        spec = self._spec(key, net, net.points(self.cfg.name), reps=1, max_steps=1, grads_path=None)
+        log = self.cfg.raw_dir / f"worker_{key.network}_{key.mode}_{key.size}_{key.tile}_fixed_mmap.log"
+        result = run_worker(spec, self.cfg.point_timeout_s, log, FIXED_MMAP_ENV)
+        if "error" in result:
+            return {"fixed_mmap_peak_bytes": None, "fixed_mmap_error": result["error"]}
+        step = result["steps"][0]
+        return {"fixed_mmap_peak_bytes": step["peak_growth_bytes"], "fixed_mmap_env": FIXED_MMAP_ENV,
+                "fixed_mmap_step_s": step["step_s"], "fixed_mmap_disturbed": step["disturbed"]}
 
     def save(self) -> None:
         """Every point so far, in raw_dir/points.json, so a crash late in a long run loses nothing."""

@@ -28,6 +28,7 @@ class Points:
     oracle_max: int = 2048            # float64 gradient oracle for inputs up to this side
     full_warmup_max: int = 4096       # above this side, the warm-up step runs on a 2x2-tile input
     headline_reps: int | None = None  # timed steps of the streamed headline step (None: the protocol's)
+    fixed_mmap_memory: bool = False   # also measure each point's memory in a fresh process, mmap threshold fixed
 
     @property
     def headline_size(self) -> int:
@@ -83,16 +84,17 @@ CONV3 = Network(
     title="Three 3×3 convolutions (3→3→64→3 channels), the paper's Figs. 2–3",
     builder="bench.network:build_network",
     in_channels=3,
-    # Full run: ~30 min on 2 quiet cores, two thirds of it the 16384² steps.
+    # Full run: ~30 min on 2 quiet cores, two thirds of it the 16384² steps, and ~12 min more for the memory
+    # probes with the mmap threshold fixed (fixed_mmap_memory: one more untimed step per point).
     full=Points(fig2_input=2048, fig2_tiles=(128, 256, 384, 512, 1024, 2048),
                 fig3_tile=512, fig3_sizes=(1024, 2048, 3072, 4096, 8192, 16384),
                 # Conventional stops at 2896² on CPU: from 2897² oneDNN's weight-gradient kernel falls back to its
                 # reference loop (see ONEDNN_CLIFF in report.py; ResNet-34's first layer too).
                 conventional_sizes=(1024, 2048, 2896, 8192), default_layout_sizes=(2048,),
-                overhead_tiles=(128, 512)),
+                overhead_tiles=(128, 512), fixed_mmap_memory=True),
     quick=Points(fig2_input=512, fig2_tiles=(128, 256, 512), fig3_tile=128, fig3_sizes=(128, 256, 512),
                  conventional_sizes=(128, 256, 512), default_layout_sizes=(512,), overhead_tiles=(128,),
-                 fit_min_side=128, oracle_max=256),
+                 fit_min_side=128, oracle_max=256, fixed_mmap_memory=True),
     figure_prefix="",  # the paper's network keeps the plain names the README links to
 )
 

@@ -70,6 +70,12 @@ def _series(ax, points, key, x, color, label, scale=1.0, line="-", marker="o", e
                 ms=8, label=_once(ax, "disturbed (other work on the cores)"))
 
 
+def _fixed_mmap_series(ax, points, x):
+    """The memory-only probe's peaks (glibc's mmap threshold fixed), where the run measured them."""
+    _series(ax, points, "fixed_mmap_peak_bytes", x, STREAM, "streaming, mmap threshold fixed (memory probe)", MIB,
+            line="none", marker="^", timed=False)
+
+
 def _plan_series(ax, points, which, x, color, label):
     pts = [p for p in points if p and plan_estimate(p, which)]
     if pts:
@@ -104,6 +110,7 @@ def draw_fig2(net: dict, path, machine: str) -> None:
     conv, default = pts.get("conventional", size), pts.get("conventional_default", size)
     fig, (ax_m, ax_t) = plt.subplots(1, 2, figsize=(11, 4.5))
     _series(ax_m, stream, "peak_bytes", "tile", STREAM, "streaming, measured", MIB, timed=False)
+    _fixed_mmap_series(ax_m, stream, "tile")
     _plan_series(ax_m, stream, "streaming", "tile", PLAN, "streaming, plan() estimate")
     _hline(ax_m, conv["peak_bytes"] / MIB if ok(conv) else None, CONV, "-", "conventional (tiles' layout), measured")
     conv_est = plan_estimate(conv, "conventional")
@@ -138,6 +145,7 @@ def draw_fig3(net: dict, path, machine: str, mem_total_bytes: int = 0) -> None:
     _fit_line(ax_t, fits["time"], 1.0, STREAM, _fit_label(fits["time"], "µs/px", 1e6, "s"))
     _series(ax_t, conv, "step_s", "size", CONV, "conventional (tiles' layout)")
     _series(ax_m, stream, "peak_bytes", "size", STREAM, "streaming, measured", MIB, timed=False)
+    _fixed_mmap_series(ax_m, stream, "size")
     _fit_line(ax_m, fits["memory"], MIB, STREAM, _fit_label(fits["memory"], "B/px", 1, "MiB", MIB))
     _plan_series(ax_m, stream, "streaming", "size", PLAN, "streaming, plan() estimate")
     _series(ax_m, conv, "peak_bytes", "size", CONV, "conventional, measured", MIB, timed=False)

@@ -94,14 +94,15 @@ def _targets(net) -> str:
 
 
 def _cells(p):
-    """step, forward, backward, CPU/(wall×threads), other work, peak, plan, ratio for one point."""
+    """step, forward, backward, CPU/(wall×threads), other work, peak, peak with mmap threshold fixed, plan,
+    ratio for one point."""
     if not ok(p):
-        return [(p or {}).get("status", "–")] + ["–"] * 7
+        return [(p or {}).get("status", "–")] + ["–"] * 8
     est = plan_estimate(p, "streaming" if p["mode"] == "streaming" else "conventional")
     return [step_cell(p), fmt_s(p["forward_s"]), fmt_s(p["backward_s"]),
             "–" if p.get("cpu_util") is None else f"{p['cpu_util']:.2f}",
             f"{_cores((p.get('before') or {}).get('foreign_cores'))} / {_cores(p.get('foreign_cores'))}",
-            fmt_bytes(p["peak_bytes"]),
+            fmt_bytes(p["peak_bytes"]), fmt_bytes(p.get("fixed_mmap_peak_bytes")),
             fmt_bytes(est), fmt_x(p["peak_bytes"] / est if est else None)]
 
 
@@ -111,7 +112,7 @@ def _cores(v) -> str:
 
 POINT_HEADER = ["step: median (min–max)", "forward", "backward", "CPU / (wall × threads)",
                 "other work before / during (cores)",
-                "peak memory", "plan()", "measured / plan"]
+                "peak memory", "peak, mmap threshold fixed", "plan()", "measured / plan"]
 
 
 def _fig2(net) -> str:
@@ -210,13 +211,15 @@ def _fig3(net) -> str:
         c_mem = fmt_bytes(c["peak_bytes"]) if ok(c) else (f"~{fmt_bytes(e['memory'])} (fit)" if e.get("memory") else "–")
         rows.append([f"{size}²", f"{size * size / 1e6:.3g}", step_cell(p) if p else "–",
                      fmt_s(f["fit"]) if f else "–", _off(f),
-                     fmt_bytes(p["peak_bytes"]) if ok(p) else "–", fmt_bytes(plan_estimate(p, "streaming")),
+                     fmt_bytes(p["peak_bytes"]) if ok(p) else "–",
+                     fmt_bytes(p.get("fixed_mmap_peak_bytes")) if ok(p) else "–", fmt_bytes(plan_estimate(p, "streaming")),
                      c_time, c_mem, fmt_bytes(plan_estimate(p or c, "conventional"))])
     return (f"### Fig. 3: time and memory vs input size (tile {tile})\n\n![Fig. 3]({net['figures']['fig3']})\n\n"
             "Conventional backprop (tiles' layout) is measured while it fits in memory; where it does not, its numbers "
             "come from a straight line in pixels fitted to its undisturbed measured points (\"fit\"; dashed in the "
             "figure), never from one point, and only with at least three.\n\n"
-            + table(["input", "MP", "streaming step", "line", "off the line", "streaming peak", "plan() streaming",
+            + table(["input", "MP", "streaming step", "line", "off the line", "streaming peak",
+                     "streaming peak, mmap threshold fixed", "plan() streaming",
                      "conventional step", "conventional peak", "plan() conventional"], rows))
 
 

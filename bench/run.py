@@ -221,10 +221,10 @@ def _exit_status(results: dict) -> int:
     """1 when a measurement crashed (a bug, not a point that did not fit): CI must see it."""
     points = [p for net in results["networks"].values() for p in net["points"]]
     points += [r for r in (results.get("slide") or {}).values()]
-    failed = [p for p in points if p.get("status") == "failed"]
+    failed = [p for p in points if p.get("status") == "failed" or p.get("fixed_mmap_error")]
     for p in failed:
         print(f"bench: a measurement failed: {p.get('network', 'slide')} {p.get('mode', '')} "
-              f"{p.get('size', p.get('side'))}: {p.get('reason', '')[:300]}")
+              f"{p.get('size', p.get('side'))}: {(p.get('reason') or p.get('fixed_mmap_error') or '')[:300]}")
     return 1 if failed else 0
 
 

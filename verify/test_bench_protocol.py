@@ -4,13 +4,14 @@ Oracles are hand-computed: /proc texts with known tick counts, lines with known 
 and attempts whose quiet/disturbed steps are set by construction.
 """
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
 
-from bench import compare, fit, harness, protocol
+from bench import compare, fit, harness, protocol, run
 from bench.analysis import quiet_summary
-from bench.config import QUICK
+from bench.config import FIXED_MMAP_ENV, QUICK
 from bench.harness import Key, PointRunner
 from bench.jobs import interleave, network_jobs, select
 from bench.networks import NETWORKS, Points
@@ -325,3 +326,64 @@ def test_resume_keeps_only_clean_wanted_points_with_their_gradients(tmp_path):
     assert not Path(resumed.grads_path(dirty)).exists() and not Path(resumed.grads_path(unwanted)).exists()
     fresh = PointRunner(cfg, "cpu")  # without --resume nothing is carried over
     assert fresh.cache == {} and not Path(fresh.grads_path(clean)).exists()
+
+
+def test_memory_is_compared_by_the_fixed_mmap_probe_when_both_runs_have_it():
+    ref = _results({**_p("streaming", 2048, 256, 4.0, 139), "fixed_mmap_peak_bytes": 132},
+                   _p("streaming", 2048, 512, 4.0, 240))
+    cur = _results({**_p("streaming", 2048, 256, 4.0, 149), "fixed_mmap_peak_bytes": 132.2},
+                   {**_p("streaming", 2048, 512, 4.0, 250), "fixed_mmap_peak_bytes": 239})
+    rows = {r["tile"]: r for r in compare.compare(cur, ref, "ref")["rows"]}
+    probe, timed = rows[256], rows[512]
+    assert probe["memory_measure"] == "fixed_mmap_peak_bytes" and probe["memory_ok"]
+    assert probe["memory_ratio"] == pytest.approx(132.2 / 132) and probe["timed_memory_ratio"] == pytest.approx(149 / 139)
+    assert timed["memory_measure"] == "peak_bytes"  # the reference has no probe: the timed peaks are compared
+    assert timed["memory_ratio"] == pytest.approx(250 / 240) and timed["peak_bytes"] == 250
+
+
+def _probe_runner(tmp_path, monkeypatch, device="cpu", worker_result=None):
+    """A runner whose timed measurement is faked and whose workers are recorded (spec, extra environment)."""
+    cfg = dataclasses.replace(QUICK, out_dir=tmp_path, raw_dir=tmp_path)
+    calls = []
+
+    def fake_worker(spec, timeout, log=None, extra_env=None):
+        calls.append((spec, extra_env))
+        return worker_result or _result(_step(5.0, peak=132))
+
+    monkeypatch.setattr(harness, "run_worker", fake_worker)
+    runner = PointRunner(cfg, device)
+    monkeypatch.setattr(runner, "_measure", lambda key: {**key._asdict(), "status": "measured", "peak_bytes": 149})
+    return runner, calls
+
+
+def test_each_measured_default_point_gets_one_memory_probe_with_the_threshold_fixed(tmp_path, monkeypatch):
+    runner, calls = _probe_runner(tmp_path, monkeypatch)
+    point = runner.point(Key("conv3", "streaming", 512, 256))
+    ((spec, env),) = calls
+    assert env == FIXED_MMAP_ENV and env["MALLOC_MMAP_THRESHOLD_"] == "131072"
+    assert spec["reps"] == spec["max_steps"] == 1 and spec["grads_path"] is None and spec["warmup"] == "full"
+    assert point["fixed_mmap_peak_bytes"] == 132 and point["peak_bytes"] == 149  # the timed peak is kept
+    runner.point(Key("conv3", "streaming", 512, 256))
+    runner.point(Key("conv3", "streaming", 512, 128, "one_thread"))  # probes only the default variant
+    assert len(calls) == 1
+    assert json.loads((tmp_path / "points.json").read_text())[0]["fixed_mmap_peak_bytes"] == 132
+
+
+def test_memory_probe_runs_for_carried_over_points_only_on_cpu_and_only_where_asked(tmp_path, monkeypatch):
+    runner, calls = _probe_runner(tmp_path, monkeypatch)
+    carried = Key("conv3", "conventional", 512, None)
+    runner.cache[carried] = {**carried._asdict(), "status": "measured", "peak_bytes": 1, "resumed": True}
+    assert runner.point(carried)["fixed_mmap_peak_bytes"] == 132
+    runner.cache[Key("resnet34", "streaming", 640, 600)] = {"status": "measured"}
+    runner.point(Key("resnet34", "streaming", 640, 600))  # its Points do not ask for the probe
+    assert len(calls) == 1
+    gpu, gpu_calls = _probe_runner(tmp_path / "gpu", monkeypatch, device="cuda")
+    gpu.point(Key("conv3", "streaming", 512, 256))
+    assert gpu_calls == []  # CUDA memory is torch's own allocator's: nothing to fix
+
+
+def test_a_failed_memory_probe_is_recorded_and_fails_the_run(tmp_path, monkeypatch):
+    runner, _ = _probe_runner(tmp_path, monkeypatch, worker_result={"error": "worker failed (exit code 1): boom"})
+    point = runner.point(Key("conv3", "streaming", 512, 256))
+    assert point["fixed_mmap_peak_bytes"] is None and "boom" in point["fixed_mmap_error"]
+    assert run._exit_status({"networks": {"conv3": {"points": [point]}}}) == 1

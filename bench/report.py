@@ -163,9 +163,10 @@ def _second_run(res) -> str:
 
 
 def _resumed_second(sr) -> str:
-    n = sr.get("protocol", {}).get("resumed_points", 0)
-    return (f" ({n} of them carried over with `--resume` from an earlier invocation of the same second run, "
-            "whose minutes are not counted here)" if n else "")
+    n = sum(bool(p.get("resumed")) for p in sr.get("points", []) if p.get("mode") != "oracle")
+    return (f"; the timed steps of {n} of them were carried over with `--resume` from an earlier invocation of the "
+            "same second run, whose minutes are not counted here, and this invocation measured only what they "
+            "lacked" if n else "")
 
 
 def _outside_steps(rows) -> str:

@@ -115,6 +115,14 @@ POINT_HEADER = ["step: median (min–max)", "forward", "backward", "CPU / (wall 
                 "peak memory", "peak, mmap threshold fixed", "plan()", "measured / plan"]
 
 
+def _table_without_empty_probe(header: list, rows: list) -> str:
+    """The table, less its memory-probe column where the network has no probe (every cell '–')."""
+    i = next((i for i, h in enumerate(header) if "mmap threshold fixed" in h), None)
+    if i is not None and all(r[i] == "–" for r in rows):
+        header, rows = header[:i] + header[i + 1:], [r[:i] + r[i + 1:] for r in rows]
+    return table(header, rows)
+
+
 def _fig2(net) -> str:
     cfg, pts = net["points_config"], Points(net["points"])
     size = cfg["fig2_input"]
@@ -129,7 +137,7 @@ def _fig2(net) -> str:
         rows.append(["conventional, default layout (not like for like)", "–"] + _cells(default))
     png = net["figures"]["fig2"]
     return (f"### Fig. 2: memory and time vs tile size (input {size}×{size})\n\n![Fig. 2]({png})\n\n"
-            + table(["tile", "tiles"] + POINT_HEADER, rows))
+            + _table_without_empty_probe(["tile", "tiles"] + POINT_HEADER, rows))
 
 
 def _breakdown(net) -> str:
@@ -218,9 +226,10 @@ def _fig3(net) -> str:
             "Conventional backprop (tiles' layout) is measured while it fits in memory; where it does not, its numbers "
             "come from a straight line in pixels fitted to its undisturbed measured points (\"fit\"; dashed in the "
             "figure), never from one point, and only with at least three.\n\n"
-            + table(["input", "MP", "streaming step", "line", "off the line", "streaming peak",
-                     "streaming peak, mmap threshold fixed", "plan() streaming",
-                     "conventional step", "conventional peak", "plan() conventional"], rows))
+            + _table_without_empty_probe(
+                ["input", "MP", "streaming step", "line", "off the line", "streaming peak",
+                 "streaming peak, mmap threshold fixed", "plan() streaming", "conventional step", "conventional peak",
+                 "plan() conventional"], rows))
 
 
 def _off(row) -> str:

@@ -228,3 +228,13 @@ def test_second_run_comparison_is_rederived_with_each_steps_peak():
         {**results, "second_run": {**results["second_run"], "groups": ["fig2"], "elapsed_s": 60,
                                    "quiet": {"clean": 1, "points": 1}, "machine": {"date": "d", "cpu_model": "c", "cpu_cores": 2, "mem_total_bytes": 2**34, "device": "cpu",
                                                "torch_threads": 2, "torch": "x"}}})
+
+
+def test_memory_probe_column_is_left_out_only_where_no_point_has_a_probe():
+    from bench.report_network import _table_without_empty_probe
+
+    header = ["tile", "peak memory", "peak, mmap threshold fixed", "plan()"]
+    without = _table_without_empty_probe(header, [[128, "112 MiB", "–", "105 MiB"], [256, "139 MiB", "–", "131 MiB"]])
+    assert "mmap threshold fixed" not in without and "| 128 | 112 MiB | 105 MiB |" in without
+    kept = _table_without_empty_probe(header, [[128, "112 MiB", "105 MiB", "105 MiB"], [256, "139 MiB", "–", "131 MiB"]])
+    assert "mmap threshold fixed" in kept and "| 256 | 139 MiB | – | 131 MiB |" in kept

@@ -159,8 +159,9 @@ class PointRunner:
     def _wants_fixed_mmap(self, key: Key) -> bool:
         """Whether a measured point still needs its memory-only probe (CPU only: glibc's allocator)."""
         point = self.cache[key]
-        return (point["status"] == "measured" and key.mode != "oracle" and key.variant == "default"
-                and not self.device.startswith("cuda") and ("fixed_mmap_peak_bytes" not in point or "fixed_mmap_error" in point)
+        missing = "fixed_mmap_peak_bytes" not in point or "fixed_mmap_error" in point
+        return (point["status"] == "measured" and key.mode != "oracle" and key.variant == "default" and missing
+                and not self.device.startswith("cuda")
                 and networks.get(key.network).points(self.cfg.name).fixed_mmap_memory)
 
     def _fixed_mmap_memory(self, key: Key) -> dict:

@@ -159,7 +159,7 @@ class PointRunner:
     def _wants_fixed_mmap(self, key: Key) -> bool:
         """Whether a measured point still needs its memory-only probe (CPU only: glibc's allocator)."""
         point = self.cache[key]
-        missing = "fixed_mmap_peak_bytes" not in point or "fixed_mmap_error" in point
+        missing = point.get("fixed_mmap_peak_bytes") is None  # never probed, or the probe failed
         return (point["status"] == "measured" and key.mode != "oracle" and key.variant == "default" and missing
                 and not self.device.startswith("cuda")
                 and networks.get(key.network).points(self.cfg.name).fixed_mmap_memory)
@@ -172,11 +172,11 @@ class PointRunner:
         spec = self._spec(key, net, net.points(self.cfg.name), reps=1, max_steps=1, grads_path=None)
         log = self.cfg.raw_dir / f"worker_{key.network}_{key.mode}_{key.size}_{key.tile}_fixed_mmap.log"
         result = run_worker(spec, self.cfg.point_timeout_s, log, FIXED_MMAP_ENV)
-        if "error" in result:
-            return {"fixed_mmap_peak_bytes": None, "fixed_mmap_error": result["error"]}
-        step = result["steps"][0]
-        return {"fixed_mmap_peak_bytes": step["peak_growth_bytes"], "fixed_mmap_env": FIXED_MMAP_ENV,
-                "fixed_mmap_step_s": step["step_s"], "fixed_mmap_disturbed": step["disturbed"]}
+        step = result["steps"][0] if "error" not in result else {}
+        # the same keys either way, so a probe that succeeds on --resume replaces a failed one entirely
+        return {"fixed_mmap_peak_bytes": step.get("peak_growth_bytes"), "fixed_mmap_env": FIXED_MMAP_ENV,
+                "fixed_mmap_step_s": step.get("step_s"), "fixed_mmap_disturbed": step.get("disturbed"),
+                "fixed_mmap_error": result.get("error")}
 
     def save(self) -> None:
         """Every point so far, in raw_dir/points.json, so a crash late in a long run loses nothing."""

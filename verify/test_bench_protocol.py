@@ -387,3 +387,9 @@ def test_a_failed_memory_probe_is_recorded_and_fails_the_run(tmp_path, monkeypat
     point = runner.point(Key("conv3", "streaming", 512, 256))
     assert point["fixed_mmap_peak_bytes"] is None and "boom" in point["fixed_mmap_error"]
     assert run._exit_status({"networks": {"conv3": {"points": [point]}}}) == 1
+    runner.save()
+    again, calls = _probe_runner(tmp_path, monkeypatch)  # --resume: the failed probe is tried again
+    again.cache = {Key("conv3", "streaming", 512, 256): point}
+    fixed = again.point(Key("conv3", "streaming", 512, 256))
+    assert len(calls) == 1 and fixed["fixed_mmap_peak_bytes"] == 132 and fixed["fixed_mmap_error"] is None
+    assert run._exit_status({"networks": {"conv3": {"points": [fixed]}}}) == 0

@@ -6,6 +6,12 @@ from bench.guard import LIBRARY_OVERHEAD_BYTES, PLAN_SAFETY_FACTOR
 from bench.report_network import render_network, skipped_lines
 
 GIB = 2**30
+MEMORY_MEASURES = {"fixed_mmap_peak_bytes": "mmap threshold fixed", "peak_bytes": "timed steps"}  # "memory from"
+MEMORY_COMPARED = (
+    "Memory is compared as measured with glibc's mmap threshold fixed where both runs measured it so (\"memory "
+    "from\"; see [How this was measured](#how-this-was-measured)): with glibc's defaults, the timed steps' peak of a "
+    "small-tile point can differ by about one tile-sized buffer from one process to the next (the allocator "
+    "section below), so their ratio is shown beside it but is not what the tolerance judges.")
 
 
 def render(res: dict) -> str:
@@ -113,8 +119,6 @@ def comparison_text(comp: dict) -> str:
                                   "timed steps' memory ratio", "load"], rows)
 
 
-MEMORY_MEASURES = {"fixed_mmap_peak_bytes": "mmap threshold fixed", "peak_bytes": "timed steps"}
-
 
 def _where_disturbed(row) -> str:
     """Which side of a comparison was disturbed, or had no load check (runs before the protocol)."""
@@ -137,12 +141,6 @@ def _comparison(res) -> str:
             "run reproduces the reference; **outside** marks the rest. " + MEMORY_COMPARED + "\n\n"
             + comparison_text(comp))
 
-
-MEMORY_COMPARED = (
-    "Memory is compared as measured with glibc's mmap threshold fixed where both runs measured it so (\"memory "
-    "from\"; see [How this was measured](#how-this-was-measured)): with glibc's defaults, the timed steps' peak of a "
-    "small-tile point can differ by about one tile-sized buffer from one process to the next (the allocator "
-    "section below), so their ratio is shown beside it but is not what the tolerance judges.")
 
 
 def _second_run(res) -> str:

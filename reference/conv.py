@@ -8,9 +8,15 @@ output position ``k`` reads the inputs ``k*s + j*d`` for the taps ``j = 0..n-1``
 and an input of length ``N`` gives ``(N - d*(n-1) - 1)//s + 1`` outputs.
 
 Each function loops over the kernel taps ``j`` (that is the sum over ``i`` in
-Eq. 1, the paper's index for the kernel) and is vectorised over positions,
-samples and channels. Channels are contracted with ``tensordot``. Everything runs
-on NumPy or CuPy arrays (see ``reference._xp``).
+Eq. 1, the paper's index for the kernel) and is vectorised over positions and
+samples. Eq. 1 (and Eq. 7, which is Eq. 1 again) also loops over the input
+channels, one elementwise multiply-add each, so every output is summed in the same
+order - taps, then channels - whatever the array sizes: a tile's output is then
+*bitwise* the slice of the full output, on every CPU and on CuPy (a BLAS
+``tensordot`` would pick its kernel, and with it the summation order, by CPU and
+size). Eq. 5 sums over positions, a different set for a tile than for the whole
+image, so it contracts with ``tensordot``. Everything runs on NumPy or CuPy arrays
+(see ``reference._xp``).
 """
 
 from __future__ import annotations
@@ -79,10 +85,11 @@ def forward(x, w, stride=1, dilation=1):
     xp = array_module(x, w)
     stride, dilation, out_shape = _geometry(x.shape, w.shape, stride, dilation)
     y = xp.zeros((x.shape[0], w.shape[0]) + out_shape, dtype=xp.result_type(x, w))
+    spread = (1,) * len(out_shape)  # w[o, c, j] broadcast over positions
     for tap in _taps(w.shape[2:]):
         x_tap = x[(Ellipsis,) + _tap_slice(tap, out_shape, stride, dilation)]  # (N, C_in, *out)
-        w_tap = w[(slice(None), slice(None)) + tap]  # (C_out, C_in)
-        y += xp.moveaxis(xp.tensordot(x_tap, w_tap, axes=([1], [1])), -1, 1)
+        for c in range(x.shape[1]):  # fixed order: no BLAS reduction (see the module docstring)
+            y += w[(slice(None), c) + tap].reshape((1, -1) + spread) * x_tap[:, c:c + 1]
     return y
 
 

@@ -7,9 +7,11 @@ asks this registry what each operation on a feature map does:
   per spatial axis;
 * *pointwise* in space (activations, eval BatchNorm, Dropout in eval mode,
   LayerNorm / Linear / softmax over the channel dimension, arithmetic with
-  scalars or per-channel tensors, permutes, channel slices);
-* a *merge* of feature maps on the same grid (add, sub, mul, div of two feature
-  maps; ``torch.cat`` / chunk / split along channels);
+  scalars or per-channel tensors, permutes, channel slices, reductions over
+  channels or the batch);
+* a *merge* of feature maps on the same grid (add, sub, mul, div, max of two feature
+  maps; an elementwise operation with a feature map as another argument, such as
+  ``clamp(x, min=a)``; ``torch.cat`` / chunk / split along channels);
 * a *refusal*: everything whose output at one position depends on positions a
   tile does not hold (global or adaptive pooling, normalisation over space,
   reshapes that mix space into channels, upsampling, attention, indexing of
@@ -19,19 +21,24 @@ asks this registry what each operation on a feature map does:
 Layouts. A feature map's ``dims`` give each tensor dimension's role: ``"N"``
 (batch), ``"C"`` (channels) or a spatial axis ``0``/``1``. The input is
 ``("N", "C", 0, 1)``; ``permute(0, 2, 3, 1)`` makes it ``("N", 0, 1, "C")``, after
-which LayerNorm and Linear act on channels, as in ConvNeXt. Windows need the
-channels-first layout.
+which LayerNorm and Linear act on channels, as in ConvNeXt. Windows, and operations
+that act on dimension 1 as the channels (BatchNorm, local response norm, PReLU),
+need the channels-first layout.
 
-Handlers take the tracing context ``ctx`` first and then the operation's own
-arguments under torch's parameter names, so Python binds positional and keyword
-arguments as torch does. ``ctx`` provides ``ndim``, ``name`` (the node, for
-messages), ``step(rule, inputs, dims, channels)`` (records a step, returns its
-feature map), ``refuse(why)`` and ``dtype``/``device``/``batch`` of the input.
+Arguments. ``streamcnn.binding`` binds every call as torch does before a handler
+sees it, so handlers take the tracing context ``ctx`` and then keyword arguments
+under torch's parameter names (``input``, ``dim``, ``p``, ``other``, ``keepdim``),
+defaults filled in. A handler's feature-map parameters are declared with
+:func:`takes_maps` (``input`` alone unless it says otherwise): a feature map in any
+other argument (a convolution's weight computed from the image, say) is refused by
+the trace, so that no feature map an output depends on is left out of its step.
+``ctx`` provides ``ndim``, ``name`` (the node, for messages),
+``step(rule, inputs, dims, channels)`` (records a step, returns its feature map),
+``refuse(why)`` and ``dtype``/``device``/``batch`` of the input.
 """
 
 from __future__ import annotations
 
-import math
 import operator
 from dataclasses import dataclass
 
@@ -44,6 +51,7 @@ from .errors import StreamingError
 from .geometry import Merge, Pointwise, Window
 
 MOVE = "move it after the Streaming module (into the part of the network that sees the whole feature map)"
+ANY = "any"  # takes_maps(ANY): every argument may be a feature map
 
 
 @dataclass(frozen=True)
@@ -103,7 +111,21 @@ def first_refused(value):
     return next((r for r in map(first_refused, items) if r is not None), None)
 
 
-def _standard(ndim: int) -> tuple:
+def takes_maps(*names):
+    """Declare which parameters of a handler may hold feature maps (``ANY``: all)."""
+    def mark(handler):
+        handler.map_params = names
+        return handler
+    return mark
+
+
+def map_params(handler) -> tuple:
+    """The parameters of ``handler`` that may hold feature maps (default: ``input``)."""
+    return getattr(handler, "map_params", ("input",))
+
+
+def standard_dims(ndim: int) -> tuple:
+    """The channels-first layout ``("N", "C", 0, ..., ndim - 1)``."""
     return ("N", "C") + tuple(range(ndim))
 
 
@@ -115,15 +137,7 @@ def _dim(d: int, rank: int) -> int:
     return d + rank if d < 0 else d
 
 
-def _channels_last_op(ctx, x: FMap, what: str):
-    """Refusal unless ``x``'s last dimension is its channel dimension."""
-    if x.dims[-1] != "C":
-        return ctx.refuse(f"{what} over dimension {len(x.dims) - 1}, which is not the channel "
-                          f"dimension (layout {_layout(x)}): it would mix spatial positions")
-    return None
-
-
-def _layout(x: FMap) -> str:
+def layout(x: FMap) -> str:
     names = {"N": "N", "C": "C", 0: "H" if len(x.spatial()) == 2 else "L", 1: "W"}
     return "(" + ", ".join(names[d] for d in x.dims) + ")"
 
@@ -139,25 +153,32 @@ def _pointwise(ctx, x: FMap, dims=None, channels=-1) -> FMap:
                     x.source if channels == -1 else f"{ctx.name} gives")
 
 
+def _channels_first(ctx, x: FMap, what: str):
+    """Refusal unless dimension 1 of ``x`` is its channels (ops that act on dimension 1)."""
+    if len(x.dims) < 2 or x.dims[1] != "C":
+        return ctx.refuse(f"{what} dimension 1 as the channels, but in layout {layout(x)} "
+                          f"dimension 1 is not the channels: it would mix spatial positions")
+    return None
+
+
 # --------------------------------------------------------------------------- windows
 
 def _window_input(ctx, x: FMap, rank: int, what: str):
     if len(x.spatial()) != rank:
-        return StreamingError(
+        raise StreamingError(
             f"{ctx.name} works on {rank}-d feature maps but the input is {len(x.spatial())}-d; "
             f"use {len(x.spatial())}-d layers throughout the streamed module")
-    if x.dims != _standard(rank):
-        return ctx.refuse(f"it applies a {what} to a feature map in layout {_layout(x)}; "
+    if x.dims != standard_dims(rank):
+        return ctx.refuse(f"it applies a {what} to a feature map in layout {layout(x)}; "
                           f"windows need the channels-first layout (N, C, *spatial)")
     return None
 
 
 def _windows(rank, kernel, stride, pads, dilation=1, ceil_mode=False, max_pool=False):
     kernel, stride, dilation = (_per_axis(v, rank) for v in (kernel, stride, dilation))
-    rules = tuple(Window(kernel=kernel[a], stride=stride[a], pad_left=pads[a][0],
-                         pad_right=pads[a][1], dilation=dilation[a], ceil_mode=bool(ceil_mode),
-                         max_pool=max_pool) for a in range(rank))
-    return rules
+    return tuple(Window(kernel=kernel[a], stride=stride[a], pad_left=pads[a][0],
+                        pad_right=pads[a][1], dilation=dilation[a], ceil_mode=bool(ceil_mode),
+                        max_pool=max_pool) for a in range(rank))
 
 
 def _conv_pads(padding, kernel, dilation, rank):
@@ -173,7 +194,7 @@ def _conv_pads(padding, kernel, dilation, rank):
 def conv(ctx, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, rank):
     problem = _window_input(ctx, input, rank, "convolution")
     if problem is not None:
-        return _raise_or(problem)
+        return problem
     _need_channels(ctx, input, weight.shape[1] * groups)
     kernel = tuple(weight.shape[2:])
     rules = _windows(rank, kernel, stride, _conv_pads(padding, kernel, dilation, rank),
@@ -181,23 +202,17 @@ def conv(ctx, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=
     return ctx.step(rules, [input], input.dims, weight.shape[0], f"{ctx.name} gives")
 
 
-def _raise_or(problem):
-    if isinstance(problem, StreamingError):
-        raise problem
-    return problem
-
-
 def conv_module(ctx, m, input, *, rank):
     if m.padding_mode != "zeros":
         return ctx.refuse(
-            f"it uses padding_mode='{m.padding_mode}'; only 'zeros' is streamed exactly", 
+            f"it uses padding_mode='{m.padding_mode}'; only 'zeros' is streamed exactly",
             fix="use padding_mode='zeros' or move it after the Streaming module")
-    # torch stores the actual (possibly asymmetric) padding here, last axis first
-    rev = m._reversed_padding_repeated_twice
     problem = _window_input(ctx, input, rank, "convolution")
     if problem is not None:
-        return _raise_or(problem)
+        return problem
     _need_channels(ctx, input, m.in_channels)
+    # torch stores the actual (possibly asymmetric) padding here, last axis first
+    rev = m._reversed_padding_repeated_twice
     pads = tuple((rev[2 * (rank - 1 - a)], rev[2 * (rank - 1 - a) + 1]) for a in range(rank))
     rules = _windows(rank, m.kernel_size, m.stride, pads, m.dilation)
     return ctx.step(rules, [input], input.dims, m.out_channels, f"{ctx.name} gives")
@@ -209,23 +224,23 @@ def max_pool(ctx, input, kernel_size, stride=None, padding=0, dilation=1, ceil_m
         return ctx.refuse("it has return_indices=True: its second output (indices into the whole "
                           "feature map) cannot be stitched from tiles",
                           fix="use return_indices=False")
-    problem = _window_input(ctx, input, rank, "max-pool")
-    if problem is not None:
-        return _raise_or(problem)
-    stride = kernel_size if stride is None or stride == [] else stride
-    pads = tuple((p, p) for p in _per_axis(padding, rank))
-    rules = _windows(rank, kernel_size, stride, pads, dilation, ceil_mode, max_pool=True)
-    return ctx.step(rules, [input], input.dims, input.channels, input.source)
+    return _pool(ctx, input, rank, "max-pool", kernel_size, stride, padding, dilation, ceil_mode,
+                 max_pool=True)
 
 
 def avg_pool(ctx, input, kernel_size, stride=None, padding=0, ceil_mode=False,
              count_include_pad=True, divisor_override=None, *, rank):
-    problem = _window_input(ctx, input, rank, "average pool")
+    return _pool(ctx, input, rank, "average pool", kernel_size, stride, padding, 1, ceil_mode)
+
+
+def _pool(ctx, input, rank, what, kernel_size, stride, padding, dilation, ceil_mode,
+          max_pool=False):
+    problem = _window_input(ctx, input, rank, what)
     if problem is not None:
-        return _raise_or(problem)
+        return problem
     stride = kernel_size if stride is None or stride == [] else stride
     pads = tuple((p, p) for p in _per_axis(padding, rank))
-    rules = _windows(rank, kernel_size, stride, pads, 1, ceil_mode)
+    rules = _windows(rank, kernel_size, stride, pads, dilation, ceil_mode, max_pool=max_pool)
     return ctx.step(rules, [input], input.dims, input.channels, input.source)
 
 
@@ -250,19 +265,36 @@ def pad(ctx, input, pad, mode="constant", value=None):
 
 # --------------------------------------------------------------------------- pointwise
 
-def pointwise(ctx, input, *args, **kwargs):
-    return _pointwise(ctx, input)
+@takes_maps(ANY)
+def pointwise(ctx, *args, **kwargs):
+    """An elementwise operation: every tensor argument is an operand, broadcast against the
+    others. One feature map: pointwise; several (``clamp(x, min=a)``, ``where``): a merge."""
+    values = list(args) + list(kwargs.values())
+    maps = [v for v in values if isinstance(v, FMap)]
+    if any(contains(v, FMap) and not isinstance(v, FMap) for v in values):
+        return ctx.refuse("it takes feature maps inside a list or tuple argument")
+    if not maps or any(contains(v, (Shape, Unknown)) for v in values):
+        return ctx.refuse("it uses the feature map's shape (or a size not known before the "
+                          "input) as an operand")
+    for c in values:
+        if isinstance(c, torch.Tensor):
+            problem = _broadcastable(ctx, maps[0], c)
+            if problem is not None:
+                return problem
+    if len(maps) == 1:
+        return _pointwise(ctx, maps[0])
+    return merge(ctx, maps)
 
 
 def _channel_dim_op(ctx, input, dim, what):
     if dim is None:
         return ctx.refuse(f"it applies {what} without a dim (over every dimension)")
-    if input.dims[_dim(dim, len(input.dims))] != "C":
+    if not isinstance(dim, int) or input.dims[_dim(dim, len(input.dims))] != "C":
         return ctx.refuse(f"it applies {what} over a dimension that is not the channels")
     return None
 
 
-def softmax_like(ctx, input, dim=None, *args, **kwargs):
+def softmax_like(ctx, input, dim=None, **_):
     return _channel_dim_op(ctx, input, dim, "softmax") or _pointwise(ctx, input)
 
 
@@ -278,10 +310,15 @@ def glu(ctx, input, dim=-1):
     return _pointwise(ctx, input, channels=half)
 
 
+def local_response_norm(ctx, input, size, alpha=1e-4, beta=0.75, k=1.0):
+    return _channels_first(ctx, input, "it sums a window along") or _pointwise(ctx, input)
+
+
 def prelu(ctx, input, weight):
     if weight.numel() > 1:
-        if len(input.dims) < 2 or input.dims[1] != "C":
-            return ctx.refuse("its per-channel slopes act on dimension 1, which is not the channels")
+        refused = _channels_first(ctx, input, "its per-channel slopes act on")
+        if refused:
+            return refused
         _need_channels(ctx, input, weight.numel())
     return _pointwise(ctx, input)
 
@@ -303,8 +340,9 @@ def batch_norm(ctx, input, running_mean, running_var, weight=None, bias=None, tr
                "tile's statistics")
         return ctx.refuse(why, fix=f"call .eval() on it (frozen statistics, as when fine-tuning) "
                                    f"after model.train(), or {MOVE}")
-    if len(input.dims) < 2 or input.dims[1] != "C":
-        return ctx.refuse("it normalises dimension 1, which is not the channels")
+    refused = _channels_first(ctx, input, "it normalises")
+    if refused:
+        return refused
     _need_channels(ctx, input, running_mean.numel())
     return _pointwise(ctx, input)
 
@@ -324,17 +362,12 @@ def rms_norm(ctx, input, normalized_shape, weight=None, eps=None):
 
 
 def linear(ctx, input, weight, bias=None):
-    refused = _channel_dim_op(ctx, input, -1, "a linear map")
-    if refused:
-        return _linear_refusal(ctx)
+    if input.dims[-1] != "C":
+        return ctx.refuse("it connects every position of the feature map (it acts on the last "
+                          "dimension, which is not the channels; ConvNeXt-style blocks permute "
+                          "channels last first)")
     _need_channels(ctx, input, weight.shape[-1], "features")
     return _pointwise(ctx, input, channels=weight.shape[0])
-
-
-def _linear_refusal(ctx):
-    return ctx.refuse("it connects every position of the feature map (it acts on the last "
-                      "dimension, which is not the channels; ConvNeXt-style blocks permute "
-                      "channels last first)")
 
 
 def rrelu(ctx, input, lower=1.0 / 8, upper=1.0 / 3, training=False, inplace=False):
@@ -345,25 +378,27 @@ def rrelu(ctx, input, lower=1.0 / 8, upper=1.0 / 3, training=False, inplace=Fals
 
 
 def channel_shuffle(ctx, input, groups):
-    if len(input.dims) < 2 or input.dims[1] != "C":
-        return ctx.refuse("it shuffles dimension 1, which is not the channels")
-    return _pointwise(ctx, input)
+    return _channels_first(ctx, input, "it shuffles") or _pointwise(ctx, input)
 
 
-def _random(ctx, *args, **kwargs):
+@takes_maps(ANY)
+def draws_random(ctx, *args, **kwargs):
     return ctx.refuse("it draws random numbers, anew for every tile and again in the backward "
                       "recomputation, not once for the whole image",
                       fix=f"call .eval() on the layer that draws them or {MOVE}")
 
 
+@takes_maps(ANY)
 def to(ctx, input, *args, **kwargs):
+    """``x.to(...)``, ``x.type_as(y)``: a dtype or device conversion (``y`` gives only its type)."""
     return _pointwise(ctx, input)
 
 
 # --------------------------------------------------------------------------- merges and arithmetic
 
 def _broadcastable(ctx, x: FMap, other):
-    """Refusal unless ``other`` (a tensor or number) is constant over the spatial positions."""
+    """Refusal unless ``other`` (a constant tensor or number) is constant over the spatial
+    positions of ``x``."""
     shape = tuple(other.shape) if isinstance(other, torch.Tensor) else ()
     if len(shape) > len(x.dims):
         return ctx.refuse(f"it combines the feature map with a tensor of shape {shape}, which has "
@@ -378,41 +413,49 @@ def _broadcastable(ctx, x: FMap, other):
     return None
 
 
-def arithmetic(ctx, input, other, *args, **kwargs):
+@takes_maps("input", "other")
+def arithmetic(ctx, input, other, alpha=1, rounding_mode=None):
     """Binary arithmetic: a merge of two feature maps, or pointwise with a constant."""
-    a, b = input, other
-    if isinstance(a, FMap) and isinstance(b, FMap):
-        return merge(ctx, [a, b], a.dims, _broadcast_channels(ctx, a, b))
-    x, c = (a, b) if isinstance(a, FMap) else (b, a)
-    if not isinstance(x, FMap):
-        return ctx.refuse("it combines values derived from the feature map's shape")
-    if isinstance(c, (Shape, Unknown)):
-        return ctx.refuse("it uses the feature map's shape in arithmetic")
-    return _broadcastable(ctx, x, c) or _pointwise(ctx, x)
+    return pointwise(ctx, input, other)
 
 
-def _broadcast_channels(ctx, a: FMap, b: FMap):
-    if a.channels is None or b.channels is None:
-        return None
-    if a.channels != b.channels and 1 not in (a.channels, b.channels):
-        raise ValueError(f"{ctx.name} combines feature maps with {a.channels} and {b.channels} "
-                         f"channels")
-    return max(a.channels, b.channels)
+@takes_maps("input", "exponent")
+def power(ctx, input, exponent):
+    return pointwise(ctx, input, exponent)
 
 
-def merge(ctx, inputs, dims, channels):
-    if any(x.dims != dims for x in inputs):
+def merge(ctx, inputs, dims=None, channels=-1):
+    """A merge step of feature maps broadcast against each other: their dimensions are
+    aligned from the right (torch's broadcasting) and must have the same roles."""
+    longest = max(inputs, key=lambda x: len(x.dims))
+    dims = longest.dims if dims is None else dims
+    if any(x.dims != longest.dims[len(longest.dims) - len(x.dims):] for x in inputs):
         return ctx.refuse("it combines feature maps in different layouts "
-                          + " and ".join(_layout(x) for x in inputs))
+                          + " and ".join(layout(x) for x in inputs))
+    if channels == -1:
+        channels = _broadcast_channels(ctx, inputs)
     return ctx.step(Merge(), inputs, dims, channels, f"{ctx.name} gives")
 
 
+def _broadcast_channels(ctx, inputs):
+    counts = {x.channels for x in inputs if "C" in x.dims}
+    if None in counts:
+        return None
+    if len(counts - {1}) > 1:
+        raise ValueError(f"{ctx.name} combines feature maps with "
+                         f"{' and '.join(map(str, sorted(counts)))} channels")
+    return max(counts)
+
+
+@takes_maps("tensors")
 def cat(ctx, tensors, dim=0, *, out=None):
     maps = list(tensors)
     if not all(isinstance(t, FMap) for t in maps):
         return ctx.refuse("it concatenates the feature map with a constant tensor")
-    if maps[0].dims[_dim(dim, len(maps[0].dims))] != "C":
+    if not isinstance(dim, int) or maps[0].dims[_dim(dim, len(maps[0].dims))] != "C":
         return ctx.refuse("it concatenates along a dimension that is not the channels")
+    if any(len(t.dims) != len(maps[0].dims) for t in maps):
+        return ctx.refuse("it concatenates feature maps of different ranks")
     counts = [t.channels for t in maps]
     return merge(ctx, maps, maps[0].dims, None if None in counts else sum(counts))
 
@@ -422,9 +465,10 @@ def _channel_parts(ctx, x, dim, what, sizes_of):
     refused = _channel_dim_op(ctx, x, dim, what)
     if refused:
         return refused
-    if x.channels is None:
+    sizes = sizes_of(x.channels)
+    if sizes is None:
         return Unknown()
-    return tuple(_pointwise(ctx, x, channels=s) for s in sizes_of(x.channels))
+    return tuple(_pointwise(ctx, x, channels=s) for s in sizes)
 
 
 def _pieces(total: int, each: int) -> list[int]:
@@ -432,19 +476,33 @@ def _pieces(total: int, each: int) -> list[int]:
 
 
 def chunk(ctx, input, chunks, dim=0):
-    return _channel_parts(ctx, input, dim, "a chunk", lambda c: _pieces(c, -(-c // chunks)))
+    return _channel_parts(ctx, input, dim, "a chunk",
+                          lambda c: None if c is None else _pieces(c, -(-c // chunks)))
 
 
-def split(ctx, tensor, split_size_or_sections, dim=0):
+def split(ctx, input, split_size_or_sections, dim=0):
     sections = split_size_or_sections
-    return _channel_parts(ctx, tensor, dim, "a split", lambda c: _pieces(c, sections)
-                          if isinstance(sections, int) else list(sections))
+    if isinstance(sections, int):
+        return _channel_parts(ctx, input, dim, "a split",
+                              lambda c: None if c is None else _pieces(c, sections))
+    if input.channels is not None and sum(sections) != input.channels:
+        raise ValueError(f"{ctx.name} splits {input.channels} channels into sections "
+                         f"{list(sections)}, which sum to {sum(sections)}")
+    return _channel_parts(ctx, input, dim, "a split", lambda c: list(sections))
+
+
+@takes_maps("condition", "input", "other")
+def where(ctx, condition, input=None, other=None):
+    if input is None or other is None:
+        return ctx.refuse("torch.where(condition) returns the positions where it holds")
+    return pointwise(ctx, condition, input, other)
 
 
 # --------------------------------------------------------------------------- layout and indexing
 
-def permute(ctx, input, *dims):
-    order = dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
+def permute(ctx, input, *dims_, dims=None):
+    order = dims if dims is not None else (
+        dims_[0] if len(dims_) == 1 and isinstance(dims_[0], (tuple, list)) else dims_)
     rank = len(input.dims)
     return ctx.step(Pointwise(), [input], tuple(input.dims[_dim(d, rank)] for d in order),
                     input.channels, input.source)
@@ -477,14 +535,15 @@ def flatten(ctx, input, start_dim=0, end_dim=-1):
     if len(merged) <= 1:
         return _pointwise(ctx, input)
     return ctx.refuse(f"it reshapes the feature map: it flattens dimensions {start}..{end} of "
-                      f"layout {_layout(input)} together, mixing space and channels")
+                      f"layout {layout(input)} together, mixing space and channels")
 
 
-def reshape(ctx, input, *shape):
+def reshape(ctx, input, *shape, **_):
     return ctx.refuse("it reshapes the feature map (view/reshape), which can mix space into "
                       "channels and needs the whole feature map's spatial size")
 
 
+@takes_maps(ANY)
 def getitem(ctx, value, index):
     """Indexing: of a tuple of values, of a shape, or of a feature map (channels only)."""
     if isinstance(value, (tuple, list)):
@@ -510,10 +569,11 @@ def _index_fmap(ctx, x: FMap, index):
     for role, i in zip(x.dims, index):
         if i == slice(None):
             continue
-        if role != "C" or not isinstance(i, slice):
+        if role != "C" or not isinstance(i, slice) or contains(i, (Shape, Unknown)):
             return ctx.refuse("it indexes spatial positions or the batch of the feature map "
                               "(a tile holds only some positions)" if role != "C" else
-                              "it indexes the channel dimension with an integer or a tensor")
+                              "it indexes the channel dimension with an integer, a tensor or "
+                              "a size not known before the input")
         channels = None if channels is None else len(range(channels)[i])
     return _pointwise(ctx, x, channels=channels)
 
@@ -531,8 +591,11 @@ def size(ctx, input, dim=None):
     return Shape(input) if dim is None else _size(ctx, input, dim)
 
 
+@takes_maps(ANY)
 def attribute(ctx, obj, name, *default):
-    """``getattr(feature_map, name)``, as fx records ``x.shape`` and friends."""
+    """``getattr(value, name)``, as fx records ``x.shape`` and ``torch.max(x, 1).values``."""
+    if isinstance(obj, tuple) and hasattr(type(obj), "n_fields"):  # torch.return_types
+        return getattr(obj, name, *default)
     if not isinstance(obj, FMap):
         return Unknown()
     if name == "shape":
@@ -546,21 +609,49 @@ def dim_method(ctx, input):
     return len(input.dims)
 
 
-def reduction(ctx, input, dim=None, *args, keepdim=False, **kwargs):
-    """mean/sum/amax/... : pointwise in space when reducing over channels (or batch) only."""
-    if isinstance(dim, bool) or (args and isinstance(args[0], bool)):  # x.max(dim, keepdim) forms
-        keepdim = dim if isinstance(dim, bool) else args[0]
+def _reduced(dim, rank: int) -> list[int]:
+    """The dimensions a reduction reduces: all of them for ``dim=None`` and for an empty
+    ``dim`` (torch's ``sum(dim=())`` reduces everything)."""
+    if dim is None or (isinstance(dim, (tuple, list)) and len(dim) == 0):
+        return list(range(rank))
+    return sorted({_dim(d, rank) for d in _per_axis(dim, 1)})
+
+
+_WITH_INDICES = {"max": torch.return_types.max, "min": torch.return_types.min}
+
+
+@takes_maps("input", "other")
+def reduction(ctx, input, dim=None, keepdim=False, other=None, out=None, *, kind="", **_):
+    """mean/sum/amax/max/std/norm/...: pointwise in space when they reduce over channels or
+    the batch only. ``max(input, other)`` is elementwise; ``max(input, dim)`` also gives
+    the indices."""
+    if other is not None:
+        return pointwise(ctx, input, other)
+    if not isinstance(input, FMap):
+        return ctx.refuse("it reduces a value that is not a feature map")
+    if contains(dim, (Shape, Unknown)):
+        return ctx.refuse("it reduces over dimensions not known before the input")
     rank = len(input.dims)
-    dims = range(rank) if dim is None else [_dim(d, rank) for d in _per_axis(dim, 1)]
+    dims = _reduced(dim, rank)
     if any(isinstance(input.dims[d], int) for d in dims):
         return ctx.refuse("it reduces over spatial positions (global pooling or statistics over "
                           "the feature map), which a tile does not all hold")
-    if "C" not in [input.dims[d] for d in dims]:
-        return _pointwise(ctx, input)
     new_dims = input.dims if keepdim else tuple(r for k, r in enumerate(input.dims) if k not in dims)
     if "C" not in new_dims:
         return ctx.refuse("it removes the channel dimension")
-    return _pointwise(ctx, input, dims=new_dims, channels=1)
+    channels = 1 if "C" in [input.dims[d] for d in dims] else -1
+    values = _pointwise(ctx, input, dims=new_dims, channels=channels)
+    if kind in _WITH_INDICES and dim is not None:
+        return _WITH_INDICES[kind]((values, _pointwise(ctx, input, dims=new_dims, channels=channels)))
+    return values
+
+
+def _reducer(kind: str):
+    """``reduction`` for one function, which needs its name (max/min also give indices)."""
+    @takes_maps("input", "other")
+    def reduce(ctx, input, **kwargs):
+        return reduction(ctx, input, kind=kind, **kwargs)
+    return reduce
 
 
 def register_hook(ctx, input, hook):
@@ -574,6 +665,7 @@ def register_hook(ctx, input, hook):
 # --------------------------------------------------------------------------- registries
 
 def _why(reason):
+    @takes_maps(ANY)
     def refuse(ctx, *args, **kwargs):
         return ctx.refuse(reason)
     return refuse
@@ -588,34 +680,38 @@ POINTWISE_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
     nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign,
     nn.Tanhshrink, nn.Softshrink, nn.Hardshrink, nn.LogSigmoid, nn.Threshold, nn.Identity,
-    nn.LocalResponseNorm,
 )
 DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 BATCHNORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm)
+#: layer types that fix the spatial rank of their input
+RANK = {nn.Conv1d: 1, nn.MaxPool1d: 1, nn.AvgPool1d: 1, nn.BatchNorm1d: 1,
+        nn.Conv2d: 2, nn.MaxPool2d: 2, nn.AvgPool2d: 2, nn.BatchNorm2d: 2}
+
+
+def _max_pool_module(ctx, m, x):
+    return max_pool(ctx, x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode,
+                    m.return_indices, rank=RANK[type(m)])
+
+
+def _avg_pool_module(ctx, m, x):
+    return avg_pool(ctx, x, m.kernel_size, m.stride, m.padding, m.ceil_mode, rank=RANK[type(m)])
+
 
 MODULES = {
     nn.Conv1d: lambda ctx, m, x: conv_module(ctx, m, x, rank=1),
     nn.Conv2d: lambda ctx, m, x: conv_module(ctx, m, x, rank=2),
-    nn.MaxPool1d: lambda ctx, m, x: max_pool(ctx, x, m.kernel_size, m.stride, m.padding, m.dilation,
-                                             m.ceil_mode, m.return_indices, rank=1),
-    nn.MaxPool2d: lambda ctx, m, x: max_pool(ctx, x, m.kernel_size, m.stride, m.padding, m.dilation,
-                                             m.ceil_mode, m.return_indices, rank=2),
-    nn.AvgPool1d: lambda ctx, m, x: avg_pool(ctx, x, m.kernel_size, m.stride, m.padding,
-                                             m.ceil_mode, rank=1),
-    nn.AvgPool2d: lambda ctx, m, x: avg_pool(ctx, x, m.kernel_size, m.stride, m.padding,
-                                             m.ceil_mode, rank=2),
-    nn.ZeroPad1d: lambda ctx, m, x: pad(ctx, x, m.padding),
-    nn.ZeroPad2d: lambda ctx, m, x: pad(ctx, x, m.padding),
-    nn.ConstantPad1d: lambda ctx, m, x: pad(ctx, x, m.padding, value=m.value),
-    nn.ConstantPad2d: lambda ctx, m, x: pad(ctx, x, m.padding, value=m.value),
+    nn.MaxPool1d: _max_pool_module, nn.MaxPool2d: _max_pool_module,
+    nn.AvgPool1d: _avg_pool_module, nn.AvgPool2d: _avg_pool_module,
+    **{t: lambda ctx, m, x: pad(ctx, x, m.padding, value=getattr(m, "value", 0.0))
+       for t in (nn.ZeroPad1d, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d)},
     nn.PReLU: lambda ctx, m, x: prelu(ctx, x, m.weight),
     nn.RReLU: lambda ctx, m, x: rrelu(ctx, x, training=m.training),
-    nn.Softmax: lambda ctx, m, x: softmax_like(ctx, x, m.dim),
-    nn.LogSoftmax: lambda ctx, m, x: softmax_like(ctx, x, m.dim),
-    nn.Softmin: lambda ctx, m, x: softmax_like(ctx, x, m.dim),
+    **{t: lambda ctx, m, x: softmax_like(ctx, x, m.dim) for t in (nn.Softmax, nn.LogSoftmax,
+                                                                   nn.Softmin)},
     nn.Softmax2d: lambda ctx, m, x: softmax_like(ctx, x, -3),
     nn.GLU: lambda ctx, m, x: glu(ctx, x, m.dim),
     nn.ChannelShuffle: lambda ctx, m, x: channel_shuffle(ctx, x, m.groups),
+    nn.LocalResponseNorm: lambda ctx, m, x: local_response_norm(ctx, x, m.size),
     nn.LayerNorm: lambda ctx, m, x: layer_norm(ctx, x, m.normalized_shape),
     nn.RMSNorm: lambda ctx, m, x: layer_norm(ctx, x, m.normalized_shape),
     nn.Linear: lambda ctx, m, x: linear(ctx, x, m.weight),
@@ -641,6 +737,10 @@ NON_LOCAL_MODULES = (
       nn.Transformer), ATTENTION),
 )
 
+_REDUCTIONS = {torch.mean: "mean", torch.sum: "sum", torch.amax: "amax", torch.amin: "amin",
+               torch.max: "max", torch.min: "min", torch.std: "std", torch.var: "var",
+               torch.norm: "norm", torch.logsumexp: "logsumexp"}
+
 FUNCTIONS = {
     F.conv1d: lambda ctx, *a, **k: conv(ctx, *a, **k, rank=1),
     F.conv2d: lambda ctx, *a, **k: conv(ctx, *a, **k, rank=2),
@@ -658,11 +758,13 @@ FUNCTIONS = {
     F.prelu: prelu,
     F.rrelu: rrelu,
     F.glu: glu,
+    F.local_response_norm: local_response_norm,
     F.softmax: softmax_like, F.log_softmax: softmax_like, F.softmin: softmax_like,
     F.normalize: normalize,
     F.channel_shuffle: channel_shuffle,
     torch.cat: cat, torch.concat: cat, torch.concatenate: cat,
     torch.chunk: chunk, torch.split: split,
+    torch.where: where,
     torch.permute: permute, torch.transpose: transpose, torch.movedim: movedim,
     torch.flatten: flatten, torch.reshape: reshape,
     operator.getitem: getitem,
@@ -670,14 +772,14 @@ FUNCTIONS = {
     **{f: arithmetic for f in (operator.add, operator.sub, operator.mul, operator.truediv,
                                operator.iadd, operator.isub, operator.imul, operator.itruediv,
                                torch.add, torch.sub, torch.mul, torch.div, torch.maximum,
-                               torch.minimum, operator.pow, torch.pow)},
-    **{f: reduction for f in (torch.mean, torch.sum, torch.amax, torch.amin, torch.max, torch.min,
-                              torch.std, torch.var, torch.norm, torch.logsumexp)},
+                               torch.minimum)},
+    operator.pow: arithmetic, torch.pow: power,
+    **{f: _reducer(kind) for f, kind in _REDUCTIONS.items()},
     **{f: pointwise for f in (
         F.relu, F.relu_, F.relu6, F.elu, F.elu_, F.selu, F.celu, F.leaky_relu, F.leaky_relu_,
         F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid, F.hardtanh, F.hardtanh_, F.sigmoid,
         F.tanh, F.softplus, F.softsign, F.tanhshrink, F.softshrink, F.hardshrink, F.logsigmoid,
-        F.threshold, F.threshold_, F.local_response_norm, torch.relu, torch.relu_, torch.sigmoid,
+        F.threshold, F.threshold_, torch.relu, torch.relu_, torch.sigmoid,
         torch.tanh, torch.exp, torch.log, torch.abs, torch.neg, torch.sqrt, torch.rsqrt,
         torch.square, torch.clamp, torch.clip, torch.erf, torch.sin, torch.cos, operator.neg,
         operator.pos, torch.clone, torch.detach)},
@@ -689,9 +791,9 @@ FUNCTIONS = {
                                    F.unfold, F.fold)},
     **{f: _why(NORM_OVER_SPACE) for f in (F.group_norm, F.instance_norm)},
     F.scaled_dot_product_attention: _why(ATTENTION),
-    **{f: _random for f in (torch.bernoulli, torch.rand, torch.randn, torch.randint, torch.rand_like,
-                            torch.randn_like, torch.randint_like, torch.randperm, torch.normal,
-                            torch.multinomial, torch.poisson)},
+    **{f: draws_random for f in (torch.bernoulli, torch.rand, torch.randn, torch.randint, torch.rand_like,
+                           torch.randn_like, torch.randint_like, torch.randperm, torch.normal,
+                           torch.multinomial, torch.poisson)},
 }
 
 METHODS = {
@@ -699,12 +801,12 @@ METHODS = {
         "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "exp_", "log", "abs",
         "abs_", "neg", "neg_", "sqrt", "rsqrt", "square", "clamp", "clamp_", "clip", "clip_",
         "clamp_min", "clamp_min_", "clamp_max", "clamp_max_", "contiguous", "clone", "detach",
-        "float", "double", "half", "bfloat16", "type_as", "erf", "sin", "cos")},
-    "to": to,
+        "float", "double", "half", "bfloat16", "erf", "sin", "cos")},
+    "to": to, "type_as": to,
     **{name: arithmetic for name in ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_",
-                                     "pow", "pow_", "maximum", "minimum")},
-    **{name: reduction for name in ("mean", "sum", "amax", "amin", "max", "min", "std", "var",
-                                    "norm", "logsumexp")},
+                                     "maximum", "minimum")},
+    "pow": power, "pow_": power,
+    **{kind: _reducer(kind) for kind in _REDUCTIONS.values()},
     "softmax": softmax_like, "log_softmax": softmax_like,
     "permute": permute, "transpose": transpose, "movedim": movedim,
     "flatten": flatten, "view": reshape, "reshape": reshape, "view_as": reshape,
@@ -712,15 +814,16 @@ METHODS = {
     "chunk": chunk, "split": split,
     "size": size, "dim": dim_method,
     "register_hook": register_hook,
-    **{name: _random for name in ("bernoulli", "bernoulli_", "normal_", "uniform_", "random_",
-                                  "exponential_", "geometric_", "cauchy_", "log_normal_")},
+    **{name: draws_random for name in ("bernoulli", "bernoulli_", "normal_", "uniform_", "random_",
+                                 "exponential_", "geometric_", "cauchy_", "log_normal_")},
 }
 
-#: in-place methods: after the call, the tensor they were called on holds the result
+#: in-place calls: afterwards, the tensor they were called on holds the result
 IN_PLACE_METHODS = {name for name in METHODS if name.endswith("_")}
+IN_PLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
 
-RANDOM_FUNCTIONS = {f for f, h in FUNCTIONS.items() if h is _random}
-RANDOM_METHODS = {name for name, h in METHODS.items() if h is _random}
+RANDOM_FUNCTIONS = {f for f, h in FUNCTIONS.items() if h is draws_random}
+RANDOM_METHODS = {name for name, h in METHODS.items() if h is draws_random}
 
 
 def module_handler(m: nn.Module):
@@ -750,4 +853,3 @@ def is_random_call(op: str, target) -> bool:
     if op == "call_method":
         return target in RANDOM_METHODS
     return op == "call_function" and target in RANDOM_FUNCTIONS
-

@@ -17,6 +17,7 @@ user's source line.
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass, field
 
@@ -24,7 +25,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from . import rules
+from . import binding, rules
 from .errors import StreamingError
 from .geometry import Field, GridMismatch, Merge, Step, Window
 from .rules import FMap, Refused, Shape, Unknown
@@ -209,7 +210,7 @@ class _Analysis:
 
     def _placeholder(self, node, k: int):
         if k == 0:
-            return FMap(0, ("N", "C") + tuple(range(self.ndim)), self.channels)
+            return FMap(0, rules.standard_dims(self.ndim), self.channels)
         if node.args:  # a parameter with a default value
             return node.args[0]
         raise StreamingError(f"the streamed module's forward takes more than one input "
@@ -223,35 +224,47 @@ class _Analysis:
         if refused is not None:
             return refused
         if rules.is_random_call(node.op, node.target):
-            return rules._random(ctx)
+            return rules.draws_random(ctx)
         if not rules.is_dynamic((args, kwargs)):
             return self._evaluate(node, args, kwargs)
         if not rules.contains((args, kwargs), (FMap, Shape)):  # only unknowns: wait for the input
             return Unknown()
         value = self._handle(ctx, node, args, kwargs)
-        if node.op == "call_method" and node.target in rules.IN_PLACE_METHODS \
-                and isinstance(node.args[0], fx.Node) and isinstance(args[0], FMap):
+        if _in_place(node) and isinstance(node.args[0], fx.Node) and isinstance(args[0], FMap):
             env[node.args[0]] = value  # the tensor it was called on now holds the result
         return value
 
     def _handle(self, ctx, node, args, kwargs):
         if node.op == "call_module":
-            m = self.root.get_submodule(node.target)
-            handler = rules.module_handler(m)
-            if isinstance(handler, str):
-                return ctx.refuse(handler)
-            if handler is None:
-                return ctx.refuse(f"it is not a layer streamcnn knows how to stream "
-                                  f"({rules.supported_summary()})")
-            if len(args) != 1 or kwargs:
-                return ctx.refuse("it is called with more than one input")
-            return handler(ctx, m, args[0])
+            return self._module(ctx, self.root.get_submodule(node.target), args, kwargs)
         table = rules.METHODS if node.op == "call_method" else rules.FUNCTIONS
         handler = table.get(node.target) or _special(node.target)
         if handler is None:
             return ctx.refuse(f"it is not an operation streamcnn knows how to stream "
                               f"({rules.supported_summary()})")
+        is_map = lambda v: isinstance(v, FMap)  # noqa: E731
+        bind = binding.bind_method if node.op == "call_method" else binding.bind_call
+        args, kwargs = bind(node.target, args, kwargs, is_map)
+        problem = _misplaced_map(ctx, handler, args, kwargs)
+        if problem is not None:
+            return problem
+        try:
+            inspect.signature(handler).bind(ctx, *args, **kwargs)
+        except TypeError as err:
+            return ctx.refuse(f"streamcnn cannot read its arguments as torch does ({err})")
         return handler(ctx, *args, **kwargs)
+
+    def _module(self, ctx, m: nn.Module, args, kwargs):
+        handler = rules.module_handler(m)
+        if isinstance(handler, str):
+            return ctx.refuse(handler)
+        if handler is None:
+            return ctx.refuse(f"it is not a layer streamcnn knows how to stream "
+                              f"({rules.supported_summary()})")
+        bound = binding.bind_module(m, args, kwargs)
+        if bound is None or len(bound) != 1 or not isinstance(next(iter(bound.values())), FMap):
+            return ctx.refuse("it is called with arguments other than one feature map")
+        return handler(ctx, m, next(iter(bound.values())))
 
     def _evaluate(self, node, args, kwargs):
         """Run a node whose arguments are all constants (parameter views, scalars)."""
@@ -300,11 +313,10 @@ class _Analysis:
             raise StreamingError(
                 f"the streamed module must return one feature map (N, C, *spatial); it returns "
                 f"{type(out).__name__}: stream the part that computes one feature map")
-        standard = ("N", "C") + tuple(range(self.ndim))
-        if out.dims != standard:
+        if out.dims != rules.standard_dims(self.ndim):
             raise StreamingError(
                 f"the streamed module returns a feature map in layout "
-                f"{rules._layout(out)}; return it channels-first (N, C, *spatial), e.g. "
+                f"{rules.layout(out)}; return it channels-first (N, C, *spatial), e.g. "
                 f"permute back as ConvNeXt blocks do")
         return self._pruned(out.index)
 
@@ -321,6 +333,34 @@ class _Analysis:
                                 s.channels, s.node)
                       for old, s in enumerate(self.steps) if old in new)
         return TracedGraph(self.ndim, steps, self.graph, self.root)
+
+
+def _in_place(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in rules.IN_PLACE_METHODS
+    return node.op == "call_function" and node.target in rules.IN_PLACE_FUNCTIONS
+
+
+def _misplaced_map(ctx, handler, args, kwargs):
+    """Refusal of a feature map in an argument the handler does not stream (a convolution
+    weight computed from the image, say): no feature map is left out of a step."""
+    allowed = rules.map_params(handler)
+    if rules.ANY in allowed:
+        return None
+    named = list(kwargs.items()) + [(_positional_name(handler, k), a) for k, a in enumerate(args)]
+    for name, value in named:
+        if name not in allowed and rules.contains(value, FMap):
+            what = f"its '{name}' argument" if isinstance(name, str) else f"argument {name + 1}"
+            return ctx.refuse(f"it takes a feature map as {what}, which streamcnn streams only "
+                              f"as {' or '.join(repr(a) for a in allowed)}")
+    return None
+
+
+def _positional_name(handler, k: int):
+    """The name of a handler's ``k``-th argument after ``ctx`` (``k`` itself if unnamed)."""
+    params = [p for p in inspect.signature(handler).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]
+    return params[k].name if k < len(params) else k
 
 
 def _special(target):

@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "streamcnn"
-ORDER = ["_args", "errors", "geometry", "rules", "trace", "tiling", "sources", "inputs", "state",
+ORDER = ["_args", "errors", "geometry", "binding", "rules", "trace", "tiling", "sources", "inputs", "state",
          "memory", "plan", "function", "streaming", "testing", "tuning", "__init__"]
 
 

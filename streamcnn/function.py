@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 
 from .errors import StreamingError
-from .sources import TensorSource
-from .state import Captured, TensorUse, check_modes, check_unchanged
+from .sources import TensorSource, digest
+from .state import Captured, Snapshot, TensorUse, observing_gradient_hooks, uncached_parametrizations
 from .tiling import Tile, count, iter_tiles
 
 
@@ -40,6 +40,7 @@ class TileRunner:
         self.out_spatial = tuple(t.out_length for t in tilings)
         self.progress = progress
         self.layout = torch.channels_last if channels_last else torch.contiguous_format
+        self.digests: dict = {}  # tile origin -> digest of what the forward read (array sources)
 
     def tiles(self, what: str, skip_first: bool = False):
         tiles = iter_tiles(self.tilings)
@@ -62,11 +63,23 @@ class TileRunner:
         return tile.contiguous(memory_format=self.layout)
 
     def read(self, source, tile: Tile) -> torch.Tensor:
-        return source.read(tile.inp, tile.origin)
+        """A tile of the input. Reads of an array (a buffer a loader may refill, a file) are
+        fingerprinted in the forward and checked in the backward, which reads them again."""
+        raw = source.read(tile.inp, tile.origin)
+        if source.fresh:
+            key, value = tile.origin, digest(raw)
+            if self.digests.setdefault(key, value) != value:
+                raise StreamingError(
+                    f"the input array changed between the streamed forward and its backward (the "
+                    f"tile at {tile.origin} reads other pixels now): the backward reads every tile "
+                    f"again, so the array must hold the same image until backward (a loader that "
+                    f"refills its buffer must wait, or pass a copy, e.g. a tensor)")
+        return raw
 
     def run(self, tile_input: torch.Tensor, tile: Tile, call=None) -> torch.Tensor:
         try:
-            y = self.pipeline(tile_input) if call is None else call(tile_input)
+            with uncached_parametrizations():
+                y = self.pipeline(tile_input) if call is None else call(tile_input)
         except RuntimeError as err:
             if "register a hook on a tensor that doesn't require gradient" in str(err):
                 raise StreamingError(
@@ -93,14 +106,14 @@ class TileRunner:
                 y = self.run(tile_input, tile)
         return y[tile.crop], use.read
 
-    def forward(self, first: torch.Tensor, versions: dict) -> torch.Tensor:
+    def forward(self, first: torch.Tensor, snapshot: Snapshot) -> torch.Tensor:
         """Stitched output on the module's device, computed without building a graph."""
         with torch.no_grad():
             out = first.new_empty(first.shape[:2] + self.out_spatial)
             out[next(iter_tiles(self.tilings)).out] = first
             for tile in self.tiles("forward", skip_first=True):
                 y = self.run(self.feed(self.read(self.source, tile)), tile)
-                check_unchanged(self.pipeline, versions)
+                snapshot.check_tile()
                 out[tile.out] = y[tile.crop]
                 del y
         return out
@@ -108,28 +121,32 @@ class TileRunner:
     def backward(self, source, grad_out, need_x: bool, tensors: dict, wrt: list):
         """Input gradient (or None, on the input's device) and the summed gradient of each
         of ``wrt``, recomputing every tile with ``tensors`` (name -> tensor) in place of
-        the pipeline's own."""
+        the pipeline's own.
+
+        Each tile's gradients are accumulated into the ``.grad`` of its leaves - the tile
+        and ``wrt``, fresh tensors only this backward holds - by ``Tensor.backward``
+        (not ``autograd.grad``, which a reentrant ``checkpoint`` inside the module rejects),
+        and moved out after every tile."""
         def call(tile_input):
-            return torch.func.functional_call(self.pipeline, tensors, (tile_input,), strict=False)
+            return torch.func.functional_call(self.pipeline, tensors, (tile_input,),
+                                              tie_weights=False, strict=False)
 
         grad_x = torch.zeros_like(source.tensor) if need_x else None
         sums: list = [None] * len(wrt)
-        for tile in self.tiles("backward"):
-            leaf = self.read(source, tile).detach().requires_grad_(need_x)
-            with torch.enable_grad():
-                y = self.run(self.feed(leaf), tile, call)[tile.crop]
-                inputs = ([leaf] if need_x else []) + wrt
-                grads = (torch.autograd.grad(y, inputs, grad_out[tile.out], allow_unused=True)
-                         if y.requires_grad else [None] * len(inputs))
-            del y
-            if need_x:
-                if grads[0] is not None:
-                    grad_x[tile.inp] += grads[0]
-                grads = grads[1:]
-            for i, g in enumerate(grads):
-                if g is not None:  # (own the first: a gradient may alias grad_out)
-                    sums[i] = g.clone() if sums[i] is None else sums[i].add_(g)
-            del grads
+        with observing_gradient_hooks(self.pipeline):
+            for tile in self.tiles("backward"):
+                leaf = self.read(source, tile).detach().requires_grad_(need_x)
+                with torch.enable_grad():
+                    y = self.run(self.feed(leaf), tile, call)[tile.crop]
+                    if y.requires_grad:
+                        y.backward(grad_out[tile.out])
+                del y
+                if need_x and leaf.grad is not None:
+                    grad_x[tile.inp] += leaf.grad
+                for i, t in enumerate(wrt):
+                    g, t.grad = t.grad, None
+                    if g is not None:  # (own the first: a gradient may alias grad_out)
+                        sums[i] = g.clone() if sums[i] is None else sums[i].add_(g)
         return grad_x, sums
 
 
@@ -139,8 +156,7 @@ class Job:
 
     runner: TileRunner
     captured: Captured
-    modes: tuple
-    versions: dict
+    snapshot: Snapshot
     first: torch.Tensor | None
     nodes: list  # autograd node of x and of each captured grad tensor (None: needs no grad)
     autocast: tuple
@@ -156,7 +172,7 @@ class StreamFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, job: Job, x: torch.Tensor | None, *grad_tensors: torch.Tensor):
-        out = job.runner.forward(job.first, job.versions)
+        out = job.runner.forward(job.first, job.snapshot)
         job.first = None
         ctx.job = job
         ctx.save_for_backward(x, *grad_tensors, *job.captured.const_tensors, *job.captured.others)
@@ -173,15 +189,14 @@ class StreamFunction(torch.autograd.Function):
         saved = ctx.saved_tensors  # raises if any was changed in place since the forward
         k, c = len(job.captured.grad_tensors), len(job.captured.const_tensors)
         x, grads_in, consts = saved[0], saved[1:1 + k], saved[1 + k:1 + k + c]
-        check_modes(job.runner.pipeline, job.modes)
+        job.snapshot.check_backward()
         need_x = ctx.needs_input_grad[1] and _will_run(job.nodes[0])
         need = [ctx.needs_input_grad[2 + i] and original.requires_grad and _will_run(node)
                 for i, (original, node) in enumerate(zip(job.captured.grad_tensors, job.nodes[1:]))]
         if not need_x and not any(need):
             return (None,) * (2 + k)
         aliases = [t.detach().requires_grad_(n) for t, n in zip(grads_in, need)]
-        tensors = dict(zip(job.captured.grad_names, aliases))
-        tensors.update(zip(job.captured.const_names, consts))
+        tensors = job.captured.substitutes(aliases, consts)
         device_type, enabled, dtype = job.autocast
         with torch.autocast(device_type, dtype=dtype, enabled=enabled):
             source = job.runner.source if x is None else TensorSource(x)

@@ -9,18 +9,14 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from . import rules
 from ._args import SHAPES
 from .trace import describe_layer
-
-#: layer types that fix the spatial rank of their input
-_RANK = {nn.Conv1d: 1, nn.MaxPool1d: 1, nn.AvgPool1d: 1, nn.BatchNorm1d: 1,
-         nn.Conv2d: 2, nn.MaxPool2d: 2, nn.AvgPool2d: 2, nn.BatchNorm2d: 2}
-
 
 def expected_ndim(module: nn.Module) -> int | None:
     """Spatial rank implied by the first 1d/2d layer in ``module`` (None if none says)."""
     for m in module.modules():
-        for kind, rank in _RANK.items():
+        for kind, rank in rules.RANK.items():
             if isinstance(m, kind):
                 return rank
     return None
@@ -72,12 +68,24 @@ def check_source(module: nn.Module, source, transform=None) -> int:
         return ndim  # the transform decides the dtype the module sees
     device = source.device.type if source.device.type in ("cpu", "cuda") else None
     autocast = device is not None and torch.is_autocast_enabled(device)
-    for name, p in list(module.named_parameters()) + list(module.named_buffers()):
+    for name, p in _layer_tensors(module):
         if p.is_floating_point() and p.dtype != source.dtype and not autocast:
             raise TypeError(f"the input is {source.dtype} but {_owner(module, name)} has "
                             f"{_attr(name)} of dtype {p.dtype}; convert one of them, e.g. "
                             f"x.to({p.dtype}), or pass a transform that does")
     return ndim
+
+
+def _layer_tensors(module: nn.Module):
+    """(name, tensor) of the parameters and buffers of torch layers that compute in their
+    input's dtype (convolutions, norms, Linear): a mismatch there fails in torch too. Other
+    tensors (a float32 buffer of a custom layer in a float64 model) may be promoted or
+    unused, so they are left to torch."""
+    for path, m in module.named_modules():
+        if type(m) in rules.MODULES:
+            prefix = f"{path}." if path else ""
+            for name, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
+                yield prefix + name, t
 
 
 def _owner(module: nn.Module, name: str) -> str:

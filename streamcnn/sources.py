@@ -16,6 +16,7 @@ channels-first order, ``(N, C, *spatial)``) at a time:
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 
 import numpy as np
@@ -113,6 +114,12 @@ class ArraySource:
         return tile if "N" in self.layout else tile.unsqueeze(0)
 
 
+def digest(tile: torch.Tensor) -> bytes:
+    """A fingerprint of a host tile's pixels (BLAKE2b, 128 bits), to tell whether a later read
+    gives the same pixels."""
+    return hashlib.blake2b(np.ascontiguousarray(tile.numpy()).data, digest_size=16).digest()
+
+
 def _page_releaser(array):
     """After each read of a read-only numpy.memmap, drop its pages from this process's
     resident set: they stay in the kernel's page cache (a re-read is fast) but do not
@@ -122,6 +129,17 @@ def _page_releaser(array):
     if not isinstance(handle, mmap.mmap) or getattr(array, "mode", None) != "r":
         return lambda: None
     return lambda: handle.madvise(mmap.MADV_DONTNEED)
+
+
+def tensor_of(x):
+    """``x`` itself, or for an :class:`ImageArray` of a torch tensor that tensor as a
+    channels-first view (autograd and the device stay the tensor's)."""
+    if not isinstance(x, ImageArray) or not isinstance(x.array, torch.Tensor):
+        return x
+    spatial = [d for d in x.layout if d not in "NC"]
+    present = [d for d in ("N", "C") if d in x.layout] + spatial
+    view = x.array.permute([x.layout.index(d) for d in present])
+    return view if "N" in x.layout else view.unsqueeze(0)
 
 
 def source_of(x):

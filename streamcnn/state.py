@@ -4,46 +4,64 @@ The backward recomputes every tile, long after the forward ran. By then the
 module may hold other tensors (``torch.func.functional_call`` has put its own
 weights back, a hypernetwork has produced new ones), its tensors may have been
 changed in place (an optimiser step before ``backward``), or its layers may have
-been switched between train and eval mode. Conventional autograd keeps what it
-saved and raises when a saved tensor was changed in place; streaming does the same
-by recording, during the forward:
+been switched between train and eval mode or reconfigured. Conventional autograd
+keeps what it saved and raises when a saved tensor was changed in place; streaming
+does the same by recording, during the forward:
 
 * which tensors the computation read (:class:`TensorUse`, a torch-function mode
-  over the first tile) and their names in the module - parameters, buffers and
-  plain tensor attributes (how ``nn.DataParallel`` replicas and hypernetworks hold
-  weights). The backward recomputes each tile with exactly those tensors
-  (``functional_call``), returns their gradients through autograd, and saves them
-  with ``save_for_backward`` so an in-place change raises as it would conventionally;
-* every module's train/eval flag, compared again in the backward;
-* every module tensor's version, compared after each tile, because a layer or hook
-  that changes module state on every call (spectral norm's power iteration in
-  training mode) would change it once per tile and again per tile in the backward.
+  over the first tile) and every name they have in the module - parameters,
+  buffers and plain tensor attributes (how ``nn.DataParallel`` replicas and
+  hypernetworks hold weights), under each module that holds them (a layer used
+  twice, a weight tied between two layers). The backward recomputes each tile with
+  exactly those tensors (``functional_call``), returns their gradients through
+  autograd, and saves them with ``save_for_backward`` so an in-place change raises
+  as it would conventionally;
+* a :class:`Snapshot` of what else decides the computation and is not a tensor:
+  every module's class, train/eval flag, scalar attributes (``negative_slope``),
+  submodules and hooks (with the scalars their closures hold), and the random
+  number generators of Python, numpy and torch. It is compared after every tile
+  (a layer or hook that changes state, or draws random numbers, on every call would
+  do so once per tile and again per tile in the backward) and before the backward
+  (a change between forward and backward would make the recomputation differ);
+* every module tensor's version, compared after each tile for the same reason
+  (spectral norm's power iteration in training mode).
+
+What cannot be checked - a hook whose effect depends on state that is not a scalar
+(a list it appends to), or randomness drawn from a generator the module does not
+hold - is the contract's stated limit (README, "The contract").
 """
 
 from __future__ import annotations
 
+import contextlib
+import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from . import rules
 from .errors import StreamingError
-from .trace import describe_layer, module_path
+from .trace import Pipeline, describe_layer, module_path
 
 
-def module_tensors(module: nn.Module) -> dict[int, tuple[str, torch.Tensor]]:
-    """id -> (dotted name, tensor) of every parameter, buffer and plain tensor attribute."""
-    found: dict[int, tuple[str, torch.Tensor]] = {}
+def module_tensors(module: nn.Module) -> dict[int, tuple[tuple[str, ...], torch.Tensor]]:
+    """id -> (every dotted name, tensor) of every parameter, buffer and plain tensor
+    attribute. A module reachable by several paths is named once (by its first path):
+    swapping the tensor under that name swaps it for every use of the module."""
+    found: dict[int, tuple[tuple[str, ...], torch.Tensor]] = {}
     for path, m in module.named_modules():
         prefix = f"{path}." if path else ""
         items = list(m._parameters.items()) + list(m._buffers.items()) + [
             (k, v) for k, v in vars(m).items() if isinstance(v, torch.Tensor)]
         for name, t in items:
-            if t is not None and id(t) not in found:
-                found[id(t)] = (prefix + name, t)
+            if t is not None:
+                names, _ = found.get(id(t), ((), t))
+                found[id(t)] = (names + (prefix + name,), t)
     return found
 
 
@@ -71,11 +89,16 @@ class TensorUse(TorchFunctionMode):
 class Captured:
     """The tensors a streamed forward read, split by what the backward does with them."""
 
-    grad_names: tuple[str, ...]  # module tensors that require grad: inputs of the autograd node
-    grad_tensors: tuple[torch.Tensor, ...]
-    const_names: tuple[str, ...]  # module tensors that do not: recomputed with as saved
+    grad_names: tuple[tuple[str, ...], ...]  # every name of each module tensor that requires grad
+    grad_tensors: tuple[torch.Tensor, ...]  # (the inputs of the autograd node)
+    const_names: tuple[tuple[str, ...], ...]  # module tensors that do not: recomputed as saved
     const_tensors: tuple[torch.Tensor, ...]
     others: tuple[torch.Tensor, ...]  # tensors read that the module does not hold (constants)
+
+    def substitutes(self, grad_aliases, consts) -> dict[str, torch.Tensor]:
+        """``functional_call``'s name -> tensor map: each tensor under all of its names."""
+        pairs = list(zip(self.grad_names, grad_aliases)) + list(zip(self.const_names, consts))
+        return {name: t for names, t in pairs for name in names}
 
 
 def capture(module: nn.Module, read: dict[int, torch.Tensor]) -> Captured:
@@ -98,8 +121,110 @@ def capture(module: nn.Module, read: dict[int, torch.Tensor]) -> Captured:
                     tuple(n for n, _ in const), tuple(t for _, t in const), tuple(others))
 
 
+@contextlib.contextmanager
+def uncached_parametrizations():
+    """Evaluate parametrizations on every access while tiles run, even inside
+    ``parametrize.cached()``: a value cached by the no-grad forward would reach the
+    backward without a graph (no gradient for the parametrised weight), and one cached
+    before the forward would not be the module's to recompute."""
+    saved = parametrize._cache_enabled
+    parametrize._cache_enabled = 0
+    try:
+        yield
+    finally:
+        parametrize._cache_enabled = saved
+
+
+# ------------------------------------------------------------------ what is not a tensor
+
 #: layer types that compute differently in train and eval mode (named first in errors)
 _MODE_DEPENDENT = {t.__name__ for t in rules.BATCHNORM_MODULES + rules.DROPOUT_MODULES + (nn.RReLU,)}
+_SCALARS = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_GENERATORS = (np.random.Generator, np.random.RandomState, random.Random)
+
+
+def _scalar(value, lists: bool = True):
+    """``value`` if it is a scalar or a tuple (or, with ``lists``, a list) of scalars, else None.
+    A hook's closure keeps its lists out: a hook appending to a list is a log, not state."""
+    if isinstance(value, _SCALARS):
+        return value
+    kinds = (tuple, list) if lists else tuple
+    if isinstance(value, kinds) and all(isinstance(v, _SCALARS) for v in value):
+        return tuple(value)
+    return None
+
+
+def _rng_state(rng) -> str:
+    state = rng.getstate() if isinstance(rng, random.Random) else (
+        rng.bit_generator.state if isinstance(rng, np.random.Generator) else rng.get_state())
+    return repr(state)
+
+
+def _scalars_of(obj) -> dict:
+    """The scalar attributes of an object, and the states of the generators it holds."""
+    out = {}
+    for k, v in getattr(obj, "__dict__", {}).items():
+        if isinstance(v, _GENERATORS):
+            out[k] = ("random generator", _rng_state(v))
+        elif _scalar(v) is not None:
+            out[k] = _scalar(v)
+    return out
+
+
+def _hook_state(hook) -> tuple:
+    """A hook's identity and the scalars it holds (closure cells, a callable object's or a
+    bound method's attributes), so that a changed hook or hook state is seen."""
+    fn = getattr(hook, "__func__", hook)
+    cells = tuple(_scalar(c.cell_contents, lists=False)
+                  for c in (getattr(fn, "__closure__", None) or ()) if _has_contents(c))
+    owner = getattr(hook, "__self__", hook if not callable(getattr(hook, "__code__", None)) else None)
+    attributes = () if isinstance(owner, nn.Module) or owner is None else tuple(
+        sorted(_scalars_of(owner).items()))
+    return id(fn), cells, attributes
+
+
+def _has_contents(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # an empty cell
+        return False
+    return True
+
+
+def configuration(module: nn.Module) -> dict[str, dict]:
+    """path -> what decides each module's computation besides its tensors."""
+    config = {}
+    for path, m in module.named_modules():
+        entry = {"class": type(m).__name__, **_scalars_of(m)}
+        entry["submodules"] = tuple((k, id(v)) for k, v in m._modules.items())
+        for hooks in _HOOKS:
+            entry[hooks] = tuple(_hook_state(h) for h in getattr(m, hooks).values())
+        if isinstance(m, Pipeline) and m.transform is not None and not isinstance(
+                m.transform, nn.Module):  # a transform that is a module is a submodule
+            entry["transform"] = _hook_state(m.transform)
+        config[path] = entry
+    return config
+
+
+def rng_states(device: torch.device) -> tuple:
+    """The global random number generators' states: Python's, numpy's, torch's."""
+    states = [random.getstate(), *np.random.get_state(), torch.random.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return tuple(states)
+
+
+def _same_rng(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, np.ndarray):
+        return np.array_equal(a, b)
+    return a == b
 
 
 def modes(module: nn.Module) -> tuple[tuple[str, str, bool], ...]:
@@ -125,9 +250,76 @@ def check_modes(module: nn.Module, recorded) -> None:
         f"what the forward saved instead); switch modes only after backward")
 
 
+def _describe_change(path: str, before: dict, after: dict | None) -> str:
+    layer = describe_layer(module_path(path), before["class"])
+    if after is None:
+        return f"{layer} was removed from the streamed module"
+    if after["class"] != before["class"]:
+        return f"{layer} was replaced by a {after['class']}"
+    key = next(k for k in {**before, **after} if before.get(k, "<unset>") != after.get(k, "<unset>"))
+    if key == "submodules":
+        return f"{layer} had a submodule added, removed or replaced"
+    if key in _HOOKS or key == "transform":
+        return (f"{layer} had a hook added, removed or replaced, or a hook's state (a counter in "
+                f"its closure) changed ({key})" if key != "transform" else
+                "the transform's state (a value in its closure or attributes) changed")
+    was, now = before.get(key, "<unset>"), after.get(key, "<unset>")
+    if isinstance(was, tuple) and was[:1] == ("random generator",):
+        return f"{layer} drew random numbers from its generator '{key}'"
+    return f"{layer} changed its attribute '{key}' from {was!r} to {now!r}"
+
+
+# ------------------------------------------------------------------ the snapshot
+
+class Snapshot:
+    """What a streamed forward depends on besides its inputs' values, taken before the first
+    tile: tensor versions, train/eval flags, the non-tensor configuration, RNG states."""
+
+    def __init__(self, pipeline: nn.Module, device: torch.device):
+        self.pipeline, self.device = pipeline, device
+        self.versions = versions(pipeline)
+        self.modes = modes(pipeline)
+        self.config = configuration(pipeline)
+        self.rng = rng_states(device)
+
+    def check_tile(self) -> None:
+        """After a tile ran: nothing it depends on may have changed (see the module docstring)."""
+        check_unchanged(self.pipeline, self.versions)
+        self._check_config("while a tile ran")
+        if not _same_rng(self.rng, rng_states(self.device)):
+            raise StreamingError(
+                "a tile drew random numbers from Python's random module, numpy's global generator or "
+                "torch's generator (in the streamed module, one of its hooks or the transform): "
+                "streaming runs the module once per tile and again per tile in the backward, so "
+                "every tile would draw anew, not once for the whole image; draw them before the "
+                "forward (e.g. augment the image first) or move that part after the Streaming module")
+
+    def check_backward(self) -> None:
+        """Before the backward: the recomputation runs the module as the forward did."""
+        check_modes(self.pipeline, self.modes)
+        self._check_config("between the streamed forward and its backward")
+
+    def _check_config(self, when: str) -> None:
+        now = configuration(self.pipeline)
+        if now == self.config:
+            return
+        path = next(p for p in {**self.config, **now} if self.config.get(p) != now.get(p))
+        if path not in self.config:
+            what = f"{describe_layer(module_path(path), now[path]['class'])} was added to the module"
+        else:
+            what = _describe_change(path, self.config[path], now.get(path))
+        raise StreamingError(
+            f"{what} {when}: streaming runs the module once per tile, and again per tile in "
+            f"the backward recomputation, so every run must compute alike (conventional autograd "
+            f"reuses what its one forward saved instead); change the module only after backward, "
+            f"and keep state that changes on every call out of the streamed module and its hooks")
+
+
 def versions(module: nn.Module) -> dict[int, tuple[str, torch.Tensor, int]]:
-    """id -> (name, tensor, version counter) of every module tensor."""
-    return {key: (name, t, t._version) for key, (name, t) in module_tensors(module).items()}
+    """id -> (name, tensor, version counter) of every module tensor (inference tensors, which
+    have no version counter and cannot change outside inference mode, are left out)."""
+    return {key: (names[0], t, t._version) for key, (names, t) in module_tensors(module).items()
+            if not t.is_inference()}
 
 
 def check_unchanged(module: nn.Module, before: dict) -> None:
@@ -143,3 +335,43 @@ def check_unchanged(module: nn.Module, before: dict) -> None:
                 f"as spectral norm's power iteration in training mode): streaming calls the "
                 f"module once per tile and again per tile in the backward, so that state would "
                 f"be updated many times; call .eval() on it, or move it after the Streaming module")
+
+
+# ------------------------------------------------------------------ gradient hooks
+
+@contextlib.contextmanager
+def observing_gradient_hooks(module: nn.Module):
+    """While the backward recomputes tiles: module backward hooks may observe a tile's
+    gradients but not replace them. A tile's gradient at a layer is only the part that
+    flows from the outputs the tile owns, so a hook that changes it nonlinearly (guided
+    backprop's ``clamp(min=0)``) would not change the sum of the parts as it changes the
+    whole; a hook that returns a new gradient raises, naming its layer."""
+    swapped = []
+    try:
+        for path, m in module.named_modules():
+            for hooks in ("_backward_hooks", "_backward_pre_hooks"):
+                table = getattr(m, hooks)
+                for key, hook in list(table.items()):
+                    table[key] = _observer(hook, path, m, hooks)
+                    swapped.append((table, key, hook))
+        yield
+    finally:
+        for table, key, hook in swapped:
+            table[key] = hook
+
+
+def _observer(hook, path: str, m: nn.Module, hooks: str):
+    kind = "backward pre-hook" if hooks == "_backward_pre_hooks" else "backward hook"
+
+    def observe(*args):
+        result = hook(*args)
+        if result is not None:
+            raise StreamingError(
+                f"a {kind} on {describe_layer(module_path(path), type(m).__name__)} returned a new "
+                f"gradient: streaming backpropagates each tile's part of the gradient separately, "
+                f"so a hook that changes gradients (guided backprop's clamp) would be applied to "
+                f"each part instead of the whole; register it on the Streaming module (it sees "
+                f"the stitched gradient) or move that layer after the Streaming module (hooks "
+                f"that only read gradients are fine)")
+        return None
+    return observe

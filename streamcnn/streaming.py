@@ -13,7 +13,7 @@ from .errors import StreamingError
 from .function import Job, StreamFunction, TileRunner, autocast_state
 from .inputs import check_source, expected_ndim, module_device, module_dtype
 from .plan import plan
-from .sources import source_of
+from .sources import source_of, tensor_of
 from .tiling import tile_image
 from .trace import Pipeline, analyse, analyse_structure
 
@@ -88,22 +88,24 @@ class Streaming(nn.Module):
     def forward(self, x) -> torch.Tensor:
         """``module(transform(x))``, tile by tile. ``x``: a tensor on any device, or an array
         read tile by tile (:class:`streamcnn.ImageArray`, a numpy array or memmap)."""
+        _refuse_functorch()
+        x = tensor_of(x)
         source = source_of(x)
         _, tilings = self.prepare(source)
         device = module_device(self.module) or source.device
         pipeline = Pipeline(self.module, self.transform)
         runner = TileRunner(pipeline, tilings, source, device, progress=self.progress,
                             channels_last=self._channels_last(source, device))
-        versions = state.versions(pipeline)
+        snapshot = state.Snapshot(pipeline, device)
         first, read = runner.first_tile()
-        state.check_unchanged(pipeline, versions)
+        snapshot.check_tile()
         x_grad = isinstance(x, torch.Tensor) and x.requires_grad
         if not torch.is_grad_enabled() or not (x_grad or any(t.requires_grad for t in read.values())):
-            return runner.forward(first, versions)
+            return runner.forward(first, snapshot)
         captured = state.capture(pipeline, read)
         inputs = [_node_input(t) for t in (x if isinstance(x, torch.Tensor) else None,)
                   + captured.grad_tensors]
-        job = Job(runner, captured, state.modes(pipeline), versions, first,
+        job = Job(runner, captured, snapshot, first,
                   [get_gradient_edge(t).node if t is not None and t.requires_grad else None
                    for t in inputs], autocast_state(device.type))
         return StreamFunction.apply(job, *inputs)
@@ -120,6 +122,15 @@ class Streaming(nn.Module):
         """``streamcnn.plan(self.module, input_shape, self.tile_size, transform=...)``."""
         kwargs.setdefault("transform", self.transform)
         return plan(self.module, input_shape, self.tile_size, **kwargs)
+
+
+def _refuse_functorch() -> None:
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        raise StreamingError(
+            "Streaming does not run under torch.func transforms (grad, vjp, jacrev, vmap): its tile "
+            "loop and its backward, which recomputes every tile, are autograd code outside the "
+            "transform's view; use torch.autograd (backward or torch.autograd.grad) for gradients, "
+            "and a loop over the batch instead of vmap")
 
 
 def _node_input(t):

@@ -202,18 +202,33 @@ def lengths(graph, n: int) -> list[int]:
     return _run(graph, n, lambda step, ns: step.rule.out_length(*ns) if min(ns) > 0 else 0)
 
 
-def misfit(graph, n: int) -> str | None:
+@dataclass(frozen=True)
+class Misfit:
+    """Why an input (or tile) length cannot run through a graph: the first step that fails."""
+
+    name: str
+    kind: str  # "merge" (inputs of different lengths), "empty" (no output) or "max-pool"
+    inputs: tuple[int, ...]  # the step's input lengths
+
+    def __str__(self) -> str:
+        if self.kind == "merge":
+            broadcast = (" (a branch of length 1 is broadcast over the other: that depends on the "
+                         "image's size, which no tile has)" if 1 in self.inputs else "")
+            return f"{self.name} gets inputs of different lengths {list(self.inputs)}{broadcast}"
+        if self.kind == "empty":
+            return f"{self.name} gets {self.inputs[0]} positions and gives no output"
+        return f"{self.name} has a dilated max-pool window without a pixel"
+
+
+def misfit(graph, n: int) -> Misfit | None:
     """Why an ``n``-long input (or tile) cannot run through the graph, or None if it can."""
     ns = lengths(graph, n)
     for step, out in zip(graph[1:], ns[1:]):
-        ins = [ns[i] for i in step.inputs]
+        ins = tuple(ns[i] for i in step.inputs)
         if min(ins) <= 0 or step.rule.fits(*ins):
             continue
-        if isinstance(step.rule, Merge):
-            return f"{step.name} gets inputs of different lengths {ins}"
-        if out <= 0:
-            return f"{step.name} gets {ins[0]} positions and gives no output"
-        return f"{step.name} has a dilated max-pool window without a pixel"
+        kind = "merge" if isinstance(step.rule, Merge) else "empty" if out <= 0 else "max-pool"
+        return Misfit(step.name, kind, ins)
     return None
 
 
@@ -276,12 +291,9 @@ def min_tile_size(graph) -> int:
     return n
 
 
-def min_image_size(graph) -> int:
-    """Smallest input length the graph gives an output for."""
-    n = 1
-    while lengths(graph, n)[-1] <= 0:
-        n += 1
-    return n
+def min_image_size(graph, limit: int) -> int | None:
+    """Smallest input length up to ``limit`` the graph gives an output for (None if none)."""
+    return next((n for n in range(1, limit + 1) if lengths(graph, n)[-1] > 0), None)
 
 
 @dataclass(frozen=True)
@@ -340,7 +352,12 @@ def tile_axis(graph, length: int, tile_size: int, axis_name: str = "axis") -> Ax
             f"{f.stride}, so a tile needs at least {min_size} pixels to produce a valid "
             f"output; use tile_size >= {min_size} (or >= {length}, the image size, for "
             f"a single tile)")
-    size = next(n for n in range(tile_size, min_size - 1, -1) if fits(graph, n))
+    size = next((n for n in range(tile_size, min_size - 1, -1) if fits(graph, n)), None)
+    if size is None:
+        raise TileTooSmallError(
+            f"no tile of {min_size} to {tile_size} px runs through the streamed layers along "
+            f"{axis_name} ({misfit(graph, tile_size)}); the image's {length} px do, so use "
+            f"tile_size >= {length} (one tile), or make the branches agree for every length")
     interior = interior_spans(graph, size)[-1]
     left_margin = interior.valid_start - interior.start
     first = Span(length, 0, size, 0, size)
@@ -371,11 +388,17 @@ def _check_image(graph, length: int, axis_name: str) -> None:
     problem = misfit(graph, length)
     if problem is None:
         return
-    if lengths(graph, length)[-1] <= 0:
+    if problem.kind == "merge":
+        fails = "" if 1 in problem.inputs else "; conventional backprop would fail the same way"
+        raise ValueError(f"the streamed module cannot run on {length} pixels along {axis_name}: "
+                         f"{problem}{fails}")
+    if problem.kind == "empty":
+        f = output_field(graph)
+        least = min_image_size(graph, max(length, f.size + f.offset) + 4 * f.stride + 4)
+        need = f"; they need at least {least} pixels" if least is not None else ""
         raise ValueError(
             f"the input is too small along {axis_name}: {length} pixels give no output "
-            f"through the streamed layers ({problem}); they need at least "
-            f"{min_image_size(graph)} pixels")
+            f"through the streamed layers ({problem}){need}")
     raise ValueError(f"the streamed module cannot run on {length} pixels along {axis_name}: "
                      f"{problem}; conventional backprop would fail the same way")
 

@@ -7,13 +7,13 @@
 #
 # TORCH_SPEC picks the torch build. The default is the CPU wheel this project is
 # developed on. GPU users, e.g.:
-#   make verify TORCH_SPEC="torch" TORCH_INDEX="--index-url https://download.pytorch.org/whl/cu124" EXTRAS=dev,gpu
+#   make verify TORCH_SPEC="torch" TORCH_INDEX="--index-url https://download.pytorch.org/whl/cu124" EXTRAS=dev,slides,gpu
 
 PYTHON      ?= python3
 VENV        ?= .venv
 TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
-EXTRAS      ?= dev,demo
+EXTRAS      ?= dev,demo,slides
 QUICK       ?=
 REPEAT      ?=
 RESUME      ?=

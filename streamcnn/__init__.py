@@ -3,6 +3,8 @@
 Public API:
     Streaming(module, tile_size)        nn.Module that runs ``module`` tile by tile
     ImageArray(array, layout)           an image read tile by tile (memmap, zarr, h5py)
+    ImageArray.from_slide(slide, level) a whole-slide image level (OpenSlide, TiffSlide)
+    slides.tissue_mask(slide)           a low-resolution tissue mask (Otsu on saturation)
     plan(module, input_shape, tile_size) -> StreamPlan (tiles, overlap, memory estimates)
     receptive_field(module, ndim, tile_size=None)  per-axis receptive field
     testing.compare(module, x, tile_size)  check streaming against conventional autograd
@@ -11,16 +13,17 @@ Public API:
 Layers, bottom to top (imports point down only; verify/test_layout.py checks it):
 ``_args``/``errors`` -> ``geometry`` (integer tile geometry, no torch) -> ``rules``
 (which torch operation is which geometric step) -> ``trace`` (torch.fx graph ->
-steps) -> ``tiling``, ``sources`` (where tiles are read from), ``inputs`` (checks) ->
-``state`` (what a forward read) -> ``memory``, ``plan`` (estimates before running) ->
-``function`` (tile loop, autograd node) -> ``streaming`` (the module) -> ``testing``.
+steps) -> ``tiling``, ``slides`` (whole-slide images, NumPy only), ``sources`` (where
+tiles are read from), ``inputs`` (checks) -> ``state`` (what a forward read) -> ``memory``,
+``plan`` (estimates before running) -> ``function`` (tile loop, autograd node) ->
+``streaming`` (the module) -> ``testing``.
 """
 
-from . import geometry, testing, tuning
+from . import geometry, slides, testing, tuning
 from .errors import StreamingError, TileTooSmallError
 from .plan import StreamPlan, plan, receptive_field
 from .sources import ImageArray
 from .streaming import Streaming
 
 __all__ = ["Streaming", "ImageArray", "plan", "StreamPlan", "receptive_field", "geometry",
-           "testing", "tuning", "StreamingError", "TileTooSmallError"]
+           "slides", "testing", "tuning", "StreamingError", "TileTooSmallError"]

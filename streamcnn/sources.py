@@ -11,18 +11,44 @@ channels-first order, ``(N, C, *spatial)``) at a time:
   opened through tifffile's zarr store), channels-first or channels-last
   (:class:`ImageArray`). A tile is read when it is needed - in the forward pass and
   again in the backward recomputation - with one slicing call per tile, in
-  row-major tile order; nothing image-sized is ever built from it.
+  row-major tile order; nothing image-sized is ever built from it. A whole-slide image
+  (OpenSlide, TiffSlide, cuCIM) is such an array through :meth:`ImageArray.from_slide`
+  (:mod:`streamcnn.slides`): one ``read_region`` call per tile read.
+
+Both are :class:`Source` s, the one interface the tile loop reads an input through.
 """
 
 from __future__ import annotations
 
 import hashlib
 import mmap
+from typing import Protocol
 
 import numpy as np
 import torch
 
+from .slides import INTERFACE, WHITE, SlideArray
+
 _SPATIAL = {1: "L", 2: "HW"}
+
+
+class Source(Protocol):
+    """Where the tile loop (``function.TileRunner``) reads an input from.
+
+    ``shape`` is ``(N, C, *spatial)``; ``dtype`` and ``device`` are those of every read.
+    ``read(box, origin)`` returns the tile at ``box`` (one slice per dimension of
+    ``shape``, channels-first; ``origin``, the tile's first pixel, is for messages) as a
+    tensor on ``device``. ``fresh`` says whether every read is new memory: a source
+    whose reads may be views of the caller's tensor sets it False and holds that tensor
+    as ``.tensor``, so the loop copies a tile before the module can change it in place.
+    """
+
+    shape: tuple
+    dtype: torch.dtype
+    device: torch.device
+    fresh: bool
+
+    def read(self, box: tuple, origin: tuple) -> torch.Tensor: ...
 
 
 class ImageArray:
@@ -38,6 +64,10 @@ class ImageArray:
     """
 
     def __init__(self, array, layout: str | None = None):
+        if not hasattr(array, "shape") and all(hasattr(array, a) for a in INTERFACE):
+            raise TypeError(f"{type(array).__name__} is a slide (it has read_region and "
+                            f"level_dimensions): stream one of its levels with "
+                            f"ImageArray.from_slide(slide, level)")
         for attr in ("shape", "dtype", "__getitem__"):
             if not hasattr(array, attr):
                 raise TypeError(
@@ -54,6 +84,27 @@ class ImageArray:
                 f"name each of its {rank} dimensions once with N (batch, optional), C "
                 f"(channels) and H, W (2D) or L (1D), e.g. 'NCHW', 'NHWC' or 'HWC'")
         self.array, self.layout = array, layout
+
+    @classmethod
+    def from_slide(cls, slide, level: int = 0, *, background=WHITE,
+                   tissue=None) -> "ImageArray":
+        """One level of a whole-slide image, streamed as an RGB uint8 image ``(1, 3, H, W)``.
+
+        ``slide`` has OpenSlide's interface (``openslide.OpenSlide(path)``,
+        ``tiffslide.TiffSlide(path)``, or an adapter such as the cuCIM one in
+        :mod:`streamcnn.slides`). Each tile read is one ``slide.read_region`` call of the
+        tile's size, at the tile's top-left pixel converted to level-0 coordinates
+        (:func:`streamcnn.slides.level0_location`). Transparent pixels (outside the
+        scanned area) are composited over ``background``, an RGB colour.
+
+        ``tissue``: a boolean mask over the whole slide (True: tissue), e.g.
+        :func:`streamcnn.slides.tissue_mask`; pixels outside it are read as
+        ``background``, which changes the image the network sees.
+
+            >>> slide = openslide.OpenSlide("biopsy.svs")
+            >>> out = streaming(ImageArray.from_slide(slide, level=1))
+        """
+        return cls(SlideArray(slide, level, background=background, tissue=tissue), "HWC")
 
 
 def torch_dtype(dtype) -> torch.dtype:
@@ -142,7 +193,7 @@ def tensor_of(x):
     return view if "N" in x.layout else view.unsqueeze(0)
 
 
-def source_of(x):
+def source_of(x) -> Source:
     """The source for an input: a tensor, an :class:`ImageArray`, or a bare array-like
     (channels-first)."""
     if isinstance(x, torch.Tensor):

@@ -1,13 +1,13 @@
 """The backend's modules import one way, from the layer that uses to the layer used:
 ``_args``/``errors`` -> ``geometry`` (no torch) -> ``rules`` -> ``trace`` -> ``tiling``,
-``sources``, ``inputs`` -> ``state`` -> ``memory`` -> ``plan`` -> ``function`` -> ``streaming`` ->
+``slides`` (NumPy only), ``sources``, ``inputs`` -> ``state`` -> ``memory`` -> ``plan`` -> ``function`` -> ``streaming`` ->
 ``testing``. Checked on the source: an import of a higher layer (a cycle) fails here."""
 
 import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "streamcnn"
-ORDER = ["_args", "errors", "geometry", "binding", "rules", "trace", "tiling", "sources", "inputs", "state",
+ORDER = ["_args", "errors", "geometry", "binding", "rules", "trace", "tiling", "slides", "sources", "inputs", "state",
          "memory", "plan", "function", "streaming", "testing", "tuning", "__init__"]
 
 
@@ -33,3 +33,14 @@ def test_imports_point_down_only():
 def test_geometry_is_free_of_torch():
     source = (PACKAGE / "geometry.py").read_text()
     assert "import torch" not in source
+
+
+def test_slides_needs_numpy_only():
+    """streamcnn.slides reads any object with OpenSlide's interface: it imports neither
+    torch nor a slide library, so importing streamcnn never needs one."""
+    tree = ast.parse((PACKAGE / "slides.py").read_text())
+    modules = {a.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+               for a in node.names}
+    modules |= {node.module.split(".")[0] for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) and node.level == 0}
+    assert modules <= {"__future__", "math", "numpy"}, modules

@@ -118,10 +118,13 @@ class TileRunner:
                 del y
         return out
 
-    def backward(self, source, grad_out, need_x: bool, tensors: dict, wrt: list):
+    def backward(self, source, grad_out, need_x: bool, tensors: dict, wrt: list,
+                 x_grad: bool = False):
         """Input gradient (or None, on the input's device) and the summed gradient of each
         of ``wrt``, recomputing every tile with ``tensors`` (name -> tensor) in place of
-        the pipeline's own.
+        the pipeline's own. Each tile requires grad as the input did (``x_grad``) whether
+        or not its gradient is wanted (``need_x``): code that asks (a reentrant
+        ``checkpoint``) then runs as it did conventionally.
 
         Each tile's gradients are accumulated into the ``.grad`` of its leaves - the tile
         and ``wrt``, fresh tensors only this backward holds - by ``Tensor.backward``
@@ -135,7 +138,7 @@ class TileRunner:
         sums: list = [None] * len(wrt)
         with observing_gradient_hooks(self.pipeline):
             for tile in self.tiles("backward"):
-                leaf = self.read(source, tile).detach().requires_grad_(need_x)
+                leaf = self.read(source, tile).detach().requires_grad_(need_x or x_grad)
                 with torch.enable_grad():
                     y = self.run(self.feed(leaf), tile, call)[tile.crop]
                     if y.requires_grad:
@@ -201,7 +204,8 @@ class StreamFunction(torch.autograd.Function):
         with torch.autocast(device_type, dtype=dtype, enabled=enabled):
             source = job.runner.source if x is None else TensorSource(x)
             grad_x, sums = job.runner.backward(source, grad_out, need_x, tensors,
-                                               [a for a, n in zip(aliases, need) if n])
+                                               [a for a, n in zip(aliases, need) if n],
+                                               x_grad=ctx.needs_input_grad[1])
         grads = iter(sums)
         return (None, grad_x, *(next(grads) if n else None for n in need))
 

@@ -52,7 +52,7 @@ from test_streaming_properties import AVGPOOL, BATCHNORM, CONV, MAXPOOL, SETTING
 
 import streamcnn
 from bench.models import freeze_batchnorm
-from streamcnn.testing import compare
+from streamcnn.testing import ALL_PATHS, compare
 
 F64 = 1e-10
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same'")
@@ -522,12 +522,13 @@ def cases(draw):
 
 
 @settings(max_examples=320, **SETTINGS)
-@given(cases())
-def test_random_dags_match_conventional(case):
+@given(cases(), st.sampled_from(ALL_PATHS))
+def test_random_dags_match_conventional(case, path):
+    """Each example along one drawn entry path (see streamcnn.testing.Path)."""
     ndim, trunk, shape, tiles, seed = case
     net = build(trunk, ndim, seed)
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    cmp = compare(net, x, tiles[0] if ndim == 1 else tiles)
+    cmp = compare(net, x, tiles[0] if ndim == 1 else tiles, paths=path)
     assert cmp.worst <= F64, cmp
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 import streamcnn
-from streamcnn.testing import compare, rel_err
+from streamcnn.testing import Path, compare, rel_err
 
 F64, F32 = 1e-10, 1e-4
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same'")
@@ -54,8 +54,14 @@ def test_fig2_network_float64():
 
 
 def test_fig2_network_float32_channels_last_default():
-    # float32 on CPU runs tiles in channels-last layout (oneDNN); values agree to rounding
-    assert_close(compare(fig2_net(torch.float32), rand(1, 3, 160, 128, dtype=torch.float32), 48), F32)
+    """float32 on CPU runs tiles in channels-last layout (oneDNN); values agree to rounding.
+    Random output gradients only: from a sum loss each bias gradient sums 20480 terms of one
+    sign, and conventional float32's own error then exceeds 1e-4 (test_graph_float32 judges
+    float32 against float64 instead)."""
+    paths = [Path(entry, method, "random") for entry, method in
+             (("leaf", "grad"), ("leaf-grad", "backward"), ("non-leaf", "backward"))]
+    assert_close(compare(fig2_net(torch.float32), rand(1, 3, 160, 128, dtype=torch.float32), 48,
+                         paths=paths), F32)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 import streamcnn
 from streamcnn.geometry import fits, interior_spans, lengths, tile_axis
 from streamcnn.trace import analyse_structure
-from streamcnn.testing import compare
+from streamcnn.testing import ALL_PATHS, compare
 
 F64 = 1e-10
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same'")
@@ -190,11 +190,13 @@ def check_tiling(t, tile_size, unread, nodes):
 
 
 @settings(max_examples=800, **SETTINGS)
-@given(cases())
-def test_random_stacks_match_conventional(case):
+@given(cases(), st.sampled_from(ALL_PATHS))
+def test_random_stacks_match_conventional(case, path):
+    """Each example along one entry path (input leaf or not, backward or autograd.grad, sum or
+    random loss), drawn: together the examples cross every path with every kind of stack."""
     net, shape, tile, channels_last = case
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    cmp = compare(net, x, tile, channels_last=channels_last)
+    cmp = compare(net, x, tile, channels_last=channels_last, paths=path)
     assert cmp.worst <= F64, cmp
     ndim = len(shape) - 2
     tiles = (tile,) * ndim if isinstance(tile, int) else tile

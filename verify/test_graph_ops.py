@@ -47,6 +47,25 @@ class ChannelScale(nn.Module):
         return self.gamma * h - h.mean(1, keepdim=True)  # a per-position mean over channels
 
 
+class KeywordConv(nn.Module):
+    """A layer called with its input by keyword."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, h):
+        return self.conv(input=h)
+
+
+def add_in_place(h):
+    """A wider map added to ``h`` in place, and ``h`` used afterwards by its old name (fx
+    records that use as the earlier node): it reads the sum, so it depends on the wider
+    map's receptive field too."""
+    h.add_(F.max_pool2d(h.clone(), 5, 1, 2))  # (max-pool saves the clone, not h)
+    return torch.tanh(h)
+
+
 OPS = {
     "chunk and cat": (cat_chunks, 4),
     "split and cat": (cat_split, 4),
@@ -64,6 +83,20 @@ OPS = {
     "transpose and back": (lambda h: h.transpose(1, 3).relu().transpose(1, 3), 4),
     "clamp and pow": (lambda h: h.clamp(-1, 1).pow(2) - 0.5, 4),
     "multiply two branches": (lambda h: torch.sigmoid(h) * F.max_pool2d(h, 3, 1, 1), 4),
+    # operations whose arguments were once misread (each binds as torch binds it)
+    "clamp with a feature-map bound": (lambda h: torch.clamp(h, min=F.max_pool2d(h, 5, 1, 2) - 1), 4),
+    "clamp_ with feature-map bounds": (lambda h: h.clone().clamp_(F.avg_pool2d(h, 3, 1, 1),
+                                                                 max=F.max_pool2d(h, 5, 1, 2)), 4),
+    "elementwise torch.max of two maps": (lambda h: torch.max(h, F.avg_pool2d(h, 3, 1, 1)), 4),
+    "channel max and argmax (CBAM)": (lambda h: h * torch.sigmoid(
+        torch.max(h, dim=1, keepdim=True)[0] + h.min(1, True).indices.to(h.dtype)), 4),
+    "max over channels, .values": (lambda h: h - h.max(dim=1, keepdim=True).values, 4),
+    "norm with p positional, over channels": (lambda h: h / (h.norm(2, 1, keepdim=True) + 1), 4),
+    "std by name, over channels": (lambda h: h / (h.std(dim=1, keepdim=True, unbiased=False) + 1), 4),
+    "batch reduction without keepdim": (lambda h: h + h.sum(0) - h.amax(0, keepdim=True), 4),
+    "where with feature maps": (lambda h: torch.where(h > 0, h, F.max_pool2d(h, 3, 1, 1)), 4),
+    "conv called by keyword": (KeywordConv(), 4),
+    "in-place add of a wider map": (add_in_place, 4),
 }
 
 

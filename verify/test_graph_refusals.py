@@ -103,6 +103,26 @@ CASES = {
                                         r"\(1, 4, 20, 20\) that varies over the spatial positions"),
     "linear over space": (Block(nn.Linear(20, 20)), r"layer '1\.0\.block\.2' \(Linear\) cannot be streamed: "
                                                     r"it connects every position"),
+    # reductions whose arguments were once misread: each reduces over space as torch binds it
+    "mean over dim=()": (Block(Functional(lambda x: x - x.mean(dim=(), keepdim=True))),
+                         r"operation 'mean' .* it reduces over spatial positions"),
+    "norm with p positional": (Block(Functional(lambda x: x / x.norm(1, keepdim=True))),
+                               r"operation 'norm' .* it reduces over spatial positions"),
+    "norm inf": (Block(Functional(lambda x: x / x.norm(float("inf"), keepdim=True))),
+                 r"operation 'norm' .* it reduces over spatial positions"),
+    "std(unbiased)": (Block(Functional(lambda x: x / x.std(True))),
+                      r"operation 'std' .* it reduces over spatial positions"),
+    "mean over H after a batch sum": (Block(Functional(lambda x: x * x.sum(0).mean(1, keepdim=True))),
+                                      r"operation 'mean' .* it reduces over spatial positions"),
+    "clamp to a fixed-size bound": (Block(Functional(lambda x: torch.clamp(
+        x, min=torch.zeros(1, 1, 20, 20, dtype=x.dtype)))),
+        r"operation 'clamp' .* a tensor of shape \(1, 1, 20, 20\) that varies over the spatial"),
+    "local response norm channels last": (Block(Functional(lambda x: F.local_response_norm(
+        x.permute(0, 2, 3, 1), 3).permute(0, 3, 1, 2))),
+        r"operation 'local_response_norm' .* in layout \(N, H, W, C\) dimension 1 is not the channels"),
+    "feature map as a convolution weight": (Block(Functional(lambda x: x * F.conv2d(
+        x, x.sum(0, keepdim=True)))), r"operation 'conv2d' .* it takes a feature map as its 'weight' "
+                                      r"argument, which streamcnn streams only as 'input'"),
 }
 
 

@@ -102,10 +102,18 @@ class Captured:
 
 
 def capture(module: nn.Module, read: dict[int, torch.Tensor]) -> Captured:
-    """Split the tensors the forward read; refuse one that requires grad but has no name."""
+    """Split the tensors the forward read; refuse one that requires grad but has no name, and
+    one made in inference mode (autograd cannot save it, conventionally either)."""
     named = module_tensors(module)
     grad, const, others = [], [], []
     for key, t in read.items():
+        if t.is_inference():
+            where = f"the module's tensor '{named[key][0][0]}'" if key in named else "a tensor it reads"
+            raise RuntimeError(
+                f"{where} was created under torch.inference_mode(): inference tensors cannot be "
+                f"saved for backward, so the streamed module cannot be trained (conventional "
+                f"autograd refuses it too); create it outside inference mode (torch.no_grad() "
+                f"keeps tensors usable by autograd), or run it under torch.no_grad()")
         if key in named:
             (grad if t.requires_grad else const).append(named[key])
         elif t.requires_grad:
@@ -303,16 +311,28 @@ class Snapshot:
         now = configuration(self.pipeline)
         if now == self.config:
             return
-        path = next(p for p in {**self.config, **now} if self.config.get(p) != now.get(p))
-        if path not in self.config:
-            what = f"{describe_layer(module_path(path), now[path]['class'])} was added to the module"
-        else:
-            what = _describe_change(path, self.config[path], now.get(path))
         raise StreamingError(
-            f"{what} {when}: streaming runs the module once per tile, and again per tile in "
-            f"the backward recomputation, so every run must compute alike (conventional autograd "
-            f"reuses what its one forward saved instead); change the module only after backward, "
-            f"and keep state that changes on every call out of the streamed module and its hooks")
+            f"{_difference(self.config, now)} {when}: streaming runs the module once per tile, and "
+            f"again per tile in the backward recomputation, so every run must compute alike "
+            f"(conventional autograd reuses what its one forward saved instead); change the module "
+            f"only after backward, and keep state that changes on every call out of the streamed "
+            f"module and its hooks")
+
+
+def _difference(before: dict, after: dict) -> str:
+    """The first difference between two configurations, in words."""
+    path = next(p for p in {**before, **after} if before.get(p) != after.get(p))
+    if path not in before:
+        return f"{describe_layer(module_path(path), after[path]['class'])} was added to the module"
+    was, now = before[path], after.get(path)
+    if now is not None and was["submodules"] != now["submodules"]:
+        old, new = dict(was["submodules"]), dict(now["submodules"])
+        name = next(k for k in {**old, **new} if old.get(k) != new.get(k))
+        child = f"{path}.{name}" if path else name
+        if child in before and child in after:
+            return (f"{describe_layer(module_path(child), before[child]['class'])} was replaced by "
+                    f"a {after[child]['class']}")
+    return _describe_change(path, was, now)
 
 
 def versions(module: nn.Module) -> dict[int, tuple[str, torch.Tensor, int]]:

@@ -233,9 +233,9 @@ def test_autograd_grad_of_one_parameter_computes_only_that(monkeypatch):
     asked = []
     real = streamcnn.function.TileRunner.backward
 
-    def spy(self, x, grad_out, need_x, tensors, wrt):
+    def spy(self, x, grad_out, need_x, tensors, wrt, **kwargs):
         asked.append((need_x, len(wrt)))
-        return real(self, x, grad_out, need_x, tensors, wrt)
+        return real(self, x, grad_out, need_x, tensors, wrt, **kwargs)
 
     monkeypatch.setattr(streamcnn.function.TileRunner, "backward", spy)
     net = front()
@@ -393,3 +393,201 @@ def test_real_data_parallel_on_gpus():
         return grads(net.parameters())
 
     assert_same(run(True), run(False))
+
+
+# ------------------------------------------------------------- 11. what is not a tensor
+
+def _step(net, x, stream, tile=12, **kwargs):
+    """Output and parameter gradients of one step, streamed or not (fixed output gradient)."""
+    net.zero_grad(set_to_none=True)
+    y = (Streaming(net, tile, **kwargs) if stream else net)(x)
+    y.backward(rand(*y.shape, seed=5))
+    return [y.detach()] + grads(net.parameters())
+
+
+def test_a_hook_that_changes_gradients_is_refused():
+    """Guided backprop clamps each layer's gradient: on a tile's part of the gradient that is
+    not the clamp of the whole, so a backward hook (or pre-hook) that returns a new gradient
+    raises, naming its layer. Hooks that only read gradients keep working (see above)."""
+    hooks = {"hook": lambda m: m.register_full_backward_hook(lambda m, gi, go: (gi[0].clamp(min=0),)),
+             "pre-hook": lambda m: m.register_full_backward_pre_hook(lambda m, go: (go[0].clamp(min=0),))}
+    for kind, register in hooks.items():
+        net = front()
+        register(net[1])
+        _step(net, rand(1, 3, 30, 26), stream=False)  # conventional autograd applies it
+        with pytest.raises(StreamingError, match=rf"a backward {kind} on layer '1' \(ReLU\) returned "
+                                                 r"a new gradient"):
+            _step(net, rand(1, 3, 30, 26), stream=True)
+
+
+def test_cached_parametrizations_get_their_gradient():
+    """``parametrize.cached()`` around forward and backward: the weight a no-grad forward
+    cached has no graph, so tiles evaluate parametrizations afresh."""
+    from torch.nn.utils import parametrize
+
+    def run(stream):
+        torch.manual_seed(0)
+        net = front()
+        nn.utils.parametrizations.weight_norm(net[0])
+        with parametrize.cached():
+            return _step(net, rand(2, 3, 30, 26), stream)
+
+    got, ref = run(True), run(False)
+    assert all(g is not None for g in ref)
+    assert_same(got, ref)
+
+
+def test_an_array_refilled_before_backward_is_refused():
+    """A loader that reuses its buffer: the backward reads every tile again and would see the
+    next image; a tensor refilled in place raises through its version counter instead."""
+    import numpy as np
+    buffer = np.random.default_rng(0).integers(0, 256, (1, 3, 30, 26), dtype=np.uint8)
+    y = Streaming(front(), 12, transform=lambda t: t.double() / 255)(buffer)
+    buffer[:] = np.random.default_rng(1).integers(0, 256, buffer.shape, dtype=np.uint8)
+    with pytest.raises(StreamingError, match=r"the input array changed between the streamed forward "
+                                             r"and its backward \(the tile at \(0, 0\)"):
+        y.sum().backward()
+    x = rand(1, 3, 30, 26)
+    y = Streaming(front(), 12)(x)
+    x.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+class _PythonRandom(nn.Module):
+    def forward(self, x):
+        import random
+        return x * random.uniform(0.9, 1.1)
+
+
+class _GeneratorHeld(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rng = __import__("numpy").random.default_rng(0)
+
+    def forward(self, x):
+        return x * float(self.rng.random())
+
+
+@pytest.mark.parametrize("where", ["python random in forward", "numpy global in transform",
+                                   "numpy generator held by a layer", "torch rand in a hook"])
+def test_random_draws_outside_the_trace_are_refused(where):
+    """A draw fx cannot see (Python's or numpy's, or torch's inside a hook) would be made anew
+    per tile and again in the backward: refused after the first tile."""
+    import numpy as np
+    net, kwargs = front(), {}
+    if where == "python random in forward":
+        net = nn.Sequential(net, _PythonRandom())
+    elif where == "numpy global in transform":
+        kwargs["transform"] = lambda t: t * float(np.random.rand())
+    elif where == "numpy generator held by a layer":
+        net = nn.Sequential(net, _GeneratorHeld())
+    else:
+        net[1].register_forward_hook(lambda m, i, o: o * torch.rand(()).item())
+    message = (r"layer '1' \(_GeneratorHeld\) drew random numbers from its generator 'rng'"
+               if "generator" in where else r"a tile drew random numbers")
+    with pytest.raises(StreamingError, match=message):
+        Streaming(net, 12, **kwargs)(rand(1, 3, 30, 26))
+
+
+def test_module_state_changed_between_forward_and_backward_is_refused():
+    """The recomputation would run with the new state: a slope, a swapped layer, a new hook."""
+    def changes():
+        yield (lambda net: setattr(net[1], "negative_slope", 0.2),
+               r"layer '1' \(LeakyReLU\) changed its attribute 'negative_slope' from 0\.01 to 0\.2 "
+               r"between the streamed forward and its backward")
+        yield (lambda net: net.__setitem__(1, nn.Tanh()), r"layer '1' \(LeakyReLU\) was replaced by a Tanh")
+        yield (lambda net: net[3].register_forward_hook(lambda m, i, o: o * 2),
+               r"layer '3' \(Conv2d\) had a hook added")
+
+    for change, message in changes():
+        net = front()
+        net[1] = nn.LeakyReLU()
+        y = Streaming(net, 12)(rand(1, 3, 30, 26))
+        change(net)
+        with pytest.raises(StreamingError, match=message):
+            y.sum().backward()
+
+
+def test_a_hook_whose_state_changes_on_every_call_is_refused():
+    """A hook that counts its calls and acts on the count would act differently per tile."""
+    net = front()
+    calls = 0
+
+    def hook(module, inputs, output):
+        nonlocal calls
+        calls += 1
+        return output * (1.0 if calls < 3 else 2.0)
+
+    net[3].register_forward_hook(hook)
+    _step(net, rand(1, 3, 30, 26), stream=False)
+    with pytest.raises(StreamingError, match=r"layer '3' \(Conv2d\) had a hook .* or a hook's state "
+                                             r"\(a counter in its closure\) changed .* while a tile ran"):
+        _step(net, rand(1, 3, 30, 26), stream=True)
+
+
+@pytest.mark.parametrize("transform", ["grad", "vmap"])
+def test_torch_func_transforms_are_refused(transform):
+    streamed = Streaming(front(), 12)
+    x = rand(1, 3, 30, 26)
+    run = (lambda: torch.func.grad(lambda x: streamed(x).sum())(x)) if transform == "grad" else (
+        lambda: torch.func.vmap(streamed)(x[None]))
+    with pytest.raises(StreamingError, match=r"does not run under torch\.func transforms"):
+        run()
+
+
+def test_a_module_built_in_inference_mode():
+    """Its tensors have no version counter: it runs under no_grad, and training raises, as
+    conventional autograd does (inference tensors cannot be saved for backward)."""
+    with torch.inference_mode():
+        net = front()
+    x = rand(1, 3, 30, 26)
+    with torch.no_grad():
+        assert rel_err(Streaming(net, 12)(x), net(x)) <= F64
+    for model in (net, Streaming(net, 12)):
+        with pytest.raises(RuntimeError, match="[Ii]nference tensors cannot be saved for backward"):
+            model(x).sum().backward()
+        with pytest.raises(RuntimeError, match="[Ii]nference tensors cannot be saved for backward"):
+            model(x.clone().requires_grad_()).sum().backward()
+
+
+def test_a_float32_buffer_in_a_float64_model():
+    """A custom layer's float32 buffer, promoted by torch: not refused before the tiles run."""
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("scale", torch.linspace(0.5, 2, 5).view(5, 1, 1))
+
+        def forward(self, x):
+            return x * self.scale
+
+    net = nn.Sequential(front(), Scale())
+    assert net[1].scale.dtype == torch.float32
+    assert streamcnn.testing.compare(net, rand(2, 3, 30, 26), 12).worst <= F64
+
+
+def test_an_image_array_of_a_tensor_is_that_tensor_channels_first():
+    net = front()
+    x = rand(1, 30, 26, 3).requires_grad_()
+    y = Streaming(net, 12)(streamcnn.ImageArray(x, "NHWC"))
+    y.backward(rand(*y.shape, seed=5))
+    ref_x = x.detach().clone().requires_grad_()
+    ref = net(ref_x.permute(0, 3, 1, 2))
+    ref.backward(rand(*ref.shape, seed=5))
+    assert rel_err(y, ref) <= F64 and rel_err(x.grad, ref_x.grad) <= F64
+
+
+def test_split_into_sections_at_construction():
+    """``torch.split(x, [2, 1], 1)`` on the input, whose channels are unknown at construction."""
+    class Split(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(1, 4, 3, padding=1)
+
+        def forward(self, x):
+            u, v = torch.split(x, [2, 1], 1)
+            return self.a(u) * self.b(v)
+
+    net = Split().double()
+    Streaming(net, 12)
+    assert streamcnn.testing.compare(net, rand(2, 3, 30, 26), 12).worst <= F64

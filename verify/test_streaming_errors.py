@@ -4,6 +4,7 @@ layer or operation (with its path in the module), says why, and says what to do.
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import streamcnn
 from streamcnn import Streaming, StreamingError, TileTooSmallError
@@ -223,3 +224,61 @@ def test_double_backward_is_refused():
     y = Streaming(nn.Sequential(conv(), nn.Tanh()), 16)(x)
     with pytest.raises(RuntimeError, match=r"does not support higher-order gradients"):
         torch.autograd.grad(y.sum(), x, create_graph=True)
+
+
+class _Unpadded(nn.Module):
+    """``x + conv(x)`` with an unpadded conv: the branches never have equal lengths."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3)
+
+    def forward(self, x):
+        return x + self.conv(x)
+
+
+class _Broadcast(nn.Module):
+    """A branch pooled to length 1 and broadcast over the other: fine for one image size."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x) + F.max_pool2d(x, (37, 29))
+
+
+class _BroadcastSameGrid(nn.Module):
+    """A kernel the size of the image: its one output is broadcast over the other branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, (37, 29))
+
+    def forward(self, x):
+        return x + self.conv(x)
+
+
+@pytest.mark.parametrize("net, conventional_runs", [(_Unpadded(), False), (_Broadcast(), True),
+                                                    (_BroadcastSameGrid(), True)])
+def test_merges_that_never_agree_are_errors_not_hangs(net, conventional_runs):
+    """Once an endless search for a minimum image size; an alarm turns a regression into a
+    failure instead of a hang."""
+    import signal
+    x = torch.randn(1, 3, 37, 29)
+    if conventional_runs:
+        net(x)
+    else:
+        with pytest.raises(RuntimeError, match="must match the size"):
+            net(x)
+    previous = signal.signal(signal.SIGALRM, lambda *a: pytest.fail("hangs"))
+    signal.alarm(30)
+    try:
+        with pytest.raises((ValueError, StreamingError), match=r"operation 'add' .*(gets inputs of "
+                                                                r"different lengths \[37, 35\]; conventional|"
+                                                                r"different grids|a branch of length 1 "
+                                                                r"is broadcast)"):
+            Streaming(net, 16)(x)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

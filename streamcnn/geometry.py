@@ -325,7 +325,8 @@ class AxisTiling:
     tile_length: int
 
 
-def tile_axis(graph, length: int, tile_size: int, axis_name: str = "axis") -> AxisTiling:
+def tile_axis(graph, length: int, tile_size: int, axis_name: str = "axis",
+              targets: tuple[int, ...] = ()) -> AxisTiling:
     """Cut one axis of length ``length`` into tiles of at most ``tile_size`` pixels.
 
     Tiles start at multiples of the total output stride. Each next tile starts
@@ -335,6 +336,12 @@ def tile_axis(graph, length: int, tile_size: int, axis_name: str = "axis") -> Ax
     over affect none) and may be shorter than ``tile_size``. A tile at least as
     large as the image gives one tile. ``overlap`` is ``tile_length - step``,
     or 0 when strides skip pixels between tiles.
+
+    ``targets``: further steps whose whole map the tiles' valid positions must cover
+    without a gap, as they cover the output's (for statistics of those maps: see
+    :func:`ownership`). A position no output depends on (one a stride skips, or past
+    the last output's window) is then computed too, and the tiles may start a little
+    earlier, on the same stride grid.
     """
     if tile_size < 1:
         raise ValueError(f"tile_size must be positive, got {tile_size} along {axis_name}")
@@ -358,30 +365,89 @@ def tile_axis(graph, length: int, tile_size: int, axis_name: str = "axis") -> Ax
             f"no tile of {min_size} to {tile_size} px runs through the streamed layers along "
             f"{axis_name} ({misfit(graph, tile_size)}); the image's {length} px do, so use "
             f"tile_size >= {length} (one tile), or make the branches agree for every length")
-    interior = interior_spans(graph, size)[-1]
-    left_margin = interior.valid_start - interior.start
-    first = Span(length, 0, size, 0, size)
-    tiles = [spans(graph, first)[-1]]
+    covered = tuple(sorted(set(targets) | {len(graph) - 1}))
+    full = lengths(graph, length)
+    margin, advance = _interior_validity(graph, size, covered)
+    if min(advance.values()) < stride:
+        raise TileTooSmallError(
+            f"tile_size {tile_size} is too small along {axis_name} for statistics of "
+            f"{graph[min(advance, key=advance.get)].name}: its tiles would leave positions of that "
+            f"map uncomputed; use tile_size >= {_covering_tile(graph, length, size, covered)}")
+    rfs = fields(graph)
+    tiles = [spans(graph, Span(length, 0, size, 0, size))]
     starts = [0]
-    while tiles[-1].valid_stop < out_length:
-        start = (tiles[-1].valid_stop - left_margin) * stride
+    while any(tiles[-1][t].valid_stop < full[t] for t in covered):
+        # the first valid position on every covered map at most one past the previous tile's last
+        start = min((tiles[-1][t].valid_stop - margin[t]) * rfs[t].stride for t in covered)
+        start = start // stride * stride
         if start + size >= length:
             start = _last_start(graph, length, size, start, axis_name)
         internal_assert(start > starts[-1], "tiling made no progress")
         stop = min(start + size, length)
-        span = spans(graph, Span(length, start, stop, start, stop))[-1]
-        internal_assert(span.valid_start <= tiles[-1].valid_stop,
-                        "gap between the valid outputs of two tiles")
+        tile = spans(graph, Span(length, start, stop, start, stop))
+        internal_assert(all(tile[t].valid_start <= tiles[-1][t].valid_stop for t in covered),
+                        "gap between the valid positions of two tiles")
         starts.append(start)
-        tiles.append(span)
-    own_stops = [min(s.valid_stop, out_length) for s in tiles]
-    step = (interior.valid_stop - interior.valid_start) * stride
+        tiles.append(tile)
+    out = [t[-1] for t in tiles]
+    own_stops = [min(s.valid_stop, out_length) for s in out]
+    step = min(advance.values()) // stride * stride
     return AxisTiling(
         length=length, tile_size=tile_size, out_length=out_length, stride=stride,
         starts=tuple(starts), stops=tuple(min(a + size, length) for a in starts),
-        out_starts=tuple(s.start for s in tiles), out_stops=tuple(s.stop for s in tiles),
+        out_starts=tuple(s.start for s in out), out_stops=tuple(s.stop for s in out),
         own_starts=tuple([0] + own_stops[:-1]), own_stops=tuple(own_stops),
         min_tile_size=min_size, step=step, overlap=max(size - step, 0), tile_length=size)
+
+
+def _interior_validity(graph, size: int, covered) -> tuple[dict, dict]:
+    """Per covered step, for an interior tile of ``size`` pixels: how many positions of that
+    step's map at its left are invalid, and how many input pixels its valid positions span
+    (their number times the step's total stride), by which consecutive tiles can advance."""
+    interior, rfs = interior_spans(graph, size), fields(graph)
+    margin = {t: interior[t].valid_start - interior[t].start for t in covered}
+    advance = {t: (interior[t].valid_stop - interior[t].valid_start) * rfs[t].stride for t in covered}
+    return margin, advance
+
+
+def _covering_tile(graph, length: int, size: int, covered) -> int:
+    """The smallest tile above ``size`` whose valid positions advance by a stride on every
+    covered map (the image size if none is near)."""
+    stride = output_field(graph).stride
+    for n in range(size + 1, min(length, size + 8 * stride + 64)):
+        if fits(graph, n) and min(_interior_validity(graph, n, covered)[1].values()) >= stride:
+            return n
+    return length
+
+
+@dataclass(frozen=True)
+class Ownership:
+    """Which positions of one step's map each tile owns, on one axis: the tiles' owned
+    intervals ``[own_starts[i], own_stops[i])`` partition the map, and each lies inside
+    the tile's valid positions, which start at ``starts[i]`` on that map (so a tile's
+    owned values are ``activation[own_start - start : own_stop - start]``)."""
+
+    length: int
+    starts: tuple[int, ...]
+    own_starts: tuple[int, ...]
+    own_stops: tuple[int, ...]
+
+
+def ownership(graph, tiling: AxisTiling, step: int) -> Ownership:
+    """The partition of step ``step``'s map among the tiles of ``tiling`` (made with that
+    step among its ``targets``, or the output), each position owned by the first tile
+    whose valid positions hold it."""
+    length = lengths(graph, tiling.length)[step]
+    tiles = [spans(graph, Span(tiling.length, a, b, a, b))[step]
+             for a, b in zip(tiling.starts, tiling.stops)]
+    own_stops = [min(t.valid_stop, length) for t in tiles]
+    own_starts = [0] + own_stops[:-1]
+    problem = next((i for i, (t, a, b) in enumerate(zip(tiles, own_starts, own_stops))
+                    if b < a or (b > a and a < t.valid_start)), None)
+    if problem is not None or own_stops[-1] != length:
+        raise ValueError(f"the tiles do not cover every position of {graph[step].name}'s map with "
+                         f"valid values: tile the image with that step among the targets")
+    return Ownership(length, tuple(t.start for t in tiles), tuple(own_starts), tuple(own_stops))
 
 
 def _check_image(graph, length: int, axis_name: str) -> None:

@@ -40,6 +40,7 @@ Examples are derandomized so CI is reproducible; channels and sizes are tiny.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -52,7 +53,10 @@ from test_streaming_properties import AVGPOOL, BATCHNORM, CONV, MAXPOOL, SETTING
 
 import streamcnn
 from bench.models import freeze_batchnorm
-from streamcnn.testing import ALL_PATHS, compare
+from streamcnn.errors import TileTooSmallError
+from streamcnn.geometry import ownership, tile_axis
+from streamcnn.testing import ALL_PATHS, compare, rel_err
+from streamcnn.trace import analyse_structure
 
 F64 = 1e-10
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same'")
@@ -565,3 +569,59 @@ def test_hull_is_the_measured_dependency_region(dag):
         start = index[a] * stride - offset
         assert (support.min().item(), support.max().item() + 1) == (start, start + size), \
             f"axis {a}"
+
+
+def _node_values(graph, x) -> list:
+    """Every step's value for input ``x``, by running the traced graph (fx's Interpreter)."""
+    import torch.fx as fx
+    from streamcnn.memory import _step_tensors
+    values = {}
+
+    class Record(fx.Interpreter):
+        def run_node(self, n):
+            values[n.name] = super().run_node(n)
+            return values[n.name]
+
+    with torch.no_grad():
+        Record(fx.GraphModule(graph.root, graph.graph)).run(x)
+    return [x] + _step_tensors(graph, values)[1:]
+
+
+@settings(max_examples=120, **SETTINGS)
+@given(cases(), st.data())
+def test_ownership_partitions_every_node_map(case, data):
+    """Ownership at every node (the statistics' partition): with random steps of a random
+    graph as targets, each target's map is partitioned among the tiles, every owned position
+    lies in its tile's valid positions, and - the check of validity - a tile's value at each
+    position it owns equals the whole image's (float64, 1e-10: convolutions sum in another
+    order on other sizes)."""
+    ndim, trunk, shape, tiles, seed = case
+    net = build(trunk, ndim, seed).eval()
+    graph = analyse_structure(net, ndim, shape[1])
+    steps = list(range(1, len(graph.steps)))
+    targets = tuple(sorted(set(data.draw(st.lists(st.sampled_from(steps), min_size=1, max_size=4)))))
+    try:
+        tilings = [tile_axis(graph.axis(a), shape[2 + a], tiles[a], targets=targets)
+                   for a in range(ndim)]
+    except TileTooSmallError:  # a target needs a larger tile than the output: said, not silent
+        return
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    full = _node_values(graph, x)
+    for t in targets + (len(graph.steps) - 1,):
+        owns = [ownership(graph.axis(a), tilings[a], t) for a in range(ndim)]
+        for own in owns:
+            assert own.own_starts[0] == 0 and own.own_stops[-1] == own.length
+            assert list(own.own_starts[1:]) == list(own.own_stops[:-1])
+            assert all(b >= a for a, b in zip(own.own_starts, own.own_stops))
+        if not isinstance(full[t], torch.Tensor):
+            continue
+        for index in itertools.product(*(range(len(tl.starts)) for tl in tilings)):
+            box = tuple(slice(tl.starts[i], tl.stops[i]) for tl, i in zip(tilings, index))
+            tile_value = _node_values(graph, x[(slice(None), slice(None)) + box])[t]
+            crop = tuple(slice(o.own_starts[i] - o.starts[i], o.own_stops[i] - o.starts[i])
+                         for o, i in zip(owns, index))
+            place = tuple(slice(o.own_starts[i], o.own_stops[i]) for o, i in zip(owns, index))
+            got, want = tile_value[(Ellipsis,) + crop], full[t][(Ellipsis,) + place]
+            assert got.shape == want.shape
+            if want.numel():
+                assert rel_err(got, want) <= F64 or torch.equal(got, want), (t, index)

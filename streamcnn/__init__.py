@@ -7,23 +7,31 @@ Public API:
     slides.tissue_mask(slide)           a low-resolution tissue mask (Otsu on saturation)
     plan(module, input_shape, tile_size) -> StreamPlan (tiles, overlap, memory estimates)
     receptive_field(module, ndim, tile_size=None)  per-axis receptive field
+    channel_stats(module, images, tile_size, names)  exact per-channel statistics, streamed
+    update_bn(loader, module, tile_size)  torch.optim.swa_utils.update_bn, streamed
+    lsuv_(module, images, tile_size)    unit variance per output channel (LSUV), streamed
     testing.compare(module, x, tile_size)  check streaming against conventional autograd
     tuning.keep_freed_memory()          opt-in glibc allocator setting (faster CPU tiles)
 
 Layers, bottom to top (imports point down only; verify/test_layout.py checks it):
-``_args``/``errors`` -> ``geometry`` (integer tile geometry, no torch) -> ``rules``
-(which torch operation is which geometric step) -> ``trace`` (torch.fx graph ->
-steps) -> ``tiling``, ``slides`` (whole-slide images, NumPy only), ``sources`` (where
-tiles are read from), ``inputs`` (checks) -> ``state`` (what a forward read) -> ``memory``,
-``plan`` (estimates before running) -> ``function`` (tile loop, autograd node) ->
-``streaming`` (the module) -> ``testing``.
+``_args``/``errors`` -> ``geometry`` (integer tile geometry, no torch) -> ``binding``
+(arguments as torch binds them) -> ``rules`` (which torch operation is which geometric
+step) -> ``trace`` (torch.fx graph -> steps) -> ``tiling``, ``moments`` (Chan's merge),
+``slides`` (whole-slide images, NumPy only), ``sources`` (where tiles are read from),
+``inputs`` (checks) -> ``state`` (what a forward read) -> ``memory``, ``plan`` (estimates
+before running) -> ``function`` (tile loop, autograd node) -> ``passes`` (statistics
+passes) -> ``streaming`` (the module) -> ``statistics`` (channel_stats, update_bn, lsuv_)
+-> ``testing``.
 """
 
 from . import geometry, slides, testing, tuning
 from .errors import StreamingError, TileTooSmallError
 from .plan import StreamPlan, plan, receptive_field
+from .moments import ChannelStats
 from .sources import ImageArray
+from .statistics import channel_stats, lsuv_, update_bn
 from .streaming import Streaming
 
 __all__ = ["Streaming", "ImageArray", "plan", "StreamPlan", "receptive_field", "geometry",
-           "slides", "testing", "tuning", "StreamingError", "TileTooSmallError"]
+           "slides", "testing", "tuning", "StreamingError", "TileTooSmallError",
+           "channel_stats", "update_bn", "lsuv_", "ChannelStats"]

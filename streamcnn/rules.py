@@ -85,6 +85,18 @@ class Unknown:
     """A value not known until the input is (batch or channel count before the first call)."""
 
 
+@dataclass(frozen=True)
+class Norm:
+    """A normalisation whose statistics span the feature map: BatchNorm in training mode or
+    without running statistics (per channel, over the batch and space). Pointwise once the
+    statistics of its input are known, which the caller streams for it."""
+
+    kind: str  # "batch"
+    eps: float
+    momentum: float | None
+    training: bool  # updates running statistics (when it has them)
+
+
 def contains(value, kinds) -> bool:
     """Whether ``value``, or anything in the tuples, lists, dicts and slices it holds, is
     an instance of ``kinds``."""
@@ -333,6 +345,14 @@ def dropout(ctx, input, p=0.5, training=True, inplace=False):
 
 def batch_norm(ctx, input, running_mean, running_var, weight=None, bias=None, training=False,
                momentum=0.1, eps=1e-5):
+    if (training or running_mean is None) and ctx.spatial_norms:
+        refused = _channels_first(ctx, input, "it normalises")
+        if refused:
+            return refused
+        if running_mean is not None:
+            _need_channels(ctx, input, running_mean.numel())
+        return ctx.step(Pointwise(), [input], input.dims, input.channels, input.source,
+                        norm=Norm("batch", eps, momentum, training))
     if training or running_mean is None:
         why = ("it is in training mode: it would normalise each tile with that tile's own batch "
                "statistics, not the whole image's" if training else
@@ -718,7 +738,8 @@ MODULES = {
     nn.Flatten: lambda ctx, m, x: flatten(ctx, x, m.start_dim, m.end_dim),
     **{t: lambda ctx, m, x: _pointwise(ctx, x) for t in POINTWISE_MODULES},
     **{t: lambda ctx, m, x: dropout(ctx, x, m.p, m.training) for t in DROPOUT_MODULES},
-    **{t: lambda ctx, m, x: batch_norm(ctx, x, m.running_mean, m.running_var, training=m.training)
+    **{t: lambda ctx, m, x: batch_norm(ctx, x, m.running_mean, m.running_var, training=m.training,
+                                       momentum=m.momentum, eps=m.eps)
        for t in BATCHNORM_MODULES},
 }
 

@@ -281,11 +281,12 @@ def _describe_change(path: str, before: dict, after: dict | None) -> str:
 
 class Snapshot:
     """What a streamed forward depends on besides its inputs' values, taken before the first
-    tile: tensor versions, train/eval flags, the non-tensor configuration, RNG states."""
+    tile: tensor versions, train/eval flags, the non-tensor configuration, RNG states.
+    ``ignore``: ids of tensors the caller updates itself (a streamed BatchNorm's counter)."""
 
-    def __init__(self, pipeline: nn.Module, device: torch.device):
+    def __init__(self, pipeline: nn.Module, device: torch.device, ignore=frozenset()):
         self.pipeline, self.device = pipeline, device
-        self.versions = versions(pipeline)
+        self.versions = {k: v for k, v in versions(pipeline).items() if k not in ignore}
         self.modes = modes(pipeline)
         self.config = configuration(pipeline)
         self.rng = rng_states(device)

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 
 from ._args import AXIS_NAMES, normalize_tile_size
-from .geometry import AxisTiling, tile_axis
+from .geometry import AxisTiling, ownership, tile_axis
 from .trace import TracedGraph
 
 
@@ -19,6 +19,7 @@ class Tile:
     crop: tuple
     out: tuple
     out_shape: tuple  # spatial shape of the tile's uncropped output
+    index: tuple = ()  # its place in the product of the per-axis tilings
 
     @property
     def origin(self) -> tuple[int, ...]:
@@ -26,12 +27,28 @@ class Tile:
         return tuple(s.start for s in self.inp[2:])
 
 
-def tile_image(graph: TracedGraph, spatial: tuple[int, ...], tile_size) -> tuple[AxisTiling, ...]:
-    """Per-axis tilings of an image with spatial shape ``spatial``."""
+def tile_image(graph: TracedGraph, spatial: tuple[int, ...], tile_size,
+               targets: tuple[int, ...] = ()) -> tuple[AxisTiling, ...]:
+    """Per-axis tilings of an image with spatial shape ``spatial`` (covering the maps of
+    the ``targets`` steps too: see ``geometry.tile_axis``)."""
     ndim = len(spatial)
     sizes = normalize_tile_size(tile_size, ndim)
-    return tuple(tile_axis(graph.axis(a), spatial[a], sizes[a], AXIS_NAMES[ndim][a])
+    return tuple(tile_axis(graph.axis(a), spatial[a], sizes[a], AXIS_NAMES[ndim][a], targets)
                  for a in range(ndim))
+
+
+def owned_crops(graph: TracedGraph, tilings, step: int) -> dict[tuple, tuple]:
+    """Tile index -> the index of the part of step ``step``'s value that tile owns, one slice
+    per dimension of the value (see ``geometry.ownership``)."""
+    owns = [ownership(graph.axis(a), t, step) for a, t in enumerate(tilings)]
+    dims = graph.steps[step].dims
+    crops = {}
+    for index in itertools.product(*(range(len(t.starts)) for t in tilings)):
+        crops[index] = tuple(
+            slice(owns[d].own_starts[index[d]] - owns[d].starts[index[d]],
+                  owns[d].own_stops[index[d]] - owns[d].starts[index[d]])
+            if isinstance(d, int) else slice(None) for d in dims)
+    return crops
 
 
 def count(tilings: tuple[AxisTiling, ...]) -> int:
@@ -50,4 +67,5 @@ def iter_tiles(tilings: tuple[AxisTiling, ...]):
             out=every + tuple(slice(t.own_starts[i], t.own_stops[i])
                               for t, i in zip(tilings, idx)),
             out_shape=tuple(t.out_stops[i] - t.out_starts[i] for t, i in zip(tilings, idx)),
+            index=idx,
         )

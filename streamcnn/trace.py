@@ -17,6 +17,7 @@ user's source line.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import binding, rules
 from .errors import StreamingError
@@ -39,11 +41,22 @@ class GraphStep:
     """One step of the traced graph: an operation on feature maps."""
 
     name: str  # e.g. "layer '4.0.conv1' (Conv2d)" or "operation 'add' in '4.0' (BasicBlock)"
-    kind: str  # "input", "window", "pointwise" or "merge"
     inputs: tuple[int, ...]
     rules: tuple  # one geometry rule per spatial axis (() for the input)
     channels: int | None
     node: str | None  # name of the fx node that computed it
+    dims: tuple = ()  # role of each dimension of its value ("N", "C", spatial axes)
+    norm: rules.Norm | None = None  # a normalisation over space (statistics of its input)
+
+    @property
+    def kind(self) -> str:
+        """"input", "window", "pointwise", "merge" or "norm"."""
+        if not self.rules:
+            return "input"
+        if self.norm is not None:
+            return "norm"
+        return ("merge" if any(isinstance(r, Merge) for r in self.rules) else
+                "window" if any(isinstance(r, Window) for r in self.rules) else "pointwise")
 
 
 @dataclass(frozen=True)
@@ -54,6 +67,7 @@ class TracedGraph:
     steps: tuple[GraphStep, ...]
     graph: fx.Graph = field(repr=False)
     root: nn.Module = field(repr=False)  # the traced Pipeline (the user's module and transform)
+    calls: tuple = ()  # (module path, fx node of its output) of every module call, in order
 
     def axis(self, a: int) -> tuple[Step, ...]:
         """The graph on spatial axis ``a``, for ``streamcnn.geometry``."""
@@ -66,6 +80,25 @@ class TracedGraph:
     def node_steps(self) -> dict:
         """fx node name -> the step it computed."""
         return {s.node: i for i, s in enumerate(self.steps) if s.node is not None}
+
+    def module_steps(self, path: str) -> list:
+        """The step of each call of the module at ``path`` (a path as in ``named_modules()``),
+        in call order; None for a call the output does not depend on."""
+        steps = self.node_steps()
+        return [steps.get(node) for p, node in self.calls if p == path]
+
+    def norm_nodes(self) -> list:
+        """The fx nodes that call batch normalisation (modules or ``F.batch_norm``), in the
+        order a tile runs them, each with its step (None: in eval mode, or not needed)."""
+        steps = self.node_steps()
+        found = []
+        for node in self.graph.nodes:
+            is_module = node.op == "call_module" and isinstance(
+                self.root.get_submodule(node.target), rules.BATCHNORM_MODULES)
+            if is_module or (node.op == "call_function" and node.target is F.batch_norm):
+                step = steps.get(node.name)
+                found.append((node, step if step is not None and self.steps[step].norm else None))
+        return found
 
 
 class Pipeline(nn.Module):
@@ -117,11 +150,15 @@ class _Tracer(fx.Tracer):
         self.record_stack_traces = stack_traces  # ~3x slower: only to explain a refusal
         self.module_stack_paths: list = []
         self.failed_in = None
+        self.calls: list = []  # (module path, output node) of every module call
 
     def call_module(self, m, forward, args, kwargs):
         self.module_stack_paths.append((module_path(self.path_of_module(m)), type(m).__name__))
         try:
-            return super().call_module(m, m.forward, args, kwargs)
+            out = super().call_module(m, m.forward, args, kwargs)
+            if isinstance(out, fx.Proxy):
+                self.calls.append((self.module_stack_paths[-1][0], out.node.name))
+            return out
         except Exception:
             if self.failed_in is None:
                 self.failed_in = self.module_stack_paths[-1]
@@ -131,12 +168,15 @@ class _Tracer(fx.Tracer):
 
 
 def trace(module: nn.Module, stack_traces: bool = False, transform=None) -> tuple[Pipeline, fx.Graph]:
-    """The fx graph of ``transform`` then ``module``, under a :class:`Pipeline` root."""
+    """The fx graph of ``transform`` then ``module``, under a :class:`Pipeline` root (its
+    ``calls`` attribute lists every module call: path and output node)."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"Streaming needs an nn.Module, got {type(module).__name__}")
     root, tracer = Pipeline(module, transform), _Tracer(stack_traces)
     try:
-        return root, tracer.trace(root)
+        graph = tracer.trace(root)
+        graph.streamcnn_calls = tuple(tracer.calls)
+        return root, graph
     except StreamingError:
         raise
     except Exception as err:
@@ -150,20 +190,26 @@ def trace(module: nn.Module, stack_traces: bool = False, transform=None) -> tupl
 
 
 def analyse(module: nn.Module, ndim: int, channels: int | None = None, *, batch: int | None = None,
-            dtype: torch.dtype | None = None, device=None, transform=None) -> TracedGraph:
+            dtype: torch.dtype | None = None, device=None, transform=None,
+            spatial_norms: bool = False) -> TracedGraph:
     """Trace ``module`` (after ``transform``, if given) and derive the geometry of an
     (N, C, *spatial) input with ``ndim`` spatial axes and ``channels`` channels (None:
     unknown, checks skipped).
 
     Raises ``StreamingError`` for operations that cannot be streamed (in the modules'
     current train/eval modes) and ``ValueError`` for channel counts that do not fit.
+    ``spatial_norms``: record normalisations whose statistics span the feature map
+    (BatchNorm in training mode) as ``norm`` steps for the caller to stream, instead of
+    refusing them.
     """
+    def run(stack_traces):
+        root, graph = trace(module, stack_traces=stack_traces, transform=transform)
+        return _Analysis(root, graph, ndim, channels, batch, dtype, device, spatial_norms).run()
+
     try:
-        root, graph = trace(module, transform=transform)
-        return _Analysis(root, graph, ndim, channels, batch, dtype, device).run()
+        return run(False)
     except StreamingError:  # again with the source lines, for the message
-        root, graph = trace(module, stack_traces=True, transform=transform)
-        return _Analysis(root, graph, ndim, channels, batch, dtype, device).run()
+        return run(True)
 
 
 class _Context:
@@ -173,10 +219,11 @@ class _Context:
         self.analysis, self.node = analysis, node
         self.ndim, self.batch = analysis.ndim, analysis.batch
         self.dtype, self.device = analysis.dtype, analysis.device
+        self.spatial_norms = analysis.spatial_norms
         self.name = analysis.describe(node)
 
-    def step(self, rule, inputs, dims, channels, source="the input has") -> FMap:
-        return self.analysis.add_step(self, rule, inputs, dims, channels, source)
+    def step(self, rule, inputs, dims, channels, source="the input has", norm=None) -> FMap:
+        return self.analysis.add_step(self, rule, inputs, dims, channels, source, norm)
 
     def refuse(self, why: str, fix: str = rules.MOVE) -> Refused:
         return Refused(StreamingError(f"{self.name} cannot be streamed: {why}; {fix}"
@@ -186,10 +233,11 @@ class _Context:
 class _Analysis:
     """One walk over the fx graph with symbolic feature maps (see module docstring)."""
 
-    def __init__(self, root, graph, ndim, channels, batch, dtype, device):
+    def __init__(self, root, graph, ndim, channels, batch, dtype, device, spatial_norms=False):
         self.root, self.graph, self.ndim = root, graph, ndim
         self.batch, self.dtype, self.device = batch, dtype, device
-        self.steps = [GraphStep("the input", "input", (), (), channels, None)]
+        self.spatial_norms = spatial_norms
+        self.steps = [GraphStep("the input", (), (), channels, None, rules.standard_dims(ndim))]
         self.fields = [(Field(),) * ndim]
         self.channels = channels
 
@@ -287,7 +335,7 @@ class _Analysis:
         path, kind = _scope(stack)
         return f"operation '{name}'" + (f" in '{path}' ({kind})" if path else "")
 
-    def add_step(self, ctx, rule, inputs, dims, channels, source) -> FMap:
+    def add_step(self, ctx, rule, inputs, dims, channels, source, norm=None) -> FMap:
         per_axis = rule if isinstance(rule, tuple) else (rule,) * self.ndim
         idx = tuple(x.index for x in inputs)
         try:
@@ -297,9 +345,8 @@ class _Analysis:
                 f"{ctx.name} combines feature maps on different grids: {err}; every branch "
                 f"that reaches a merge must downsample alike (e.g. a strided shortcut as in "
                 f"ResNet){_source_line(ctx.node)}") from None
-        kind = ("merge" if any(isinstance(r, Merge) for r in per_axis) else
-                "window" if any(isinstance(r, Window) for r in per_axis) else "pointwise")
-        self.steps.append(GraphStep(ctx.name, kind, idx, per_axis, channels, ctx.node.name))
+        self.steps.append(GraphStep(ctx.name, idx, per_axis, channels, ctx.node.name, tuple(dims),
+                                    norm))
         self.fields.append(fields)
         return FMap(len(self.steps) - 1, tuple(dims), channels, source)
 
@@ -329,10 +376,10 @@ class _Analysis:
                 keep.add(i)
                 todo.extend(self.steps[i].inputs)
         new = {old: k for k, old in enumerate(sorted(keep | {0}))}
-        steps = tuple(GraphStep(s.name, s.kind, tuple(new[i] for i in s.inputs), s.rules,
-                                s.channels, s.node)
+        steps = tuple(dataclasses.replace(s, inputs=tuple(new[i] for i in s.inputs))
                       for old, s in enumerate(self.steps) if old in new)
-        return TracedGraph(self.ndim, steps, self.graph, self.root)
+        return TracedGraph(self.ndim, steps, self.graph, self.root,
+                           getattr(self.graph, "streamcnn_calls", ()))
 
 
 def _in_place(node: fx.Node) -> bool:

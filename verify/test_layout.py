@@ -7,8 +7,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "streamcnn"
-ORDER = ["_args", "errors", "geometry", "binding", "rules", "trace", "tiling", "slides", "sources", "inputs", "state",
-         "memory", "plan", "function", "streaming", "testing", "tuning", "__init__"]
+ORDER = ["_args", "errors", "geometry", "binding", "rules", "trace", "tiling", "moments", "slides", "sources", "inputs", "state",
+         "memory", "plan", "function", "passes", "streaming", "statistics", "testing", "tuning", "__init__"]
 
 
 def imports(module: str) -> set[str]:

@@ -85,6 +85,8 @@ class TracedGraph:
         """The step of each call of the module at ``path`` (a path as in ``named_modules()``),
         in call order; None for a call the output does not depend on."""
         steps = self.node_steps()
+        first = next(n.name for n in self.graph.nodes if n.op == "placeholder")
+        steps[first] = 0  # a module that returns its input (an empty Sequential)
         return [steps.get(node) for p, node in self.calls if p == path]
 
     def norm_nodes(self) -> list:

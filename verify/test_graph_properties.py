@@ -625,3 +625,33 @@ def test_ownership_partitions_every_node_map(case, data):
             assert got.shape == want.shape
             if want.numel():
                 assert rel_err(got, want) <= F64 or torch.equal(got, want), (t, index)
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(cases(), st.data())
+def test_channel_stats_of_random_nodes_equal_hooks(case, data):
+    """channel_stats of randomly named modules of a random graph (leaves and blocks) equals
+    the per-channel mean and biased variance that forward hooks see conventionally
+    (float64, 1e-10)."""
+    ndim, trunk, shape, tiles, seed = case
+    net = build(trunk, ndim, seed).eval()
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    seen = {n: [] for n, _ in net.named_modules() if n}  # (clones: a later layer may work in place)
+    handles = [net.get_submodule(n).register_forward_hook(
+        lambda m, i, o, n=n: seen[n].append(o.transpose(0, 1).reshape(o.shape[1], -1).clone()))
+        for n in seen]
+    with torch.no_grad():
+        net(x)
+    for h in handles:
+        h.remove()
+    called = sorted(n for n, v in seen.items() if v)  # (a ModuleList is never called)
+    chosen = sorted(set(data.draw(st.lists(st.sampled_from(called), min_size=1, max_size=3))))
+    try:
+        stats = streamcnn.channel_stats(net, x, tiles[0] if ndim == 1 else tiles, chosen)
+    except TileTooSmallError:  # a named map needs a larger tile than the output: said
+        return
+    for n in chosen:
+        values = torch.cat(seen[n], dim=1)
+        assert stats[n].count == values.shape[1], n
+        assert rel_err(stats[n].mean, values.mean(1)) <= F64, n
+        assert rel_err(stats[n].var, values.var(1, unbiased=False)) <= F64, n

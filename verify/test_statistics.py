@@ -259,3 +259,22 @@ def test_bad_input_is_named():
         streamcnn.update_bn(iter([]), nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)), 20)
     with pytest.raises(TypeError, match="must be an image"):
         streamcnn.channel_stats(net, 3, 20, ["0"])
+
+
+def test_the_ownership_tables_of_docs_statistics():
+    """docs/statistics.md's example: without the ReLU among the targets its positions 10 and 11
+    are never computed; with it, a fourth tile owns them and no output."""
+    from streamcnn.geometry import ownership, tile_axis
+    from streamcnn.trace import analyse_structure
+    net = nn.Sequential(nn.Conv1d(1, 1, 3, padding=1), nn.ReLU(), nn.Conv1d(1, 1, 1, stride=3))
+    graph = analyse_structure(net, 1, 1).axis(0)
+    plain = tile_axis(graph, 12, 5)
+    assert list(zip(plain.starts, plain.stops)) == [(0, 5), (3, 8), (6, 11)]
+    assert list(zip(plain.own_starts, plain.own_stops)) == [(0, 2), (2, 3), (3, 4)]
+    with pytest.raises(ValueError, match="do not cover every position"):
+        ownership(graph, plain, 2)
+    covered = tile_axis(graph, 12, 5, targets=(2,))
+    assert list(zip(covered.starts, covered.stops)) == [(0, 5), (3, 8), (6, 11), (9, 12)]
+    assert list(zip(covered.own_starts, covered.own_stops)) == [(0, 2), (2, 3), (3, 4), (4, 4)]
+    relu = ownership(graph, covered, 2)
+    assert list(zip(relu.own_starts, relu.own_stops)) == [(0, 4), (4, 7), (7, 10), (10, 12)]

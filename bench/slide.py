@@ -20,13 +20,12 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from bench import study
 from bench.config import REPORTS
 from bench.fmt import fmt_bytes, fmt_s, table
 
@@ -125,20 +124,13 @@ def measure(side: int, threads: int, timeout_s: int = 3600) -> dict:
         make_slide(side)
     except OSError as err:
         return {"side": side, "status": "skipped", "reason": str(err)}
-    cmd = [sys.executable, "-m", "bench.slide", "--worker", str(side), "--threads", str(threads)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
-                          cwd=Path(__file__).resolve().parent.parent)
-    if done.returncode:
-        return {"side": side, "status": "failed", "reason": done.stderr.strip()[-2000:]}
-    return {"status": "measured", **json.loads(done.stdout.strip().splitlines()[-1])}
+    return study.in_fresh_process("bench.slide", [side, "--threads", threads], timeout_s,
+                                  {"side": side})
 
 
 def merge(records: list, path: Path = SLIDE_JSON) -> dict:
     """reports/slide.json with these records replacing the same sides (others kept as measured)."""
-    stored = json.loads(path.read_text()) if path.exists() else {}
-    stored.update({str(r["side"]): r for r in records})
-    path.write_text(json.dumps(stored, indent=1, sort_keys=True) + "\n")
-    return stored
+    return study.merge(path, records, key=lambda r: r["side"])
 
 
 def render(stored: dict) -> str:

@@ -1,0 +1,64 @@
+"""What the one-off studies (a slide from disk, update_bn, training-mode BatchNorm) share: a
+measurement in a fresh process, read back as one JSON line, and a JSON file of records.
+
+A study's worker runs in its own process so that its peak resident memory (VmHWM) is its own;
+it samples the machine's CPU accounting around the measured call (``bench.protocol``) so that
+other work competing for the cores is reported beside the number.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench import protocol
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def in_fresh_process(module: str, args: list, timeout_s: int, key: dict) -> dict:
+    """Run ``python -m module --worker *args``; its last stdout line is the record (a failure
+    becomes a record with ``status`` "failed" and the end of stderr)."""
+    cmd = [sys.executable, "-m", module, "--worker", *map(str, args)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {**key, "status": "failed", "reason": f"timed out after {timeout_s} s"}
+    if done.returncode:
+        return {**key, "status": "failed", "reason": done.stderr.strip()[-2000:]}
+    return {"status": "measured", **json.loads(done.stdout.strip().splitlines()[-1])}
+
+
+def timed(call, threads: int) -> tuple[object, dict]:
+    """``call()``'s result and its seconds, CPU window and disturbance verdict."""
+    before = protocol.sample()
+    t0 = time.perf_counter()
+    result = call()
+    seconds = time.perf_counter() - t0
+    win = protocol.window(before, protocol.sample())
+    return result, {"seconds": seconds, "cpu_window": win,
+                    "disturbance": protocol.disturbance(win, threads, os.cpu_count() or 1,
+                                                        protocol.Thresholds())}
+
+
+def merge(path: Path, records: list, key) -> dict:
+    """``path`` with these records replacing those of the same key (others kept as measured)."""
+    stored = json.loads(path.read_text()) if path.exists() else {}
+    stored.update({str(key(r)): r for r in records})
+    path.write_text(json.dumps(stored, indent=1, sort_keys=True) + "\n")
+    return stored
+
+
+def cpu_use(record: dict) -> str:
+    """CPU time over wall time × threads, as a table cell."""
+    win = record.get("cpu_window") or {}
+    if not win.get("wall_s"):
+        return "–"
+    return f"{win.get('own_cpu_s', 0) / (win['wall_s'] * record['threads']):.2f}"
+
+
+def quiet(record: dict) -> str:
+    return ("disturbed: " + record["disturbance"]) if record.get("disturbance") else "quiet"

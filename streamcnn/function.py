@@ -17,6 +17,7 @@ the engine asks for are computed.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,7 @@ import torch.nn as nn
 
 from .errors import StreamingError
 from .sources import TensorSource, digest
+from .norms import NormMode, NormState, frozen_modules
 from .state import Captured, Snapshot, TensorUse, observing_gradient_hooks, uncached_parametrizations
 from .tiling import Tile, count, iter_tiles
 
@@ -41,6 +43,7 @@ class TileRunner:
         self.progress = progress
         self.layout = torch.channels_last if channels_last else torch.contiguous_format
         self.digests: dict = {}  # tile origin -> digest of what the forward read (array sources)
+        self.norms: NormState | None = None  # normalisations streamed with whole-image statistics
 
     def tiles(self, what: str, skip_first: bool = False):
         tiles = iter_tiles(self.tilings)
@@ -78,7 +81,7 @@ class TileRunner:
 
     def run(self, tile_input: torch.Tensor, tile: Tile, call=None) -> torch.Tensor:
         try:
-            with uncached_parametrizations():
+            with uncached_parametrizations(), self._normalising(tile):
                 y = self.pipeline(tile_input) if call is None else call(tile_input)
         except RuntimeError as err:
             if "register a hook on a tensor that doesn't require gradient" in str(err):
@@ -96,6 +99,15 @@ class TileRunner:
                 f"shape {shape}, expected spatial shape {tile.out_shape}: the module does not "
                 f"behave like its traced geometry (was it changed after the forward began?)")
         return y
+
+    def _normalising(self, tile: Tile):
+        """While a tile runs: its normalisations normalise with the whole image's statistics."""
+        if self.norms is None:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(frozen_modules(self.norms.nodes))
+        stack.enter_context(NormMode(self.norms, tile.index))
+        return stack
 
     def first_tile(self):
         """The first tile's owned output, and every tensor the pipeline read for it."""
@@ -163,6 +175,7 @@ class Job:
     first: torch.Tensor | None
     nodes: list  # autograd node of x and of each captured grad tensor (None: needs no grad)
     autocast: tuple
+    before_backward: object = None  # (source, grad_out, tensors) -> None: whole-map terms
 
 
 class StreamFunction(torch.autograd.Function):
@@ -203,6 +216,9 @@ class StreamFunction(torch.autograd.Function):
         device_type, enabled, dtype = job.autocast
         with torch.autocast(device_type, dtype=dtype, enabled=enabled):
             source = job.runner.source if x is None else TensorSource(x)
+            if job.before_backward is not None:
+                job.before_backward(source, grad_out, job.captured.substitutes(
+                    [t.detach() for t in grads_in], consts))
             grad_x, sums = job.runner.backward(source, grad_out, need_x, tensors,
                                                [a for a, n in zip(aliases, need) if n],
                                                x_grad=ctx.needs_input_grad[1])

@@ -32,6 +32,7 @@ import torch
 import torch.fx as fx
 
 from .geometry import fits, lengths
+from .rules import NORM_MODULES
 from .trace import TracedGraph
 
 
@@ -89,8 +90,19 @@ def probe(graph: TracedGraph, channels: int, device, dtype, spatial,
         x = base * 1.0  # a non-leaf, so in-place layers may write into it
     else:
         x = torch.randint(0, 100, (1, channels, *sizes), device=device, dtype=input_dtype)
-    with torch.autograd.graph.saved_tensors_hooks(runner.pack, lambda t: t):
-        runner.run(x)
+    buffers = [(b, b.clone()) for b in graph.root.buffers()]
+    norms = [(m, m.training) for m in graph.root.modules() if isinstance(m, NORM_MODULES)]
+    try:  # normalisations as streaming runs them in a tile (eval), their buffers untouched
+        for m, _ in norms:
+            m.training = False
+        with torch.autograd.graph.saved_tensors_hooks(runner.pack, lambda t: t):
+            runner.run(x)
+    finally:
+        for m, training in norms:
+            m.training = training
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
     params = {_ptr(t) for t in list(graph.root.parameters()) + list(graph.root.buffers())}
     tensors = [x] + _step_tensors(graph, runner.outputs)[1:]
     owner_of: dict = {}

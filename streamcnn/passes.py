@@ -1,17 +1,21 @@
-"""Streamed statistics passes: one forward over every tile, without a graph, that sums what
-chosen feature maps hold at the positions each tile owns.
+"""Streamed statistics passes: forwards over every tile, without a graph, that sum what chosen
+feature maps hold at the positions each tile owns; and backward passes that sum what the
+whole-map terms of normalisations need.
 
 A :class:`Probe` names a feature map two ways a tile run can see it: the output of a
 module call (a forward hook; the ``k``-th call of a module in a tile is its ``k``-th call
-in the traced graph) or the input of a batch normalisation (a torch-function mode over
-``F.batch_norm``, whose ``k``-th call in a tile is the graph's ``k``-th batch-norm node).
-The tiles are cut with those maps among their targets, so each map is partitioned among
-them (``geometry.ownership``); each tile adds the moments of its owned part
-(``moments.Moments``), and the merged moments are the whole map's, exactly.
+in the traced graph) or the input of a normalisation (``norms.NormMode``, which numbers a
+tile's normalisation calls in graph order). The tiles are cut with those maps among their
+targets, so each map is partitioned among them (``geometry.ownership``); each tile adds
+the moments of its owned part (``moments.Moments``), and the merged moments are the whole
+map's, exactly. Normalisations whose statistics are already known normalise with them; a
+tile stops as soon as every probed map has been seen, so a pass costs only the layers up
+to its maps.
 
-Batch normalisations whose statistics are already known (from an earlier pass) normalise
-with them, as training-mode BatchNorm normalises with its batch's; a tile stops as soon as
-every probed map has been seen, so a pass costs only the layers up to its maps.
+:func:`forward_statistics` finds every normalisation's statistics, one pass per level (a
+normalisation is one level below the deepest one it depends on); :func:`backward_terms`
+finds the whole-map terms of their input gradients (``norms``, (N1)), one backward pass
+per level, deepest first.
 """
 
 from __future__ import annotations
@@ -20,13 +24,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
-from .binding import bind_call
 from .errors import internal_assert
 from .function import TileRunner
-from .moments import ChannelStats, Moments, channels_first
+from .moments import Moments, channels_first
+from .norms import NormMode, NormState, Terms, correction_terms, counters, frozen_modules, \
+    groups_first, levels, norm_calls
 from .state import Snapshot, uncached_parametrizations
 from .tiling import count, owned_crops
 
@@ -34,7 +37,7 @@ from .tiling import count, owned_crops
 @dataclass(frozen=True)
 class Probe:
     """One feature map a pass sums: the output of the ``call``-th call of ``module``, or
-    (``norm_node`` given) the input of that batch-norm node. ``step``: its traced step."""
+    (``norm_node`` given) the input of that normalisation node. ``step``: its traced step."""
 
     key: object
     step: int
@@ -50,34 +53,37 @@ class _Enough(Exception):
 class StatisticsPass:
     """Runs passes over one input's tiles (``runner``: the input, its tiling, the pipeline)."""
 
-    def __init__(self, runner: TileRunner, graph, bar=None):
+    def __init__(self, runner: TileRunner, graph, bar=None, state: NormState | None = None):
         self.runner, self.graph, self.bar = runner, graph, bar
-        self.norm_nodes = graph.norm_nodes()
+        self.state = state or NormState(norm_calls(graph))
 
-    def run(self, probes: list[Probe], known: dict[str, ChannelStats] | None = None) -> dict:
-        """key -> :class:`Moments` of every probe's map over the whole input. ``known``:
-        batch-norm node name -> the statistics it normalises with."""
-        known = known or {}
+    def run(self, probes: list[Probe]) -> dict:
+        """key -> :class:`Moments` of every probe's map over the whole input (normalisations
+        normalise with ``self.state``'s statistics)."""
         crops = {p.step: owned_crops(self.graph, self.runner.tilings, p.step) for p in probes}
         sums = {p.key: Moments() for p in probes}
+        by_node = {p.norm_node: p for p in probes if p.norm_node}
         seen: list = []
+        current = {}
 
-        def record(probe: Probe, value: torch.Tensor, tile):
-            part = value[crops[probe.step][tile.index]]
-            sums[probe.key].add(channels_first(part, self.graph.steps[probe.step].dims))
+        def record(probe: Probe, value: torch.Tensor):
+            part = value[crops[probe.step][current["tile"].index]]
+            norm = self.graph.steps[probe.step].norm
+            sums[probe.key].add(groups_first(part, norm) if probe.norm_node and norm else
+                                channels_first(part, self.graph.steps[probe.step].dims))
             seen.append(probe.key)
             if len(seen) == len(probes):
                 raise _Enough
 
         hooks = _ModuleHooks(probes, record)
-        mode = _NormMode(self.norm_nodes, known, [p for p in probes if p.norm_node], record)
         try:
-            snapshot = Snapshot(self.runner.pipeline, self.runner.device, self._counters())
+            snapshot = Snapshot(self.runner.pipeline, self.runner.device, counters(self.state.nodes))
             for tile in _ticking(self.runner, self.bar):
                 seen.clear()
-                hooks.tile = mode.tile = tile
+                current["tile"] = tile
                 hooks.calls.clear()
-                mode.k = 0
+                mode = NormMode(self.state, tile.index, probes=by_node,
+                                record=lambda node, x: record(by_node[node.name], x))
                 self._run_tile(tile, mode)
                 internal_assert(len(seen) == len(probes), "a probed map was not computed by a tile")
                 snapshot.check_tile()
@@ -85,26 +91,62 @@ class StatisticsPass:
             hooks.remove()
         return sums
 
-    def _counters(self) -> frozenset:
-        """BatchNorm modules streamed in training mode count their calls, once per tile here:
-        the caller sets their counters (``update_bn``), so they are not checked."""
-        root = self.runner.pipeline
-        found = set()
-        for node, step in self.norm_nodes:
-            if step is not None and node.op == "call_module":
-                counter = getattr(root.get_submodule(node.target), "num_batches_tracked", None)
-                if counter is not None:
-                    found.add(id(counter))
-        return frozenset(found)
-
     def _run_tile(self, tile, mode) -> None:
         with torch.no_grad():
             tile_input = self.runner.feed(self.runner.read(self.runner.source, tile))
             try:
-                with uncached_parametrizations(), mode:
+                with uncached_parametrizations(), frozen_modules(self.state.nodes), mode:
                     self.runner.pipeline(tile_input)
             except _Enough:
                 pass
+
+
+def forward_statistics(runner: TileRunner, graph, state: NormState, bar=None) -> None:
+    """Fill ``state.stats`` with every normalisation's input statistics: one pass per level,
+    each normalising with the levels before it (their whole-image statistics)."""
+    level_of = levels(graph, state.nodes)
+    for level in sorted(set(level_of.values())):
+        probes = [Probe(n.name, n.step, norm_node=n.name) for n in state.nodes
+                  if level_of[n.name] == level]
+        for key, moments in StatisticsPass(runner, graph, bar, state).run(probes).items():
+            state.stats[key] = moments.stats()
+
+
+def backward_terms(runner: TileRunner, graph, state: NormState, source, grad_out,
+                   tensors: dict, bar=None) -> None:
+    """Fill ``state.terms`` with the whole-map terms of (N1) of every normalisation: one
+    backward pass per level, deepest first, each with the deeper levels' terms applied. A
+    pass makes its normalisations' outputs leaves, so its backward stops there."""
+    level_of = levels(graph, state.nodes)
+    for level in sorted(set(level_of.values()), reverse=True):
+        nodes = [n for n in state.nodes if level_of[n.name] == level]
+        sums = {n.name: Terms() for n in nodes}
+        for tile in _ticking(runner, bar):
+            for name, (h, hx) in _tile_terms(runner, state, tile, nodes, source, grad_out,
+                                             tensors).items():
+                sums[name].add(h, hx)
+        for n in nodes:
+            shape = (source.shape[0], graph.steps[n.step].channels or state.stats[n.name].mean.numel())
+            state.terms[n.name] = correction_terms(n, sums[n.name], state.stats[n.name], *shape)
+
+
+def _tile_terms(runner, state, tile, nodes, source, grad_out, tensors) -> dict:
+    """One tile's part of ``sum_S(h)`` and ``sum_S(h · x̂)`` of each of ``nodes``."""
+    leaves: dict = {}
+    mode = NormMode(state, tile.index, probes={n.name for n in nodes}, leaves=leaves)
+    tile_input = runner.feed(runner.read(source, tile).detach())
+    with torch.enable_grad(), uncached_parametrizations(), frozen_modules(state.nodes), mode:
+        y = torch.func.functional_call(runner.pipeline, tensors, (tile_input,),
+                                       tie_weights=False, strict=False)[tile.crop]
+    if y.requires_grad:
+        y.backward(grad_out[tile.out])
+    found = {}
+    for n in nodes:
+        leaf, xhat, weight = leaves[n.name]
+        g = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+        h = g if weight is None else g * weight.detach().view((1, -1) + (1,) * (g.dim() - 2))
+        found[n.name] = (groups_first(h, n.norm).sum(1), groups_first(h * xhat, n.norm).sum(1))
+    return found
 
 
 def _ticking(runner: TileRunner, bar):
@@ -118,7 +160,6 @@ class _ModuleHooks:
     """Forward hooks on the probed modules; each call of a module in a tile is numbered."""
 
     def __init__(self, probes: list[Probe], record):
-        self.tile = None
         self.calls: dict[int, int] = {}
         self.by_call = {(id(p.module), p.call): p for p in probes if p.module is not None}
         self.handles = [m.register_forward_hook(self._hook)
@@ -130,43 +171,11 @@ class _ModuleHooks:
         self.calls[id(module)] = k + 1
         probe = self.by_call.get((id(module), k))
         if probe is not None:
-            self.record(probe, output, self.tile)
+            self.record(probe, output)
 
     def remove(self):
         for h in self.handles:
             h.remove()
-
-
-class _NormMode(TorchFunctionMode):
-    """Numbers the ``F.batch_norm`` calls of a tile (the graph's batch-norm nodes, in order):
-    a probed one records its input; one with known statistics normalises with them (the
-    eval formula with the batch's mean and biased variance is training-mode BatchNorm's);
-    the others are not needed before the tile stops and pass their input on."""
-
-    def __init__(self, nodes: list, known: dict, probes: list[Probe], record):
-        super().__init__()
-        self.nodes, self.known, self.record = nodes, known, record
-        self.probes = {p.norm_node: p for p in probes}
-        self.k, self.tile = 0, None
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not F.batch_norm:
-            return func(*args, **kwargs)
-        internal_assert(self.k < len(self.nodes), "more batch-norm calls than traced nodes")
-        node, step = self.nodes[self.k]
-        self.k += 1
-        if step is None:  # in eval mode with running statistics: as it is
-            return func(*args, **kwargs)
-        _, bound = bind_call(F.batch_norm, args, kwargs, lambda v: isinstance(v, torch.Tensor))
-        x = bound["input"]
-        if node.name in self.probes:
-            self.record(self.probes[node.name], x, self.tile)
-        stats = self.known.get(node.name)
-        if stats is None:
-            return x
-        return F.batch_norm(x, stats.mean.to(x.dtype), stats.var.to(x.dtype), bound["weight"],
-                            bound["bias"], False, 0.0, bound["eps"])
 
 
 def total_tiles(runner: TileRunner) -> int:

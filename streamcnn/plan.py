@@ -13,6 +13,7 @@ from ._args import AXIS_NAMES, normalize_tile_size
 from .geometry import AxisReceptiveField, axis_receptive_field, fields, lengths
 from .inputs import check_shape, module_device, module_dtype
 from .memory import graph_peak, no_grad_peak, probe
+from .norms import levels, norm_calls
 from .tiling import tile_image
 from .trace import analyse, analyse_structure
 
@@ -119,6 +120,17 @@ class StreamPlan:
     device: str = "cpu"
     device_peak_bytes: int = 0
     host_bytes: int = 0
+    norms: int = 0  # normalisations streamed with whole-image statistics
+    norm_levels: int = 0  # their levels: one more statistics pass forward and backward each
+    forward_passes: int = 1  # streamed passes over the tiles, forward (statistics + the forward)
+    backward_passes: int = 1  # and backward (whole-map gradient terms + the backward)
+
+    @property
+    def time_factor(self) -> float:
+        """Upper bound on the time of a training step over one with frozen statistics: a
+        backward pass (recompute and backpropagate) costs about three forwards, and every
+        statistics pass at most a whole pass (those forward stop after their level)."""
+        return (self.forward_passes + 3 * self.backward_passes) / 4
 
     @property
     def num_tiles(self) -> int:
@@ -164,6 +176,7 @@ class StreamPlan:
             lines.append("                  + the input, read tile by tile from its array (never "
                          "held in memory)")
         lines.append(f"    conventional  {_bytes(self.conventional_peak_bytes):>10}")
+        lines += self._norm_lines()
         if self.streaming_peak_bytes < self.conventional_peak_bytes:
             lines.append(f"    streaming needs {self.memory_ratio:.1f}× less memory")
         elif self.num_tiles == 1:
@@ -173,6 +186,20 @@ class StreamPlan:
             lines.append("    streaming saves no memory here: the image-sized tensors it keeps plus one "
                          "tile's work exceed conventional backprop's peak; train conventionally")
         return "\n".join(lines)
+
+    def _norm_lines(self) -> list[str]:
+        if not self.norms:
+            return []
+        lines = [f"  {self.norms} normalisation{'s' if self.norms != 1 else ''} with whole-image "
+                 f"statistics (BatchNorm in training mode, GroupNorm, InstanceNorm) in "
+                 f"{self.norm_levels} level{'s' if self.norm_levels != 1 else ''}: "
+                 f"{self.forward_passes} forward and {self.backward_passes} backward passes over "
+                 f"the tiles,",
+                 f"    up to {self.time_factor:.1f}× the time of a step with frozen statistics"]
+        if self.time_factor > 4:
+            lines.append("    that is many passes: to avoid them, freeze BatchNorm's statistics (call "
+                         ".eval() on its layers after model.train(), as the prostate paper did)")
+        return lines
 
     def step_table(self) -> str:
         """The traced graph, one line per step: kind, output shape, receptive field, stride."""
@@ -237,7 +264,8 @@ def plan(module: nn.Module, input_shape, tile_size, *, dtype: torch.dtype | None
     n, channels, spatial = input_shape[0], input_shape[1], input_shape[2:]
     graph = analyse(module, ndim, channels, batch=n, dtype=input_dtype, device=device,
                     transform=transform)
-    tilings = tile_image(graph, spatial, tile_size)
+    tilings = tile_image(graph, spatial, tile_size,
+                         tuple(i for i, s in enumerate(graph.steps) if s.norm is not None))
     memory = probe(graph, channels, device, own_dtype, spatial, input_dtype)
     esize = torch.empty((), dtype=dtype).element_size()
     in_size = torch.empty((), dtype=input_dtype).element_size()
@@ -293,7 +321,17 @@ def plan(module: nn.Module, input_shape, tile_size, *, dtype: torch.dtype | None
         device=str(device),
         device_peak_bytes=int(on_device),
         host_bytes=int(held if location == "host" else 0),
+        **_norm_passes(graph),
     )
+
+
+def _norm_passes(graph) -> dict:
+    nodes = [n for n in norm_calls(graph) if n is not None]
+    if not nodes:
+        return {}
+    depth = len(set(levels(graph, nodes).values()))
+    return dict(norms=len(nodes), norm_levels=depth, forward_passes=depth + 1,
+                backward_passes=depth + 1)
 
 
 def _location(input_device, device: torch.device) -> str:

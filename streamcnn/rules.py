@@ -88,13 +88,16 @@ class Unknown:
 @dataclass(frozen=True)
 class Norm:
     """A normalisation whose statistics span the feature map: BatchNorm in training mode or
-    without running statistics (per channel, over the batch and space). Pointwise once the
-    statistics of its input are known, which the caller streams for it."""
+    without running statistics (per channel, over the batch and space), GroupNorm (per
+    sample and group of channels, over space), InstanceNorm using its input's statistics
+    (per sample and channel, over space). Pointwise once the statistics of its input are
+    known, which the caller streams for it."""
 
-    kind: str  # "batch"
+    kind: str  # "batch", "group" or "instance"
     eps: float
     momentum: float | None
-    training: bool  # updates running statistics (when it has them)
+    training: bool  # updates running statistics (it has them, and is in training mode)
+    groups: int = 1  # GroupNorm's num_groups
 
 
 def contains(value, kinds) -> bool:
@@ -346,13 +349,9 @@ def dropout(ctx, input, p=0.5, training=True, inplace=False):
 def batch_norm(ctx, input, running_mean, running_var, weight=None, bias=None, training=False,
                momentum=0.1, eps=1e-5):
     if (training or running_mean is None) and ctx.spatial_norms:
-        refused = _channels_first(ctx, input, "it normalises")
-        if refused:
-            return refused
         if running_mean is not None:
             _need_channels(ctx, input, running_mean.numel())
-        return ctx.step(Pointwise(), [input], input.dims, input.channels, input.source,
-                        norm=Norm("batch", eps, momentum, training))
+        return _norm(ctx, input, Norm("batch", eps, momentum, training and running_mean is not None))
     if training or running_mean is None:
         why = ("it is in training mode: it would normalise each tile with that tile's own batch "
                "statistics, not the whole image's" if training else
@@ -365,6 +364,42 @@ def batch_norm(ctx, input, running_mean, running_var, weight=None, bias=None, tr
         return refused
     _need_channels(ctx, input, running_mean.numel())
     return _pointwise(ctx, input)
+
+
+def _norm(ctx, input, norm: Norm):
+    """A normalisation over space, as a step the caller streams (``ctx.spatial_norms``)."""
+    refused = _channels_first(ctx, input, "it normalises")
+    if refused:
+        return refused
+    return ctx.step(Pointwise(), [input], input.dims, input.channels, input.source, norm=norm)
+
+
+def group_norm(ctx, input, num_groups, weight=None, bias=None, eps=1e-5):
+    if not ctx.spatial_norms:
+        return ctx.refuse(NORM_OVER_SPACE)
+    if input.channels is not None and input.channels % num_groups:
+        raise ValueError(f"{ctx.name} splits {input.channels} channels into {num_groups} groups")
+    return _norm(ctx, input, Norm("group", eps, None, False, num_groups))
+
+
+def instance_norm(ctx, input, running_mean=None, running_var=None, weight=None, bias=None,
+                  use_input_stats=True, momentum=0.1, eps=1e-5):
+    if not use_input_stats and running_mean is not None:  # eval with running statistics
+        refused = _channels_first(ctx, input, "it normalises")
+        return refused or _pointwise(ctx, input)
+    if not ctx.spatial_norms:
+        return ctx.refuse(NORM_OVER_SPACE)
+    return _norm(ctx, input, Norm("instance", eps, momentum, running_mean is not None))
+
+
+def _sync_batch_norm(ctx, m, x):
+    if m.training and ctx.spatial_norms:
+        return ctx.refuse("SyncBatchNorm in training mode would reduce each tile's statistics "
+                          "across processes", fix="convert it to BatchNorm2d for streaming "
+                          "(DistributedDataParallel then averages the gradients as usual), call "
+                          f".eval() on it, or {MOVE}")
+    return batch_norm(ctx, x, m.running_mean, m.running_var, training=m.training,
+                      momentum=m.momentum, eps=m.eps)
 
 
 def layer_norm(ctx, input, normalized_shape, weight=None, bias=None, eps=1e-5):
@@ -703,6 +738,8 @@ POINTWISE_MODULES = (
 )
 DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 BATCHNORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm)
+NORM_MODULES = BATCHNORM_MODULES + (nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d)
+NORM_FUNCTIONS = (F.batch_norm, F.group_norm, F.instance_norm)
 #: layer types that fix the spatial rank of their input
 RANK = {nn.Conv1d: 1, nn.MaxPool1d: 1, nn.AvgPool1d: 1, nn.BatchNorm1d: 1,
         nn.Conv2d: 2, nn.MaxPool2d: 2, nn.AvgPool2d: 2, nn.BatchNorm2d: 2}
@@ -740,7 +777,13 @@ MODULES = {
     **{t: lambda ctx, m, x: dropout(ctx, x, m.p, m.training) for t in DROPOUT_MODULES},
     **{t: lambda ctx, m, x: batch_norm(ctx, x, m.running_mean, m.running_var, training=m.training,
                                        momentum=m.momentum, eps=m.eps)
-       for t in BATCHNORM_MODULES},
+       for t in (nn.BatchNorm1d, nn.BatchNorm2d)},
+    nn.SyncBatchNorm: _sync_batch_norm,
+    nn.GroupNorm: lambda ctx, m, x: group_norm(ctx, x, m.num_groups, eps=m.eps),
+    **{t: lambda ctx, m, x: instance_norm(ctx, x, m.running_mean, m.running_var,
+                                          use_input_stats=m.training or not m.track_running_stats,
+                                          momentum=m.momentum, eps=m.eps)
+       for t in (nn.InstanceNorm1d, nn.InstanceNorm2d)},
 }
 
 #: Modules that are local in no way a tile can reproduce, and why.
@@ -752,7 +795,6 @@ NON_LOCAL_MODULES = (
     ((nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ConvTranspose1d,
       nn.ConvTranspose2d, nn.PixelShuffle, nn.PixelUnshuffle, nn.Fold, nn.Unfold),
      "upsampling is not supported by the tile geometry"),
-    ((nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d), NORM_OVER_SPACE),
     ((nn.FractionalMaxPool2d,), "its random pooling regions depend on the whole feature map"),
     ((nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
       nn.Transformer), ATTENTION),
@@ -812,7 +854,7 @@ FUNCTIONS = {
                                    F.upsample_bilinear, F.grid_sample, F.pixel_shuffle,
                                    F.pixel_unshuffle, F.conv_transpose1d, F.conv_transpose2d,
                                    F.unfold, F.fold)},
-    **{f: _why(NORM_OVER_SPACE) for f in (F.group_norm, F.instance_norm)},
+    F.group_norm: group_norm, F.instance_norm: instance_norm,
     F.scaled_dot_product_attention: _why(ATTENTION),
     **{f: draws_random for f in (torch.bernoulli, torch.rand, torch.randn, torch.randint, torch.rand_like,
                            torch.randn_like, torch.randint_like, torch.randperm, torch.normal,

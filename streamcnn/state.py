@@ -101,12 +101,16 @@ class Captured:
         return {name: t for names, t in pairs for name in names}
 
 
-def capture(module: nn.Module, read: dict[int, torch.Tensor]) -> Captured:
+def capture(module: nn.Module, read: dict[int, torch.Tensor], ignore=frozenset()) -> Captured:
     """Split the tensors the forward read; refuse one that requires grad but has no name, and
-    one made in inference mode (autograd cannot save it, conventionally either)."""
+    one made in inference mode (autograd cannot save it, conventionally either). ``ignore``:
+    ids of tensors the recomputation does not use (streamed normalisations' running
+    statistics, updated once per forward as conventional training updates them)."""
     named = module_tensors(module)
     grad, const, others = [], [], []
     for key, t in read.items():
+        if key in ignore:
+            continue
         if t.is_inference():
             where = f"the module's tensor '{named[key][0][0]}'" if key in named else "a tensor it reads"
             raise RuntimeError(

@@ -25,7 +25,8 @@ import torch.nn as nn
 from .function import TileRunner
 from .inputs import check_source, module_device, module_dtype
 from .moments import ChannelStats, Moments
-from .passes import Probe, StatisticsPass, total_tiles
+from .norms import NormState, levels, norm_calls, update_running
+from .passes import Probe, StatisticsPass, forward_statistics, total_tiles
 from .sources import ImageArray, source_of, tensor_of
 from .streaming import use_channels_last
 from .tiling import tile_image
@@ -149,13 +150,13 @@ def lsuv_(module: nn.Module, images, tile_size, *, tol: float = 0.01, max_iter: 
 class _Job:
     """One input (image or batch) and the module's traced graph for it."""
 
-    def __init__(self, module, x, tile_size, transform, channels_last, bar, spatial_norms=False):
+    def __init__(self, module, x, tile_size, transform, channels_last, bar):
         self.x = tensor_of(x)
         self.source = source_of(self.x)
         ndim = check_source(module, self.source, transform)
         self.graph = analyse(module, ndim, self.source.shape[1], batch=self.source.shape[0],
                              dtype=self.source.dtype, device=self.source.device,
-                             transform=transform, spatial_norms=spatial_norms)
+                             transform=transform)
         self.module, self.tile_size, self.transform = module, tile_size, transform
         self.device = module_device(module) or self.source.device
         self.channels_last = channels_last
@@ -182,37 +183,30 @@ class _Job:
         return TileRunner(Pipeline(self.module, self.transform), tilings, self.source, self.device,
                           progress=False, channels_last=layout and len(self.source.shape) == 4)
 
-    def run(self, probes, targets, known=None, runner=None) -> dict:
-        runner = runner or self.runner(targets)
-        self.bar.grow(total_tiles(runner))
-        return StatisticsPass(runner, self.graph, self.bar).run(probes, known)
+    def run(self, probes, targets) -> dict:
+        """The probes' moments, after the statistics of any normalisation over space (which
+        normalises with the whole input's, as in ``Streaming``; its running statistics are
+        not updated: this is not a training step)."""
+        state = NormState(norm_calls(self.graph))
+        runner = self.runner(list(targets) + [n.step for n in state.nodes])
+        passes = len(set(levels(self.graph, state.nodes).values())) if state.nodes else 0
+        self.bar.grow(total_tiles(runner) * (passes + 1))
+        forward_statistics(runner, self.graph, state, self.bar)
+        return StatisticsPass(runner, self.graph, self.bar, state).run(probes)
 
 
 def _batch_norm_statistics(module, batch, tile_size, transform, channels_last, bar):
     """(BatchNorm module, its batch statistics) for every call, one pass per level."""
-    job = _Job(module, batch, tile_size, transform, channels_last, bar, spatial_norms=True)
-    nodes = [(node, step) for node, step in job.graph.norm_nodes() if step is not None]
-    levels = _levels(job.graph, [step for _, step in nodes])
-    runner = job.runner([step for _, step in nodes])
-    known: dict = {}
-    for level in sorted(set(levels.values())):
-        probes = [Probe(node.name, step, norm_node=node.name) for node, step in nodes
-                  if levels[step] == level]
-        for key, moments in job.run(probes, [], known, runner).items():
-            known[key] = moments.stats()
-    for node, step in nodes:
-        if node.op == "call_module":
-            yield job.graph.root.get_submodule(node.target), known[node.name]
-
-
-def _levels(graph, norm_steps: list[int]) -> dict[int, int]:
-    """step -> 1 + the deepest level of the norm steps it depends on (0 if none)."""
-    norms = set(norm_steps)
-    depth = [0] * len(graph.steps)  # deepest norm level at or above each step
-    for i, step in enumerate(graph.steps):
-        above = max((depth[j] for j in step.inputs), default=0)
-        depth[i] = above + 1 if i in norms else above
-    return {s: depth[s] for s in norm_steps}
+    job = _Job(module, batch, tile_size, transform, channels_last, bar)
+    state = NormState(norm_calls(job.graph))
+    runner = job.runner([n.step for n in state.nodes])
+    bar.grow(total_tiles(runner) * len(set(levels(job.graph, state.nodes).values())))
+    forward_statistics(runner, job.graph, state, bar)
+    # InstanceNorm keeping running statistics updates them in torch's training-mode pass too
+    update_running([n for n in state.nodes if n.norm.kind == "instance"], state.stats)
+    for n in state.nodes:
+        if n.module is not None and n.norm.kind == "batch":
+            yield n.module, state.stats[n.name]
 
 
 def _set_running(m: nn.Module, records: list) -> None:

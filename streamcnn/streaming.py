@@ -3,6 +3,8 @@ tile, forward and backward, with exactly conventional backprop's results."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 from torch.autograd.graph import get_gradient_edge
@@ -13,8 +15,10 @@ from .errors import StreamingError
 from .function import Job, StreamFunction, TileRunner, autocast_state
 from .inputs import check_source, expected_ndim, module_device, module_dtype
 from .plan import plan
+from .norms import NormState, counters, norm_calls, update_running
+from .passes import backward_terms, forward_statistics
 from .sources import source_of, tensor_of
-from .tiling import tile_image
+from .tiling import owned_crops, tile_image
 from .trace import Pipeline, analyse, analyse_structure
 
 
@@ -76,11 +80,14 @@ class Streaming(nn.Module):
         return f"tile_size={self.tile_size}" + (", transform" if self.transform is not None else "")
 
     def prepare(self, source):
-        """Validate an input (a source) against the module; return (traced graph, tilings)."""
+        """Validate an input (a source) against the module; return (traced graph, tilings).
+        The tiles cover the input map of every normalisation over space too."""
         ndim = check_source(self.module, source, self.transform)
         graph = analyse(self.module, ndim, source.shape[1], batch=source.shape[0],
-                        dtype=source.dtype, device=source.device, transform=self.transform)
-        return graph, tile_image(graph, tuple(source.shape[2:]), self.tile_size)
+                        dtype=source.dtype, device=source.device, transform=self.transform,
+                        spatial_norms=True)
+        targets = tuple(i for i, s in enumerate(graph.steps) if s.norm is not None)
+        return graph, tile_image(graph, tuple(source.shape[2:]), self.tile_size, targets)
 
     @torch.compiler.disable(reason="streamcnn runs its tile loop eagerly: torch.compile compiles "
                             "the model around the Streaming module (so fullgraph=True cannot "
@@ -91,23 +98,26 @@ class Streaming(nn.Module):
         _refuse_functorch()
         x = tensor_of(x)
         source = source_of(x)
-        _, tilings = self.prepare(source)
+        graph, tilings = self.prepare(source)
         device = module_device(self.module) or source.device
         pipeline = Pipeline(self.module, self.transform)
         runner = TileRunner(pipeline, tilings, source, device, progress=self.progress,
                             channels_last=self._channels_last(source, device))
-        snapshot = state.Snapshot(pipeline, device)
+        norms = _stream_norms(runner, graph)
+        own = counters(norms.nodes) if norms is not None else frozenset()
+        snapshot = state.Snapshot(pipeline, device, own)
         first, read = runner.first_tile()
         snapshot.check_tile()
         x_grad = isinstance(x, torch.Tensor) and x.requires_grad
         if not torch.is_grad_enabled() or not (x_grad or any(t.requires_grad for t in read.values())):
             return runner.forward(first, snapshot)
-        captured = state.capture(pipeline, read)
+        captured = state.capture(pipeline, read, own)
         inputs = [_node_input(t) for t in (x if isinstance(x, torch.Tensor) else None,)
                   + captured.grad_tensors]
         job = Job(runner, captured, snapshot, first,
                   [get_gradient_edge(t).node if t is not None and t.requires_grad else None
-                   for t in inputs], autocast_state(device.type))
+                   for t in inputs], autocast_state(device.type),
+                  None if norms is None else functools.partial(_norm_terms, runner, graph, norms))
         return StreamFunction.apply(job, *inputs)
 
     def _channels_last(self, source, device) -> bool:
@@ -122,6 +132,25 @@ class Streaming(nn.Module):
         """``streamcnn.plan(self.module, input_shape, self.tile_size, transform=...)``."""
         kwargs.setdefault("transform", self.transform)
         return plan(self.module, input_shape, self.tile_size, **kwargs)
+
+
+def _stream_norms(runner: TileRunner, graph) -> NormState | None:
+    """For a graph with normalisations over space: their whole-image statistics (one streamed
+    pass per level), the running statistics updated once, and the tiles set to use them."""
+    norms = NormState(norm_calls(graph))
+    if not norms.nodes:
+        return None
+    norms.crops = {n.name: owned_crops(graph, runner.tilings, n.step) for n in norms.nodes}
+    forward_statistics(runner, graph, norms)
+    update_running(norms.nodes, norms.stats)
+    runner.norms = norms
+    return norms
+
+
+def _norm_terms(runner, graph, norms, source, grad_out, tensors) -> None:
+    """Before the final backward: the whole-map terms of every normalisation's gradient."""
+    norms.terms.clear()
+    backward_terms(runner, graph, norms, source, grad_out, tensors)
 
 
 def _refuse_functorch() -> None:

@@ -90,14 +90,15 @@ class TracedGraph:
         return [steps.get(node) for p, node in self.calls if p == path]
 
     def norm_nodes(self) -> list:
-        """The fx nodes that call batch normalisation (modules or ``F.batch_norm``), in the
-        order a tile runs them, each with its step (None: in eval mode, or not needed)."""
+        """The fx nodes that call a normalisation (BatchNorm, GroupNorm, InstanceNorm modules,
+        ``F.batch_norm``/``group_norm``/``instance_norm``), in the order a tile runs them, each
+        with its step: a ``norm`` step, or None (frozen statistics, or not needed)."""
         steps = self.node_steps()
         found = []
         for node in self.graph.nodes:
             is_module = node.op == "call_module" and isinstance(
-                self.root.get_submodule(node.target), rules.BATCHNORM_MODULES)
-            if is_module or (node.op == "call_function" and node.target is F.batch_norm):
+                self.root.get_submodule(node.target), rules.NORM_MODULES)
+            if is_module or (node.op == "call_function" and node.target in rules.NORM_FUNCTIONS):
                 step = steps.get(node.name)
                 found.append((node, step if step is not None and self.steps[step].norm else None))
         return found
@@ -193,7 +194,7 @@ def trace(module: nn.Module, stack_traces: bool = False, transform=None) -> tupl
 
 def analyse(module: nn.Module, ndim: int, channels: int | None = None, *, batch: int | None = None,
             dtype: torch.dtype | None = None, device=None, transform=None,
-            spatial_norms: bool = False) -> TracedGraph:
+            spatial_norms: bool = True) -> TracedGraph:
     """Trace ``module`` (after ``transform``, if given) and derive the geometry of an
     (N, C, *spatial) input with ``ndim`` spatial axes and ``channels`` channels (None:
     unknown, checks skipped).
@@ -201,8 +202,8 @@ def analyse(module: nn.Module, ndim: int, channels: int | None = None, *, batch:
     Raises ``StreamingError`` for operations that cannot be streamed (in the modules'
     current train/eval modes) and ``ValueError`` for channel counts that do not fit.
     ``spatial_norms``: record normalisations whose statistics span the feature map
-    (BatchNorm in training mode) as ``norm`` steps for the caller to stream, instead of
-    refusing them.
+    (BatchNorm in training mode, GroupNorm, InstanceNorm) as ``norm`` steps for the caller
+    to stream (``streamcnn.norms``); False refuses them.
     """
     def run(stack_traces):
         root, graph = trace(module, stack_traces=stack_traces, transform=transform)
@@ -235,7 +236,7 @@ class _Context:
 class _Analysis:
     """One walk over the fx graph with symbolic feature maps (see module docstring)."""
 
-    def __init__(self, root, graph, ndim, channels, batch, dtype, device, spatial_norms=False):
+    def __init__(self, root, graph, ndim, channels, batch, dtype, device, spatial_norms=True):
         self.root, self.graph, self.ndim = root, graph, ndim
         self.batch, self.dtype, self.device = batch, dtype, device
         self.spatial_norms = spatial_norms

@@ -44,8 +44,6 @@ NOT_STREAMABLE = [
     (nn.AdaptiveMaxPool2d(2), r"layer '1' \(AdaptiveMaxPool2d\) cannot be streamed"),
     (nn.Upsample(scale_factor=2), r"layer '1' \(Upsample\) cannot be streamed: upsampling"),
     (nn.ConvTranspose2d(4, 4, 2), r"layer '1' \(ConvTranspose2d\) cannot be streamed: upsampling"),
-    (nn.GroupNorm(2, 4), r"layer '1' \(GroupNorm\) cannot be streamed: it normalises"),
-    (nn.InstanceNorm2d(4), r"layer '1' \(InstanceNorm2d\) cannot be streamed"),
     (nn.LPPool2d(2, 2), r"layer '1' \(LPPool2d\) cannot be streamed: it is not a layer streamcnn "
                        r"knows how to stream.*move it after the Streaming module"),
     (nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
@@ -86,8 +84,6 @@ def test_streaming_error_is_a_type_error():
 
 
 @pytest.mark.parametrize("layer,message", [
-    (nn.BatchNorm2d(4), r"layer '1' \(BatchNorm2d\) cannot be streamed: it is in training mode.*"
-                        r"call \.eval\(\) on it"),
     (nn.Dropout(0.5), r"layer '1' \(Dropout\) cannot be streamed: it is in training mode.*"
                       r"call \.eval\(\) on it"),
     (nn.Dropout2d(0.1), r"layer '1' \(Dropout2d\) cannot be streamed: it is in training mode"),
@@ -102,13 +98,6 @@ def test_training_mode_layers(layer, message):
         model.plan((1, 3, 32, 32))
     model.eval()
     model(x2d())  # fine in eval mode
-
-
-def test_batchnorm_without_running_stats():
-    net = nn.Sequential(conv(), nn.BatchNorm2d(4, track_running_stats=False)).eval()
-    with pytest.raises(StreamingError, match=r"layer '1' \(BatchNorm2d\) cannot be streamed: it has "
-                                                  r"track_running_stats=False"):
-        Streaming(net, 16)(x2d())
 
 
 def test_tile_too_small_gives_the_minimum():

@@ -1,0 +1,285 @@
+"""Normalisations whose statistics span the feature map, streamed exactly.
+
+BatchNorm in training mode normalises each channel by the mean and variance of its input
+over the batch and every position; GroupNorm and InstanceNorm by those of each sample's
+group of channels, or each channel, over every position. A tile holds only some positions,
+so streamcnn computes the statistics first, by streamed passes (``streamcnn.passes``), and
+then runs every tile with each normalisation normalising by the whole image's statistics:
+pointwise, as frozen BatchNorm is. The backward needs the whole map too. With
+``x̂ = (x - mean) · rstd`` and ``h = dL/dx̂`` (the output gradient times the affine weight),
+the input gradient of each statistic group ``S`` of ``n`` values is
+
+    dx = rstd · (h - sum_S(h) / n - x̂ · sum_S(h · x̂) / n)                     (N1)
+
+whose sums run over the whole map. A tile's backward gives only its part of ``h`` (the
+part that flows from the outputs it owns), and the parts add up to ``h``: so the sums are
+collected by streamed backward passes, from the deepest normalisation to the first (each
+pass with the deeper ones' terms already known), each tile adding its part over all its
+positions (its part is zero where its values are not valid). In the final backward every
+tile then adds the two whole-map terms once, at the positions it owns of each
+normalisation's input (:class:`Normalise`). The affine weight and bias gradients have no
+whole-map term: their per-tile parts add up as any parameter's do.
+
+This module holds what one tile needs: the torch-function mode that replaces every
+normalisation call of a tile (:class:`NormMode`), the autograd step with the correction
+(:class:`Normalise`), the statistic groups of each kind, and the running statistics'
+update, once per forward, as torch's training mode makes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from . import rules
+from .binding import bind_call
+from .errors import internal_assert
+from .moments import ChannelStats
+
+_FUNCTIONS = {F.batch_norm: "batch", F.group_norm: "group", F.instance_norm: "instance"}
+
+
+@dataclass(frozen=True)
+class NormNode:
+    """A normalisation of the traced graph streamed with whole-image statistics."""
+
+    name: str  # its fx node
+    step: int
+    norm: rules.Norm
+    module: nn.Module | None  # the layer (None: a functional call)
+
+    @property
+    def updates_running(self) -> bool:
+        return self.norm.training and self.module is not None and getattr(
+            self.module, "running_mean", None) is not None
+
+
+def norm_calls(graph) -> list:
+    """Every normalisation call of a tile, in order: a :class:`NormNode`, or None for one with
+    frozen statistics (or not needed), which runs as it is."""
+    calls = []
+    for node, step in graph.norm_nodes():
+        if step is None:
+            calls.append(None)
+            continue
+        module = graph.root.get_submodule(node.target) if node.op == "call_module" else None
+        calls.append(NormNode(node.name, step, graph.steps[step].norm, module))
+    return calls
+
+
+def levels(graph, nodes: list[NormNode]) -> dict[str, int]:
+    """node name -> 1 + the deepest level of the normalisations it depends on."""
+    by_step = {n.step: n for n in nodes}
+    depth = [0] * len(graph.steps)
+    for i, step in enumerate(graph.steps):
+        above = max((depth[j] for j in step.inputs), default=0)
+        depth[i] = above + 1 if i in by_step else above
+    return {n.name: depth[n.step] for n in nodes}
+
+
+# ------------------------------------------------------------------ statistic groups
+
+def groups_first(x: torch.Tensor, norm: rules.Norm) -> torch.Tensor:
+    """``x`` (N, C, *spatial) with each statistic group's values in one row."""
+    n, c = x.shape[:2]
+    if norm.kind == "batch":
+        return x.transpose(0, 1).reshape(c, -1)
+    rows = n * (norm.groups if norm.kind == "group" else c)
+    return x.reshape(rows, -1)
+
+
+def per_channel(values: torch.Tensor, norm: rules.Norm, n: int, c: int) -> torch.Tensor:
+    """One value per statistic group -> (1 or N, C): what broadcasts against (N, C, ...)."""
+    if norm.kind == "batch":
+        return values.reshape(1, c)
+    if norm.kind == "group":
+        return values.reshape(n, norm.groups).repeat_interleave(c // norm.groups, dim=1)
+    return values.reshape(n, c)
+
+
+def _spread(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    return t.reshape(t.shape + (1,) * (ndim - 2))
+
+
+@dataclass
+class Terms:
+    """The whole-map sums of (N1) for one normalisation, float64: ``sum_S(h)`` and
+    ``sum_S(h · x̂)`` per statistic group."""
+
+    h: torch.Tensor | None = None
+    hx: torch.Tensor | None = None
+
+    def add(self, h: torch.Tensor, hx: torch.Tensor) -> None:
+        h, hx = h.double(), hx.double()
+        self.h = h if self.h is None else self.h + h
+        self.hx = hx if self.hx is None else self.hx + hx
+
+
+# ------------------------------------------------------------------ the autograd step
+
+class Normalise(torch.autograd.Function):
+    """``y = (x - mean) · rstd · weight + bias`` with ``mean``/``rstd`` the whole image's
+    (constants, broadcast as (1 or N, C, 1, ...)); the backward is (N1): ``h · rstd`` from
+    this tile, minus the whole-map terms at the positions ``crop`` this tile owns."""
+
+    @staticmethod
+    def forward(ctx, x, mean, rstd, weight, bias, tile):
+        ctx.save_for_backward(x, mean, rstd, weight)
+        ctx.tile = tile
+        return _affine((x - mean) * rstd, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, mean, rstd, weight = ctx.saved_tensors
+        tile = ctx.tile
+        xhat = (x - mean) * rstd
+        reduce = [0] + list(range(2, x.dim()))
+        grad_w = (g * xhat).sum(reduce) if ctx.needs_input_grad[3] else None
+        grad_b = g.sum(reduce) if ctx.needs_input_grad[4] else None
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, grad_w, grad_b, None
+        h = g if weight is None else g * _spread(weight.view(1, -1), x.dim())
+        dx = h * rstd
+        if tile.correction is not None and tile.crop is not None:
+            a, b = (_spread(t.to(x.dtype), x.dim()) for t in tile.correction)
+            dx[tile.crop] -= rstd * (a + xhat[tile.crop] * b)
+        return dx, None, None, grad_w, grad_b, None
+
+
+def _affine(xhat, weight, bias):
+    if weight is not None:
+        xhat = xhat * _spread(weight.view(1, -1), xhat.dim())
+    if bias is not None:
+        xhat = xhat + _spread(bias.view(1, -1), xhat.dim())
+    return xhat
+
+
+@dataclass
+class _Tile:
+    """What one normalisation's autograd step needs of the tile it runs in."""
+
+    crop: tuple | None  # this tile's owned part of the normalisation's input (an index)
+    correction: tuple | None  # (sum_S(h) / n, sum_S(h · x̂) / n), per channel, or None
+
+
+# ------------------------------------------------------------------ a tile's mode
+
+@dataclass
+class NormState:
+    """Everything the normalisations of one input know: statistics found so far, the
+    whole-map terms of (N1) found so far, and each tile's owned part of each input map."""
+
+    calls: list
+    stats: dict = field(default_factory=dict)  # node name -> ChannelStats of its input
+    terms: dict = field(default_factory=dict)  # node name -> (a, b) broadcast per channel
+    crops: dict = field(default_factory=dict)  # node name -> {tile index: index of its owned part}
+
+    @property
+    def nodes(self) -> list[NormNode]:
+        return [c for c in self.calls if c is not None]
+
+
+class NormMode(TorchFunctionMode):
+    """Replaces the normalisation calls of one tile, numbered in graph order: one with known
+    statistics normalises by them (with grad: through :class:`Normalise`); ``record`` sees a
+    probed one's input; ``leaves`` makes a probed one's output a leaf that requires grad,
+    whose gradient a backward pass reads; the rest pass their input on (not needed)."""
+
+    def __init__(self, state: NormState, tile_index, *, probes=(), record=None, leaves=None):
+        super().__init__()
+        self.state, self.index = state, tile_index
+        self.probes, self.record, self.leaves = set(probes), record, leaves
+        self.k = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in _FUNCTIONS:
+            return func(*args, **kwargs)
+        internal_assert(self.k < len(self.state.calls), "more normalisation calls than traced nodes")
+        node = self.state.calls[self.k]
+        self.k += 1
+        if node is None:
+            return func(*args, **kwargs)
+        _, bound = bind_call(func, args, kwargs, lambda v: isinstance(v, torch.Tensor))
+        x = bound["input"]
+        if node.name in self.probes and self.record is not None:
+            self.record(node, x)
+        stats = self.state.stats.get(node.name)
+        if stats is None:
+            return x
+        n, c = x.shape[:2]
+        mean = _spread(per_channel(stats.mean, node.norm, n, c).to(x.dtype), x.dim())
+        rstd = _spread(per_channel((stats.var + node.norm.eps).rsqrt(), node.norm, n, c).to(x.dtype),
+                       x.dim())
+        weight, bias = bound.get("weight"), bound.get("bias")
+        if self.leaves is not None and node.name in self.probes:
+            with torch.no_grad():
+                xhat = (x - mean) * rstd
+                leaf = _affine(xhat, weight, bias).requires_grad_()
+            self.leaves[node.name] = (leaf, xhat, weight)
+            return leaf.clone()  # (a non-leaf: an in-place layer after it may write into it)
+        if not torch.is_grad_enabled():
+            return _affine((x - mean) * rstd, weight, bias)
+        crops = self.state.crops.get(node.name)
+        tile = _Tile(crops[self.index] if crops is not None else None, self.state.terms.get(node.name))
+        return Normalise.apply(x, mean, rstd, weight, bias, tile)
+
+
+@contextlib.contextmanager
+def frozen_modules(nodes: list[NormNode]):
+    """While a tile runs, its normalisation layers are in eval mode: they then neither count
+    the call nor update running statistics (streaming does both once per forward), and the
+    mode supplies the statistics."""
+    modules = [(n.module, n.module.training) for n in nodes if n.module is not None]
+    for m, _ in modules:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m, training in modules:
+            m.training = training
+
+
+def counters(nodes: list[NormNode]) -> frozenset:
+    """Ids of the running statistics streaming updates itself (not checked per tile)."""
+    found = set()
+    for n in nodes:
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            t = getattr(n.module, name, None) if n.module is not None else None
+            if isinstance(t, torch.Tensor):
+                found.add(id(t))
+    return frozenset(found)
+
+
+# ------------------------------------------------------------------ running statistics
+
+def update_running(nodes: list[NormNode], stats: dict) -> None:
+    """Each layer's running statistics updated once, as one training-mode forward updates
+    them: BatchNorm with its momentum (``None``: the cumulative average) and the unbiased
+    variance; InstanceNorm with the batch average of each instance's statistics."""
+    with torch.no_grad():
+        for node in nodes:
+            if not node.updates_running:
+                continue
+            m, s = node.module, stats[node.name]
+            mean, var = s.mean, s.unbiased_var
+            if node.norm.kind == "instance":
+                c = m.running_mean.numel()
+                mean, var = mean.reshape(-1, c).mean(0), var.reshape(-1, c).mean(0)
+                factor = m.momentum if m.momentum is not None else 0.0
+            else:
+                m.num_batches_tracked.add_(1)
+                factor = m.momentum if m.momentum is not None else 1.0 / float(m.num_batches_tracked)
+            m.running_mean.mul_(1 - factor).add_(mean.to(m.running_mean) * factor)
+            m.running_var.mul_(1 - factor).add_(var.to(m.running_var) * factor)
+
+
+def correction_terms(node: NormNode, terms: Terms, stats: ChannelStats, n: int, c: int) -> tuple:
+    """(sum_S(h) / n, sum_S(h · x̂) / n) per channel, broadcastable, from a backward pass."""
+    count = stats.count
+    return (per_channel(terms.h / count, node.norm, n, c), per_channel(terms.hx / count, node.norm, n, c))

@@ -176,7 +176,6 @@ class StreamPlan:
             lines.append("                  + the input, read tile by tile from its array (never "
                          "held in memory)")
         lines.append(f"    conventional  {_bytes(self.conventional_peak_bytes):>10}")
-        lines += self._norm_lines()
         if self.streaming_peak_bytes < self.conventional_peak_bytes:
             lines.append(f"    streaming needs {self.memory_ratio:.1f}× less memory")
         elif self.num_tiles == 1:
@@ -185,6 +184,7 @@ class StreamPlan:
         else:
             lines.append("    streaming saves no memory here: the image-sized tensors it keeps plus one "
                          "tile's work exceed conventional backprop's peak; train conventionally")
+        lines += self._norm_lines()
         return "\n".join(lines)
 
     def _norm_lines(self) -> list[str]:

@@ -275,3 +275,12 @@ def test_random_graphs_with_normalisations_on_random_branches(case):
     tile = tuple(r.min_tile_size + extra for r in streamcnn.receptive_field(net, 2))
     cmp = compare(net, rand(2, 3, *size), tile, paths=path)
     assert cmp.worst <= F64, cmp
+
+
+def test_readme_shows_this_plan():
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    torch.manual_seed(0)
+    text = str(streamcnn.plan(block(BasicBlock)().train(), (1, 3, 64, 64), 32))
+    lines = text.splitlines()[-2:]
+    assert "\n".join(lines) in readme

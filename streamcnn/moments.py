@@ -16,6 +16,7 @@ mean is large against the spread, as it is for most activations in float32).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -48,16 +49,18 @@ class Moments:
         self.mean: torch.Tensor | None = None
         self.m2: torch.Tensor | None = None
 
-    def add(self, values: torch.Tensor) -> None:
-        """Merge one part: ``values`` has the groups (channels) first; every other dimension
-        is reduced. An empty part changes nothing."""
-        per_group = values[0].numel() if values.shape[0] else 0
-        if per_group == 0:
+    def add(self, values: torch.Tensor, dims: tuple[int, ...]) -> None:
+        """Merge one part: ``values`` reduced over ``dims``; the dimensions left, flattened in
+        order, are the groups (channels). An empty part changes nothing. The part's own
+        moments come from torch's ``var_mean`` (Welford's algorithm), in float64 for float64
+        values; float32 values are reduced in their own type (accumulated in double on CPU)
+        and the part's results merged in float64."""
+        count = math.prod(values.shape[d] for d in dims)
+        if count == 0 or values.numel() == 0:
             return
-        flat = values.detach().reshape(values.shape[0], -1).double()
-        mean = flat.mean(dim=1)
-        m2 = (flat - mean[:, None]).square().sum(dim=1)
-        self.merge(per_group, mean, m2)
+        var, mean = torch.var_mean(values.detach(), dim=dims, correction=0)
+        mean, var = mean.reshape(-1).double(), var.reshape(-1).double()
+        self.merge(count, mean, var * count)
 
     def merge(self, count: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
         """Chan's formula (module docstring): add a part of ``count`` values per group."""
@@ -81,6 +84,6 @@ class Moments:
         return ChannelStats(self.mean.clone(), self.m2 / self.count, self.count)
 
 
-def channels_first(value: torch.Tensor, dims: tuple) -> torch.Tensor:
-    """``value`` with its channel dimension first (``dims``: each dimension's role)."""
-    return value.movedim(dims.index("C"), 0)
+def all_but_channels(dims: tuple) -> tuple[int, ...]:
+    """The dimensions to reduce for per-channel statistics (``dims``: each one's role)."""
+    return tuple(k for k, role in enumerate(dims) if role != "C")

@@ -84,13 +84,21 @@ def levels(graph, nodes: list[NormNode]) -> dict[str, int]:
 
 # ------------------------------------------------------------------ statistic groups
 
-def groups_first(x: torch.Tensor, norm: rules.Norm) -> torch.Tensor:
-    """``x`` (N, C, *spatial) with each statistic group's values in one row."""
-    n, c = x.shape[:2]
+def statistic_groups(x: torch.Tensor, norm: rules.Norm) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """``x`` (N, C, *spatial), perhaps reshaped, and the dimensions to reduce so that what is
+    left is one value per statistic group: per channel for BatchNorm, per sample and group
+    for GroupNorm, per sample and channel for InstanceNorm."""
     if norm.kind == "batch":
-        return x.transpose(0, 1).reshape(c, -1)
-    rows = n * (norm.groups if norm.kind == "group" else c)
-    return x.reshape(rows, -1)
+        return x, (0,) + tuple(range(2, x.dim()))
+    if norm.kind == "group":
+        return x.reshape(x.shape[0], norm.groups, -1), (2,)
+    return x, tuple(range(2, x.dim()))
+
+
+def group_sums(x: torch.Tensor, norm: rules.Norm) -> torch.Tensor:
+    """The sum of ``x`` over each statistic group, one value per group."""
+    values, dims = statistic_groups(x, norm)
+    return values.sum(dims).reshape(-1)
 
 
 def per_channel(values: torch.Tensor, norm: rules.Norm, n: int, c: int) -> torch.Tensor:
@@ -131,7 +139,7 @@ class Normalise(torch.autograd.Function):
     def forward(ctx, x, mean, rstd, weight, bias, tile):
         ctx.save_for_backward(x, mean, rstd, weight)
         ctx.tile = tile
-        return _affine((x - mean) * rstd, weight, bias)
+        return _normalised(x, mean, rstd, weight, bias, tile.batch)
 
     @staticmethod
     def backward(ctx, g):
@@ -151,6 +159,15 @@ class Normalise(torch.autograd.Function):
         return dx, None, None, grad_w, grad_b, None
 
 
+def _normalised(x, mean, rstd, weight, bias, batch=None):
+    """``(x - mean) · rstd · weight + bias``; per-channel statistics (``batch``: the mean and
+    variance per channel, and eps) through torch's fused kernel, which keeps x's layout."""
+    if batch is not None:
+        mean_c, var_c, eps = batch
+        return F.batch_norm(x, mean_c, var_c, weight, bias, False, 0.0, eps)
+    return _affine((x - mean) * rstd, weight, bias)
+
+
 def _affine(xhat, weight, bias):
     if weight is not None:
         xhat = xhat * _spread(weight.view(1, -1), xhat.dim())
@@ -165,6 +182,7 @@ class _Tile:
 
     crop: tuple | None  # this tile's owned part of the normalisation's input (an index)
     correction: tuple | None  # (sum_S(h) / n, sum_S(h · x̂) / n), per channel, or None
+    batch: tuple | None = None  # per-channel (mean, var, eps), for torch's fused kernel
 
 
 # ------------------------------------------------------------------ a tile's mode
@@ -217,16 +235,18 @@ class NormMode(TorchFunctionMode):
         rstd = _spread(per_channel((stats.var + node.norm.eps).rsqrt(), node.norm, n, c).to(x.dtype),
                        x.dim())
         weight, bias = bound.get("weight"), bound.get("bias")
+        batch = ((stats.mean.to(x.dtype), stats.var.to(x.dtype), node.norm.eps)
+                 if node.norm.kind == "batch" else None)
         if self.leaves is not None and node.name in self.probes:
             with torch.no_grad():
-                xhat = (x - mean) * rstd
-                leaf = _affine(xhat, weight, bias).requires_grad_()
-            self.leaves[node.name] = (leaf, xhat, weight)
+                leaf = _normalised(x, mean, rstd, weight, bias, batch).requires_grad_()
+            self.leaves[node.name] = (leaf, x, mean, rstd, weight)
             return leaf.clone()  # (a non-leaf: an in-place layer after it may write into it)
         if not torch.is_grad_enabled():
-            return _affine((x - mean) * rstd, weight, bias)
+            return _normalised(x, mean, rstd, weight, bias, batch)
         crops = self.state.crops.get(node.name)
-        tile = _Tile(crops[self.index] if crops is not None else None, self.state.terms.get(node.name))
+        tile = _Tile(crops[self.index] if crops is not None else None,
+                     self.state.terms.get(node.name), batch)
         return Normalise.apply(x, mean, rstd, weight, bias, tile)
 
 

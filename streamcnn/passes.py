@@ -27,9 +27,9 @@ import torch.nn as nn
 
 from .errors import internal_assert
 from .function import TileRunner
-from .moments import Moments, channels_first
+from .moments import Moments, all_but_channels
 from .norms import NormMode, NormState, Terms, correction_terms, counters, frozen_modules, \
-    groups_first, levels, norm_calls
+    group_sums, levels, norm_calls, statistic_groups
 from .state import Snapshot, uncached_parametrizations
 from .tiling import count, owned_crops
 
@@ -69,8 +69,10 @@ class StatisticsPass:
         def record(probe: Probe, value: torch.Tensor):
             part = value[crops[probe.step][current["tile"].index]]
             norm = self.graph.steps[probe.step].norm
-            sums[probe.key].add(groups_first(part, norm) if probe.norm_node and norm else
-                                channels_first(part, self.graph.steps[probe.step].dims))
+            if probe.norm_node and norm:
+                sums[probe.key].add(*statistic_groups(part, norm))
+            else:
+                sums[probe.key].add(part, all_but_channels(self.graph.steps[probe.step].dims))
             seen.append(probe.key)
             if len(seen) == len(probes):
                 raise _Enough
@@ -142,10 +144,11 @@ def _tile_terms(runner, state, tile, nodes, source, grad_out, tensors) -> dict:
         y.backward(grad_out[tile.out])
     found = {}
     for n in nodes:
-        leaf, xhat, weight = leaves[n.name]
+        leaf, x, mean, rstd, weight = leaves[n.name]
         g = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
         h = g if weight is None else g * weight.detach().view((1, -1) + (1,) * (g.dim() - 2))
-        found[n.name] = (groups_first(h, n.norm).sum(1), groups_first(h * xhat, n.norm).sum(1))
+        with torch.no_grad():
+            found[n.name] = (group_sums(h, n.norm), group_sums(h * ((x - mean) * rstd), n.norm))
     return found
 
 

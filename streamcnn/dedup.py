@@ -13,16 +13,18 @@ output. Two tiles of one pass with
 
 * the same input shape (batch, channels, every spatial length) and dtype,
 * the same owned crop (offsets and sizes on every spatial axis),
-* the same pixels, compared exactly - bit for bit, not merely ``==`` (``-0.0`` and ``0.0``,
-  or two NaNs, are not shared) -
+* the same pixels, compared exactly - bit for bit, not by ``==``, which equates ``-0.0``
+  with ``0.0`` and no NaN with itself -
 
 therefore write equal owned outputs, and each is its own tile's correct part of the whole
 output (the tiling chose that crop for that tile, inside its valid outputs). The key also
 holds each side's place against the image border and the tile's start against the stride
-grid: the crop already implies them (a border side owns outputs up to the border, an
-interior side stops before the outputs its zero padding invalidates; every start is a
-multiple of the output stride), so they only keep border tiles apart from interior ones
-should the crops ever coincide. A tile next to a tile that differs is never shared by
+grid. They add nothing to the argument (every start is a multiple of the output stride,
+and a crop is valid for its tile, border or not); they keep border tiles apart from
+interior ones should crops ever coincide. The crop cannot be left out: a last tile may
+stop short of the image (pixels no output reads), so it is no border tile, yet own more
+outputs than the tiles of its shape before it (``verify/test_dedup.py`` shows the step
+failing without it). A tile next to a tile that differs is never shared by
 mistake: its pixels include its whole overlap, so any differing pixel it reads makes it
 differ.
 

@@ -205,8 +205,9 @@ def main(argv=None) -> int:
     else:
         results = full_run(cfg, args, pick_device(), started)
     # slide.json: measured by every run, or by hand (python -m bench.slide 65536); allocator.json,
-    # update_bn.json: by hand (python -m bench.allocator, python -m bench.calibration)
-    for name in ("slide", "allocator", "update_bn"):
+    # update_bn.json, dedup.json: by hand (python -m bench.allocator, python -m bench.calibration,
+    # python -m bench.dedup)
+    for name in ("slide", "allocator", "update_bn", "dedup"):
         if (cfg.out_dir / f"{name}.json").exists():
             results[name] = json.loads((cfg.out_dir / f"{name}.json").read_text())
     write_outputs(cfg, results)

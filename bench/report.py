@@ -1,5 +1,5 @@
 """Renders reports/BENCH.md from the results dict that run.py also stores as bench.json."""
-from bench import allocator, calibration, slide, training_norm
+from bench import allocator, calibration, dedup, slide, training_norm
 from bench.compare import summary_line
 from bench.fmt import DISTURBED, fmt_bytes, fmt_dur, fmt_ms, fmt_s, fmt_x, table
 from bench.guard import LIBRARY_OVERHEAD_BYTES, PLAN_SAFETY_FACTOR
@@ -17,8 +17,8 @@ MEMORY_COMPARED = (
 def render(res: dict) -> str:
     """The whole BENCH.md."""
     parts = [_intro(res), _quiet(res), *(render_network(n, net, res["machine"]) for n, net in res["networks"].items()),
-             slide.render(res.get("slide") or {}), calibration.render(res.get("update_bn") or {}, res),
-             training_norm.render(res.get("training_norm") or {}),
+             slide.render(res.get("slide") or {}), dedup.render(res.get("dedup") or {}),
+             calibration.render(res.get("update_bn") or {}, res), training_norm.render(res.get("training_norm") or {}),
              _comparison(res), _second_run(res), allocator.render(res.get("allocator") or {}),
              _micro(res), _skipped(res), _method(res), _remeasured(res),
              _machine(res),
@@ -281,6 +281,7 @@ def _reproduce(res) -> str:
             "make bench QUICK=1            # smoke run (~5 min): writes reports/_raw/quick/, leaves reports/ alone\n"
             "make bench REPEAT=fig2,fig3   # second run of those points, compared with reports/bench.json\n"
             "python -m bench.slide 65536   # a 65536² slide from disk (12 GiB file), added to reports/slide.json\n"
+            "python -m bench.dedup         # a 32768² mostly-background TIFF slide: dedup and prefetch on and off\n"
             "python -m bench.allocator     # one point's memory in fresh processes, glibc defaults vs fixed mmap threshold\n"
             "python -m bench --help\n```\n\nRun it on a quiet machine: the protocol detects other programs on the "
             "cores and measures again, but only within its bounds.")

@@ -205,9 +205,9 @@ def main(argv=None) -> int:
     else:
         results = full_run(cfg, args, pick_device(), started)
     # slide.json: measured by every run, or by hand (python -m bench.slide 65536); allocator.json,
-    # update_bn.json, training_norm.json: by hand (python -m bench.allocator, bench.calibration,
-    # bench.training_norm)
-    for name in ("slide", "allocator", "update_bn", "training_norm"):
+    # update_bn.json, training_norm.json, dedup.json: by hand (python -m bench.allocator,
+    # bench.calibration, bench.training_norm, bench.dedup)
+    for name in ("slide", "allocator", "update_bn", "training_norm", "dedup"):
         if (cfg.out_dir / f"{name}.json").exists():
             results[name] = json.loads((cfg.out_dir / f"{name}.json").read_text())
     write_outputs(cfg, results)

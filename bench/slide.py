@@ -6,7 +6,9 @@ fresh process trains one step of a strided front end on it through
 ``Streaming(front, 4096, transform=normalise)(ImageArray(memmap, "HWC"))``: each tile is read
 from disk when needed (forward, and again in the backward recomputation) and normalised to
 float32 per tile. Measured: the time of the step, the process's peak resident memory (VmHWM,
-the whole process: Python, torch and all), and CPU time against wall time × threads.
+the whole process: Python, torch and all), CPU time against wall time × threads, and per pass
+the seconds spent reading tiles, waiting for a read and computing (reads are prefetched,
+``Streaming``'s default; ``bench/dedup.py`` compares with and without).
 
     python -m bench.slide 32768 65536   # measure, merge into reports/slide.json, re-render BENCH.md
 
@@ -92,15 +94,7 @@ def worker(side: int, threads: int) -> dict:
     net = front()
     model = nn.Sequential(Streaming(net, TILE, transform=normalise), nn.AdaptiveMaxPool2d(1),
                           nn.Flatten(), nn.Linear(16, 2))
-    label = torch.tensor([1])
-
-    def step(image):
-        model.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
-        loss = nn.functional.cross_entropy(model(image), label)
-        t1 = time.perf_counter()
-        loss.backward()
-        return loss.item(), t1 - t0, time.perf_counter() - t1
+    step = study.training_step(model, torch.tensor([1]))
 
     corner = min(side, 2 * TILE)
     step(ImageArray(slide[:corner, :corner], "HWC"))  # warm-up: libraries, allocator
@@ -115,6 +109,7 @@ def worker(side: int, threads: int) -> dict:
             "disturbance": protocol.disturbance(win, threads, os.cpu_count() or 1, protocol.Thresholds()),
             "file_bytes": side * side * 3, "float32_bytes": side * side * 3 * 4,
             "plan_device_bytes": estimate.device_peak_bytes, "tiles": estimate.num_tiles,
+            "prefetch": model[0].last_stats.prefetch, "passes": study.passes(model[0].last_stats),
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
@@ -156,11 +151,11 @@ def render(stored: dict) -> str:
                      fmt_bytes(r["float32_bytes"]), f"**{fmt_bytes(r['peak_rss_bytes'])}**",
                      fmt_bytes(r["plan_device_bytes"]),
                      f"**{fmt_s(r['step_s'])}** ({fmt_s(r['forward_s'])} + {fmt_s(r['backward_s'])})",
-                     f"{use:.2f}" if use else "–",
+                     study.time_split(r), f"{use:.2f}" if use else "–",
                      ("disturbed: " + r["disturbance"]) if r.get("disturbance") else "quiet",
                      r["date"][:10]])
     header = ["slide", "on disk (uint8)", "as float32", "peak RSS", "plan(), device", "one step (fwd + bwd)",
-              "CPU / (wall × threads)", "other work", "measured"]
+              "read / wait / compute (s), fwd; bwd", "CPU / (wall × threads)", "other work", "measured"]
     return head + "\n\n" + table(header, [r + [""] * (len(header) - len(r)) for r in rows])
 
 

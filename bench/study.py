@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from bench import protocol
@@ -30,6 +31,21 @@ def in_fresh_process(module: str, args: list, timeout_s: int, key: dict) -> dict
     if done.returncode:
         return {**key, "status": "failed", "reason": done.stderr.strip()[-2000:]}
     return {"status": "measured", **json.loads(done.stdout.strip().splitlines()[-1])}
+
+
+def training_step(model, label):
+    """``step(image)``: one training step of ``model`` (cross-entropy against ``label``) as
+    (loss, forward seconds, backward seconds)."""
+    import torch.nn as nn
+
+    def step(image):
+        model.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        loss = nn.functional.cross_entropy(model(image), label)
+        t1 = time.perf_counter()
+        loss.backward()
+        return loss.item(), t1 - t0, time.perf_counter() - t1
+    return step
 
 
 def timed(call, threads: int) -> tuple[object, dict]:
@@ -58,6 +74,21 @@ def cpu_use(record: dict) -> str:
     if not win.get("wall_s"):
         return "–"
     return f"{win.get('own_cpu_s', 0) / (win['wall_s'] * record['threads']):.2f}"
+
+
+def passes(stats) -> dict:
+    """A ``Streaming.last_stats`` as a record: each pass's tiles, computed tiles, reads and
+    read / wait / compute seconds."""
+    return {name: {**asdict(p), "compute_s": p.compute_s}
+            for name, p in (("forward", stats.forward), ("backward", stats.backward))}
+
+
+def time_split(record: dict) -> str:
+    """Read / wait / compute seconds of the forward; of the backward, as a table cell."""
+    if not record.get("passes"):
+        return "–"
+    return "; ".join(f"{p['read_s']:.1f} / {p['wait_s']:.1f} / {p['compute_s']:.1f}"
+                     for p in (record["passes"]["forward"], record["passes"]["backward"]))
 
 
 def quiet(record: dict) -> str:

@@ -18,7 +18,8 @@ Layers, bottom to top (imports point down only; verify/test_layout.py checks it)
 (arguments as torch binds them) -> ``rules`` (which torch operation is which geometric
 step) -> ``trace`` (torch.fx graph -> steps) -> ``tiling``, ``moments`` (Chan's merge),
 ``slides`` (whole-slide images, NumPy only), ``sources`` (where tiles are read from),
-``inputs`` (checks) -> ``state`` (what a forward read) -> ``memory``, ``plan`` (estimates
+``inputs`` (checks) -> ``state`` (what a forward read) -> ``prefetch`` (reads on a thread
+of their own), ``dedup`` (identical tiles computed once) -> ``memory``, ``plan`` (estimates
 before running) -> ``function`` (tile loop, autograd node) -> ``passes`` (statistics
 passes) -> ``streaming`` (the module) -> ``statistics`` (channel_stats, update_bn, lsuv_)
 -> ``testing``.

@@ -13,28 +13,40 @@ of those tensors are summed over the tiles. The owned regions partition the
 output and every owned value is a function of its tile alone, so by linearity the
 sums equal conventional backprop's gradients (paper Eqs. 5-7). Only the gradients
 the engine asks for are computed.
+
+Two optional hooks change how tiles reach the module, never what it computes: reads of
+an array are done ahead on a thread of their own (:mod:`streamcnn.prefetch`), and a tile
+identical to an earlier one is not run again (:mod:`streamcnn.dedup`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
+from .dedup import Duplicates, fingerprint, gradient_parts
 from .errors import StreamingError
-from .sources import TensorSource, digest
+from .prefetch import PassStats, Stats, prefetched, timed, waited
 from .norms import NormMode, NormState, frozen_modules
+from .sources import TensorSource, digest
 from .state import Captured, Snapshot, TensorUse, observing_gradient_hooks, uncached_parametrizations
 from .tiling import Tile, count, iter_tiles
 
 
 class TileRunner:
-    """Runs the pipeline (transform, then module) over the tiles of one input."""
+    """Runs the pipeline (transform, then module) over the tiles of one input.
+
+    ``prefetch``: read the next tiles on a background thread while one computes.
+    ``dedup``: compute a tile identical to an earlier one of the pass only once.
+    ``stats`` records what each pass did (:class:`streamcnn.prefetch.Stats`)."""
 
     def __init__(self, pipeline: nn.Module, tilings, source, device: torch.device, *,
-                 progress: bool, channels_last: bool):
+                 progress: bool, channels_last: bool, prefetch: bool = False,
+                 dedup: bool = False):
         self.pipeline = pipeline
         self.tilings = tilings
         self.source = source
@@ -44,16 +56,39 @@ class TileRunner:
         self.layout = torch.channels_last if channels_last else torch.contiguous_format
         self.digests: dict = {}  # tile origin -> digest of what the forward read (array sources)
         self.norms: NormState | None = None  # normalisations streamed with whole-image statistics
+        self.prefetch = prefetch
+        self.duplicates = Duplicates(tilings, self._reread, keep=4 if source.fresh else None) \
+            if dedup else None
+        self.stats = Stats(prefetch=prefetch, dedup=dedup)
+        self._reading: PassStats | None = None  # the pass whose reads are counted
 
     def tiles(self, what: str, skip_first: bool = False):
         tiles = iter_tiles(self.tilings)
         if skip_first:
             next(tiles)
+        return self._progress(tiles, what, count(self.tilings) - skip_first)
+
+    def _progress(self, items, what: str, total: int):
         if not self.progress:
-            return tiles
+            return items
         from tqdm.auto import tqdm
-        total = count(self.tilings) - skip_first
-        return tqdm(tiles, total=total, desc=f"streaming {what}", unit="tile", leave=False)
+        return tqdm(items, total=total, desc=f"streaming {what}", unit="tile", leave=False)
+
+    @contextlib.contextmanager
+    def inputs(self, what: str, tiles: list, read, stats: PassStats):
+        """The loop over ``tiles`` of one pass: yields ``read(tile)`` for each, read ahead on a
+        thread when prefetching, and counts the pass's tiles, reads and seconds in ``stats``."""
+        self._reading = stats
+        t0 = time.perf_counter()
+        try:
+            several = len(tiles) > 1  # (the first tile alone: no thread, no bar)
+            with prefetched(timed(read, stats), tiles, self.prefetch and several,
+                            describe=lambda t: f"the input tile at {t.origin}") as results:
+                results = waited(results, stats)
+                yield self._progress(results, what, len(tiles)) if several else results
+        finally:
+            stats.wall_s += time.perf_counter() - t0
+            self._reading = None
 
     def feed(self, raw: torch.Tensor) -> torch.Tensor:
         """The tensor the pipeline gets for a tile read from the source: on the module's
@@ -69,6 +104,8 @@ class TileRunner:
         """A tile of the input. Reads of an array (a buffer a loader may refill, a file) are
         fingerprinted in the forward and checked in the backward, which reads them again."""
         raw = source.read(tile.inp, tile.origin)
+        if self._reading is not None:
+            self._reading.reads += 1
         if source.fresh:
             key, value = tile.origin, digest(raw)
             if self.digests.setdefault(key, value) != value:
@@ -78,6 +115,22 @@ class TileRunner:
                     f"again, so the array must hold the same image until backward (a loader that "
                     f"refills its buffer must wait, or pass a copy, e.g. a tensor)")
         return raw
+
+    def _reread(self, tile: Tile) -> torch.Tensor:
+        """A representative's pixels again, for an exact comparison (``Duplicates``)."""
+        return self.read(self.source, tile)
+
+    def _match(self, tile: Tile, raw: torch.Tensor):
+        """The earlier tile of the forward that ``tile`` (read as ``raw``) duplicates, or None.
+        An array's tile was fingerprinted when read; that digest finds the candidates."""
+        if self.duplicates is None:
+            return None
+        hashed = self.digests[tile.origin] if self.source.fresh else fingerprint(raw)
+        return self.duplicates.match(tile, raw, hashed)
+
+    def _forward_read(self, tile: Tile):
+        raw = self.read(self.source, tile)
+        return tile, raw, self._match(tile, raw)
 
     def run(self, tile_input: torch.Tensor, tile: Tile, call=None) -> torch.Tensor:
         try:
@@ -112,22 +165,34 @@ class TileRunner:
     def first_tile(self):
         """The first tile's owned output, and every tensor the pipeline read for it."""
         tile = next(iter_tiles(self.tilings))
-        with torch.no_grad():
-            tile_input = self.feed(self.read(self.source, tile))
+        stats = self.stats.forward
+        with torch.no_grad(), self.inputs("forward", [tile], self._forward_read, stats) as inputs:
+            ((_, raw, _),) = inputs
+            tile_input = self.feed(raw)
             with TensorUse(tile_input) as use:
                 y = self.run(tile_input, tile)
+            stats.tiles, stats.computed = 1, 1
         return y[tile.crop], use.read
 
     def forward(self, first: torch.Tensor, snapshot: Snapshot) -> torch.Tensor:
         """Stitched output on the module's device, computed without building a graph."""
-        with torch.no_grad():
+        stats = self.stats.forward
+        tiles = list(iter_tiles(self.tilings))
+        with torch.no_grad(), self.inputs("forward", tiles[1:], self._forward_read, stats) as inputs:
             out = first.new_empty(first.shape[:2] + self.out_spatial)
-            out[next(iter_tiles(self.tilings)).out] = first
-            for tile in self.tiles("forward", skip_first=True):
-                y = self.run(self.feed(self.read(self.source, tile)), tile)
+            out[tiles[0].out] = first
+            for tile, raw, same in inputs:
+                stats.tiles += 1
+                if same is not None:  # the same pixels and geometry as an earlier tile
+                    out[tile.out] = out[same.out]
+                    continue
+                y = self.run(self.feed(raw), tile)
                 snapshot.check_tile()
                 out[tile.out] = y[tile.crop]
+                stats.computed += 1
                 del y
+        if self.duplicates is not None:
+            self.duplicates.release()
         return out
 
     def backward(self, source, grad_out, need_x: bool, tensors: dict, wrt: list,
@@ -141,23 +206,37 @@ class TileRunner:
         Each tile's gradients are accumulated into the ``.grad`` of its leaves - the tile
         and ``wrt``, fresh tensors only this backward holds - by ``Tensor.backward``
         (not ``autograd.grad``, which a reentrant ``checkpoint`` inside the module rejects),
-        and moved out after every tile."""
+        and moved out after every tile.
+
+        With ``dedup``, each group of identical tiles is recomputed once and backpropagated
+        with the sum of the group's output gradients, or once per tile of the group through
+        the kept graph when the input gradient is wanted (``dedup.gradient_parts``)."""
         def call(tile_input):
             return torch.func.functional_call(self.pipeline, tensors, (tile_input,),
                                               tie_weights=False, strict=False)
 
         grad_x = torch.zeros_like(source.tensor) if need_x else None
         sums: list = [None] * len(wrt)
-        with observing_gradient_hooks(self.pipeline):
-            for tile in self.tiles("backward"):
-                leaf = self.read(source, tile).detach().requires_grad_(need_x or x_grad)
+        tiles = list(iter_tiles(self.tilings))
+        stats = self.stats.backward = PassStats(tiles=len(tiles))  # (a second backward: anew)
+        if self.duplicates is not None:
+            tiles = list(self.duplicates.computed(tiles))
+        with observing_gradient_hooks(self.pipeline), self.inputs(
+                "backward", tiles, lambda t: (t, self.read(source, t), None), stats) as inputs:
+            for tile, raw, _ in inputs:
+                leaf = raw.detach().requires_grad_(need_x or x_grad)
+                group = [tile] if self.duplicates is None else self.duplicates.group(tile)
+                parts = gradient_parts(group, grad_out, separate=need_x)
                 with torch.enable_grad():
                     y = self.run(self.feed(leaf), tile, call)[tile.crop]
-                    if y.requires_grad:
-                        y.backward(grad_out[tile.out])
+                    for k, (place, g) in enumerate(parts):
+                        if y.requires_grad:
+                            y.backward(g, retain_graph=k + 1 < len(parts))
+                        if need_x and leaf.grad is not None:
+                            grad_x[place.inp] += leaf.grad
+                            leaf.grad = None
                 del y
-                if need_x and leaf.grad is not None:
-                    grad_x[tile.inp] += leaf.grad
+                stats.computed += 1
                 for i, t in enumerate(wrt):
                     g, t.grad = t.grad, None
                     if g is not None:  # (own the first: a gradient may alias grad_out)

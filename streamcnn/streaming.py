@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 from torch.autograd.graph import get_gradient_edge
 
-from . import state
+from . import dedup as _dedup, state
 from ._args import normalize_tile_size
 from .errors import StreamingError
 from .function import Job, StreamFunction, TileRunner, autocast_state
@@ -45,17 +45,33 @@ class Streaming(nn.Module):
         channels_last: give each 2D tile to the module in channels-last memory layout.
             The default (None) does so on CPU for float32/bfloat16, where oneDNN then
             convolves about twice as fast; values agree up to summation order.
+        prefetch: read the next tile of an array input (a memmap, zarr, h5py, a slide) on a
+            background thread while the current one computes, in the forward pass and in
+            the backward recomputation (:mod:`streamcnn.prefetch`); the same reads, so the
+            same numbers bit for bit. Tensor inputs are never prefetched (their tiles are
+            views).
+        dedup: compute a tile whose pixels and geometry equal an earlier tile's of the same
+            pass only once, forward and backward (:mod:`streamcnn.dedup`: exact; the
+            backward's sums of duplicate gradients agree to float rounding). Off for graphs
+            whose normalisation statistics span the image.
+
+    After each call ``last_stats`` (:class:`streamcnn.prefetch.Stats`) says how many tiles
+    each pass computed and where its time went (its ``backward`` is filled in by the
+    backward).
 
     Inputs are ``(N, C, L)`` or ``(N, C, H, W)``. The tiles run through the user's own
-    module: forward hooks fire once per tile in the forward pass and again per tile in
-    the backward recomputation, with tile-sized tensors; full backward hooks fire per
-    tile with tile-sized gradients. The module gets a copy of each tile, so in-place
+    module: forward hooks fire once per computed tile in the forward pass and again per
+    computed tile in the backward recomputation, with tile-sized tensors; full backward
+    hooks fire per backward call of a tile with tile-sized gradients. With ``dedup``, tiles
+    identical to earlier ones are not computed (hooks fire fewer times), and a shared
+    tile's backward hooks see its group's summed gradient (or fire once per duplicate when
+    the input gradient is wanted). The module gets a copy of each tile, so in-place
     layers never write into ``x``. The state dict has the wrapped module's own keys.
     Higher-order gradients (``create_graph=True``) raise an error.
     """
 
     def __init__(self, module: nn.Module, tile_size, *, transform=None, progress: bool = False,
-                 channels_last: bool | None = None):
+                 channels_last: bool | None = None, prefetch: bool = True, dedup: bool = True):
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"Streaming needs an nn.Module, got {type(module).__name__}")
@@ -73,6 +89,8 @@ class Streaming(nn.Module):
         self.tile_size = tile_size
         self.progress = progress
         self.channels_last = channels_last
+        self.prefetch, self.dedup = prefetch, dedup
+        self.last_stats = None
         self.register_state_dict_post_hook(_unwrapped_keys)
         self.register_load_state_dict_pre_hook(_wrapped_keys)
 
@@ -102,7 +120,10 @@ class Streaming(nn.Module):
         device = module_device(self.module) or source.device
         pipeline = Pipeline(self.module, self.transform)
         runner = TileRunner(pipeline, tilings, source, device, progress=self.progress,
-                            channels_last=self._channels_last(source, device))
+                            channels_last=self._channels_last(source, device),
+                            prefetch=self.prefetch and source.fresh,
+                            dedup=self.dedup and _dedup.allowed(graph))
+        self.last_stats = runner.stats
         norms = _stream_norms(runner, graph)
         own = counters(norms.nodes) if norms is not None else frozenset()
         snapshot = state.Snapshot(pipeline, device, own)

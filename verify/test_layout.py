@@ -8,7 +8,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "streamcnn"
 ORDER = ["_args", "errors", "geometry", "binding", "rules", "trace", "tiling", "moments", "slides", "sources", "inputs", "state",
-         "norms", "memory", "plan", "function", "passes", "streaming", "statistics", "testing", "tuning", "__init__"]
+         "norms", "prefetch", "dedup", "memory", "plan", "function", "passes", "streaming", "statistics", "testing", "tuning", "__init__"]
 
 
 def imports(module: str) -> set[str]:

@@ -13,14 +13,12 @@ number of streamed passes and tiles.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import time
 
 from bench import study
 from bench.config import REPORTS
-from bench.fmt import fmt_bytes, fmt_s, table
+from bench.fmt import fmt_bytes, fmt_s
 
 UPDATE_BN_JSON = REPORTS / "update_bn.json"
 TILE = 2800
@@ -99,26 +97,17 @@ def render(stored: dict, results: dict) -> str:
                      study.cpu_use(r), study.quiet(r), r["date"][:10]])
     header = ["image", "passes", "update_bn", "peak RSS", "one training step (time, memory as in its table)",
               "CPU / (wall × threads)", "other work", "measured"]
-    return head + "\n\n" + table(header, [r + [""] * (len(header) - len(r)) for r in rows])
+    return head + "\n\n" + study.padded_table(header, rows)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.calibration", description=__doc__.splitlines()[0])
-    ap.add_argument("sides", nargs="*", type=int, default=[16384])
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--worker", type=int, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    args = study.parser("bench.calibration", __doc__, [16384]).parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args.worker, args.threads)))
         return 0
-    records = [measure(side, args.threads) for side in args.sides]
-    study.merge(UPDATE_BN_JSON, records, key=lambda r: r["side"])
-    for r in records:
-        print(f"{r['side']}²: {r.get('status')} "
-              + (f"{fmt_s(r['update_bn_s'])} in {r['passes']} passes, peak RSS "
-                 f"{fmt_bytes(r['peak_rss_bytes'])}" if r.get("status") == "measured"
-                 else r.get("reason", "")))
-    return 0
+    return study.finish(UPDATE_BN_JSON, [measure(side, args.threads) for side in args.sides],
+                        lambda r: r["side"], lambda r: f"{fmt_s(r['update_bn_s'])} in {r['passes']} "
+                        f"passes, peak RSS {fmt_bytes(r['peak_rss_bytes'])}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ reports/slide.json keeps its own date and machine.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -29,7 +28,7 @@ import numpy as np
 
 from bench import study
 from bench.config import REPORTS
-from bench.fmt import fmt_bytes, fmt_s, table
+from bench.fmt import fmt_bytes, fmt_s
 
 SLIDE_JSON = REPORTS / "slide.json"
 RAW = REPORTS / "_raw" / "slide"
@@ -156,25 +155,17 @@ def render(stored: dict) -> str:
                      r["date"][:10]])
     header = ["slide", "on disk (uint8)", "as float32", "peak RSS", "plan(), device", "one step (fwd + bwd)",
               "read / wait / compute (s), fwd; bwd", "CPU / (wall × threads)", "other work", "measured"]
-    return head + "\n\n" + table(header, [r + [""] * (len(header) - len(r)) for r in rows])
+    return head + "\n\n" + study.padded_table(header, rows)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.slide", description=__doc__.splitlines()[0])
-    ap.add_argument("sides", nargs="*", type=int, default=[32768])
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--worker", type=int, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    args = study.parser("bench.slide", __doc__, [32768]).parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args.worker, args.threads)))
         return 0
-    records = [measure(side, args.threads) for side in args.sides]
-    merge(records)
-    for r in records:
-        print(f"{r['side']}²: {r.get('status')} "
-              + (f"{fmt_s(r['step_s'])}, peak RSS {fmt_bytes(r['peak_rss_bytes'])}"
-                 if r.get("status") == "measured" else r.get("reason", "")))
-    return 0
+    return study.finish(SLIDE_JSON, [measure(side, args.threads) for side in args.sides],
+                        lambda r: r["side"], lambda r: f"{fmt_s(r['step_s'])}, peak RSS "
+                        f"{fmt_bytes(r['peak_rss_bytes'])}")
 
 
 if __name__ == "__main__":

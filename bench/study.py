@@ -7,6 +7,7 @@ other work competing for the cores is reported beside the number.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -16,6 +17,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from bench import protocol
+from bench.config import REPORTS
+from bench.fmt import table
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -93,3 +96,30 @@ def time_split(record: dict) -> str:
 
 def quiet(record: dict) -> str:
     return ("disturbed: " + record["disturbance"]) if record.get("disturbance") else "quiet"
+
+
+def parser(prog: str, doc: str, sides: list) -> argparse.ArgumentParser:
+    """A study's command line: image sides, ``--threads``, and the hidden ``--worker``."""
+    ap = argparse.ArgumentParser(prog=f"python -m {prog}", description=doc.splitlines()[0])
+    ap.add_argument("sides", nargs="*", type=int, default=sides)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    return ap
+
+
+def finish(path: Path, records: list, key, describe) -> int:
+    """Merge the records into ``path``, print a line per record, and re-render BENCH.md from
+    the stored results (when they exist and ``path`` is one of reports/' files)."""
+    merge(path, records, key)
+    for r in records:
+        said = describe(r) if r.get("status") == "measured" else (r.get("reason") or "")[-300:]
+        print(f"{key(r)}: {r.get('status')} {said}")
+    if path.parent == REPORTS and (REPORTS / "bench.json").exists():
+        from bench import run
+        run.main(["--render-only"])
+    return 0
+
+
+def padded_table(header: list, rows: list) -> str:
+    """``fmt.table`` with short rows (a failed record's) padded to the header."""
+    return table(header, [r + [""] * (len(header) - len(r)) for r in rows])

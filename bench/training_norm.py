@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 from bench import study
 from bench.config import REPORTS
-from bench.fmt import fmt_bytes, fmt_s, table
+from bench.fmt import fmt_bytes, fmt_s
 
 TRAINING_NORM_JSON = REPORTS / "training_norm.json"
 TILE = 1024
@@ -103,26 +102,19 @@ def render(stored: dict) -> str:
                          r["date"][:10]])
     header = ["image", "BatchNorm", "passes", "one step", "vs frozen", "plan() bound", "peak RSS",
               "CPU / (wall × threads)", "other work", "measured"]
-    return head + "\n\n" + table(header, [r + [""] * (len(header) - len(r)) for r in rows])
+    return head + "\n\n" + study.padded_table(header, rows)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.training_norm", description=__doc__.splitlines()[0])
-    ap.add_argument("sides", nargs="*", type=int, default=[4096, 8192])
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap = study.parser("bench.training_norm", __doc__, [4096, 8192])
     ap.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
-    ap.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args.worker, args.mode, args.threads)))
         return 0
     records = [measure(side, mode, args.threads) for side in args.sides for mode in MODES]
-    study.merge(TRAINING_NORM_JSON, records, key=lambda r: f"{r['side']}-{r['mode']}")
-    for r in records:
-        print(f"{r['side']}² {r['mode']}: {r.get('status')} "
-              + (f"{fmt_s(r['step_s'])}, peak RSS {fmt_bytes(r['peak_rss_bytes'])}"
-                 if r.get("status") == "measured" else r.get("reason", "")))
-    return 0
+    return study.finish(TRAINING_NORM_JSON, records, lambda r: f"{r['side']}-{r['mode']}",
+                        lambda r: f"{fmt_s(r['step_s'])}, peak RSS {fmt_bytes(r['peak_rss_bytes'])}")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import binding, rules
 from .errors import StreamingError

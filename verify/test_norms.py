@@ -16,7 +16,6 @@ import models
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_streaming_properties import SETTINGS

@@ -85,6 +85,23 @@ class Unknown:
     """A value not known until the input is (batch or channel count before the first call)."""
 
 
+class UnknownNumber(Unknown):
+    """A batch or channel count not known until the input is, or number arithmetic on it
+    (``x.size(1) ** -0.5``): one number, the same at every position."""
+
+
+_NUMBER_OPS = frozenset({operator.add, operator.sub, operator.mul, operator.truediv,
+                         operator.floordiv, operator.pow, operator.neg, operator.pos})
+
+
+def unknown(op: str, target, args, kwargs) -> Unknown:
+    """The value of a call on values not known yet: a number where it is arithmetic on numbers."""
+    numbers = all(isinstance(a, (UnknownNumber, int, float)) for a in args)
+    if op == "call_function" and target in _NUMBER_OPS and numbers and not kwargs:
+        return UnknownNumber()
+    return Unknown()
+
+
 def contains(value, kinds) -> bool:
     """Whether ``value``, or anything in the tuples, lists, dicts and slices it holds, is
     an instance of ``kinds``."""
@@ -273,7 +290,8 @@ def pointwise(ctx, *args, **kwargs):
     maps = [v for v in values if isinstance(v, FMap)]
     if any(contains(v, FMap) and not isinstance(v, FMap) for v in values):
         return ctx.refuse("it takes feature maps inside a list or tuple argument")
-    if not maps or any(contains(v, (Shape, Unknown)) for v in values):
+    if not maps or any(contains(v, Shape) or (contains(v, Unknown) and
+                                              not isinstance(v, UnknownNumber)) for v in values):
         return ctx.refuse("it uses the feature map's shape (or a size not known before the "
                           "input) as an operand")
     for c in values:
@@ -581,9 +599,9 @@ def _index_fmap(ctx, x: FMap, index):
 def _size(ctx, x: FMap, dim):
     role = x.dims[_dim(dim, len(x.dims))]
     if role == "C":
-        return Unknown() if x.channels is None else x.channels
+        return UnknownNumber() if x.channels is None else x.channels
     if role == "N":
-        return Unknown() if ctx.batch is None else ctx.batch
+        return UnknownNumber() if ctx.batch is None else ctx.batch
     return ctx.refuse("it reads the feature map's spatial size, which differs from tile to tile")
 
 

@@ -28,7 +28,7 @@ import torch.nn as nn
 from . import binding, rules
 from .errors import StreamingError
 from .geometry import Field, GridMismatch, Merge, Step, Window
-from .rules import FMap, Refused, Shape, Unknown
+from .rules import FMap, Refused, Shape
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _OWN_DIR = os.path.dirname(__file__)
@@ -228,7 +228,7 @@ class _Analysis:
         if not rules.is_dynamic((args, kwargs)):
             return self._evaluate(node, args, kwargs)
         if not rules.contains((args, kwargs), (FMap, Shape)):  # only unknowns: wait for the input
-            return Unknown()
+            return rules.unknown(node.op, node.target, args, kwargs)
         value = self._handle(ctx, node, args, kwargs)
         if _in_place(node) and isinstance(node.args[0], fx.Node) and isinstance(args[0], FMap):
             env[node.args[0]] = value  # the tensor it was called on now holds the result

@@ -97,6 +97,7 @@ OPS = {
     "where with feature maps": (lambda h: torch.where(h > 0, h, F.max_pool2d(h, 3, 1, 1)), 4),
     "conv called by keyword": (KeywordConv(), 4),
     "in-place add of a wider map": (add_in_place, 4),
+    "batch and channel counts as scalars": (lambda h: h * h.size(1) ** -0.5 + h / h.shape[0], 4),
     "numpy's names axis and keepdims": (lambda h: torch.concatenate(
         [h, h - h.mean(axis=1, keepdims=True)], axis=1), 8),
 }

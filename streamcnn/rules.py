@@ -245,6 +245,16 @@ def max_pool(ctx, input, kernel_size, stride=None, padding=0, dilation=1, ceil_m
                  max_pool=True)
 
 
+def _with_indices(rank: int):
+    """``F.max_pool2d(..., return_indices=True)``, which fx records as the function it
+    dispatches to, ``max_pool2d_with_indices`` (whose own default says False)."""
+    def pool(ctx, input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+             return_indices=True):
+        return max_pool(ctx, input, kernel_size, stride, padding, dilation, ceil_mode, True,
+                        rank=rank)
+    return pool
+
+
 def avg_pool(ctx, input, kernel_size, stride=None, padding=0, ceil_mode=False,
              count_include_pad=True, divisor_override=None, *, rank):
     return _pool(ctx, input, rank, "average pool", kernel_size, stride, padding, 1, ceil_mode)
@@ -764,6 +774,7 @@ FUNCTIONS = {
     F.conv2d: lambda ctx, *a, **k: conv(ctx, *a, **k, rank=2),
     F.max_pool1d: lambda ctx, *a, **k: max_pool(ctx, *a, **k, rank=1),
     F.max_pool2d: lambda ctx, *a, **k: max_pool(ctx, *a, **k, rank=2),
+    F.max_pool1d_with_indices: _with_indices(1), F.max_pool2d_with_indices: _with_indices(2),
     F.avg_pool1d: lambda ctx, *a, **k: avg_pool(ctx, *a, **k, rank=1),
     F.avg_pool2d: lambda ctx, *a, **k: avg_pool(ctx, *a, **k, rank=2),
     F.pad: pad,
@@ -804,7 +815,9 @@ FUNCTIONS = {
         torch.square, torch.clamp, torch.clip, torch.erf, torch.sin, torch.cos, operator.neg,
         operator.pos, torch.clone, torch.detach, torch.logical_not)},
     **{f: _why(GLOBAL) for f in (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
-                                 F.adaptive_max_pool1d, F.adaptive_max_pool2d)},
+                                 F.adaptive_max_pool1d, F.adaptive_max_pool2d,
+                                 F.adaptive_max_pool1d_with_indices,
+                                 F.adaptive_max_pool2d_with_indices)},
     **{f: _why(UPSAMPLE) for f in (F.interpolate, F.upsample, F.upsample_nearest,
                                    F.upsample_bilinear, F.grid_sample, F.pixel_shuffle,
                                    F.pixel_unshuffle, F.conv_transpose1d, F.conv_transpose2d,

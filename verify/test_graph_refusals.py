@@ -120,6 +120,11 @@ CASES = {
     "local response norm channels last": (Block(Functional(lambda x: F.local_response_norm(
         x.permute(0, 2, 3, 1), 3).permute(0, 3, 1, 2))),
         r"operation 'local_response_norm' .* in layout \(N, H, W, C\) dimension 1 is not the channels"),
+    "max pool with indices": (Block(Functional(lambda x: F.max_pool2d(x, 3, 1, 1, return_indices=True)[0])),
+                              r"operation 'max_pool2d_with_indices' .* it has return_indices=True"),
+    "adaptive max pool with indices": (Block(Functional(lambda x: x * F.adaptive_max_pool2d(
+        x, 1, return_indices=True)[0])), r"operation 'adaptive_max_pool2d_with_indices' .* it pools over the "
+                                         r"whole feature map"),
     "feature map as a convolution weight": (Block(Functional(lambda x: x * F.conv2d(
         x, x.sum(0, keepdim=True)))), r"operation 'conv2d' .* it takes a feature map as its 'weight' "
                                       r"argument, which streamcnn streams only as 'input'"),

@@ -120,8 +120,9 @@ class TileRunner:
 
     def backward(self, source, grad_out, need_x: bool, tensors: dict, wrt: list,
                  x_grad: bool = False):
-        """Input gradient (or None, on the input's device) and the summed gradient of each
-        of ``wrt``, recomputing every tile with ``tensors`` (name -> tensor) in place of
+        """Input gradient (on the input's device; None where it is not wanted or, as in
+        conventional autograd, where no tile's output depends on its input differentiably:
+        through ``detach()`` or a comparison) and the summed gradient of each of ``wrt``, recomputing every tile with ``tensors`` (name -> tensor) in place of
         the pipeline's own. Each tile requires grad as the input did (``x_grad``) whether
         or not its gradient is wanted (``need_x``): code that asks (a reentrant
         ``checkpoint``) then runs as it did conventionally.
@@ -135,6 +136,7 @@ class TileRunner:
                                               tie_weights=False, strict=False)
 
         grad_x = torch.zeros_like(source.tensor) if need_x else None
+        reached = False  # whether any tile's input got a gradient
         sums: list = [None] * len(wrt)
         with observing_gradient_hooks(self.pipeline):
             for tile in self.tiles("backward"):
@@ -146,11 +148,12 @@ class TileRunner:
                 del y
                 if need_x and leaf.grad is not None:
                     grad_x[tile.inp] += leaf.grad
+                    reached = True
                 for i, t in enumerate(wrt):
                     g, t.grad = t.grad, None
                     if g is not None:  # (own the first: a gradient may alias grad_out)
                         sums[i] = g.clone() if sums[i] is None else sums[i].add_(g)
-        return grad_x, sums
+        return grad_x if reached else None, sums
 
 
 @dataclass

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.fx as fx
@@ -54,6 +54,8 @@ class TracedGraph:
     steps: tuple[GraphStep, ...]
     graph: fx.Graph = field(repr=False)
     root: nn.Module = field(repr=False)  # the traced Pipeline (the user's module and transform)
+    #: refusals of values the output does not use: they still run on every tile
+    unused: tuple[str, ...] = ()
 
     def axis(self, a: int) -> tuple[Step, ...]:
         """The graph on spatial axis ``a``, for ``streamcnn.geometry``."""
@@ -203,7 +205,9 @@ class _Analysis:
             elif node.op == "get_attr":
                 env[node] = _fetch(self.root, node.target)
             elif node.op == "output":
-                return self._finish(fx.node.map_arg(node.args[0], env.__getitem__))
+                graph = self._finish(fx.node.map_arg(node.args[0], env.__getitem__))
+                unused = {id(v.error): str(v.error) for v in env.values() if isinstance(v, Refused)}
+                return replace(graph, unused=tuple(unused.values()))
             else:
                 env[node] = self._call(node, env)
         raise StreamingError("the streamed module's graph has no output")

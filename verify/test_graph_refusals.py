@@ -51,6 +51,11 @@ class Functional(nn.Module):
         return self.fn(x)
 
 
+def unused_embedding(x):
+    _ = x + torch.ones(1, 4, 20, 20, dtype=x.dtype)  # unused; fits the whole map, no tile
+    return x * 2
+
+
 def stem_then(block):
     return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Sequential(block))
 
@@ -125,6 +130,10 @@ CASES = {
     "adaptive max pool with indices": (Block(Functional(lambda x: x * F.adaptive_max_pool2d(
         x, 1, return_indices=True)[0])), r"operation 'adaptive_max_pool2d_with_indices' .* it pools over the "
                                          r"whole feature map"),
+    "unused value that fails on a tile": (Block(Functional(unused_embedding)),
+                                          r"a tile failed: RuntimeError: .* operation 'add' in '1\.0\.block\.2' "
+                                          r"\(Functional\) cannot be streamed: it combines the feature map "
+                                          r"with a tensor of shape \(1, 4, 20, 20\)"),
     "feature map as a convolution weight": (Block(Functional(lambda x: x * F.conv2d(
         x, x.sum(0, keepdim=True)))), r"operation 'conv2d' .* it takes a feature map as its 'weight' "
                                       r"argument, which streamcnn streams only as 'input'"),

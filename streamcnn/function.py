@@ -32,8 +32,9 @@ class TileRunner:
     """Runs the pipeline (transform, then module) over the tiles of one input."""
 
     def __init__(self, pipeline: nn.Module, tilings, source, device: torch.device, *,
-                 progress: bool, channels_last: bool):
+                 progress: bool, channels_last: bool, unused: tuple = ()):
         self.pipeline = pipeline
+        self.unused = unused  # what the module computes for no output (TracedGraph.unused)
         self.tilings = tilings
         self.source = source
         self.device = device
@@ -88,6 +89,12 @@ class TileRunner:
                     "without a graph in the forward pass, so there is nothing to hook; register "
                     "the hook on the Streaming module's output (the stitched feature map) "
                     "instead") from err
+            if self.unused:
+                raise StreamingError(
+                    f"a tile of shape {tuple(tile_input.shape)} failed: {err}. The streamed module "
+                    f"computes values its output does not use, and they run on every tile: "
+                    + " ".join(self.unused) + " Remove them from the streamed module (or, for "
+                    f"windows, use a larger tile_size)") from err
             raise
         if not isinstance(y, torch.Tensor) or tuple(y.shape[2:]) != tile.out_shape:
             shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__

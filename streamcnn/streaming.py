@@ -3,8 +3,6 @@ tile, forward and backward, with exactly conventional backprop's results."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 import torch.nn as nn
 from torch.autograd.graph import get_gradient_edge
@@ -97,10 +95,9 @@ class Streaming(nn.Module):
         device = module_device(self.module) or source.device
         pipeline = Pipeline(self.module, self.transform)
         runner = TileRunner(pipeline, tilings, source, device, progress=self.progress,
-                            channels_last=self._channels_last(source, device))
+                            channels_last=self._channels_last(source, device), unused=graph.unused)
         snapshot = state.Snapshot(pipeline, device)
-        with _naming_unused(graph):  # the first tile runs every operation at the tile size
-            first, read = runner.first_tile()
+        first, read = runner.first_tile()
         snapshot.check_tile()
         x_grad = isinstance(x, torch.Tensor) and x.requires_grad
         if not torch.is_grad_enabled() or not (x_grad or any(t.requires_grad for t in read.values())):
@@ -125,24 +122,6 @@ class Streaming(nn.Module):
         """``streamcnn.plan(self.module, input_shape, self.tile_size, transform=...)``."""
         kwargs.setdefault("transform", self.transform)
         return plan(self.module, input_shape, self.tile_size, **kwargs)
-
-
-@contextmanager
-def _naming_unused(graph):
-    """A tile that fails where the module computes values its output does not use but that
-    cannot be streamed (they run on every tile, where a whole-image shape no longer fits):
-    the error names them."""
-    try:
-        yield
-    except StreamingError:
-        raise
-    except Exception as err:
-        if not graph.unused:
-            raise
-        raise StreamingError(
-            f"a tile failed: {type(err).__name__}: {err}. The streamed module computes values "
-            f"its output does not use but that cannot be streamed, and they run on every tile: "
-            + " ".join(graph.unused) + " (or remove them from the streamed module)") from err
 
 
 def _refuse_functorch() -> None:

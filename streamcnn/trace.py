@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -54,7 +54,7 @@ class TracedGraph:
     steps: tuple[GraphStep, ...]
     graph: fx.Graph = field(repr=False)
     root: nn.Module = field(repr=False)  # the traced Pipeline (the user's module and transform)
-    #: refusals of values the output does not use: they still run on every tile
+    #: what runs on every tile for no output: refusals, windows (which may not fit a tile)
     unused: tuple[str, ...] = ()
 
     def axis(self, a: int) -> tuple[Step, ...]:
@@ -205,9 +205,7 @@ class _Analysis:
             elif node.op == "get_attr":
                 env[node] = _fetch(self.root, node.target)
             elif node.op == "output":
-                graph = self._finish(fx.node.map_arg(node.args[0], env.__getitem__))
-                unused = {id(v.error): str(v.error) for v in env.values() if isinstance(v, Refused)}
-                return replace(graph, unused=tuple(unused.values()))
+                return self._finish(fx.node.map_arg(node.args[0], env.__getitem__), env)
             else:
                 env[node] = self._call(node, env)
         raise StreamingError("the streamed module's graph has no output")
@@ -307,7 +305,7 @@ class _Analysis:
         self.fields.append(fields)
         return FMap(len(self.steps) - 1, tuple(dims), channels, source)
 
-    def _finish(self, out) -> TracedGraph:
+    def _finish(self, out, env: dict) -> TracedGraph:
         if isinstance(out, Refused):
             raise out.error
         if not isinstance(out, FMap):
@@ -322,10 +320,11 @@ class _Analysis:
                 f"the streamed module returns a feature map in layout "
                 f"{rules.layout(out)}; return it channels-first (N, C, *spatial), e.g. "
                 f"permute back as ConvNeXt blocks do")
-        return self._pruned(out.index)
+        return self._pruned(out.index, env)
 
-    def _pruned(self, out: int) -> TracedGraph:
-        """The steps the output depends on, renumbered in order."""
+    def _pruned(self, out: int, env: dict) -> TracedGraph:
+        """The steps the output depends on, renumbered in order; what the others compute
+        that a tile may not run (refused values, windows) in ``unused``."""
         keep, todo = set(), [out]
         while todo:
             i = todo.pop()
@@ -336,7 +335,12 @@ class _Analysis:
         steps = tuple(GraphStep(s.name, s.kind, tuple(new[i] for i in s.inputs), s.rules,
                                 s.channels, s.node)
                       for old, s in enumerate(self.steps) if old in new)
-        return TracedGraph(self.ndim, steps, self.graph, self.root)
+        refused = {id(v.error): f"{v.error}." for v in env.values() if isinstance(v, Refused)}
+        windows = tuple(f"{s.name} is a window on a map the output does not use, which a tile may "
+                        f"be too small for." for old, s in enumerate(self.steps)
+                        if old not in new and s.kind == "window")
+        return TracedGraph(self.ndim, steps, self.graph, self.root,
+                           tuple(refused.values()) + windows)
 
 
 def _in_place(node: fx.Node) -> bool:

@@ -131,9 +131,13 @@ CASES = {
         x, 1, return_indices=True)[0])), r"operation 'adaptive_max_pool2d_with_indices' .* it pools over the "
                                          r"whole feature map"),
     "unused value that fails on a tile": (Block(Functional(unused_embedding)),
-                                          r"a tile failed: RuntimeError: .* operation 'add' in '1\.0\.block\.2' "
+                                          r"a tile of shape .* failed: .* operation 'add' in '1\.0\.block\.2' "
                                           r"\(Functional\) cannot be streamed: it combines the feature map "
                                           r"with a tensor of shape \(1, 4, 20, 20\)"),
+    "unused window that does not fit a tile": (Block(Functional(lambda x: (F.max_pool2d(x, 15), x)[1])),
+                                               r"a tile of shape .* failed: .* operation 'max_pool2d' in "
+                                               r"'1\.0\.block\.2' \(Functional\) is a window on a map the "
+                                               r"output does not use"),
     "feature map as a convolution weight": (Block(Functional(lambda x: x * F.conv2d(
         x, x.sum(0, keepdim=True)))), r"operation 'conv2d' .* it takes a feature map as its 'weight' "
                                       r"argument, which streamcnn streams only as 'input'"),

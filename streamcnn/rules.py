@@ -513,6 +513,9 @@ def split(ctx, input, split_size_or_sections, dim=0):
     if isinstance(sections, int):
         return _channel_parts(ctx, input, dim, "a split",
                               lambda c: None if c is None else _pieces(c, sections))
+    refused = _channel_dim_op(ctx, input, dim, "a split")  # before the sections meet the channels
+    if refused:
+        return refused
     if input.channels is not None and sum(sections) != input.channels:
         raise ValueError(f"{ctx.name} splits {input.channels} channels into sections "
                          f"{list(sections)}, which sum to {sum(sections)}")

@@ -138,6 +138,9 @@ CASES = {
                                                r"a tile of shape .* failed: .* operation 'max_pool2d' in "
                                                r"'1\.0\.block\.2' \(Functional\) is a window on a map the "
                                                r"output does not use"),
+    "split of the batch into sections": (Block(Functional(lambda x: x * torch.split(x, [1], dim=0)[0])),
+                                         r"operation 'split' .* it applies a split over a dimension that "
+                                         r"is not the channels"),
     "feature map as a convolution weight": (Block(Functional(lambda x: x * F.conv2d(
         x, x.sum(0, keepdim=True)))), r"operation 'conv2d' .* it takes a feature map as its 'weight' "
                                       r"argument, which streamcnn streams only as 'input'"),

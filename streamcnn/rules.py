@@ -309,9 +309,12 @@ def pointwise(ctx, *args, **kwargs):
             problem = _broadcastable(ctx, maps[0], c)
             if problem is not None:
                 return problem
+    # a one-channel map broadcast against per-channel constants has their channels
+    widths = [_constant_channels(maps[0], c) for c in values if isinstance(c, torch.Tensor)]
+    channels = _broadcast_channels(ctx, maps, widths)
     if len(maps) == 1:
-        return _pointwise(ctx, maps[0])
-    return merge(ctx, maps)
+        return _pointwise(ctx, maps[0], channels=-1 if channels == maps[0].channels else channels)
+    return merge(ctx, maps, channels=channels)
 
 
 def _channel_dim_op(ctx, input, dim, what):
@@ -436,9 +439,15 @@ def _broadcastable(ctx, x: FMap, other):
             return ctx.refuse(f"it combines the feature map with a tensor of shape {shape} that "
                               f"varies over the spatial positions (e.g. a positional embedding "
                               f"of a fixed size)")
-        if role == "C" and size != 1:
+        if role == "C" and size != 1 and x.channels != 1:  # (one channel broadcasts)
             _need_channels(ctx, x, size)
     return None
+
+
+def _constant_channels(x: FMap, other: torch.Tensor) -> int:
+    """The size of constant ``other`` along the channels of ``x`` (1 where it has none)."""
+    roles = x.dims[len(x.dims) - other.dim():] if other.dim() else ()
+    return next((size for role, size in zip(roles, other.shape) if role == "C"), 1)
 
 
 @takes_maps("input", "other")
@@ -465,8 +474,9 @@ def merge(ctx, inputs, dims=None, channels=-1):
     return ctx.step(Merge(), inputs, dims, channels, f"{ctx.name} gives")
 
 
-def _broadcast_channels(ctx, inputs):
-    counts = {x.channels for x in inputs if "C" in x.dims}
+def _broadcast_channels(ctx, inputs, constants=()):
+    """The channels of feature maps (and constants' channel sizes) broadcast together."""
+    counts = {x.channels for x in inputs if "C" in x.dims} | set(constants)
     if None in counts:
         return None
     if len(counts - {1}) > 1:

@@ -98,6 +98,8 @@ OPS = {
     "conv called by keyword": (KeywordConv(), 4),
     "in-place add of a wider map": (add_in_place, 4),
     "batch and channel counts as scalars": (lambda h: h * h.size(1) ** -0.5 + h / h.shape[0], 4),
+    "one channel broadcast over per-channel constants": (lambda h: h + h.mean(1, keepdim=True) * torch.linspace(
+        0.5, 2, 4, dtype=h.dtype).view(4, 1, 1), 4),
     "numpy's names axis and keepdims": (lambda h: torch.concatenate(
         [h, h - h.mean(axis=1, keepdims=True)], axis=1), 8),
 }

@@ -864,9 +864,18 @@ METHODS = {
                                  "exponential_", "geometric_", "cauchy_", "log_normal_")},
 }
 
-#: in-place calls: afterwards, the tensor they were called on holds the result
-IN_PLACE_METHODS = {name for name in METHODS if name.endswith("_")}
 IN_PLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def is_in_place(op: str, target, kwargs: dict) -> bool:
+    """Whether a call writes its result into its first argument (which then holds it): the
+    in-place operators, torch's methods and functions named with a trailing underscore
+    (``add_``, ``relu_``, ``masked_fill_``: in the registry or not) and ``inplace=True``."""
+    if op == "call_function" and target in IN_PLACE_FUNCTIONS:
+        return True
+    name = target if op == "call_method" else getattr(target, "__name__", "")
+    underscore = isinstance(name, str) and name.endswith("_") and not name.startswith("_")
+    return op in ("call_method", "call_function") and (underscore or kwargs.get("inplace") is True)
 
 RANDOM_FUNCTIONS = {f for f, h in FUNCTIONS.items() if h is draws_random}
 RANDOM_METHODS = {name for name, h in METHODS.items() if h is draws_random}

@@ -224,16 +224,20 @@ class _Analysis:
         refused = rules.first_refused((args, kwargs))
         ctx = _Context(self, node)
         if refused is not None:
-            return refused
-        if rules.is_random_call(node.op, node.target):
-            return rules.draws_random(ctx)
-        if not rules.is_dynamic((args, kwargs)):
+            value = refused
+        elif rules.is_random_call(node.op, node.target):
+            value = rules.draws_random(ctx)
+        elif not rules.is_dynamic((args, kwargs)):
             return self._evaluate(node, args, kwargs)
-        if not rules.contains((args, kwargs), (FMap, Shape)):  # only unknowns: wait for the input
+        elif not rules.contains((args, kwargs), (FMap, Shape)):  # only unknowns: wait for the input
             return rules.unknown(node.op, node.target, args, kwargs)
-        value = self._handle(ctx, node, args, kwargs)
-        if _in_place(node) and isinstance(node.args[0], fx.Node) and isinstance(args[0], FMap):
-            env[node.args[0]] = value  # the tensor it was called on now holds the result
+        else:
+            value = self._handle(ctx, node, args, kwargs)
+        # the tensor it was called on now holds the result, refused ones included: the
+        # user's code reads it by its old name afterwards
+        if rules.is_in_place(node.op, node.target, node.kwargs) and args and \
+                isinstance(node.args[0], fx.Node) and isinstance(args[0], FMap):
+            env[node.args[0]] = value
         return value
 
     def _handle(self, ctx, node, args, kwargs):
@@ -341,12 +345,6 @@ class _Analysis:
                         if old not in new and s.kind == "window")
         return TracedGraph(self.ndim, steps, self.graph, self.root,
                            tuple(refused.values()) + windows)
-
-
-def _in_place(node: fx.Node) -> bool:
-    if node.op == "call_method":
-        return node.target in rules.IN_PLACE_METHODS
-    return node.op == "call_function" and node.target in rules.IN_PLACE_FUNCTIONS
 
 
 def _misplaced_map(ctx, handler, args, kwargs):

@@ -56,6 +56,15 @@ def unused_embedding(x):
     return x * 2
 
 
+def written_in_place(fill):
+    """A clone that ``fill(g, x)`` writes into in place, read by its old name."""
+    def forward(x):
+        g = x.clone()
+        fill(g, x)
+        return g
+    return forward
+
+
 def stem_then(block):
     return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Sequential(block))
 
@@ -141,6 +150,11 @@ CASES = {
     "split of the batch into sections": (Block(Functional(lambda x: x * torch.split(x, [1], dim=0)[0])),
                                          r"operation 'split' .* it applies a split over a dimension that "
                                          r"is not the channels"),
+    "refused operand added in place": (Block(Functional(written_in_place(lambda g, x: g.add_(F.softmin(x, 3))))),
+                                       r"operation 'softmin' .* over a dimension that is not the channels"),
+    "unknown in-place method": (Block(Functional(written_in_place(
+        lambda g, x: g.masked_fill_(F.max_pool2d(x, 5, 1, 2) > 0.5, 0.0)))),
+        r"operation 'masked_fill_' .* not an operation streamcnn knows"),
     "feature map as a convolution weight": (Block(Functional(lambda x: x * F.conv2d(
         x, x.sum(0, keepdim=True)))), r"operation 'conv2d' .* it takes a feature map as its 'weight' "
                                       r"argument, which streamcnn streams only as 'input'"),

@@ -81,7 +81,7 @@ class TileRunner:
         try:
             with uncached_parametrizations():
                 y = self.pipeline(tile_input) if call is None else call(tile_input)
-        except RuntimeError as err:
+        except (RuntimeError, ValueError) as err:  # torch's shape errors are either
             if "register a hook on a tensor that doesn't require gradient" in str(err):
                 raise StreamingError(
                     "a hook or layer inside the streamed module calls Tensor.register_hook on an "

@@ -172,6 +172,22 @@ def test_refusal_names_the_operation_and_its_path(name):
     assert MOVE in str(err.value) or "use " in str(err.value)
 
 
+def test_unused_value_that_fails_on_a_tile_with_a_value_error_is_named():
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(3, 4, 1)
+
+        def forward(self, x):
+            h = self.conv(x)
+            _ = F.instance_norm(h)  # unused; it needs two positions, and a 1-px tile has one
+            return h * 2
+
+    with pytest.raises(StreamingError, match=r"a tile of shape \(1, 3, 1\) failed: Expected more than 1 "
+                                             r"spatial element .* operation 'instance_norm'"):
+        Streaming(Unused(), 1)(torch.randn(1, 3, 20))
+
+
 def test_refusal_comes_before_any_tile_runs():
     calls = []
     net = stem_then(Block(nn.GroupNorm(2, 4)))

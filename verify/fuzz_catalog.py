@@ -1725,8 +1725,9 @@ class Builder:
         scale = max([g.abs().max().item() for g in [x_grad] + [p.grad for p in params.values()]
                      if g is not None and g.numel()] or [0.0])
         noise = lambda g: g is not None and g.abs().max().item() <= 1e-10 * scale  # noqa: E731
+        lazy = _uninitialized(self.program)  # refused before any gradient: nothing to freeze
         for name, p in params.items():
-            if noise(p.grad):
+            if noise(p.grad) and not lazy:
                 self.program.get_parameter(name).requires_grad_(False)
             p.grad = None
         self.leaf_only = noise(x_grad)

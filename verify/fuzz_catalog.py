@@ -267,11 +267,16 @@ class Scope:
     def operand(self, i: int, valid: bool, numbers=True, positive=False) -> tuple:
         """Another operand of an elementwise op on map ``i``: (expression, must stream).
         A number, another map (on the same grid if ``valid``), a per-channel or scalar
-        constant, or (not ``valid``) a spatially varying constant or a map in any layout."""
+        constant, or (not ``valid``) a spatially varying constant, a map in any layout or a
+        map computed by a call that is not local (a softmax over space)."""
         v = self.values[i]
         kinds = ["map", "map", "channel", "scalar"] + (["number"] if numbers else [])
-        kinds += [] if valid else ["spatial", "any map", "wrong channels"]
+        kinds += [] if valid else ["spatial", "any map", "wrong channels", "non-local"]
         kind = self.draw(pick(*kinds))
+        if kind == "non-local":
+            space = self.draw(pick(*[k for k, r in enumerate(v.dims) if isinstance(r, int)]))
+            softmax = Call("function", F.softmax, (Ref(i),), {"dim": space})
+            return (positive_of(softmax) if positive else softmax), False
         if kind == "number":
             return self.draw(pick(0.5, 2, -1.5, 3.0) if not positive else pick(0.5, 2, 3.0)), True
         if kind in ("map", "any map"):

@@ -35,6 +35,8 @@ from torch.fx.operator_schemas import normalize_function
 
 #: torch's names for a call's first tensor, and a method's own name for a function's
 _ALIASES = {"self": "input", "tensor": "input", "split_size": "split_size_or_sections"}
+#: numpy's names, which torch's argument parser accepts for its own (``x.sum(axis=1)``)
+_NUMPY = {"axis": "dim", "keepdims": "keepdim"}
 
 
 def bind_call(target, args: tuple, kwargs: dict, is_map) -> tuple[tuple, dict]:
@@ -83,18 +85,25 @@ def _renamed(bound: dict | None) -> dict | None:
 
 def _normalized(target, args, kwargs, is_map) -> dict | None:
     """Keyword arguments by torch's schema (overloads told apart by argument types) or,
-    for Python functions, their signature (``boolean_dispatch`` pairs included)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pair = normalize_function(
-                target, tuple(args), dict(kwargs),
-                arg_types=tuple(_type_of(a, is_map) for a in args),
-                kwarg_types={k: _type_of(v, is_map) for k, v in kwargs.items()},
-                normalize_to_only_use_kwargs=True)
-    except (RuntimeError, TypeError, ValueError):
-        return None
-    return None if pair is None else dict(pair.kwargs)
+    for Python functions, their signature (``boolean_dispatch`` pairs included). numpy's
+    names (``axis``, ``keepdims``) bind as torch's own where they are not the schema's."""
+    tries = [kwargs]
+    if set(kwargs) & set(_NUMPY):
+        tries.append({_NUMPY.get(k, k): v for k, v in kwargs.items()})
+    for named in tries:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                pair = normalize_function(
+                    target, tuple(args), dict(named),
+                    arg_types=tuple(_type_of(a, is_map) for a in args),
+                    kwarg_types={k: _type_of(v, is_map) for k, v in named.items()},
+                    normalize_to_only_use_kwargs=True)
+        except (RuntimeError, TypeError, ValueError):
+            continue
+        if pair is not None:
+            return dict(pair.kwargs)
+    return None
 
 
 def _inspected(target, args, kwargs) -> dict | None:

@@ -46,8 +46,9 @@ class TileRunner:
 
     def __init__(self, pipeline: nn.Module, tilings, source, device: torch.device, *,
                  progress: bool, channels_last: bool, prefetch: bool = False,
-                 dedup: bool = False):
+                 dedup: bool = False, unused: tuple = ()):
         self.pipeline = pipeline
+        self.unused = unused  # what the module computes for no output (TracedGraph.unused)
         self.tilings = tilings
         self.source = source
         self.device = device
@@ -136,7 +137,7 @@ class TileRunner:
         try:
             with uncached_parametrizations(), self._normalising(tile):
                 y = self.pipeline(tile_input) if call is None else call(tile_input)
-        except RuntimeError as err:
+        except (RuntimeError, ValueError) as err:  # torch's shape errors are either
             if "register a hook on a tensor that doesn't require gradient" in str(err):
                 raise StreamingError(
                     "a hook or layer inside the streamed module calls Tensor.register_hook on an "
@@ -144,6 +145,12 @@ class TileRunner:
                     "without a graph in the forward pass, so there is nothing to hook; register "
                     "the hook on the Streaming module's output (the stitched feature map) "
                     "instead") from err
+            if self.unused:
+                raise StreamingError(
+                    f"a tile of shape {tuple(tile_input.shape)} failed: {err}. The streamed module "
+                    f"computes values its output does not use, and they run on every tile: "
+                    + " ".join(self.unused) + " Remove them from the streamed module (or, for "
+                    "windows, use a larger tile_size)") from err
             raise
         if not isinstance(y, torch.Tensor) or tuple(y.shape[2:]) != tile.out_shape:
             shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
@@ -197,8 +204,9 @@ class TileRunner:
 
     def backward(self, source, grad_out, need_x: bool, tensors: dict, wrt: list,
                  x_grad: bool = False):
-        """Input gradient (or None, on the input's device) and the summed gradient of each
-        of ``wrt``, recomputing every tile with ``tensors`` (name -> tensor) in place of
+        """Input gradient (on the input's device; None where it is not wanted or, as in
+        conventional autograd, where no tile's output depends on its input differentiably:
+        through ``detach()`` or a comparison) and the summed gradient of each of ``wrt``, recomputing every tile with ``tensors`` (name -> tensor) in place of
         the pipeline's own. Each tile requires grad as the input did (``x_grad``) whether
         or not its gradient is wanted (``need_x``): code that asks (a reentrant
         ``checkpoint``) then runs as it did conventionally.
@@ -216,6 +224,7 @@ class TileRunner:
                                               tie_weights=False, strict=False)
 
         grad_x = torch.zeros_like(source.tensor) if need_x else None
+        reached = False  # whether any tile's input got a gradient
         sums: list = [None] * len(wrt)
         tiles = list(iter_tiles(self.tilings))
         stats = self.stats.backward = PassStats(tiles=len(tiles))  # (a second backward: anew)
@@ -235,13 +244,14 @@ class TileRunner:
                         if need_x and leaf.grad is not None:
                             grad_x[place.inp] += leaf.grad
                             leaf.grad = None
+                            reached = True
                 del y
                 stats.computed += 1
                 for i, t in enumerate(wrt):
                     g, t.grad = t.grad, None
                     if g is not None:  # (own the first: a gradient may alias grad_out)
                         sums[i] = g.clone() if sums[i] is None else sums[i].add_(g)
-        return grad_x, sums
+        return grad_x if reached else None, sums
 
 
 @dataclass

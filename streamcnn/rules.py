@@ -100,6 +100,23 @@ class Norm:
     groups: int = 1  # GroupNorm's num_groups
 
 
+class UnknownNumber(Unknown):
+    """A batch or channel count not known until the input is, or number arithmetic on it
+    (``x.size(1) ** -0.5``): one number, the same at every position."""
+
+
+_NUMBER_OPS = frozenset({operator.add, operator.sub, operator.mul, operator.truediv,
+                         operator.floordiv, operator.pow, operator.neg, operator.pos})
+
+
+def unknown(op: str, target, args, kwargs) -> Unknown:
+    """The value of a call on values not known yet: a number where it is arithmetic on numbers."""
+    numbers = all(isinstance(a, (UnknownNumber, int, float)) for a in args)
+    if op == "call_function" and target in _NUMBER_OPS and numbers and not kwargs:
+        return UnknownNumber()
+    return Unknown()
+
+
 def contains(value, kinds) -> bool:
     """Whether ``value``, or anything in the tuples, lists, dicts and slices it holds, is
     an instance of ``kinds``."""
@@ -243,6 +260,16 @@ def max_pool(ctx, input, kernel_size, stride=None, padding=0, dilation=1, ceil_m
                  max_pool=True)
 
 
+def _with_indices(rank: int):
+    """``F.max_pool2d(..., return_indices=True)``, which fx records as the function it
+    dispatches to, ``max_pool2d_with_indices`` (whose own default says False)."""
+    def pool(ctx, input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+             return_indices=True):
+        return max_pool(ctx, input, kernel_size, stride, padding, dilation, ceil_mode, True,
+                        rank=rank)
+    return pool
+
+
 def avg_pool(ctx, input, kernel_size, stride=None, padding=0, ceil_mode=False,
              count_include_pad=True, divisor_override=None, *, rank):
     return _pool(ctx, input, rank, "average pool", kernel_size, stride, padding, 1, ceil_mode)
@@ -288,7 +315,8 @@ def pointwise(ctx, *args, **kwargs):
     maps = [v for v in values if isinstance(v, FMap)]
     if any(contains(v, FMap) and not isinstance(v, FMap) for v in values):
         return ctx.refuse("it takes feature maps inside a list or tuple argument")
-    if not maps or any(contains(v, (Shape, Unknown)) for v in values):
+    if not maps or any(contains(v, Shape) or (contains(v, Unknown) and
+                                              not isinstance(v, UnknownNumber)) for v in values):
         return ctx.refuse("it uses the feature map's shape (or a size not known before the "
                           "input) as an operand")
     for c in values:
@@ -296,9 +324,12 @@ def pointwise(ctx, *args, **kwargs):
             problem = _broadcastable(ctx, maps[0], c)
             if problem is not None:
                 return problem
+    # a one-channel map broadcast against per-channel constants has their channels
+    widths = [_constant_channels(maps[0], c) for c in values if isinstance(c, torch.Tensor)]
+    channels = _broadcast_channels(ctx, maps, widths)
     if len(maps) == 1:
-        return _pointwise(ctx, maps[0])
-    return merge(ctx, maps)
+        return _pointwise(ctx, maps[0], channels=-1 if channels == maps[0].channels else channels)
+    return merge(ctx, maps, channels=channels)
 
 
 def _channel_dim_op(ctx, input, dim, what):
@@ -346,8 +377,15 @@ def dropout(ctx, input, p=0.5, training=True, inplace=False):
     return _pointwise(ctx, input)
 
 
+_FUNCTIONAL_RUNNING = ("it updates the running statistics it is given in training mode; streaming "
+                       "updates those of BatchNorm and InstanceNorm layers (once per forward)")
+_USE_A_LAYER = "use an nn.BatchNorm2d / nn.InstanceNorm2d layer, or pass running_mean=None"
+
+
 def batch_norm(ctx, input, running_mean, running_var, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-5):
+               momentum=0.1, eps=1e-5, *, layer=False):
+    if training and running_mean is not None and not layer and ctx.spatial_norms:
+        return ctx.refuse(_FUNCTIONAL_RUNNING, fix=_USE_A_LAYER)
     if (training or running_mean is None) and ctx.spatial_norms:
         if running_mean is not None:
             _need_channels(ctx, input, running_mean.numel())
@@ -383,12 +421,14 @@ def group_norm(ctx, input, num_groups, weight=None, bias=None, eps=1e-5):
 
 
 def instance_norm(ctx, input, running_mean=None, running_var=None, weight=None, bias=None,
-                  use_input_stats=True, momentum=0.1, eps=1e-5):
+                  use_input_stats=True, momentum=0.1, eps=1e-5, *, layer=False):
     if not use_input_stats and running_mean is not None:  # eval with running statistics
         refused = _channels_first(ctx, input, "it normalises")
         return refused or _pointwise(ctx, input)
     if not ctx.spatial_norms:
         return ctx.refuse(NORM_OVER_SPACE)
+    if running_mean is not None and not layer:
+        return ctx.refuse(_FUNCTIONAL_RUNNING, fix=_USE_A_LAYER)
     return _norm(ctx, input, Norm("instance", eps, momentum, running_mean is not None))
 
 
@@ -399,7 +439,7 @@ def _sync_batch_norm(ctx, m, x):
                           "(DistributedDataParallel then averages the gradients as usual), call "
                           f".eval() on it, or {MOVE}")
     return batch_norm(ctx, x, m.running_mean, m.running_var, training=m.training,
-                      momentum=m.momentum, eps=m.eps)
+                      momentum=m.momentum, eps=m.eps, layer=True)
 
 
 def layer_norm(ctx, input, normalized_shape, weight=None, bias=None, eps=1e-5):
@@ -463,9 +503,15 @@ def _broadcastable(ctx, x: FMap, other):
             return ctx.refuse(f"it combines the feature map with a tensor of shape {shape} that "
                               f"varies over the spatial positions (e.g. a positional embedding "
                               f"of a fixed size)")
-        if role == "C" and size != 1:
+        if role == "C" and size != 1 and x.channels != 1:  # (one channel broadcasts)
             _need_channels(ctx, x, size)
     return None
+
+
+def _constant_channels(x: FMap, other: torch.Tensor) -> int:
+    """The size of constant ``other`` along the channels of ``x`` (1 where it has none)."""
+    roles = x.dims[len(x.dims) - other.dim():] if other.dim() else ()
+    return next((size for role, size in zip(roles, other.shape) if role == "C"), 1)
 
 
 @takes_maps("input", "other")
@@ -492,8 +538,9 @@ def merge(ctx, inputs, dims=None, channels=-1):
     return ctx.step(Merge(), inputs, dims, channels, f"{ctx.name} gives")
 
 
-def _broadcast_channels(ctx, inputs):
-    counts = {x.channels for x in inputs if "C" in x.dims}
+def _broadcast_channels(ctx, inputs, constants=()):
+    """The channels of feature maps (and constants' channel sizes) broadcast together."""
+    counts = {x.channels for x in inputs if "C" in x.dims} | set(constants)
     if None in counts:
         return None
     if len(counts - {1}) > 1:
@@ -540,6 +587,9 @@ def split(ctx, input, split_size_or_sections, dim=0):
     if isinstance(sections, int):
         return _channel_parts(ctx, input, dim, "a split",
                               lambda c: None if c is None else _pieces(c, sections))
+    refused = _channel_dim_op(ctx, input, dim, "a split")  # before the sections meet the channels
+    if refused:
+        return refused
     if input.channels is not None and sum(sections) != input.channels:
         raise ValueError(f"{ctx.name} splits {input.channels} channels into sections "
                          f"{list(sections)}, which sum to {sum(sections)}")
@@ -636,9 +686,9 @@ def _index_fmap(ctx, x: FMap, index):
 def _size(ctx, x: FMap, dim):
     role = x.dims[_dim(dim, len(x.dims))]
     if role == "C":
-        return Unknown() if x.channels is None else x.channels
+        return UnknownNumber() if x.channels is None else x.channels
     if role == "N":
-        return Unknown() if ctx.batch is None else ctx.batch
+        return UnknownNumber() if ctx.batch is None else ctx.batch
     return ctx.refuse("it reads the feature map's spatial size, which differs from tile to tile")
 
 
@@ -776,13 +826,13 @@ MODULES = {
     **{t: lambda ctx, m, x: _pointwise(ctx, x) for t in POINTWISE_MODULES},
     **{t: lambda ctx, m, x: dropout(ctx, x, m.p, m.training) for t in DROPOUT_MODULES},
     **{t: lambda ctx, m, x: batch_norm(ctx, x, m.running_mean, m.running_var, training=m.training,
-                                       momentum=m.momentum, eps=m.eps)
+                                       momentum=m.momentum, eps=m.eps, layer=True)
        for t in (nn.BatchNorm1d, nn.BatchNorm2d)},
     nn.SyncBatchNorm: _sync_batch_norm,
     nn.GroupNorm: lambda ctx, m, x: group_norm(ctx, x, m.num_groups, eps=m.eps),
     **{t: lambda ctx, m, x: instance_norm(ctx, x, m.running_mean, m.running_var,
                                           use_input_stats=m.training or not m.track_running_stats,
-                                          momentum=m.momentum, eps=m.eps)
+                                          momentum=m.momentum, eps=m.eps, layer=True)
        for t in (nn.InstanceNorm1d, nn.InstanceNorm2d)},
 }
 
@@ -809,6 +859,7 @@ FUNCTIONS = {
     F.conv2d: lambda ctx, *a, **k: conv(ctx, *a, **k, rank=2),
     F.max_pool1d: lambda ctx, *a, **k: max_pool(ctx, *a, **k, rank=1),
     F.max_pool2d: lambda ctx, *a, **k: max_pool(ctx, *a, **k, rank=2),
+    F.max_pool1d_with_indices: _with_indices(1), F.max_pool2d_with_indices: _with_indices(2),
     F.avg_pool1d: lambda ctx, *a, **k: avg_pool(ctx, *a, **k, rank=1),
     F.avg_pool2d: lambda ctx, *a, **k: avg_pool(ctx, *a, **k, rank=2),
     F.pad: pad,
@@ -849,7 +900,9 @@ FUNCTIONS = {
         torch.square, torch.clamp, torch.clip, torch.erf, torch.sin, torch.cos, operator.neg,
         operator.pos, torch.clone, torch.detach, torch.logical_not)},
     **{f: _why(GLOBAL) for f in (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
-                                 F.adaptive_max_pool1d, F.adaptive_max_pool2d)},
+                                 F.adaptive_max_pool1d, F.adaptive_max_pool2d,
+                                 F.adaptive_max_pool1d_with_indices,
+                                 F.adaptive_max_pool2d_with_indices)},
     **{f: _why(UPSAMPLE) for f in (F.interpolate, F.upsample, F.upsample_nearest,
                                    F.upsample_bilinear, F.grid_sample, F.pixel_shuffle,
                                    F.pixel_unshuffle, F.conv_transpose1d, F.conv_transpose2d,
@@ -883,9 +936,18 @@ METHODS = {
                                  "exponential_", "geometric_", "cauchy_", "log_normal_")},
 }
 
-#: in-place calls: afterwards, the tensor they were called on holds the result
-IN_PLACE_METHODS = {name for name in METHODS if name.endswith("_")}
 IN_PLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def is_in_place(op: str, target, kwargs: dict) -> bool:
+    """Whether a call writes its result into its first argument (which then holds it): the
+    in-place operators, torch's methods and functions named with a trailing underscore
+    (``add_``, ``relu_``, ``masked_fill_``: in the registry or not) and ``inplace=True``."""
+    if op == "call_function" and target in IN_PLACE_FUNCTIONS:
+        return True
+    name = target if op == "call_method" else getattr(target, "__name__", "")
+    underscore = isinstance(name, str) and name.endswith("_") and not name.startswith("_")
+    return op in ("call_method", "call_function") and (underscore or kwargs.get("inplace") is True)
 
 RANDOM_FUNCTIONS = {f for f, h in FUNCTIONS.items() if h is draws_random}
 RANDOM_METHODS = {name for name, h in METHODS.items() if h is draws_random}

@@ -122,7 +122,7 @@ class Streaming(nn.Module):
         runner = TileRunner(pipeline, tilings, source, device, progress=self.progress,
                             channels_last=self._channels_last(source, device),
                             prefetch=self.prefetch and source.fresh,
-                            dedup=self.dedup and _dedup.allowed(graph))
+                            dedup=self.dedup and _dedup.allowed(graph), unused=graph.unused)
         self.last_stats = runner.stats
         norms = _stream_norms(runner, graph)
         own = counters(norms.nodes) if norms is not None else frozenset()

@@ -29,7 +29,7 @@ import torch.nn as nn
 from . import binding, rules
 from .errors import StreamingError
 from .geometry import Field, GridMismatch, Merge, Step, Window
-from .rules import FMap, Refused, Shape, Unknown
+from .rules import FMap, Refused, Shape
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _OWN_DIR = os.path.dirname(__file__)
@@ -67,6 +67,8 @@ class TracedGraph:
     graph: fx.Graph = field(repr=False)
     root: nn.Module = field(repr=False)  # the traced Pipeline (the user's module and transform)
     calls: tuple = ()  # (module path, fx node of its output) of every module call, in order
+    #: what runs on every tile for no output: refusals, windows (which may not fit a tile)
+    unused: tuple[str, ...] = ()
 
     def axis(self, a: int) -> tuple[Step, ...]:
         """The graph on spatial axis ``a``, for ``streamcnn.geometry``."""
@@ -253,7 +255,7 @@ class _Analysis:
             elif node.op == "get_attr":
                 env[node] = _fetch(self.root, node.target)
             elif node.op == "output":
-                return self._finish(fx.node.map_arg(node.args[0], env.__getitem__))
+                return self._finish(fx.node.map_arg(node.args[0], env.__getitem__), env)
             else:
                 env[node] = self._call(node, env)
         raise StreamingError("the streamed module's graph has no output")
@@ -272,16 +274,20 @@ class _Analysis:
         refused = rules.first_refused((args, kwargs))
         ctx = _Context(self, node)
         if refused is not None:
-            return refused
-        if rules.is_random_call(node.op, node.target):
-            return rules.draws_random(ctx)
-        if not rules.is_dynamic((args, kwargs)):
+            value = refused
+        elif rules.is_random_call(node.op, node.target):
+            value = rules.draws_random(ctx)
+        elif not rules.is_dynamic((args, kwargs)):
             return self._evaluate(node, args, kwargs)
-        if not rules.contains((args, kwargs), (FMap, Shape)):  # only unknowns: wait for the input
-            return Unknown()
-        value = self._handle(ctx, node, args, kwargs)
-        if _in_place(node) and isinstance(node.args[0], fx.Node) and isinstance(args[0], FMap):
-            env[node.args[0]] = value  # the tensor it was called on now holds the result
+        elif not rules.contains((args, kwargs), (FMap, Shape)):  # only unknowns: wait for the input
+            return rules.unknown(node.op, node.target, args, kwargs)
+        else:
+            value = self._handle(ctx, node, args, kwargs)
+        # the tensor it was called on now holds the result, refused ones included: the
+        # user's code reads it by its old name afterwards
+        if rules.is_in_place(node.op, node.target, node.kwargs) and args and \
+                isinstance(node.args[0], fx.Node) and isinstance(args[0], FMap):
+            env[node.args[0]] = value
         return value
 
     def _handle(self, ctx, node, args, kwargs):
@@ -352,7 +358,7 @@ class _Analysis:
         self.fields.append(fields)
         return FMap(len(self.steps) - 1, tuple(dims), channels, source)
 
-    def _finish(self, out) -> TracedGraph:
+    def _finish(self, out, env: dict) -> TracedGraph:
         if isinstance(out, Refused):
             raise out.error
         if not isinstance(out, FMap):
@@ -367,10 +373,11 @@ class _Analysis:
                 f"the streamed module returns a feature map in layout "
                 f"{rules.layout(out)}; return it channels-first (N, C, *spatial), e.g. "
                 f"permute back as ConvNeXt blocks do")
-        return self._pruned(out.index)
+        return self._pruned(out.index, env)
 
-    def _pruned(self, out: int) -> TracedGraph:
-        """The steps the output depends on, renumbered in order."""
+    def _pruned(self, out: int, env: dict) -> TracedGraph:
+        """The steps the output depends on, renumbered in order; what the others compute
+        that a tile may not run (refused values, windows) in ``unused``."""
         keep, todo = set(), [out]
         while todo:
             i = todo.pop()
@@ -380,14 +387,13 @@ class _Analysis:
         new = {old: k for k, old in enumerate(sorted(keep | {0}))}
         steps = tuple(dataclasses.replace(s, inputs=tuple(new[i] for i in s.inputs))
                       for old, s in enumerate(self.steps) if old in new)
+        refused = {id(v.error): f"{v.error}." for v in env.values() if isinstance(v, Refused)}
+        windows = tuple(f"{s.name} is a {'window' if s.kind == 'window' else 'normalisation'} on a "
+                        f"map the output does not use, which a tile may be too small for."
+                        for old, s in enumerate(self.steps)
+                        if old not in new and s.kind in ("window", "norm"))
         return TracedGraph(self.ndim, steps, self.graph, self.root,
-                           getattr(self.graph, "streamcnn_calls", ()))
-
-
-def _in_place(node: fx.Node) -> bool:
-    if node.op == "call_method":
-        return node.target in rules.IN_PLACE_METHODS
-    return node.op == "call_function" and node.target in rules.IN_PLACE_FUNCTIONS
+                           getattr(self.graph, "streamcnn_calls", ()), tuple(refused.values()) + windows)
 
 
 def _misplaced_map(ctx, handler, args, kwargs):

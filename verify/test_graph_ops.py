@@ -97,7 +97,34 @@ OPS = {
     "where with feature maps": (lambda h: torch.where(h > 0, h, F.max_pool2d(h, 3, 1, 1)), 4),
     "conv called by keyword": (KeywordConv(), 4),
     "in-place add of a wider map": (add_in_place, 4),
+    "batch and channel counts as scalars": (lambda h: h * h.size(1) ** -0.5 + h / h.shape[0], 4),
+    "one channel broadcast over per-channel constants": (lambda h: h + h.mean(1, keepdim=True) * torch.linspace(
+        0.5, 2, 4, dtype=h.dtype).view(4, 1, 1), 4),
+    "numpy's names axis and keepdims": (lambda h: torch.concatenate(
+        [h, h - h.mean(axis=1, keepdims=True)], axis=1), 8),
 }
+
+
+class NotDifferentiable(nn.Module):
+    """An output that depends on the input, but not differentiably: through a comparison
+    and a detached branch. Conventional autograd gives the input (and the first conv) no
+    gradient at all, not a zero one."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 2, 3, padding=1)
+        self.c = nn.Conv2d(3, 2, 1)
+
+    def forward(self, x):
+        return self.b((self.a(x) > 0).to(x.dtype)) + self.c(x.detach())
+
+
+def test_no_gradient_where_the_output_is_not_differentiable_in_the_input():
+    torch.manual_seed(0)
+    net = NotDifferentiable().double()
+    x = torch.randn(2, 3, 37, 29, dtype=torch.float64)
+    assert streamcnn.testing.compare(net, x, 12, paths=streamcnn.testing.ALL_PATHS).worst <= F64
 
 
 @pytest.mark.parametrize("name", sorted(OPS))

@@ -51,6 +51,20 @@ class Functional(nn.Module):
         return self.fn(x)
 
 
+def unused_embedding(x):
+    _ = x + torch.ones(1, 4, 20, 20, dtype=x.dtype)  # unused; fits the whole map, no tile
+    return x * 2
+
+
+def written_in_place(fill):
+    """A clone that ``fill(g, x)`` writes into in place, read by its old name."""
+    def forward(x):
+        g = x.clone()
+        fill(g, x)
+        return g
+    return forward
+
+
 def stem_then(block):
     return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Sequential(block))
 
@@ -115,6 +129,27 @@ CASES = {
     "local response norm channels last": (Block(Functional(lambda x: F.local_response_norm(
         x.permute(0, 2, 3, 1), 3).permute(0, 3, 1, 2))),
         r"operation 'local_response_norm' .* in layout \(N, H, W, C\) dimension 1 is not the channels"),
+    "max pool with indices": (Block(Functional(lambda x: F.max_pool2d(x, 3, 1, 1, return_indices=True)[0])),
+                              r"operation 'max_pool2d_with_indices' .* it has return_indices=True"),
+    "adaptive max pool with indices": (Block(Functional(lambda x: x * F.adaptive_max_pool2d(
+        x, 1, return_indices=True)[0])), r"operation 'adaptive_max_pool2d_with_indices' .* it pools over the "
+                                         r"whole feature map"),
+    "unused value that fails on a tile": (Block(Functional(unused_embedding)),
+                                          r"a tile of shape .* failed: .* operation 'add' in '1\.0\.block\.2' "
+                                          r"\(Functional\) cannot be streamed: it combines the feature map "
+                                          r"with a tensor of shape \(1, 4, 20, 20\)"),
+    "unused window that does not fit a tile": (Block(Functional(lambda x: (F.max_pool2d(x, 15), x)[1])),
+                                               r"a tile of shape .* failed: .* operation 'max_pool2d' in "
+                                               r"'1\.0\.block\.2' \(Functional\) is a window on a map the "
+                                               r"output does not use"),
+    "split of the batch into sections": (Block(Functional(lambda x: x * torch.split(x, [1], dim=0)[0])),
+                                         r"operation 'split' .* it applies a split over a dimension that "
+                                         r"is not the channels"),
+    "refused operand added in place": (Block(Functional(written_in_place(lambda g, x: g.add_(F.softmin(x, 3))))),
+                                       r"operation 'softmin' .* over a dimension that is not the channels"),
+    "unknown in-place method": (Block(Functional(written_in_place(
+        lambda g, x: g.masked_fill_(F.max_pool2d(x, 5, 1, 2) > 0.5, 0.0)))),
+        r"operation 'masked_fill_' .* not an operation streamcnn knows"),
     "feature map as a convolution weight": (Block(Functional(lambda x: x * F.conv2d(
         x, x.sum(0, keepdim=True)))), r"operation 'conv2d' .* it takes a feature map as its 'weight' "
                                       r"argument, which streamcnn streams only as 'input'"),
@@ -130,6 +165,22 @@ def test_refusal_names_the_operation_and_its_path(name):
     with pytest.raises(StreamingError, match=message) as err:
         Streaming(net, 12)(x)
     assert MOVE in str(err.value) or "use " in str(err.value)
+
+
+def test_unused_value_that_fails_on_a_tile_with_a_value_error_is_named():
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(3, 4, 1)
+
+        def forward(self, x):
+            h = self.conv(x)
+            _ = F.instance_norm(h)  # unused; it needs two positions, and a 1-px tile has one
+            return h * 2
+
+    with pytest.raises(StreamingError, match=r"a tile of shape \(1, 3, 1\) failed: Expected more than 1 "
+                                             r"spatial element .* operation 'instance_norm'"):
+        Streaming(Unused(), 1)(torch.randn(1, 3, 20))
 
 
 def test_refusal_comes_before_any_tile_runs():

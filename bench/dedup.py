@@ -36,6 +36,7 @@ from bench.config import REPORTS
 from bench.fmt import fmt_bytes, fmt_s, table
 
 DEDUP_JSON = REPORTS / "dedup.json"
+FIGURE = REPORTS / "dedup.png"
 RAW = REPORTS / "_raw" / "dedup"
 SIDE = 32768
 TILE = slide_bench.TILE
@@ -190,13 +191,18 @@ def render(stored: dict) -> str:
             f"thread of its own while one computes (`streamcnn.prefetch`). Tiles: computed in the "
             f"forward / in the backward, of all. Read / wait / compute: seconds per pass (forward; "
             f"backward) spent reading tiles (decoding included, on whichever thread read them), "
-            f"waiting for a read, and everything else. Peak RSS is the whole process's VmHWM.")
+            f"waiting for a read, and everything else. Peak RSS is the whole process's VmHWM. "
+            f"Prefetching hides a read only where a core is free for it: with torch's threads on "
+            f"every core the reading thread slows the compute (compare the compute seconds with "
+            f"and without).")
     if not stored:
         return head + "\n\nNot measured yet."
     rows = [_row(r) for r in sorted(stored.values(), key=_order)]
     header = ["slide", "configuration", "tiles computed", "one step (fwd + bwd)", "read / wait / compute (s)",
               "peak RSS", "loss", "CPU / (wall × threads)", "other work", "measured"]
-    return head + "\n\n" + table(header, [r + [""] * (len(header) - len(r)) for r in rows]) + _speedups(stored)
+    shown = "\n\n![identical tiles once, reads ahead](dedup.png)" if FIGURE.exists() else ""
+    return (head + shown + "\n\n" + table(header, [r + [""] * (len(header) - len(r)) for r in rows])
+            + _speedups(stored))
 
 
 def _order(r: dict):
@@ -232,6 +238,24 @@ def _speedups(stored: dict) -> str:
     return "\n\n" + "\n".join(lines) if lines else ""
 
 
+def figure(stored: dict, path: Path = FIGURE) -> bool:
+    """Draw the largest side and tile measured in every configuration (False: none is)."""
+    groups: dict = {}
+    for r in stored.values():
+        if r.get("status") == "measured":
+            groups.setdefault((r["side"], r["tile"]), {})[(r["prefetch"], r["dedup"])] = r
+    complete = [k for k, g in groups.items() if len(g) == len(CONFIGS)]
+    if not complete:
+        return False
+    from bench import dedup_plot  # (here: the workers measure memory without matplotlib)
+
+    chosen = groups[max(complete)]
+    centres = (np.arange(512) + 0.5) / 512
+    dedup_plot.draw([chosen[c] for c in CONFIGS], inside(islands(), centres, centres), GLASS, TISSUE,
+                    path, f"{chosen[CONFIGS[0]]['threads']} threads")
+    return True
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.dedup", description=__doc__.splitlines()[0])
     ap.add_argument("sides", nargs="*", type=int, default=[SIDE])
@@ -248,13 +272,15 @@ def main(argv=None) -> int:
                                 args.tile)))
         return 0
     records = [r for side in args.sides for r in measure(side, args.threads, args.tile)]
-    study.merge(args.out, records, key=key)
+    stored = study.merge(args.out, records, key=key)
     for r in records:
         print(f"{key(r)}: {r.get('status')} "
               + (f"{fmt_s(r['step_s'])}, {r['passes']['forward']['computed']} of "
                  f"{r['passes']['forward']['tiles']} tiles computed, peak RSS "
                  f"{fmt_bytes(r['peak_rss_bytes'])}" if r.get("status") == "measured"
                  else (r.get("reason") or "")[-300:]))
+    if args.out == DEDUP_JSON and figure(stored):
+        print(f"wrote {FIGURE}")
     if args.out == DEDUP_JSON and (REPORTS / "bench.json").exists():
         from bench import run
         run.main(["--render-only"])

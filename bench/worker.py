@@ -26,11 +26,12 @@ SMALL_WARMUP_TILES = 2  # side of the small warm-up input, in tiles
 MODES = ("streaming", "conventional", "conventional_default")
 
 
-def tile_layout(x: torch.Tensor) -> str:
-    """The memory layout Streaming gives each tile of ``x`` by default."""
+def tile_layout(x: torch.Tensor, module) -> str:
+    """The memory layout Streaming gives each tile of ``x`` through ``module`` by default."""
     from streamcnn.streaming import use_channels_last
 
-    return "channels_last" if x.dim() == 4 and use_channels_last(x.device, x.dtype) else "contiguous"
+    return ("channels_last" if x.dim() == 4 and use_channels_last(x.device, x.dtype, module)
+            else "contiguous")
 
 
 def build_model(net, mode: str, tile):
@@ -44,12 +45,12 @@ def build_model(net, mode: str, tile):
     return net
 
 
-def arrange_input(x: torch.Tensor, mode: str) -> tuple:
+def arrange_input(x: torch.Tensor, mode: str, model) -> tuple:
     """(input to train on, its layout name). Conventional backprop gets the tiles' layout."""
-    if mode == "conventional" and tile_layout(x) == "channels_last":
+    if mode == "conventional" and tile_layout(x, model) == "channels_last":
         return x.contiguous(memory_format=torch.channels_last), "channels_last"
     if mode == "streaming":
-        return x, f"tiles {tile_layout(x)}"
+        return x, f"tiles {tile_layout(x, model)}"
     return x, "contiguous"
 
 
@@ -110,7 +111,7 @@ def warm_up(model, spec: dict, x, net) -> None:
     elif spec["warmup"] == "small":
         side = min(spec["size"], SMALL_WARMUP_TILES * (spec["tile"] or spec["size"]))
         small = net.make_input(side, spec["seed"], spec["device"]).to(x.dtype)
-        training_step(model, arrange_input(small, spec["mode"])[0], spec["device"])
+        training_step(model, arrange_input(small, spec["mode"], model)[0], spec["device"])
     else:
         raise ValueError(f"warmup must be 'full', 'small' or 'none', got {spec['warmup']!r}")
     model.zero_grad(set_to_none=True)
@@ -130,7 +131,7 @@ def measure(spec: dict) -> dict:
     net = net_spec.build(spec["seed"])
     model = build_model(net, spec["mode"], spec.get("tile"))
     model.to(device=device, dtype=dtype)
-    x, layout = arrange_input(net_spec.make_input(spec["size"], spec["seed"], device).to(dtype), spec["mode"])
+    x, layout = arrange_input(net_spec.make_input(spec["size"], spec["seed"], device).to(dtype), spec["mode"], model)
     warm_up(model, spec, x, net_spec)
     steps = []
     while protocol.need_more_steps(steps, spec["reps"], spec["max_steps"]):

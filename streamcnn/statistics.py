@@ -179,7 +179,7 @@ class _Job:
         layout = self.channels_last
         if layout is None:
             layout = len(self.source.shape) == 4 and use_channels_last(
-                self.device, module_dtype(self.module) or self.source.dtype)
+                self.device, module_dtype(self.module) or self.source.dtype, self.module)
         return TileRunner(Pipeline(self.module, self.transform), tilings, self.source, self.device,
                           progress=False, channels_last=layout and len(self.source.shape) == 4)
 

@@ -4,6 +4,7 @@ tile, forward and backward, with exactly conventional backprop's results."""
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 import torch.nn as nn
@@ -44,7 +45,9 @@ class Streaming(nn.Module):
         progress: show a tqdm bar over the tiles of each forward and backward.
         channels_last: give each 2D tile to the module in channels-last memory layout.
             The default (None) does so on CPU for float32/bfloat16, where oneDNN then
-            convolves about twice as fast; values agree up to summation order.
+            convolves about twice as fast (values agree up to summation order), unless the
+            module has a 1x1 strided convolution whose input channels oneDNN mishandles in
+            that layout on AVX2 CPUs (see :data:`ONEDNN_CHANNEL_BLOCK`).
         prefetch: read the next tile of an array input (a memmap, zarr, h5py, a slide) on a
             background thread while the current one computes, in the forward pass and in
             the backward recomputation (:mod:`streamcnn.prefetch`); the same reads, so the
@@ -145,9 +148,15 @@ class Streaming(nn.Module):
         if len(source.shape) != 4:
             return False
         if self.channels_last is not None:
+            if self.channels_last and device.type == "cpu" and onednn_unsafe_convs(self.module):
+                warnings.warn(f"channels_last=True with 1x1 strided convolutions "
+                              f"{onednn_unsafe_convs(self.module)} whose input channels are not a "
+                              f"multiple of {ONEDNN_CHANNEL_BLOCK}: on AVX2 CPUs oneDNN computes "
+                              f"their weight gradient wrongly or hangs (oneDNN#6035); the default "
+                              f"(channels_last=None) avoids that layout here", stacklevel=3)
             return self.channels_last
         dtype = module_dtype(self.module) or source.dtype
-        return use_channels_last(device, dtype)
+        return use_channels_last(device, dtype, self.module)
 
     def plan(self, input_shape, **kwargs):
         """``streamcnn.plan(self.module, input_shape, self.tile_size, transform=...)``."""
@@ -189,10 +198,25 @@ def _node_input(t):
     return t.view_as(t) if t is not None and t.requires_grad and t.grad_fn is None else t
 
 
-def use_channels_last(device: torch.device, dtype: torch.dtype) -> bool:
-    """Default 2D tile layout: channels-last where oneDNN (CPU) convolves it natively."""
+#: oneDNN's 1x1 strided convolution on channels-last input computes a wrong weight gradient,
+#: spins or corrupts the heap on AVX2 CPUs when its input channels per group are not a multiple
+#: of its channel block (uxlfoundation/oneDNN#6035; 8 on AVX2, 16 on AVX-512).
+ONEDNN_CHANNEL_BLOCK = 16
+
+
+def onednn_unsafe_convs(module: nn.Module) -> list[str]:
+    """Names of the module's 2D convolutions that oneDNN mishandles in channels-last layout."""
+    return [name or type(m).__name__ for name, m in module.named_modules()
+            if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1)
+            and (m.in_channels // m.groups) % ONEDNN_CHANNEL_BLOCK]
+
+
+def use_channels_last(device: torch.device, dtype: torch.dtype, module: nn.Module | None = None) -> bool:
+    """Default 2D tile layout: channels-last where oneDNN (CPU) convolves it natively, unless
+    the module has a convolution oneDNN mishandles in that layout."""
     return (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
-            and torch.backends.mkldnn.is_available())
+            and torch.backends.mkldnn.is_available()
+            and not (module is not None and onednn_unsafe_convs(module)))
 
 
 def _check_structure(module: nn.Module, ndim: int | None, transform) -> None:

@@ -1,0 +1,84 @@
+"""The default tile layout avoids a oneDNN bug: a 1x1 strided convolution on channels-last
+input whose input channels are not a multiple of oneDNN's channel block gets a wrong weight
+gradient, spins, or corrupts the heap on AVX2 CPUs (uxlfoundation/oneDNN#6035; reproduced here
+with ``ONEDNN_MAX_CPU_ISA=AVX2``: the second ``convolution_backward`` of a (2, 6, 30, 30)
+channels-last input spins or aborts; streamed in that layout, the ResNet block below spins or
+gets gradients 0.7 off, relative). The AVX2 check runs in a child process, where the ISA
+cap takes effect, with a timeout so a hang fails instead of stalling the suite."""
+
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from streamcnn import Streaming
+from streamcnn.streaming import onednn_unsafe_convs, use_channels_last
+
+CPU = torch.device("cpu")
+
+
+def downsample(in_channels: int, stride=2, kernel=1) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, in_channels, 3, padding=1),
+                         nn.Conv2d(in_channels, 4, kernel, stride=stride))
+
+
+@pytest.mark.parametrize("in_channels, stride, kernel, unsafe", [
+    (6, 2, 1, True), (3, 2, 1, True), (24, 2, 1, True),  # not a multiple of the block
+    (16, 2, 1, False), (64, 2, 1, False),               # ResNet's downsample convs
+    (6, 1, 1, False), (6, 2, 3, False)])                 # stride 1, or a wider kernel
+def test_only_1x1_strided_convolutions_off_the_channel_block_are_unsafe(in_channels, stride, kernel,
+                                                                         unsafe):
+    net = downsample(in_channels, stride, kernel)
+    assert (onednn_unsafe_convs(net) == ["1"]) is unsafe
+    if torch.backends.mkldnn.is_available():
+        assert use_channels_last(CPU, torch.float32, net) is not unsafe
+        assert use_channels_last(CPU, torch.float32)  # without the module: the plain rule
+
+
+def test_explicit_channels_last_on_such_a_network_warns_and_the_default_does_not():
+    net, x = downsample(6), torch.randn(1, 3, 40, 40)
+    with pytest.warns(UserWarning, match=r"1x1 strided convolutions \['1'\].*oneDNN#6035"):
+        Streaming(net, 24, channels_last=True)(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Streaming(net, 24)(x)
+
+
+CHILD = textwrap.dedent("""
+    import torch, torch.nn as nn
+    from bench.models import BasicBlock
+    from streamcnn import Streaming
+    from streamcnn.testing import rel_err
+    torch.manual_seed(0)
+    down = nn.Sequential(nn.Conv2d(6, 4, 1, 2, bias=False), nn.BatchNorm2d(4))
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
+                        BasicBlock(6, 4, stride=2, downsample=down)).eval()
+    x = torch.randn(2, 3, 81, 77)
+    g = torch.randn(2, 4, 41, 39)
+    grads = []
+    for model in (net, Streaming(net, 30), Streaming(net, 30)):
+        model(x).backward(g)
+        grads.append([p.grad.clone() for p in net.parameters()])
+        net.zero_grad(set_to_none=True)
+    worst = max(rel_err(s, c) for run in grads[1:] for s, c in zip(run, grads[0]))
+    assert worst <= 1e-4, worst
+    print("ok", worst)
+""")
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN is not in this torch build")
+def test_streaming_such_a_network_on_avx2_kernels_gives_conventional_gradients():
+    """float32, 1e-4 relative (summation order); conventional runs in NCHW, where oneDNN is right."""
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {"ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin", "PYTHONPATH": root}
+    try:
+        done = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True,
+                              timeout=90)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the streamed step hung on oneDNN's AVX2 kernels")
+    assert done.returncode == 0 and done.stdout.startswith("ok"), done.stdout + done.stderr[-3000:]

@@ -151,7 +151,7 @@ def render(stored: dict) -> str:
                      fmt_bytes(r["plan_device_bytes"]),
                      f"**{fmt_s(r['step_s'])}** ({fmt_s(r['forward_s'])} + {fmt_s(r['backward_s'])})",
                      study.time_split(r), f"{use:.2f}" if use else "–",
-                     ("disturbed: " + r["disturbance"]) if r.get("disturbance") else "quiet",
+                     study.quiet(r),
                      r["date"][:10]])
     header = ["slide", "on disk (uint8)", "as float32", "peak RSS", "plan(), device", "one step (fwd + bwd)",
               "read / wait / compute (s), fwd; bwd", "CPU / (wall × threads)", "other work", "measured"]

@@ -28,7 +28,7 @@ MODES = ("streaming", "conventional", "conventional_default")
 
 def tile_layout(x: torch.Tensor, module) -> str:
     """The memory layout Streaming gives each tile of ``x`` through ``module`` by default."""
-    from streamcnn.streaming import use_channels_last
+    from streamcnn.channels_last import use_channels_last
 
     return ("channels_last" if x.dim() == 4 and use_channels_last(x.device, x.dtype, module)
             else "contiguous")

@@ -47,6 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
+from .channels_last import onednn_mishandles
 from .errors import StreamingError
 from .geometry import Merge, Pointwise, Window
 
@@ -231,7 +232,10 @@ def conv(ctx, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=
     kernel = tuple(weight.shape[2:])
     rules = _windows(rank, kernel, stride, _conv_pads(padding, kernel, dilation, rank),
                      dilation)
-    return ctx.step(rules, [input], input.dims, weight.shape[0], f"{ctx.name} gives")
+    # nn.Conv2d layers are found by walking the module; a functional call only here
+    unsafe = rank == 2 and onednn_mishandles(kernel, _per_axis(stride, rank), weight.shape[1])
+    return ctx.step(rules, [input], input.dims, weight.shape[0], f"{ctx.name} gives",
+                    channels_last_unsafe=unsafe)
 
 
 def conv_module(ctx, m, input, *, rank):

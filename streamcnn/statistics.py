@@ -22,13 +22,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .channels_last import use_channels_last
 from .function import TileRunner
 from .inputs import check_source, module_device, module_dtype
 from .moments import ChannelStats, Moments
 from .norms import NormState, levels, norm_calls, update_running
 from .passes import Probe, StatisticsPass, forward_statistics, total_tiles
 from .sources import ImageArray, source_of, tensor_of
-from .streaming import use_channels_last
 from .tiling import tile_image
 from .trace import Pipeline, analyse, describe_layer
 
@@ -179,7 +179,7 @@ class _Job:
         layout = self.channels_last
         if layout is None:
             layout = len(self.source.shape) == 4 and use_channels_last(
-                self.device, module_dtype(self.module) or self.source.dtype, self.module)
+                self.device, module_dtype(self.module) or self.source.dtype, self.module, self.graph)
         return TileRunner(Pipeline(self.module, self.transform), tilings, self.source, self.device,
                           progress=False, channels_last=layout and len(self.source.shape) == 4)
 

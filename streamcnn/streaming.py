@@ -12,6 +12,7 @@ from torch.autograd.graph import get_gradient_edge
 
 from . import dedup as _dedup, state
 from ._args import normalize_tile_size
+from .channels_last import ONEDNN_CHANNEL_BLOCK, onednn_unsafe_convs, use_channels_last
 from .errors import StreamingError
 from .function import Job, StreamFunction, TileRunner, autocast_state
 from .inputs import check_source, expected_ndim, module_device, module_dtype
@@ -46,8 +47,9 @@ class Streaming(nn.Module):
         channels_last: give each 2D tile to the module in channels-last memory layout.
             The default (None) does so on CPU for float32/bfloat16, where oneDNN then
             convolves about twice as fast (values agree up to summation order), unless the
-            module has a 1x1 strided convolution whose input channels oneDNN mishandles in
-            that layout on AVX2 CPUs (see :data:`ONEDNN_CHANNEL_BLOCK`).
+            module has a 1x1 strided convolution (a layer or an ``F.conv2d`` call) whose
+            input channels oneDNN mishandles in that layout on AVX2 CPUs
+            (:mod:`streamcnn.channels_last`).
         prefetch: read the next tile of an array input (a memmap, zarr, h5py, a slide) on a
             background thread while the current one computes, in the forward pass and in
             the backward recomputation (:mod:`streamcnn.prefetch`); the same reads, so the
@@ -123,7 +125,7 @@ class Streaming(nn.Module):
         device = module_device(self.module) or source.device
         pipeline = Pipeline(self.module, self.transform)
         runner = TileRunner(pipeline, tilings, source, device, progress=self.progress,
-                            channels_last=self._channels_last(source, device),
+                            channels_last=self._channels_last(source, device, graph),
                             prefetch=self.prefetch and source.fresh,
                             dedup=self.dedup and _dedup.allowed(graph), unused=graph.unused)
         self.last_stats = runner.stats
@@ -144,19 +146,20 @@ class Streaming(nn.Module):
                   None if norms is None else functools.partial(_norm_terms, runner, graph, norms))
         return StreamFunction.apply(job, *inputs)
 
-    def _channels_last(self, source, device) -> bool:
+    def _channels_last(self, source, device, graph) -> bool:
         if len(source.shape) != 4:
             return False
         if self.channels_last is not None:
-            if self.channels_last and device.type == "cpu" and onednn_unsafe_convs(self.module):
+            unsafe = onednn_unsafe_convs(self.module, graph)
+            if self.channels_last and device.type == "cpu" and unsafe:
                 warnings.warn(f"channels_last=True with 1x1 strided convolutions "
-                              f"{onednn_unsafe_convs(self.module)} whose input channels are not a "
+                              f"{unsafe} whose input channels are not a "
                               f"multiple of {ONEDNN_CHANNEL_BLOCK}: on AVX2 CPUs oneDNN computes "
                               f"their weight gradient wrongly or hangs (oneDNN#6035); the default "
                               f"(channels_last=None) avoids that layout here", stacklevel=3)
             return self.channels_last
         dtype = module_dtype(self.module) or source.dtype
-        return use_channels_last(device, dtype, self.module)
+        return use_channels_last(device, dtype, self.module, graph)
 
     def plan(self, input_shape, **kwargs):
         """``streamcnn.plan(self.module, input_shape, self.tile_size, transform=...)``."""
@@ -196,27 +199,6 @@ def _node_input(t):
     """A leaf requiring grad enters the autograd node through a view, so the backward can
     ask the engine whether its gradient is wanted (the engine cannot say for leaves)."""
     return t.view_as(t) if t is not None and t.requires_grad and t.grad_fn is None else t
-
-
-#: oneDNN's 1x1 strided convolution on channels-last input computes a wrong weight gradient,
-#: spins or corrupts the heap on AVX2 CPUs when its input channels per group are not a multiple
-#: of its channel block (uxlfoundation/oneDNN#6035; 8 on AVX2, 16 on AVX-512).
-ONEDNN_CHANNEL_BLOCK = 16
-
-
-def onednn_unsafe_convs(module: nn.Module) -> list[str]:
-    """Names of the module's 2D convolutions that oneDNN mishandles in channels-last layout."""
-    return [name or type(m).__name__ for name, m in module.named_modules()
-            if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1)
-            and (m.in_channels // m.groups) % ONEDNN_CHANNEL_BLOCK]
-
-
-def use_channels_last(device: torch.device, dtype: torch.dtype, module: nn.Module | None = None) -> bool:
-    """Default 2D tile layout: channels-last where oneDNN (CPU) convolves it natively, unless
-    the module has a convolution oneDNN mishandles in that layout."""
-    return (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
-            and torch.backends.mkldnn.is_available()
-            and not (module is not None and onednn_unsafe_convs(module)))
 
 
 def _check_structure(module: nn.Module, ndim: int | None, transform) -> None:

@@ -46,6 +46,7 @@ class GraphStep:
     node: str | None  # name of the fx node that computed it
     dims: tuple = ()  # role of each dimension of its value ("N", "C", spatial axes)
     norm: rules.Norm | None = None  # a normalisation over space (statistics of its input)
+    channels_last_unsafe: bool = False  # a functional convolution hit by oneDNN#6035 (channels_last.py)
 
     @property
     def kind(self) -> str:
@@ -226,8 +227,10 @@ class _Context:
         self.spatial_norms = analysis.spatial_norms
         self.name = analysis.describe(node)
 
-    def step(self, rule, inputs, dims, channels, source="the input has", norm=None) -> FMap:
-        return self.analysis.add_step(self, rule, inputs, dims, channels, source, norm)
+    def step(self, rule, inputs, dims, channels, source="the input has", norm=None,
+             channels_last_unsafe=False) -> FMap:
+        return self.analysis.add_step(self, rule, inputs, dims, channels, source, norm,
+                                      channels_last_unsafe)
 
     def refuse(self, why: str, fix: str = rules.MOVE) -> Refused:
         return Refused(StreamingError(f"{self.name} cannot be streamed: {why}; {fix}"
@@ -343,7 +346,8 @@ class _Analysis:
         path, kind = _scope(stack)
         return f"operation '{name}'" + (f" in '{path}' ({kind})" if path else "")
 
-    def add_step(self, ctx, rule, inputs, dims, channels, source, norm=None) -> FMap:
+    def add_step(self, ctx, rule, inputs, dims, channels, source, norm=None,
+                 channels_last_unsafe=False) -> FMap:
         per_axis = rule if isinstance(rule, tuple) else (rule,) * self.ndim
         idx = tuple(x.index for x in inputs)
         try:
@@ -354,7 +358,7 @@ class _Analysis:
                 f"that reaches a merge must downsample alike (e.g. a strided shortcut as in "
                 f"ResNet){_source_line(ctx.node)}") from None
         self.steps.append(GraphStep(ctx.name, idx, per_axis, channels, ctx.node.name, tuple(dims),
-                                    norm))
+                                    norm, channels_last_unsafe))
         self.fields.append(fields)
         return FMap(len(self.steps) - 1, tuple(dims), channels, source)
 

@@ -67,18 +67,12 @@ def test_functional_convolutions_are_found_by_the_trace(in_channels, stride, ker
     assert found in ([], ["operation 'conv2d'"])
 
 
-def test_explicit_channels_last_on_such_a_network_warns_and_the_default_does_not():
-    net, x = downsample(6), torch.randn(1, 3, 40, 40)
-    with pytest.warns(UserWarning, match=r"1x1 strided convolutions \['1'\].*oneDNN#6035"):
-        Streaming(net, 24, channels_last=True)(x)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        Streaming(net, 24)(x)
-
-
-def test_explicit_channels_last_on_a_functional_such_convolution_warns_and_the_default_does_not():
-    net, x = FunctionalDownsample(6), torch.randn(1, 3, 40, 40)
-    with pytest.warns(UserWarning, match=r"convolutions \[\"operation 'conv2d'\"\].*oneDNN#6035"):
+@pytest.mark.parametrize("net, listed", [
+    (downsample(6), r"\['1'\]"),                                  # a layer, by its path
+    (FunctionalDownsample(6), r"\[\"operation 'conv2d'\"\]")])    # a call, by its step
+def test_explicit_channels_last_on_such_a_network_warns_and_the_default_does_not(net, listed):
+    x = torch.randn(1, 3, 40, 40)
+    with pytest.warns(UserWarning, match=rf"1x1 strided convolutions {listed}.*oneDNN#6035"):
         Streaming(net, 24, channels_last=True)(x)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -16,7 +16,8 @@ Public API:
 Layers, bottom to top (imports point down only; verify/test_layout.py checks it):
 ``_args``/``errors`` -> ``geometry`` (integer tile geometry, no torch) -> ``binding``
 (arguments as torch binds them), ``channels_last`` (when tiles may take that layout)
--> ``rules`` (which torch operation is which geometric step) -> ``trace`` (torch.fx graph -> steps) -> ``tiling``, ``moments`` (Chan's merge),
+-> ``rules`` (which torch operation is which geometric step) -> ``trace`` (torch.fx graph
+-> steps) -> ``tiling``, ``moments`` (Chan's merge),
 ``slides`` (whole-slide images, NumPy only), ``sources`` (where tiles are read from),
 ``inputs`` (checks) -> ``state`` (what a forward read) -> ``prefetch`` (reads on a thread
 of their own), ``dedup`` (identical tiles computed once) -> ``memory``, ``plan`` (estimates

@@ -150,13 +150,14 @@ class Streaming(nn.Module):
         if len(source.shape) != 4:
             return False
         if self.channels_last is not None:
-            unsafe = onednn_unsafe_convs(self.module, graph)
-            if self.channels_last and device.type == "cpu" and unsafe:
-                warnings.warn(f"channels_last=True with 1x1 strided convolutions "
-                              f"{unsafe} whose input channels are not a "
-                              f"multiple of {ONEDNN_CHANNEL_BLOCK}: on AVX2 CPUs oneDNN computes "
-                              f"their weight gradient wrongly or hangs (oneDNN#6035); the default "
-                              f"(channels_last=None) avoids that layout here", stacklevel=3)
+            unsafe = (self.channels_last and device.type == "cpu"
+                      and onednn_unsafe_convs(self.module, graph))
+            if unsafe:
+                warnings.warn(f"channels_last=True with 1x1 strided convolutions {unsafe} whose "
+                              f"input channels are not a multiple of {ONEDNN_CHANNEL_BLOCK}: on "
+                              f"AVX2 CPUs oneDNN computes their weight gradient wrongly or hangs "
+                              f"(oneDNN#6035); the default (channels_last=None) avoids that "
+                              f"layout here", stacklevel=3)
             return self.channels_last
         dtype = module_dtype(self.module) or source.dtype
         return use_channels_last(device, dtype, self.module, graph)

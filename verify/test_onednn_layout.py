@@ -97,18 +97,31 @@ CHILD = textwrap.dedent("""
             return self.bn(F.conv2d(x, self.weight, stride=2))
 
     torch.manual_seed(0)
-    down = nn.Sequential(nn.Conv2d(6, 4, 1, 2, bias=False), nn.BatchNorm2d(4)) if kind == "module" else Functional()
+    down = (nn.Sequential(nn.Conv2d(6, 4, 1, 2, bias=False), nn.BatchNorm2d(4)) if kind == "module"
+            else Functional())
     net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
                         BasicBlock(6, 4, stride=2, downsample=down)).eval()
     x = torch.randn(2, 3, 81, 77)
     g = torch.randn(2, 4, 41, 39)
     option = {"channels_last": True} if layout == "forced" else {}
-    grads = []
-    for model in (net, Streaming(net, 30, **option), Streaming(net, 30, **option)):
-        model(x).backward(g)
-        grads.append([p.grad.clone() for p in net.parameters()])
+    params = list(net.parameters())
+
+    def gradients(model, path):  # the parameters' and, where asked for, the input's
+        if path == "autograd.grad":  # a leaf without grad, as in training
+            return list(torch.autograd.grad(model(x), params, g))
+        leaf = x.clone().requires_grad_(path != "training")
+        model(leaf * 1.0 if path == "non-leaf" else leaf).backward(g)
+        found = [p.grad for p in params] + [leaf.grad]
         net.zero_grad(set_to_none=True)
-    worst = max(rel_err(s, c) for run in grads[1:] for s, c in zip(run, grads[0]))
+        return found
+
+    worst = 0.0
+    for path in ("training", "saliency", "non-leaf", "autograd.grad"):
+        want = gradients(net, path)
+        for _ in range(2):  # twice: on channels-last tiles the bug does not strike every run
+            got = gradients(Streaming(net, 30, **option), path)
+            assert [t is None for t in got] == [t is None for t in want], path
+            worst = max([worst] + [rel_err(s, c) for s, c in zip(got, want) if c is not None])
     assert worst <= 1e-4, worst
     print("ok", worst)
 """)
@@ -126,7 +139,9 @@ def run_child(kind: str, layout: str, timeout: float = 90) -> subprocess.Complet
 @pytest.mark.parametrize("kind", ["module", "functional"])
 def test_streaming_such_a_network_on_avx2_kernels_gives_conventional_gradients(kind):
     """float32, 1e-4 relative (summation order); conventional runs in NCHW, where oneDNN is right.
-    (Run with layout "forced", the child fails: gradients 0.7 off, a hang, or an abort.)"""
+    Parameter and input gradients on every entry path (training, saliency, a non-leaf input,
+    autograd.grad). (Run with layout "forced", the child fails: gradients 0.7 off, a hang, or
+    an abort.)"""
     try:
         done = run_child(kind, "default")
     except subprocess.TimeoutExpired:

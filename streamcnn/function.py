@@ -6,9 +6,10 @@ written into a preallocated output. Nothing but the input and the tensors the
 module read is saved for backward.
 
 Backward (gradient checkpointing, one tile at a time): each tile is recomputed
-with grad enabled and with exactly the tensors the forward read
-(``torch.func.functional_call``), its owned output is backpropagated with the
-matching slice of the output gradient, and the input gradient and the gradients
+with grad enabled and with exactly the tensors the forward read (the module holds
+them through the tile's forward and backward, ``state.substituted``), its owned
+output is backpropagated with the matching slice of the output gradient, and the
+input gradient and the gradients
 of those tensors are summed over the tiles. The owned regions partition the
 output and every owned value is a function of its tile alone, so by linearity the
 sums equal conventional backprop's gradients (paper Eqs. 5-7). Only the gradients
@@ -31,9 +32,10 @@ import torch.nn as nn
 from .dedup import Duplicates, fingerprint, gradient_parts
 from .errors import StreamingError
 from .prefetch import PassStats, Stats, prefetched, timed, waited
-from .norms import NormMode, NormState, frozen_modules
+from .norms import NormMode, NormState, frozen_modules, update_running
 from .sources import TensorSource, digest
-from .state import Captured, Snapshot, TensorUse, observing_gradient_hooks, uncached_parametrizations
+from .state import Captured, Snapshot, TensorUse, backward_here, check_unchanged, substituted, observing_gradient_hooks, \
+    tile_scope, versions
 from .tiling import Tile, count, iter_tiles
 
 
@@ -133,10 +135,11 @@ class TileRunner:
         raw = self.read(self.source, tile)
         return tile, raw, self._match(tile, raw)
 
-    def run(self, tile_input: torch.Tensor, tile: Tile, call=None) -> torch.Tensor:
+    def run(self, tile_input: torch.Tensor, tile: Tile) -> torch.Tensor:
+        """The module on one tile (inside :meth:`scope`), its output checked against the
+        geometry."""
         try:
-            with uncached_parametrizations(), self._normalising(tile):
-                y = self.pipeline(tile_input) if call is None else call(tile_input)
+            y = self.pipeline(tile_input)
         except (RuntimeError, ValueError) as err:  # torch's shape errors are either
             if "register a hook on a tensor that doesn't require gradient" in str(err):
                 raise StreamingError(
@@ -160,14 +163,20 @@ class TileRunner:
                 f"behave like its traced geometry (was it changed after the forward began?)")
         return y
 
-    def _normalising(self, tile: Tile):
-        """While a tile runs: its normalisations normalise with the whole image's statistics."""
-        if self.norms is None:
-            return contextlib.nullcontext()
-        stack = contextlib.ExitStack()
-        stack.enter_context(frozen_modules(self.norms.nodes))
-        stack.enter_context(NormMode(self.norms, tile.index))
-        return stack
+    @contextlib.contextmanager
+    def scope(self, tile: Tile):
+        """Holds wherever the module's code runs for ``tile``: its forward and, in the
+        backward, the recomputations a ``torch.utils.checkpoint`` inside the module makes
+        (``state.tile_scope``; normalisations normalise with the whole image's statistics,
+        their layers frozen). Yields the tile's ``norms.NormMode`` (None without such
+        normalisations), to be told when the tile's forward is done."""
+        with tile_scope(self.pipeline), contextlib.ExitStack() as stack:
+            if self.norms is None:
+                yield None
+                return
+            stack.enter_context(frozen_modules(self.norms.nodes))
+            mode = stack.enter_context(NormMode(self.norms, tile.index))
+            yield mode
 
     def first_tile(self):
         """The first tile's owned output, and every tensor the pipeline read for it."""
@@ -176,7 +185,7 @@ class TileRunner:
         with torch.no_grad(), self.inputs("forward", [tile], self._forward_read, stats) as inputs:
             ((_, raw, _),) = inputs
             tile_input = self.feed(raw)
-            with TensorUse(tile_input) as use:
+            with TensorUse(tile_input) as use, self.scope(tile):
                 y = self.run(tile_input, tile)
             stats.tiles, stats.computed = 1, 1
         return y[tile.crop], use.read
@@ -193,7 +202,8 @@ class TileRunner:
                 if same is not None:  # the same pixels and geometry as an earlier tile
                     out[tile.out] = out[same.out]
                     continue
-                y = self.run(self.feed(raw), tile)
+                with self.scope(tile):
+                    y = self.run(self.feed(raw), tile)
                 snapshot.check_tile()
                 out[tile.out] = y[tile.crop]
                 stats.computed += 1
@@ -219,38 +229,44 @@ class TileRunner:
         With ``dedup``, each group of identical tiles is recomputed once and backpropagated
         with the sum of the group's output gradients, or once per tile of the group through
         the kept graph when the input gradient is wanted (``dedup.gradient_parts``)."""
-        def call(tile_input):
-            return torch.func.functional_call(self.pipeline, tensors, (tile_input,),
-                                              tie_weights=False, strict=False)
-
         grad_x = torch.zeros_like(source.tensor) if need_x else None
+        replayed: dict = {}  # normalisation -> how often a checkpoint ran it again in a tile
         reached = False  # whether any tile's input got a gradient
         sums: list = [None] * len(wrt)
         tiles = list(iter_tiles(self.tilings))
         stats = self.stats.backward = PassStats(tiles=len(tiles))  # (a second backward: anew)
+        before = versions(self.pipeline)  # (a forward since this one's may have updated some)
         if self.duplicates is not None:
             tiles = list(self.duplicates.computed(tiles))
-        with observing_gradient_hooks(self.pipeline), self.inputs(
+        with substituted(self.pipeline, tensors), observing_gradient_hooks(self.pipeline), self.inputs(
                 "backward", tiles, lambda t: (t, self.read(source, t), None), stats) as inputs:
             for tile, raw, _ in inputs:
                 leaf = raw.detach().requires_grad_(need_x or x_grad)
                 group = [tile] if self.duplicates is None else self.duplicates.group(tile)
                 parts = gradient_parts(group, grad_out, separate=need_x)
-                with torch.enable_grad():
-                    y = self.run(self.feed(leaf), tile, call)[tile.crop]
+                with torch.enable_grad(), self.scope(tile) as mode:
+                    y = self.run(self.feed(leaf), tile)[tile.crop]
+                    if mode is not None:
+                        mode.replaying()
                     for k, (place, g) in enumerate(parts):
                         if y.requires_grad:
-                            y.backward(g, retain_graph=k + 1 < len(parts))
+                            backward_here(y, g, retain_graph=k + 1 < len(parts))
                         if need_x and leaf.grad is not None:
                             grad_x[place.inp] += leaf.grad
                             leaf.grad = None
                             reached = True
                 del y
+                check_unchanged(self.pipeline, before)
+                if mode is not None and stats.computed == 0:
+                    replayed = mode.replayed
                 stats.computed += 1
                 for i, t in enumerate(wrt):
                     g, t.grad = t.grad, None
                     if g is not None:  # (own the first: a gradient may alias grad_out)
                         sums[i] = g.clone() if sums[i] is None else sums[i].add_(g)
+        for node, times in replayed.items():  # as conventionally, where each run updates
+            for _ in range(times):
+                update_running([node], self.norms.stats)
         return grad_x if reached else None, sums
 
 
@@ -264,7 +280,7 @@ class Job:
     first: torch.Tensor | None
     nodes: list  # autograd node of x and of each captured grad tensor (None: needs no grad)
     autocast: tuple
-    before_backward: object = None  # (source, grad_out, tensors) -> None: whole-map terms
+    before_backward: object = None  # (source, grad_out, tensors, x_grad) -> None: whole-map terms
 
 
 class StreamFunction(torch.autograd.Function):
@@ -307,7 +323,7 @@ class StreamFunction(torch.autograd.Function):
             source = job.runner.source if x is None else TensorSource(x)
             if job.before_backward is not None:
                 job.before_backward(source, grad_out, job.captured.substitutes(
-                    [t.detach() for t in grads_in], consts))
+                    [t.detach() for t in grads_in], consts), ctx.needs_input_grad[1])
             grad_x, sums = job.runner.backward(source, grad_out, need_x, tensors,
                                                [a for a, n in zip(aliases, need) if n],
                                                x_grad=ctx.needs_input_grad[1])

@@ -29,6 +29,7 @@ update, once per forward, as torch's training mode makes it.
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -38,10 +39,12 @@ from torch.overrides import TorchFunctionMode
 
 from . import rules
 from .binding import bind_call
-from .errors import internal_assert
+from .errors import StreamingError, internal_assert
 from .moments import ChannelStats
 
 _FUNCTIONS = {F.batch_norm: "batch", F.group_norm: "group", F.instance_norm: "instance"}
+#: files whose frames lie between a normalisation's caller and :class:`NormMode`
+_DISPATCH_FILES = frozenset({F.__file__, torch.overrides.__file__, __file__})
 
 
 @dataclass(frozen=True)
@@ -203,24 +206,37 @@ class NormState:
 
 
 class NormMode(TorchFunctionMode):
-    """Replaces the normalisation calls of one tile, numbered in graph order: one with known
-    statistics normalises by them (with grad: through :class:`Normalise`); ``record`` sees a
-    probed one's input; ``leaves`` makes a probed one's output a leaf that requires grad,
-    whose gradient a backward pass reads; the rest pass their input on (not needed)."""
+    """Replaces the normalisation calls of one tile: one with known statistics normalises by
+    them (with grad: through :class:`Normalise`); ``record`` sees a probed one's input;
+    ``leaves`` collects, per probed node, each output it made a leaf that requires grad (a
+    backward pass reads their gradients, which add up); the rest pass their input on (not
+    needed).
+
+    The mode holds while the tile's module code runs anywhere: its forward, and its backward,
+    where ``torch.utils.checkpoint`` inside the module runs parts of it again. In the forward
+    the calls come in graph order and are numbered; each call's site (:func:`call_site`) is
+    noted. After :meth:`replaying`, a call is a recomputation of one the forward made, and
+    its site says which (a site that made calls of different normalisations, a layer used
+    twice or a loop, is refused there: its statistics cannot be told apart)."""
 
     def __init__(self, state: NormState, tile_index, *, probes=(), record=None, leaves=None):
         super().__init__()
         self.state, self.index = state, tile_index
         self.probes, self.record, self.leaves = set(probes), record, leaves
         self.k = 0
+        self.sites: dict = {}  # call site -> the node of every call the forward made there
+        self.replay = False
+        self.replayed: dict = {}  # node -> how often a recomputation ran it
+
+    def replaying(self) -> None:
+        """The tile's forward is done: calls from now on recompute ones it made."""
+        self.replay = True
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func not in _FUNCTIONS:
             return func(*args, **kwargs)
-        internal_assert(self.k < len(self.state.calls), "more normalisation calls than traced nodes")
-        node = self.state.calls[self.k]
-        self.k += 1
+        node = self._node(call_site())
         if node is None:
             return func(*args, **kwargs)
         _, bound = bind_call(func, args, kwargs, lambda v: isinstance(v, torch.Tensor))
@@ -230,17 +246,18 @@ class NormMode(TorchFunctionMode):
         stats = self.state.stats.get(node.name)
         if stats is None:
             return x
-        n, c = x.shape[:2]
-        mean = _spread(per_channel(stats.mean, node.norm, n, c).to(x.dtype), x.dim())
-        rstd = _spread(per_channel((stats.var + node.norm.eps).rsqrt(), node.norm, n, c).to(x.dtype),
-                       x.dim())
         weight, bias = bound.get("weight"), bound.get("bias")
-        batch = ((stats.mean.to(x.dtype), stats.var.to(x.dtype), node.norm.eps)
+        dtype = statistics_dtype(x, weight)
+        n, c = x.shape[:2]
+        mean = _spread(per_channel(stats.mean, node.norm, n, c).to(dtype), x.dim())
+        rstd = _spread(per_channel((stats.var + node.norm.eps).rsqrt(), node.norm, n, c).to(dtype),
+                       x.dim())
+        batch = ((stats.mean.to(dtype), stats.var.to(dtype), node.norm.eps)
                  if node.norm.kind == "batch" else None)
         if self.leaves is not None and node.name in self.probes:
             with torch.no_grad():
                 leaf = _normalised(x, mean, rstd, weight, bias, batch).requires_grad_()
-            self.leaves[node.name] = (leaf, x, mean, rstd, weight)
+            self.leaves.setdefault(node.name, []).append((leaf, x, mean, rstd, weight))
             return leaf.clone()  # (a non-leaf: an in-place layer after it may write into it)
         if not torch.is_grad_enabled():
             return _normalised(x, mean, rstd, weight, bias, batch)
@@ -248,6 +265,45 @@ class NormMode(TorchFunctionMode):
         tile = _Tile(crops[self.index] if crops is not None else None,
                      self.state.terms.get(node.name), batch)
         return Normalise.apply(x, mean, rstd, weight, bias, tile)
+
+    def _node(self, site):
+        """The :class:`NormNode` (or None: runs as it is) a call at ``site`` belongs to."""
+        if not self.replay:
+            internal_assert(self.k < len(self.state.calls), "more normalisation calls than traced nodes")
+            node = self.state.calls[self.k]
+            self.k += 1
+            self.sites.setdefault(site, []).append(node)
+            return node
+        made = self.sites.get(site)
+        internal_assert(made is not None, "a normalisation recomputed that the forward did not call")
+        if any(n is not made[0] for n in made):
+            raise StreamingError(
+                f"a normalisation ({', '.join(sorted({n.name for n in made if n is not None}))}) is "
+                f"run again inside the backward (by torch.utils.checkpoint) from a place that "
+                f"called several normalisations in the forward (a layer used twice, or a loop): "
+                f"streaming cannot tell which statistics the recomputation needs; use one layer "
+                f"per call, or keep that part out of the checkpoint")
+        if made[0] is not None:
+            self.replayed[made[0]] = self.replayed.get(made[0], 0) + 1
+        return made[0]
+
+
+def call_site(skip=1) -> tuple:
+    """Where a normalisation call is made: the code, line and ``self`` of the first frame
+    outside torch's functional layer and this module (for a layer, its own ``forward``).
+    A recomputation (by ``torch.utils.checkpoint``) calls from the same place."""
+    frame = sys._getframe(skip)
+    while frame is not None and frame.f_code.co_filename in _DISPATCH_FILES:
+        frame = frame.f_back
+    if frame is None:
+        return (None, None, None)
+    return frame.f_code, frame.f_lineno, id(frame.f_locals.get("self"))
+
+
+def statistics_dtype(x: torch.Tensor, weight: torch.Tensor | None) -> torch.dtype:
+    """The dtype a tile normalises with: the affine weight's, as torch's kernels keep
+    statistics with float32 parameters under bfloat16/float16 autocast; else the input's."""
+    return weight.dtype if weight is not None and weight.is_floating_point() else x.dtype
 
 
 @contextlib.contextmanager
@@ -263,6 +319,19 @@ def frozen_modules(nodes: list[NormNode]):
     finally:
         for m, training in modules:
             m.training = training
+
+
+def check_values(node: NormNode, stats: ChannelStats, layer: str) -> None:
+    """Raise torch's own ValueError where a normalisation by its input's statistics would:
+    BatchNorm with one value per channel over the whole batch and map, InstanceNorm with one
+    position. (A
+    tile's call never sees it: the mode replaces the call before torch checks the size.)"""
+    if stats.count > 1 or node.norm.kind == "group":  # (torch checks no size for GroupNorm)
+        return
+    what = "value per channel" if node.norm.kind == "batch" else "spatial element"
+    raise ValueError(f"Expected more than 1 {what} when training, got {stats.count} in the whole "
+                     f"feature map that {layer} normalises (torch raises this for the same "
+                     f"input without streaming)")
 
 
 def counters(nodes: list[NormNode]) -> frozenset:

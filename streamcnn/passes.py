@@ -28,9 +28,9 @@ import torch.nn as nn
 from .errors import internal_assert
 from .function import TileRunner
 from .moments import Moments, all_but_channels
-from .norms import NormMode, NormState, Terms, correction_terms, counters, frozen_modules, \
+from .norms import NormMode, NormState, Terms, check_values, correction_terms, frozen_modules, \
     group_sums, levels, norm_calls, statistic_groups
-from .state import Snapshot, uncached_parametrizations
+from .state import Snapshot, backward_here, substituted, tile_scope
 from .tiling import count, owned_crops
 
 
@@ -79,7 +79,7 @@ class StatisticsPass:
 
         hooks = _ModuleHooks(probes, record)
         try:
-            snapshot = Snapshot(self.runner.pipeline, self.runner.device, counters(self.state.nodes))
+            snapshot = Snapshot(self.runner.pipeline, self.runner.device)
             for tile in _ticking(self.runner, self.bar):
                 seen.clear()
                 current["tile"] = tile
@@ -97,7 +97,7 @@ class StatisticsPass:
         with torch.no_grad():
             tile_input = self.runner.feed(self.runner.read(self.runner.source, tile))
             try:
-                with uncached_parametrizations(), frozen_modules(self.state.nodes), mode:
+                with tile_scope(self.runner.pipeline), frozen_modules(self.state.nodes), mode:
                     self.runner.pipeline(tile_input)
             except _Enough:
                 pass
@@ -112,40 +112,49 @@ def forward_statistics(runner: TileRunner, graph, state: NormState, bar=None) ->
                   if level_of[n.name] == level]
         for key, moments in StatisticsPass(runner, graph, bar, state).run(probes).items():
             state.stats[key] = moments.stats()
+        for n in state.nodes:
+            if level_of[n.name] == level:
+                check_values(n, state.stats[n.name], graph.steps[n.step].name)
 
 
 def backward_terms(runner: TileRunner, graph, state: NormState, source, grad_out,
-                   tensors: dict, bar=None) -> None:
+                   tensors: dict, bar=None, x_grad: bool = False) -> None:
     """Fill ``state.terms`` with the whole-map terms of (N1) of every normalisation: one
     backward pass per level, deepest first, each with the deeper levels' terms applied. A
-    pass makes its normalisations' outputs leaves, so its backward stops there."""
+    pass makes its normalisations' outputs leaves, so its backward stops there. Tiles
+    require grad as the input did (``x_grad``), so that code that asks (a reentrant
+    ``checkpoint``) runs as it did conventionally."""
     level_of = levels(graph, state.nodes)
     for level in sorted(set(level_of.values()), reverse=True):
         nodes = [n for n in state.nodes if level_of[n.name] == level]
         sums = {n.name: Terms() for n in nodes}
         for tile in _ticking(runner, bar):
             for name, (h, hx) in _tile_terms(runner, state, tile, nodes, source, grad_out,
-                                             tensors).items():
+                                             tensors, x_grad).items():
                 sums[name].add(h, hx)
         for n in nodes:
             shape = (source.shape[0], graph.steps[n.step].channels or state.stats[n.name].mean.numel())
             state.terms[n.name] = correction_terms(n, sums[n.name], state.stats[n.name], *shape)
 
 
-def _tile_terms(runner, state, tile, nodes, source, grad_out, tensors) -> dict:
-    """One tile's part of ``sum_S(h)`` and ``sum_S(h · x̂)`` of each of ``nodes``."""
+def _tile_terms(runner, state, tile, nodes, source, grad_out, tensors, x_grad) -> dict:
+    """One tile's part of ``sum_S(h)`` and ``sum_S(h · x̂)`` of each of ``nodes``. The mode
+    holds through the backward, where a checkpoint inside the module runs parts again (and
+    makes new leaves: each output a node made is a leaf, and their gradients add up)."""
     leaves: dict = {}
     mode = NormMode(state, tile.index, probes={n.name for n in nodes}, leaves=leaves)
-    tile_input = runner.feed(runner.read(source, tile).detach())
-    with torch.enable_grad(), uncached_parametrizations(), frozen_modules(state.nodes), mode:
-        y = torch.func.functional_call(runner.pipeline, tensors, (tile_input,),
-                                       tie_weights=False, strict=False)[tile.crop]
-    if y.requires_grad:
-        y.backward(grad_out[tile.out])
+    raw = runner.read(source, tile).detach().requires_grad_(x_grad)
+    with torch.enable_grad(), substituted(runner.pipeline, tensors), tile_scope(runner.pipeline), \
+            frozen_modules(state.nodes), mode:
+        y = runner.pipeline(runner.feed(raw))[tile.crop]
+        mode.replaying()
+        if y.requires_grad:
+            backward_here(y, grad_out[tile.out])
     found = {}
     for n in nodes:
-        leaf, x, mean, rstd, weight = leaves[n.name]
-        g = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+        made = leaves[n.name]
+        leaf, x, mean, rstd, weight = made[0]
+        g = sum((m[0].grad for m in made if m[0].grad is not None), torch.zeros_like(leaf))
         h = g if weight is None else g * weight.detach().view((1, -1) + (1,) * (g.dim() - 2))
         with torch.no_grad():
             found[n.name] = (group_sums(h, n.norm), group_sums(h * ((x - mean) * rstd), n.norm))

@@ -40,7 +40,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.autograd.graph import _engine_run_backward
 from torch.nn.utils import parametrize
+from torch.nn.utils.stateless import _reparametrize_module
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
@@ -145,6 +147,32 @@ def uncached_parametrizations():
         yield
     finally:
         parametrize._cache_enabled = saved
+
+
+@contextlib.contextmanager
+def tile_scope(module: nn.Module):
+    """What holds wherever a tile's module code runs (its forward, and recomputations in its
+    backward): parametrizations evaluated anew, forward hooks that may only observe."""
+    with uncached_parametrizations(), observing_forward_hooks(module):
+        yield
+
+
+def substituted(module: nn.Module, tensors: dict):
+    """``module`` holding ``tensors`` (dotted name -> tensor) in place of its own, as
+    ``torch.func.functional_call`` holds them for one call, but for as long as the context
+    lasts: through a tile's backward, where a reentrant ``torch.utils.checkpoint`` runs
+    parts of the module again and must find the same tensors (else their gradients would
+    go to the module's own tensors)."""
+    return _reparametrize_module(module, tensors, tie_weights=False, strict=False)
+
+
+def backward_here(y: torch.Tensor, grad: torch.Tensor, retain_graph: bool = False) -> None:
+    """``y.backward(grad)`` with the torch-function modes active here still active inside the
+    backward, where a ``torch.utils.checkpoint`` in the module runs parts of it again.
+    (``Tensor.backward`` is itself a torch function: a mode that sees the call is popped
+    while it runs, so the recomputation would escape it; the engine is called directly.)"""
+    _engine_run_backward((y,), (grad,), retain_graph, False, (), allow_unreachable=True,
+                         accumulate_grad=True)
 
 
 # ------------------------------------------------------------------ what is not a tensor
@@ -371,18 +399,8 @@ def observing_gradient_hooks(module: nn.Module):
     flows from the outputs the tile owns, so a hook that changes it nonlinearly (guided
     backprop's ``clamp(min=0)``) would not change the sum of the parts as it changes the
     whole; a hook that returns a new gradient raises, naming its layer."""
-    swapped = []
-    try:
-        for path, m in module.named_modules():
-            for hooks in ("_backward_hooks", "_backward_pre_hooks"):
-                table = getattr(m, hooks)
-                for key, hook in list(table.items()):
-                    table[key] = _observer(hook, path, m, hooks)
-                    swapped.append((table, key, hook))
+    with _wrapped_hooks(module, ("_backward_hooks", "_backward_pre_hooks"), _observer):
         yield
-    finally:
-        for table, key, hook in swapped:
-            table[key] = hook
 
 
 def _observer(hook, path: str, m: nn.Module, hooks: str):
@@ -399,4 +417,52 @@ def _observer(hook, path: str, m: nn.Module, hooks: str):
                 f"the stitched gradient) or move that layer after the Streaming module (hooks "
                 f"that only read gradients are fine)")
         return None
+    return observe
+
+
+@contextlib.contextmanager
+def observing_forward_hooks(module: nn.Module):
+    """While tiles run: module forward hooks and pre-hooks may observe, not replace. A hook
+    that returns a new output (or input) runs on each tile, and nothing tells whether it
+    changes the whole map as it changes each tile (``o.flip(-1)`` does not); so a hook that
+    returns anything but None (or the very output it was given) raises, naming its layer."""
+    with _wrapped_hooks(module, ("_forward_hooks", "_forward_pre_hooks"), _forward_observer):
+        yield
+
+
+@contextlib.contextmanager
+def _wrapped_hooks(module: nn.Module, tables: tuple, wrap):
+    """Every hook in the named hook tables of every submodule replaced by ``wrap(hook, path,
+    module, table)`` while the context lasts."""
+    swapped = []
+    try:
+        for path, m in module.named_modules():
+            for hooks in tables:
+                table = getattr(m, hooks)
+                for key, hook in list(table.items()):
+                    table[key] = wrap(hook, path, m, hooks)
+                    swapped.append((table, key, hook))
+        yield
+    finally:
+        for table, key, hook in swapped:
+            table[key] = hook
+
+
+def _forward_observer(hook, path: str, m: nn.Module, hooks: str):
+    pre = hooks == "_forward_pre_hooks"
+
+    def observe(*args):
+        result = hook(*args)
+        unchanged = args[1] if pre else args[-1]  # the input tuple / the output
+        if result is not None and result is not unchanged:
+            kind = "forward pre-hook" if pre else "forward hook"
+            raise StreamingError(
+                f"a {kind} on {describe_layer(module_path(path), type(m).__name__)} returned a "
+                f"new {'input' if pre else 'output'}: streaming runs the layer on each tile, and "
+                f"a hook that changes its values would change each tile, not the whole feature "
+                f"map (a flip or any step between positions would give a wrong result); return "
+                f"None (hooks that only read are fine), change the values in the module's own "
+                f"forward, or register the hook on the Streaming module (it sees the stitched "
+                f"map)")
+        return result
     return observe

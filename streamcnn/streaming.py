@@ -99,6 +99,19 @@ class Streaming(nn.Module):
         self.register_state_dict_post_hook(_unwrapped_keys)
         self.register_load_state_dict_pre_hook(_wrapped_keys)
 
+    def __getattr__(self, name: str):
+        """The wrapped module's submodules, parameters and buffers under their own names too,
+        as the state dict has them, so that ``torch.func.functional_call(model,
+        model.state_dict(), ...)`` and other name lookups reach them through ``Streaming``."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            inner = self._modules.get("module")
+            if inner is not None and name not in ("module", "transform") and (
+                    name in inner._modules or name in inner._parameters or name in inner._buffers):
+                return getattr(inner, name)
+            raise
+
     def extra_repr(self) -> str:
         return f"tile_size={self.tile_size}" + (", transform" if self.transform is not None else "")
 
@@ -131,7 +144,7 @@ class Streaming(nn.Module):
         self.last_stats = runner.stats
         norms = _stream_norms(runner, graph)
         own = counters(norms.nodes) if norms is not None else frozenset()
-        snapshot = state.Snapshot(pipeline, device, own)
+        snapshot = state.Snapshot(pipeline, device)  # (after the running statistics' update)
         first, read = runner.first_tile()
         snapshot.check_tile()
         x_grad = isinstance(x, torch.Tensor) and x.requires_grad
@@ -181,10 +194,10 @@ def _stream_norms(runner: TileRunner, graph) -> NormState | None:
     return norms
 
 
-def _norm_terms(runner, graph, norms, source, grad_out, tensors) -> None:
+def _norm_terms(runner, graph, norms, source, grad_out, tensors, x_grad) -> None:
     """Before the final backward: the whole-map terms of every normalisation's gradient."""
     norms.terms.clear()
-    backward_terms(runner, graph, norms, source, grad_out, tensors)
+    backward_terms(runner, graph, norms, source, grad_out, tensors, x_grad=x_grad)
 
 
 def _refuse_functorch() -> None:

@@ -379,6 +379,21 @@ class _Analysis:
                 f"permute back as ConvNeXt blocks do")
         return self._pruned(out.index, env)
 
+    def _refuse_unused_update(self, step: GraphStep) -> None:
+        """A training-mode normalisation whose output is unused still updates its running
+        statistics conventionally, once per forward; streaming computes whole-image
+        statistics only for what the output depends on, and would run it once per tile."""
+        node = next((n for n in self.graph.nodes if n.name == step.node), None)
+        if step.norm is None or node is None or not _updates_running(self.root, node):
+            return
+        raise StreamingError(
+            f"{step.name} is in training mode but the output does not use what it computes: "
+            f"conventionally it still updates its running statistics once per forward, "
+            f"but streaming finds whole-image statistics only for normalisations the output "
+            f"depends on, and would update them once per tile; remove the call, use its "
+            f"output, or put the layer in eval mode (.eval()) if its statistics should stay "
+            f"as they are{_source_line(node)}")
+
     def _pruned(self, out: int, env: dict) -> TracedGraph:
         """The steps the output depends on, renumbered in order; what the others compute
         that a tile may not run (refused values, windows) in ``unused``."""
@@ -391,6 +406,9 @@ class _Analysis:
         new = {old: k for k, old in enumerate(sorted(keep | {0}))}
         steps = tuple(dataclasses.replace(s, inputs=tuple(new[i] for i in s.inputs))
                       for old, s in enumerate(self.steps) if old in new)
+        for old, s in enumerate(self.steps):
+            if old not in new:
+                self._refuse_unused_update(s)
         refused = {id(v.error): f"{v.error}." for v in env.values() if isinstance(v, Refused)}
         windows = tuple(f"{s.name} is a {'window' if s.kind == 'window' else 'normalisation'} on a "
                         f"map the output does not use, which a tile may be too small for."
@@ -398,6 +416,14 @@ class _Analysis:
                         if old not in new and s.kind in ("window", "norm"))
         return TracedGraph(self.ndim, steps, self.graph, self.root,
                            getattr(self.graph, "streamcnn_calls", ()), tuple(refused.values()) + windows)
+
+
+def _updates_running(root: nn.Module, node: fx.Node) -> bool:
+    """Whether a normalisation layer's call updates running statistics (training mode)."""
+    if node.op != "call_module":
+        return False
+    m = root.get_submodule(node.target)
+    return m.training and getattr(m, "running_mean", None) is not None
 
 
 def _misplaced_map(ctx, handler, args, kwargs):

@@ -272,6 +272,29 @@ def test_state_dict_keys_are_the_unwrapped_modules():
         wrapped.load_state_dict({})
 
 
+def test_functional_call_with_the_state_dict_of_a_model_holding_streaming():
+    """``torch.func.functional_call(model, model.state_dict(), ...)``: the state dict's keys
+    are the unwrapped ones; Streaming resolves them (an AttributeError 'Streaming has no
+    attribute 0' before). Outputs and the gradients of the passed tensors equal the bare
+    model's, on ``autograd.grad``; the model's own parameters stay untouched."""
+    bare, wrapped = model(front(0)), model(Streaming(front(0), 12))
+    x = rand(1, 3, 30, 26)
+    runs = []
+    for net in (bare, wrapped):
+        tensors = {k: v.detach().clone().requires_grad_() for k, v in net.state_dict().items()
+                   if v.is_floating_point()}
+        y = torch.func.functional_call(net, tensors, (x,))
+        runs.append((y, torch.autograd.grad(y.pow(2).sum(), list(tensors.values())), list(tensors)))
+    (y0, g0, k0), (y1, g1, k1) = runs
+    assert k0 == k1
+    assert rel_err(y1, y0) <= F64
+    assert_same(list(g1), list(g0))
+    assert all(p.grad is None for p in wrapped.parameters())
+    assert getattr(wrapped[0], "0") is wrapped[0].module[0]
+    with pytest.raises(AttributeError):  # (no layer of that name: a plain miss)
+        wrapped[0].no_such_layer
+
+
 # ------------------------------------------------------------- 9. reparametrised and special layers
 
 @pytest.mark.parametrize("make", [
@@ -311,6 +334,31 @@ def test_grad_cam_hook_is_refused_with_a_clear_error():
     with pytest.raises(StreamingError, match="calls Tensor.register_hook on an activation.*register "
                                              "the hook on the Streaming module's output"):
         Streaming(net, 12)(rand(1, 3, 30, 26).requires_grad_())
+
+
+@pytest.mark.parametrize("kind", ["forward hook", "forward pre-hook", "forward hook with kwargs"])
+def test_forward_hooks_that_return_a_new_value_are_refused(kind):
+    """A forward hook that returns a new output runs on each tile: ``o.flip(-1)`` flips each
+    tile, not the map (110 % off, silently, before). Refused, naming the layer; a hook that
+    returns None or the output it was given still runs."""
+    net, x = front(), rand(1, 3, 30, 26)
+    if kind == "forward hook":
+        handle = net[3].register_forward_hook(lambda m, i, o: o.flip(-1))
+    elif kind == "forward pre-hook":
+        handle = net[3].register_forward_pre_hook(lambda m, args: (args[0].flip(-1),))
+    else:
+        handle = net[3].register_forward_hook(lambda m, a, kw, o: o * 2, with_kwargs=True)
+    net(x)  # conventionally fine
+    what = "input" if "pre" in kind else "output"
+    with pytest.raises(StreamingError, match=rf"a {kind.replace(' with kwargs', '')} on layer '3' "
+                                             rf"\(Conv2d\) returned a new {what}"):
+        Streaming(net, 12)(x)
+    handle.remove()
+    seen = []
+    net[3].register_forward_hook(lambda m, i, o: seen.append(o.shape) or o)  # returns o itself
+    net[3].register_forward_pre_hook(lambda m, args: None)
+    assert rel_err(Streaming(net, 12)(x), net(x)) <= F64
+    assert len(seen) > 2
 
 
 def test_hook_on_the_streamed_output_sees_the_whole_gradient():
@@ -483,7 +531,7 @@ def test_random_draws_outside_the_trace_are_refused(where):
     elif where == "numpy generator held by a layer":
         net = nn.Sequential(net, _GeneratorHeld())
     else:
-        net[1].register_forward_hook(lambda m, i, o: o * torch.rand(()).item())
+        net[1].register_forward_hook(lambda m, i, o: o.mul_(torch.rand(()).item()))  # (in place)
     message = (r"layer '1' \(_GeneratorHeld\) drew random numbers from its generator 'rng'"
                if "generator" in where else r"a tile drew random numbers")
     with pytest.raises(StreamingError, match=message):
@@ -517,7 +565,7 @@ def test_a_hook_whose_state_changes_on_every_call_is_refused():
     def hook(module, inputs, output):
         nonlocal calls
         calls += 1
-        return output * (1.0 if calls < 3 else 2.0)
+        output.mul_(1.0 if calls < 3 else 2.0)  # (returning a new output is refused outright)
 
     net[3].register_forward_hook(hook)
     _step(net, rand(1, 3, 30, 26), stream=False)

@@ -158,6 +158,33 @@ def test_module_on_the_input_device_is_the_same_path():
     assert_identical(run(net, x, normalise), reference(net, img))
 
 
+@pytest.mark.parametrize("kind", ["numpy", "memmap", "zarr"])
+def test_image_array_says_its_shape_dtype_and_source(kind, tmp_path):
+    """``shape``/``dtype`` are what the tile loop reads (channels first, a batch of one
+    added), so ``plan(net, x.shape, tile, input_dtype=x.dtype)`` plans exactly this input."""
+    hwc = image((1, 3, 40, 56))[0].transpose(1, 2, 0).copy()  # height 40, width 56, RGB
+    if kind == "memmap":
+        array = np.memmap(tmp_path / "slide.raw", np.uint8, "w+", shape=hwc.shape)
+        array[:] = hwc
+        source = f"numpy.memmap of {str(tmp_path / 'slide.raw')!r}"
+    elif kind == "zarr":
+        zarr = pytest.importorskip("zarr")
+        array = zarr.create_array(tmp_path / "slide.zarr", shape=hwc.shape, dtype=np.uint8,
+                                  chunks=(16, 16, 3))
+        array[:] = hwc
+        source = "zarr.Array"
+    else:
+        array, source = hwc, "numpy.ndarray"
+    x = ImageArray(array, "HWC")
+    assert x.shape == (1, 3, 40, 56) and x.ndim == 4 and x.dtype == torch.uint8
+    assert repr(x) == f"ImageArray(shape=(1, 3, 40, 56), dtype=uint8, layout='HWC', source={source})"
+    p = streamcnn.plan(front(), x.shape, 23, input_dtype=x.dtype, input_device="array",
+                       transform=normalise)
+    assert p.output_shape == tuple(Streaming(front(), 23, transform=normalise)(x).shape)
+    line = ImageArray(np.zeros((5, 9, 2), np.float32), "LNC")  # 1D, channels last
+    assert line.shape == (9, 2, 5) and line.ndim == 3 and line.dtype == torch.float32
+
+
 # ------------------------------------------------------------- bad input: clear errors, before any work
 
 class Failing(CountingArray):

@@ -357,6 +357,22 @@ def test_partially_transparent_pixels_are_composited_over_the_background():
     assert np.array_equal(whole[0, 1], fake.rgba[0, 1, :3])  # alpha 255: the pixel exactly
 
 
+@pytest.mark.parametrize("library", ["openslide", "tiffslide"])
+def test_a_slide_level_says_its_shape_dtype_and_source(slide, library):
+    """``from_slide(slide, level)`` is ``(1, 3, height, width)`` uint8, as the README says."""
+    module = pytest.importorskip(library)
+    reader = module.OpenSlide(slide[0]) if library == "openslide" else module.TiffSlide(slide[0])
+    kind = type(reader).__name__
+    with reader:
+        x = ImageArray.from_slide(reader, 1)
+        assert x.shape == (1, 3, 192, 256) and x.ndim == 4 and x.dtype == torch.uint8
+        assert repr(x) == (f"ImageArray(shape=(1, 3, 192, 256), dtype=uint8, layout='HWC', "
+                           f"source={kind} level 1)")
+        masked = ImageArray.from_slide(reader, 0, tissue=np.ones((96, 128), bool))
+        assert repr(masked) == (f"ImageArray(shape=(1, 3, 384, 512), dtype=uint8, layout='HWC', "
+                                f"source={kind} level 0, tissue-masked)")
+
+
 # ------------------------------------------------------------------ errors
 
 def test_a_failed_read_names_the_tile_and_the_call(slide, tmp_path):

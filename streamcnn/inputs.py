@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from . import rules
-from ._args import SHAPES
+from ._args import AXIS_NAMES, SHAPES
 from .trace import describe_layer
 
 def expected_ndim(module: nn.Module) -> int | None:
@@ -33,7 +33,23 @@ def check_shape(module: nn.Module, shape, what: str = "input") -> int:
     if expected is not None and expected != ndim:
         raise ValueError(f"the streamed layers are {expected}-d and expect {what} of shape "
                          f"{SHAPES[expected]}, got shape {tuple(shape)}")
+    check_sizes(shape, what)
     return ndim
+
+
+def check_sizes(shape, what: str = "input") -> None:
+    """Sizes a tile loop can cover: N, C >= 0 (an empty batch runs, as in torch) and at
+    least one pixel along each spatial axis (an image without pixels has no tiles)."""
+    names = ("batch size", "channel count") + AXIS_NAMES[len(shape) - 2]
+    negative = [f"{name} {n}" for name, n in zip(names[:2], shape[:2]) if n < 0]
+    empty = [f"{name} {n}" for name, n in zip(names[2:], shape[2:]) if n < 1]
+    if not negative and not empty:
+        return
+    start = f"the input has shape {tuple(shape)}:" if what == "input" else \
+        f"{what} {tuple(shape)} has"
+    why = ("a streamed image needs at least one pixel along each spatial axis" if empty
+           else "sizes cannot be negative (an empty batch, 0, is fine)")
+    raise ValueError(f"{start} {' and '.join(negative + empty)}; {why}")
 
 
 def module_device(module: nn.Module) -> torch.device | None:

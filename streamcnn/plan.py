@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ._args import AXIS_NAMES, normalize_tile_size
+from ._args import AXIS_NAMES, normalize_shape, normalize_tile_size
 from .geometry import AxisReceptiveField, axis_receptive_field, fields, lengths
 from .inputs import check_shape, module_device, module_dtype
 from .memory import graph_peak, no_grad_peak, probe
@@ -248,7 +248,7 @@ def plan(module: nn.Module, input_shape, tile_size, *, dtype: torch.dtype | None
     this input. ``str()`` of the result summarises it; ``.step_table()`` lists the
     traced graph step by step.
     """
-    input_shape = tuple(int(s) for s in input_shape)
+    input_shape = normalize_shape(input_shape)
     ndim = check_shape(module, input_shape, "input_shape")
     device = module_device(module) or torch.device("cpu")
     own_dtype = module_dtype(module) or torch.float32

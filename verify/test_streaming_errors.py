@@ -197,6 +197,30 @@ def test_image_too_small_for_the_layers():
         Streaming(net, 16)(x2d(1, 3, 9, 5))
 
 
+@pytest.mark.parametrize("x,message", [
+    (x2d(1, 3, 0, 0), r"the input has shape \(1, 3, 0, 0\): height 0 and width 0; a streamed image "
+                      r"needs at least one pixel along each spatial axis"),
+    (x2d(1, 3, 0, 20), r"the input has shape \(1, 3, 0, 20\): height 0;"),
+    (torch.zeros(1, 3, 20, 0).numpy(), r"the input has shape \(1, 3, 20, 0\): width 0;"),
+])
+@pytest.mark.parametrize("net", [lambda: nn.Sequential(conv()), lambda: nn.Sequential(nn.ReLU())],
+                         ids=["conv", "relu"])
+def test_an_image_without_pixels_is_refused_naming_its_shape(x, message, net):
+    """Conventional torch raises a kernel-size error for the convolution (and returns an empty
+    map for a ReLU): an image without pixels has no tiles, so streaming refuses both."""
+    with pytest.raises(ValueError, match=message):
+        Streaming(net(), 16)(x)
+
+
+def test_an_empty_batch_runs_as_conventionally():
+    net = nn.Sequential(conv(), nn.ReLU())
+    x = torch.zeros(0, 3, 32, 32, requires_grad=True)
+    y = Streaming(net, 16)(x)
+    assert y.shape == net(x).shape == (0, 4, 32, 32)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and torch.equal(net[0].weight.grad, torch.zeros_like(net[0].weight))
+
+
 def test_not_a_module():
     with pytest.raises(TypeError, match="Streaming needs an nn.Module"):
         Streaming(lambda x: x, 16)

@@ -53,12 +53,32 @@ def check_sizes(shape, what: str = "input") -> None:
 
 
 def module_device(module: nn.Module) -> torch.device | None:
-    """The one device of the module's parameters and buffers (None if it has none)."""
+    """The one device of the module's parameters and buffers (None if it has none). All on
+    the meta device is a device (``plan`` can plan such a module); some is an error."""
     devices = {t.device for t in list(module.parameters()) + list(module.buffers())}
+    if len(devices) > 1 and torch.device("meta") in devices:
+        check_materialised(module)
     if len(devices) > 1:
         raise ValueError(f"the streamed module has parameters or buffers on several devices "
                          f"{sorted(map(str, devices))}; move it to one with .to(device)")
     return devices.pop() if devices else None
+
+
+def check_materialised(module: nn.Module) -> None:
+    """Refuse a module with tensors on the meta device: they have a shape but no data, so
+    every tile would compute nothing (torch returns meta tensors, then fails in backward)."""
+    meta = [name for name, t in list(module.named_parameters()) + list(module.named_buffers())
+            if t.is_meta]
+    if not meta:
+        return
+    names = ", ".join(f"'{n}'" for n in meta[:3]) + (f" and {len(meta) - 3} more" if len(meta) > 3
+                                                     else "")
+    raise ValueError(
+        f"the streamed module has no data: {names} {'is' if len(meta) == 1 else 'are'} on the "
+        f"meta device (shapes only, as when built under torch.device('meta')). Materialise it "
+        f"first: module.to_empty(device=...) and then initialise its weights (reset_parameters() "
+        f"of each layer) or load them (load_state_dict); or load a state dict straight into it "
+        f"with module.load_state_dict(state, assign=True)")
 
 
 def module_dtype(module: nn.Module) -> torch.dtype | None:
@@ -72,6 +92,7 @@ def check_source(module: nn.Module, source, transform=None) -> int:
     an integer image needs a ``transform`` that makes each tile floating point.
     """
     ndim = check_shape(module, source.shape)
+    check_materialised(module)
     module_device(module)
     if source.dtype.is_floating_point or source.dtype.is_complex:
         pass

@@ -174,11 +174,34 @@ def test_dtype_mismatch():
 
 def test_module_on_several_devices():
     """An input on another device is fine (each tile is copied over); a module split
-    across devices is not."""
+    across devices is not (on a CPU-only machine the second device is meta, which has no
+    data: that is said first)."""
     net = nn.Sequential(conv(), nn.Conv2d(4, 4, 3).to("meta"))
-    with pytest.raises(ValueError, match=r"the streamed module has parameters or buffers on several "
-                                         r"devices \['cpu', 'meta'\]; move it to one"):
+    with pytest.raises(ValueError, match=r"the streamed module has no data: '1.weight', '1.bias' "
+                                         r"are on the meta device"):
         Streaming(net, 16)(x2d())
+    with pytest.raises(ValueError, match=r"the streamed module has no data"):
+        streamcnn.plan(net, (1, 3, 32, 32), 16)
+
+
+def test_a_module_on_the_meta_device_has_no_data():
+    """Conventional torch computes meta tensors from it (and fails in backward with "expected
+    device meta but got cpu"); streaming says what is missing and how to materialise it.
+    Wrapping it is fine (a model built on meta is materialised later), and so is planning."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, device="meta"), nn.ReLU())
+    model = Streaming(net, 16)
+    assert streamcnn.plan(net, (1, 3, 32, 32), 16).output_shape == (1, 4, 30, 30)
+    for x in (x2d(), x2d().numpy()):
+        with pytest.raises(ValueError, match=r"the streamed module has no data: '0.weight', '0.bias' "
+                                             r"are on the meta device \(shapes only, as when built "
+                                             r"under torch.device\('meta'\)\). Materialise it first: "
+                                             r"module.to_empty\(device=...\) and then initialise its "
+                                             r"weights \(reset_parameters\(\) of each layer\)"):
+            model(x)
+    net.to_empty(device="cpu")
+    net[0].reset_parameters()
+    x = x2d()
+    torch.testing.assert_close(model(x), net(x))  # float32: summation order
 
 
 def test_channel_mismatch():

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from . import rules
 from ._args import AXIS_NAMES, SHAPES
-from .trace import describe_layer
+from .trace import autocasting, layer_tensors, tensor_owner
 
 def expected_ndim(module: nn.Module) -> int | None:
     """Spatial rank implied by the first 1d/2d layer in ``module`` (None if none says)."""
@@ -94,41 +94,23 @@ def check_source(module: nn.Module, source, transform=None) -> int:
     ndim = check_shape(module, source.shape)
     check_materialised(module)
     module_device(module)
-    if source.dtype.is_floating_point or source.dtype.is_complex:
-        pass
-    elif transform is None:
+    if transform is not None:
+        return ndim  # the transform decides the dtype the module sees (checked on each tile)
+    if not (source.dtype.is_floating_point or source.dtype.is_complex):
         raise TypeError(
             f"the input is {source.dtype}: give Streaming a transform that makes each tile "
             f"floating point on the module's device, e.g. Streaming(module, tile_size, "
             f"transform=lambda t: t.float() / 255)")
-    if transform is not None:
-        return ndim  # the transform decides the dtype the module sees
-    device = source.device.type if source.device.type in ("cpu", "cuda") else None
-    autocast = device is not None and torch.is_autocast_enabled(device)
-    for name, p in _layer_tensors(module):
-        if p.is_floating_point() and p.dtype != source.dtype and not autocast:
-            raise TypeError(f"the input is {source.dtype} but {_owner(module, name)} has "
-                            f"{_attr(name)} of dtype {p.dtype}; convert one of them, e.g. "
-                            f"x.to({p.dtype}), or pass a transform that does")
+    check_input_dtype(module, source.dtype, source.device.type)
     return ndim
 
 
-def _layer_tensors(module: nn.Module):
-    """(name, tensor) of the parameters and buffers of torch layers that compute in their
-    input's dtype (convolutions, norms, Linear): a mismatch there fails in torch too. Other
-    tensors (a float32 buffer of a custom layer in a float64 model) may be promoted or
-    unused, so they are left to torch."""
-    for path, m in module.named_modules():
-        if type(m) in rules.MODULES:
-            prefix = f"{path}." if path else ""
-            for name, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
-                yield prefix + name, t
-
-
-def _owner(module: nn.Module, name: str) -> str:
-    path = name.rpartition(".")[0]
-    return describe_layer(path, type(module.get_submodule(path)).__name__)
-
-
-def _attr(name: str) -> str:
-    return name.rpartition(".")[2]
+def check_input_dtype(module: nn.Module, dtype: torch.dtype, device_type: str) -> None:
+    """An input the module's torch layers take: their dtype, or any with autocast on."""
+    if autocasting(device_type):
+        return
+    for name, p in layer_tensors(module):
+        if p.is_floating_point() and p.dtype != dtype:
+            raise TypeError(f"the input is {dtype} but {tensor_owner(module, name)} has "
+                            f"{name.rpartition('.')[2]} of dtype {p.dtype}; convert one of them, "
+                            f"e.g. x.to({p.dtype}), or pass a transform that does")

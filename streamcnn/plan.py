@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from ._args import AXIS_NAMES, normalize_shape, normalize_tile_size
 from .geometry import AxisReceptiveField, axis_receptive_field, fields, lengths
-from .inputs import check_shape, module_device, module_dtype
+from .inputs import check_input_dtype, check_shape, module_device, module_dtype
 from .memory import graph_peak, no_grad_peak, probe
 from .norms import levels, norm_calls
 from .tiling import tile_image
@@ -261,6 +261,8 @@ def plan(module: nn.Module, input_shape, tile_size, *, dtype: torch.dtype | None
     if requires_input_grad and location == "array":
         raise ValueError("an array read tile by tile cannot require a gradient; pass a "
                          "floating-point tensor that requires grad for a saliency map")
+    if transform is None and (input_dtype.is_floating_point or input_dtype.is_complex):
+        check_input_dtype(module, input_dtype, device.type)  # (a transform's: in the probe)
     n, channels, spatial = input_shape[0], input_shape[1], input_shape[2:]
     graph = analyse(module, ndim, channels, batch=n, dtype=input_dtype, device=device,
                     transform=transform)

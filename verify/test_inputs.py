@@ -246,6 +246,29 @@ def test_bad_transform(transform, message):
         Streaming(front(), 23, transform=transform)(image())
 
 
+class ToDouble(nn.Module):
+    def forward(self, t):
+        return t.double() / 255
+
+
+@pytest.mark.parametrize("transform,name", [(normalise, "'normalise'"), (ToDouble(), r"\(ToDouble\)"),
+                                            (lambda t: t.double(), r"\(a lambda\)")])
+def test_a_transform_in_another_dtype_than_the_module(transform, name):
+    """A float64 transform before a float32 network: torch said "Input type (double) and bias
+    type (float) should be the same"; Streaming and plan name the transform, both dtypes and
+    the layer, and the fix."""
+    net = front().float()
+    message = (rf"the transform {name} returned a torch.float64 tile but layer '0' \(Conv2d\) has "
+               rf"weight of dtype torch.float32: make the transform return torch.float32, e.g. end "
+               rf"it with \.float\(\) \(or convert the module with \.to\(torch.float64\)\)")
+    with pytest.raises(StreamingError, match=message):
+        Streaming(net, 23, transform=transform)(image())
+    with pytest.raises(StreamingError, match=message):
+        streamcnn.plan(net, (2, 3, 75, 61), 23, input_dtype=torch.uint8, transform=transform)
+    fixed = Streaming(net, 23, transform=lambda t: t.double().float() / 255)(image())
+    assert fixed.dtype == torch.float32
+
+
 def test_integer_input_needs_a_transform_and_cannot_require_grad():
     with pytest.raises(TypeError, match=r"the input is torch.uint8: give Streaming a transform"):
         Streaming(front(), 23)(image())

@@ -165,6 +165,9 @@ def test_dtype_mismatch():
     with pytest.raises(TypeError, match=r"the input is torch.float64 but layer '0' \(Conv2d\) has "
                                         r"weight of dtype torch.float32"):
         model(x2d(dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"the input is torch.float64 but layer '0' \(Conv2d\) has "
+                                        r"weight of dtype torch.float32"):  # plan: was torch's
+        model.plan((1, 3, 32, 32), input_dtype=torch.float64)       # "Input type (double)..."
     with pytest.raises(TypeError, match=r"the input is torch.int64: give Streaming a transform that "
                                         r"makes each tile floating point"):
         model(torch.ones(1, 3, 32, 32, dtype=torch.long))

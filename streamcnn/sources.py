@@ -127,8 +127,9 @@ class ImageArray:
         scanned area) are composited over ``background``, an RGB colour.
 
         ``tissue``: a boolean mask over the whole slide (True: tissue), e.g.
-        :func:`streamcnn.slides.tissue_mask`; pixels outside it are read as
-        ``background``, which changes the image the network sees.
+        :func:`streamcnn.slides.tissue_mask`, at any resolution but with the slide's
+        aspect ratio (up to a pixel of rounding; another is refused); pixels outside it
+        are read as ``background``, which changes the image the network sees.
 
             >>> slide = openslide.OpenSlide("biopsy.svs")
             >>> out = streaming(ImageArray.from_slide(slide, level=1))

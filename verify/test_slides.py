@@ -15,6 +15,7 @@ box.
 The libraries come with the ``slides`` extra; each test skips cleanly without its library.
 """
 
+import math
 import re
 import shutil
 from pathlib import Path
@@ -26,7 +27,7 @@ import torch.nn as nn
 
 import streamcnn
 from streamcnn import ImageArray, Streaming
-from streamcnn.slides import SlideArray, otsu_threshold, saturation, tissue_mask
+from streamcnn.slides import SlideArray, check_tissue, otsu_threshold, saturation, tissue_mask
 from verify.checks import assert_rel
 from verify.test_inputs import normalise  # uint8 tile -> normalised float64
 
@@ -417,6 +418,33 @@ def test_bad_arguments_say_what_would_work(slide):
 
 
 # ------------------------------------------------------------------ tissue masks
+
+def test_a_tissue_mask_of_another_aspect_ratio_is_refused(slide):
+    """A mask is resampled over the whole level, so one of another shape was once stretched
+    silently. A mask of any level of the slide fits, one pixel of rounding either way too
+    (level sizes are level 0's divided and rounded, differently by each library)."""
+    openslide = pytest.importorskip("openslide")
+    with openslide.OpenSlide(slide[0]) as reader:  # level 0: 384 x 512 (height x width)
+        for shape in [(384, 512), (192, 256), (96, 128), (97, 128), (96, 127), (3, 4), (768, 1024)]:
+            ImageArray.from_slide(reader, 1, tissue=np.ones(shape, bool))
+        with pytest.raises(ValueError, match=r"the tissue mask has shape \(24, 40\) \(height, width\), "
+                                             r"aspect ratio 1.667 \(width / height\), but the slide "
+                                             r"level is 192x256 \(height x width\), aspect ratio "
+                                             r"1.333: the mask must cover the whole slide.*a mask 24 "
+                                             r"pixels high would be about 32 wide"):
+            ImageArray.from_slide(reader, 1, tissue=np.ones((24, 40), bool))
+        with pytest.raises(ValueError, match=r"shape \(98, 128\).*about 131 wide"):
+            ImageArray.from_slide(reader, 0, tissue=np.ones((98, 128), bool))
+    # OpenSlide-like sizes of an odd level 0: each level's size rounded down or up
+    height, width = 100001, 75003
+    for level, mask in [(1, 32), (4, 64), (16, 128)]:
+        for r1 in (math.floor, math.ceil):
+            for r2 in (math.floor, math.ceil):
+                check_tissue(np.ones((r2(height / mask), r2(width / mask)), bool),
+                             (r1(height / level), r1(width / level)))
+    with pytest.raises(ValueError, match=r"is the mask transposed"):
+        check_tissue(np.ones((width // 32, height // 32), bool), (height, width))
+
 
 def tissue_slide(seed=5):
     """512 x 512: near-white glass with an ellipse of pink tissue at (200, 300)."""

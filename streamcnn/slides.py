@@ -86,6 +86,7 @@ class SlideArray:
         self.dtype = np.dtype(np.uint8)
         self.downsample = float(slide.level_downsamples[self.level])
         self.tissue = None if tissue is None else check_tissue(tissue, self.shape[:2])
+        self.calls = 0  # read_region calls so far (a region without tissue makes none)
 
     def __repr__(self) -> str:
         masked = ", tissue-masked" if self.tissue is not None else ""
@@ -106,6 +107,7 @@ class SlideArray:
                     level0_location(rows.start, self.downsample))
         size = (len(cols), len(rows))
         call = f"{type(self.slide).__name__}.read_region({location}, {self.level}, {size})"
+        self.calls += 1
         try:
             image = self.slide.read_region(location, self.level, size)
         except Exception as err:

@@ -41,12 +41,16 @@ class Source(Protocol):
     tensor on ``device``. ``fresh`` says whether every read is new memory: a source
     whose reads may be views of the caller's tensor sets it False and holds that tensor
     as ``.tensor``, so the loop copies a tile before the module can change it in place.
+    ``reads`` counts the reads from the source's storage so far: one per ``read``, except
+    for a slide level with a tissue mask, whose regions without tissue are not read (only
+    its ``read_region`` calls count). The tile loop reads one tile at a time.
     """
 
     shape: tuple
     dtype: torch.dtype
     device: torch.device
     fresh: bool
+    reads: int
 
     def read(self, box: tuple, origin: tuple) -> torch.Tensor: ...
 
@@ -166,8 +170,10 @@ class TensorSource:
         self.tensor = x
         self.shape, self.dtype, self.device = tuple(x.shape), x.dtype, x.device
         self.fresh = False  # reads are views of the caller's tensor
+        self.reads = 0
 
     def read(self, box: tuple, origin) -> torch.Tensor:
+        self.reads += 1
         return self.tensor[box]
 
 
@@ -181,6 +187,7 @@ class ArraySource:
         self.order = ("N", "C") + tuple(_SPATIAL[ndim])  # channels-first dimension names
         self.shape, self.dtype, self.device = image.shape, image.dtype, torch.device("cpu")
         self.fresh = True
+        self.reads = 0
         self.release = _page_releaser(self.array)
 
     def read(self, box: tuple, origin) -> torch.Tensor:
@@ -188,8 +195,11 @@ class ArraySource:
         index = tuple(by_name[d] for d in self.layout)
         expected = tuple(len(range(*by_name[d].indices(self.shape[k])))
                          for k, d in enumerate(self.order))
+        slide = self.array if isinstance(self.array, SlideArray) else None
+        calls = slide.calls if slide is not None else 0
         try:
             data = np.array(self.array[index], copy=True)
+            self.reads += slide.calls - calls if slide is not None else 1
         except Exception as err:
             raise OSError(f"reading the input tile at {origin} (pixel offsets per spatial axis) "
                           f"failed: {type(err).__name__}: {err}") from err

@@ -492,6 +492,27 @@ def test_tissue_masked_reads(tmp_path):
     assert counting.reads == with_tissue + with_tissue
 
 
+@pytest.mark.parametrize("dedup", [False, True])
+def test_stats_count_the_regions_read_not_the_tiles(tmp_path, dedup):
+    """``last_stats``' reads are the read_region calls each pass made: tiles without tissue
+    are filled with the background colour and not read, so they are not counted (they once
+    were: 84 reads counted for 50 calls); without a mask every tile is one call."""
+    openslide = pytest.importorskip("openslide")
+    image, _ = tissue_slide()
+    with openslide.OpenSlide(write_tiff(tmp_path / "tissue.tif", pyramid(image))) as reader:
+        for mask in (tissue_mask(reader), None):
+            counting = CountingSlide(reader)
+            streaming = Streaming(small_net(), 128, transform=normalise, dedup=dedup)
+            streaming(ImageArray.from_slide(counting, 0, tissue=mask)).sum().backward()
+            stats = streaming.last_stats
+            assert stats.forward.reads + stats.backward.reads == len(counting.reads)
+            if mask is None:  # every tile read once (dedup: and re-reads to compare)
+                assert (stats.forward.reads >= stats.forward.tiles) if dedup else \
+                    (stats.forward.reads == stats.forward.tiles)
+            else:
+                assert 0 < stats.forward.reads < stats.forward.tiles
+
+
 def test_otsu_threshold_agrees_with_scikit_image():
     """Our few-line Otsu against scikit-image's (an oracle we did not write), on the
     saturation of the tissue slide and on two-peaked random values."""

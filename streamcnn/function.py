@@ -106,9 +106,10 @@ class TileRunner:
     def read(self, source, tile: Tile) -> torch.Tensor:
         """A tile of the input. Reads of an array (a buffer a loader may refill, a file) are
         fingerprinted in the forward and checked in the backward, which reads them again."""
+        before = source.reads
         raw = source.read(tile.inp, tile.origin)
-        if self._reading is not None:
-            self._reading.reads += 1
+        if self._reading is not None:  # (a slide's tiles without tissue are not read)
+            self._reading.reads += source.reads - before
         if source.fresh:
             key, value = tile.origin, digest(raw)
             if self.digests.setdefault(key, value) != value:

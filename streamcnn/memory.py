@@ -61,6 +61,9 @@ class _Probe(fx.Interpreter):
 
     def __init__(self, graph: TracedGraph):
         super().__init__(fx.GraphModule(graph.root, graph.graph))
+        self.extra_traceback = False  # raise as the tile loop would (no fx node notes)
+        self.pipeline = graph.root
+        self.tile = None  # the input
         self.current = None
         self.outputs: dict = {}
         self.saved: list = []
@@ -72,6 +75,10 @@ class _Probe(fx.Interpreter):
         self.current = n.name
         out = super().run_node(n)
         self.outputs[n.name] = out
+        if n.op == "placeholder":
+            self.tile = out
+        if n.meta.get("streamcnn_transformed"):  # checked as Streaming checks every tile
+            self.pipeline.check_transformed(self.tile, out)
         return out
 
     def pack(self, t):

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ._args import AXIS_NAMES, normalize_tile_size
+from ._args import AXIS_NAMES, normalize_shape, normalize_tile_size
 from .geometry import AxisReceptiveField, axis_receptive_field, fields, lengths
-from .inputs import check_shape, module_device, module_dtype
+from .inputs import check_input_dtype, check_shape, module_device, module_dtype
 from .memory import graph_peak, no_grad_peak, probe
 from .norms import levels, norm_calls
 from .tiling import tile_image
@@ -248,7 +248,7 @@ def plan(module: nn.Module, input_shape, tile_size, *, dtype: torch.dtype | None
     this input. ``str()`` of the result summarises it; ``.step_table()`` lists the
     traced graph step by step.
     """
-    input_shape = tuple(int(s) for s in input_shape)
+    input_shape = normalize_shape(input_shape)
     ndim = check_shape(module, input_shape, "input_shape")
     device = module_device(module) or torch.device("cpu")
     own_dtype = module_dtype(module) or torch.float32
@@ -261,6 +261,8 @@ def plan(module: nn.Module, input_shape, tile_size, *, dtype: torch.dtype | None
     if requires_input_grad and location == "array":
         raise ValueError("an array read tile by tile cannot require a gradient; pass a "
                          "floating-point tensor that requires grad for a saliency map")
+    if transform is None and (input_dtype.is_floating_point or input_dtype.is_complex):
+        check_input_dtype(module, input_dtype, device.type)  # (a transform's: in the probe)
     n, channels, spatial = input_shape[0], input_shape[1], input_shape[2:]
     graph = analyse(module, ndim, channels, batch=n, dtype=input_dtype, device=device,
                     transform=transform)

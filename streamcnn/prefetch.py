@@ -39,7 +39,9 @@ class PassStats:
 
     ``tiles``: tiles of the image the pass covered; ``computed``: tiles it ran through the
     module (the others reused an identical earlier tile's result: :mod:`streamcnn.dedup`);
-    ``reads``: source reads, re-reads for exact pixel comparisons included. Seconds:
+    ``reads``: reads from the input's storage (one per tile read, re-reads for exact pixel
+    comparisons included; for a slide with a tissue mask, only the ``read_region`` calls: a
+    tile without tissue is filled with the background colour, not read). Seconds:
     ``read_s`` reading (and fingerprinting and comparing) tiles, on whichever thread read
     them; ``wait_s`` the tile loop waiting for a read (about ``read_s`` without
     prefetching, less with it); ``wall_s`` the whole pass; ``compute_s`` = ``wall_s -

@@ -86,6 +86,7 @@ class SlideArray:
         self.dtype = np.dtype(np.uint8)
         self.downsample = float(slide.level_downsamples[self.level])
         self.tissue = None if tissue is None else check_tissue(tissue, self.shape[:2])
+        self.calls = 0  # read_region calls so far (a region without tissue makes none)
 
     def __repr__(self) -> str:
         masked = ", tissue-masked" if self.tissue is not None else ""
@@ -106,6 +107,7 @@ class SlideArray:
                     level0_location(rows.start, self.downsample))
         size = (len(cols), len(rows))
         call = f"{type(self.slide).__name__}.read_region({location}, {self.level}, {size})"
+        self.calls += 1
         try:
             image = self.slide.read_region(location, self.level, size)
         except Exception as err:
@@ -248,11 +250,32 @@ def check_tissue(tissue, level_shape: tuple[int, int]) -> np.ndarray:
         raise ValueError(f"tissue must be a 2-D boolean array over the whole slide (True where "
                          f"there is tissue), such as streamcnn.slides.tissue_mask(slide) "
                          f"gives; got an array of shape {mask.shape} and dtype {mask.dtype}")
-    (h, w), (height, width) = mask.shape, level_shape
-    if h != w and height != width and (h > w) != (height > width):
-        raise ValueError(f"the tissue mask has shape {mask.shape} (height, width) but the slide "
-                         f"is {height}x{width} (height x width): is the mask transposed?")
+    if not covers(mask.shape, level_shape):
+        (h, w), (height, width) = mask.shape, level_shape
+        hint = ("is the mask transposed?" if covers(mask.shape[::-1], level_shape) else
+                f"a mask {h} pixels high would be about {round(h * width / height)} wide")
+        raise ValueError(
+            f"the tissue mask has shape {mask.shape} (height, width), aspect ratio {w / h:.4g} "
+            f"(width / height), but the slide level is {height}x{width} (height x width), aspect "
+            f"ratio {width / height:.4g}: the mask must cover the whole slide, as a mask of one "
+            f"of its levels does (tissue_mask(slide) gives the smallest level's); {hint}")
     return mask
+
+
+def covers(mask_shape, level_shape) -> bool:
+    """Whether a mask of ``mask_shape`` can be a resampling of the whole level: one scale
+    (level pixels per mask pixel) fits both axes up to rounding - each length may be one
+    pixel off at the mask's resolution or at the level's, as the levels of a pyramid are
+    (OpenSlide's and TiffSlide's level sizes are level 0's divided and rounded)."""
+    lows, highs = zip(*(_scales(length, n) for length, n in zip(level_shape, mask_shape)))
+    return max(lows) <= min(highs)
+
+
+def _scales(length: int, n: int) -> tuple[float, float]:
+    """The scales for which ``n`` mask pixels span ``length`` level pixels, up to a pixel."""
+    low = min(length / (n + 1), (length - 1) / n)
+    high = max(length / (n - 1) if n > 1 else math.inf, (length + 1) / n)
+    return low, high
 
 
 def _region(index, shape) -> tuple[range, range, slice]:

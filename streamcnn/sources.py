@@ -41,12 +41,16 @@ class Source(Protocol):
     tensor on ``device``. ``fresh`` says whether every read is new memory: a source
     whose reads may be views of the caller's tensor sets it False and holds that tensor
     as ``.tensor``, so the loop copies a tile before the module can change it in place.
+    ``reads`` counts the reads from the source's storage so far: one per ``read``, except
+    for a slide level with a tissue mask, whose regions without tissue are not read (only
+    its ``read_region`` calls count). The tile loop reads one tile at a time.
     """
 
     shape: tuple
     dtype: torch.dtype
     device: torch.device
     fresh: bool
+    reads: int
 
     def read(self, box: tuple, origin: tuple) -> torch.Tensor: ...
 
@@ -58,6 +62,9 @@ class ImageArray:
     axes ``H``, ``W`` (2D) or ``L`` (1D), e.g. ``"NHWC"`` for a channels-last batch or
     ``"HWC"`` for one RGB slide (the batch of one is added). Default: channels-first
     with a batch, ``"NCHW"`` for 4 dimensions, ``"NCL"`` for 3.
+
+    ``shape`` is the image as streamed, ``(N, C, *spatial)``, and ``dtype`` the torch dtype
+    of its tiles, so ``plan(module, x.shape, tile, input_dtype=x.dtype, ...)`` plans it.
 
         >>> slide = np.memmap("slide.raw", np.uint8, "r", shape=(65536, 65536, 3))
         >>> out = streaming(ImageArray(slide, "HWC"))
@@ -85,6 +92,32 @@ class ImageArray:
                 f"(channels) and H, W (2D) or L (1D), e.g. 'NCHW', 'NHWC' or 'HWC'")
         self.array, self.layout = array, layout
 
+    @property
+    def shape(self) -> tuple:
+        """``(N, C, *spatial)`` as streamed: channels first, a batch of one added where the
+        layout has no ``N`` (``(1, 3, height, width)`` for a slide level)."""
+        sizes = dict(zip(self.layout, self.array.shape))
+        spatial = [d for d in self.layout if d not in "NC"]
+        return tuple(int(sizes.get(d, 1)) for d in ("N", "C", *_SPATIAL[len(spatial)]))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The torch dtype of every tile read (the array's, as torch names it): what
+        ``plan(..., input_dtype=x.dtype)`` takes, and what a ``transform`` receives."""
+        return torch_dtype(self.array.dtype)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __repr__(self) -> str:
+        try:
+            dtype = str(self.dtype).replace("torch.", "")
+        except TypeError:  # torch has no such dtype: say the array's
+            dtype = str(self.array.dtype)
+        return (f"ImageArray(shape={self.shape}, dtype={dtype}, layout={self.layout!r}, "
+                f"source={_describe(self.array)})")
+
     @classmethod
     def from_slide(cls, slide, level: int = 0, *, background=WHITE,
                    tissue=None) -> "ImageArray":
@@ -98,8 +131,9 @@ class ImageArray:
         scanned area) are composited over ``background``, an RGB colour.
 
         ``tissue``: a boolean mask over the whole slide (True: tissue), e.g.
-        :func:`streamcnn.slides.tissue_mask`; pixels outside it are read as
-        ``background``, which changes the image the network sees.
+        :func:`streamcnn.slides.tissue_mask`, at any resolution but with the slide's
+        aspect ratio (up to a pixel of rounding; another is refused); pixels outside it
+        are read as ``background``, which changes the image the network sees.
 
             >>> slide = openslide.OpenSlide("biopsy.svs")
             >>> out = streaming(ImageArray.from_slide(slide, level=1))
@@ -107,8 +141,22 @@ class ImageArray:
         return cls(SlideArray(slide, level, background=background, tissue=tissue), "HWC")
 
 
+def _describe(array) -> str:
+    """What an image is read from, for ``repr``: a slide's reader and level, a memmap's
+    file, else the array's type (``numpy.ndarray``, ``zarr.Array``, ``h5py.Dataset``)."""
+    if isinstance(array, SlideArray):
+        masked = ", tissue-masked" if array.tissue is not None else ""
+        return f"{type(array.slide).__name__} level {array.level}{masked}"
+    if isinstance(array, np.memmap) and getattr(array, "filename", None):
+        return f"numpy.memmap of {str(array.filename)!r}"
+    kind = type(array)
+    return f"{kind.__module__.partition('.')[0]}.{kind.__qualname__}"
+
+
 def torch_dtype(dtype) -> torch.dtype:
     """The torch dtype of an array's numpy dtype (a clear error if torch has none)."""
+    if isinstance(dtype, torch.dtype):  # an ImageArray of a tensor
+        return dtype
     try:
         return torch.from_numpy(np.empty(0, dtype=np.dtype(dtype))).dtype
     except TypeError as err:
@@ -122,8 +170,10 @@ class TensorSource:
         self.tensor = x
         self.shape, self.dtype, self.device = tuple(x.shape), x.dtype, x.device
         self.fresh = False  # reads are views of the caller's tensor
+        self.reads = 0
 
     def read(self, box: tuple, origin) -> torch.Tensor:
+        self.reads += 1
         return self.tensor[box]
 
 
@@ -135,10 +185,9 @@ class ArraySource:
         self.spatial = [d for d in self.layout if d not in "NC"]
         ndim = len(self.spatial)
         self.order = ("N", "C") + tuple(_SPATIAL[ndim])  # channels-first dimension names
-        sizes = dict(zip(self.layout, self.array.shape))
-        self.shape = tuple(int(sizes.get(d, 1)) for d in self.order)
-        self.dtype, self.device = torch_dtype(self.array.dtype), torch.device("cpu")
+        self.shape, self.dtype, self.device = image.shape, image.dtype, torch.device("cpu")
         self.fresh = True
+        self.reads = 0
         self.release = _page_releaser(self.array)
 
     def read(self, box: tuple, origin) -> torch.Tensor:
@@ -146,8 +195,11 @@ class ArraySource:
         index = tuple(by_name[d] for d in self.layout)
         expected = tuple(len(range(*by_name[d].indices(self.shape[k])))
                          for k, d in enumerate(self.order))
+        slide = self.array if isinstance(self.array, SlideArray) else None
+        calls = slide.calls if slide is not None else 0
         try:
             data = np.array(self.array[index], copy=True)
+            self.reads += slide.calls - calls if slide is not None else 1
         except Exception as err:
             raise OSError(f"reading the input tile at {origin} (pixel offsets per spatial axis) "
                           f"failed: {type(err).__name__}: {err}") from err

@@ -118,18 +118,78 @@ class Pipeline(nn.Module):
         super().__init__()
         self.module = module
         self.transform = transform
+        self.layer_dtypes = [(n, t.dtype) for n, t in layer_tensors(module) if t.is_floating_point()]
 
     def forward(self, x):
         if self.transform is None:
             return self.module(x)
         y = self.transform(x)
-        if isinstance(y, torch.Tensor) and not isinstance(y, fx.Proxy) and (
-                not y.is_floating_point() or y.shape[2:] != x.shape[2:] or y.dim() != x.dim()):
+        if isinstance(y, fx.Proxy):  # tracing: mark the transformed tile for plan's probe
+            y.node.meta["streamcnn_transformed"] = True
+        elif isinstance(y, torch.Tensor):
+            self.check_transformed(x, y)
+        return self.module(y)
+
+    def check_transformed(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """A transformed tile the module can take: floating point, the tile's spatial shape,
+        and the dtype of the module's torch layers when they share one (they would fail on
+        another, as the input's dtype is checked without a transform) unless autocast casts
+        it. Layers of several dtypes (a module that casts inside) are left to torch."""
+        if not y.is_floating_point() or y.shape[2:] != x.shape[2:] or y.dim() != x.dim():
             raise StreamingError(
                 f"the transform turned a tile of shape {tuple(x.shape)} ({x.dtype}) into one of "
                 f"shape {tuple(y.shape)} ({y.dtype}); it must return a floating-point tile of the "
                 f"same spatial shape (it is applied to every tile, e.g. convert and normalise)")
-        return self.module(y)
+        if autocasting(y.device.type):
+            return
+        if len({d for _, d in self.layer_dtypes}) == 1 and self.layer_dtypes[0][1] != y.dtype:
+            name, dtype = self.layer_dtypes[0]
+            raise StreamingError(
+                f"the transform {describe_transform(self.transform)} returned a {y.dtype} tile "
+                f"but {tensor_owner(self.module, name)} has {name.rpartition('.')[2]} of dtype "
+                f"{dtype}: make the transform return {dtype}, e.g. end it with "
+                f"{cast(dtype)} (or convert the module with .to({y.dtype}))")
+
+
+def layer_tensors(module: nn.Module):
+    """(name, tensor) of the parameters and buffers of torch layers that compute in their
+    input's dtype (convolutions, norms, Linear): a mismatch there fails in torch too. Other
+    tensors (a float32 buffer of a custom layer in a float64 model) may be promoted or
+    unused, so they are left to torch."""
+    for path, m in module.named_modules():
+        if type(m) in rules.MODULES:
+            prefix = f"{path}." if path else ""
+            for name, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
+                yield prefix + name, t
+
+
+def tensor_owner(module: nn.Module, name: str) -> str:
+    """The layer that holds the parameter or buffer ``name`` of ``module``, described."""
+    path = name.rpartition(".")[0]
+    return describe_layer(path, type(module.get_submodule(path)).__name__)
+
+
+def autocasting(device_type: str) -> bool:
+    """Whether autocast is on for this device type (then layers cast their inputs)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except (RuntimeError, AttributeError):  # a device type without autocast
+        return False
+
+
+def describe_transform(transform) -> str:
+    """A transform as a message names it: its function's name, its module type, or a lambda."""
+    if isinstance(transform, nn.Module):
+        return f"({type(transform).__name__})"
+    name = getattr(transform, "__qualname__", None) or type(transform).__name__
+    return "(a lambda)" if name.endswith("<lambda>") else f"'{name}'"
+
+
+def cast(dtype: torch.dtype) -> str:
+    """The Tensor method that converts to ``dtype``, as a user writes it."""
+    short = {torch.float32: ".float()", torch.float64: ".double()", torch.float16: ".half()",
+             torch.bfloat16: ".bfloat16()"}
+    return short.get(dtype, f".to({dtype})")
 
 
 def module_path(path: str) -> str:

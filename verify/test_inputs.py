@@ -158,6 +158,33 @@ def test_module_on_the_input_device_is_the_same_path():
     assert_identical(run(net, x, normalise), reference(net, img))
 
 
+@pytest.mark.parametrize("kind", ["numpy", "memmap", "zarr"])
+def test_image_array_says_its_shape_dtype_and_source(kind, tmp_path):
+    """``shape``/``dtype`` are what the tile loop reads (channels first, a batch of one
+    added), so ``plan(net, x.shape, tile, input_dtype=x.dtype)`` plans exactly this input."""
+    hwc = image((1, 3, 40, 56))[0].transpose(1, 2, 0).copy()  # height 40, width 56, RGB
+    if kind == "memmap":
+        array = np.memmap(tmp_path / "slide.raw", np.uint8, "w+", shape=hwc.shape)
+        array[:] = hwc
+        source = f"numpy.memmap of {str(tmp_path / 'slide.raw')!r}"
+    elif kind == "zarr":
+        zarr = pytest.importorskip("zarr")
+        array = zarr.create_array(tmp_path / "slide.zarr", shape=hwc.shape, dtype=np.uint8,
+                                  chunks=(16, 16, 3))
+        array[:] = hwc
+        source = "zarr.Array"
+    else:
+        array, source = hwc, "numpy.ndarray"
+    x = ImageArray(array, "HWC")
+    assert x.shape == (1, 3, 40, 56) and x.ndim == 4 and x.dtype == torch.uint8
+    assert repr(x) == f"ImageArray(shape=(1, 3, 40, 56), dtype=uint8, layout='HWC', source={source})"
+    p = streamcnn.plan(front(), x.shape, 23, input_dtype=x.dtype, input_device="array",
+                       transform=normalise)
+    assert p.output_shape == tuple(Streaming(front(), 23, transform=normalise)(x).shape)
+    line = ImageArray(np.zeros((5, 9, 2), np.float32), "LNC")  # 1D, channels last
+    assert line.shape == (9, 2, 5) and line.ndim == 3 and line.dtype == torch.float32
+
+
 # ------------------------------------------------------------- bad input: clear errors, before any work
 
 class Failing(CountingArray):
@@ -217,6 +244,29 @@ def test_wrong_channels_or_rank_fail_before_any_read():
 def test_bad_transform(transform, message):
     with pytest.raises(StreamingError, match=message):
         Streaming(front(), 23, transform=transform)(image())
+
+
+class ToDouble(nn.Module):
+    def forward(self, t):
+        return t.double() / 255
+
+
+@pytest.mark.parametrize("transform,name", [(normalise, "'normalise'"), (ToDouble(), r"\(ToDouble\)"),
+                                            (lambda t: t.double(), r"\(a lambda\)")])
+def test_a_transform_in_another_dtype_than_the_module(transform, name):
+    """A float64 transform before a float32 network: torch said "Input type (double) and bias
+    type (float) should be the same"; Streaming and plan name the transform, both dtypes and
+    the layer, and the fix."""
+    net = front().float()
+    message = (rf"the transform {name} returned a torch.float64 tile but layer '0' \(Conv2d\) has "
+               rf"weight of dtype torch.float32: make the transform return torch.float32, e.g. end "
+               rf"it with \.float\(\) \(or convert the module with \.to\(torch.float64\)\)")
+    with pytest.raises(StreamingError, match=message):
+        Streaming(net, 23, transform=transform)(image())
+    with pytest.raises(StreamingError, match=message):
+        streamcnn.plan(net, (2, 3, 75, 61), 23, input_dtype=torch.uint8, transform=transform)
+    fixed = Streaming(net, 23, transform=lambda t: t.double().float() / 255)(image())
+    assert fixed.dtype == torch.float32
 
 
 def test_integer_input_needs_a_transform_and_cannot_require_grad():

@@ -15,6 +15,7 @@ box.
 The libraries come with the ``slides`` extra; each test skips cleanly without its library.
 """
 
+import math
 import re
 import shutil
 from pathlib import Path
@@ -26,7 +27,7 @@ import torch.nn as nn
 
 import streamcnn
 from streamcnn import ImageArray, Streaming
-from streamcnn.slides import SlideArray, otsu_threshold, saturation, tissue_mask
+from streamcnn.slides import SlideArray, check_tissue, otsu_threshold, saturation, tissue_mask
 from verify.checks import assert_rel
 from verify.test_inputs import normalise  # uint8 tile -> normalised float64
 
@@ -357,6 +358,22 @@ def test_partially_transparent_pixels_are_composited_over_the_background():
     assert np.array_equal(whole[0, 1], fake.rgba[0, 1, :3])  # alpha 255: the pixel exactly
 
 
+@pytest.mark.parametrize("library", ["openslide", "tiffslide"])
+def test_a_slide_level_says_its_shape_dtype_and_source(slide, library):
+    """``from_slide(slide, level)`` is ``(1, 3, height, width)`` uint8, as the README says."""
+    module = pytest.importorskip(library)
+    reader = module.OpenSlide(slide[0]) if library == "openslide" else module.TiffSlide(slide[0])
+    kind = type(reader).__name__
+    with reader:
+        x = ImageArray.from_slide(reader, 1)
+        assert x.shape == (1, 3, 192, 256) and x.ndim == 4 and x.dtype == torch.uint8
+        assert repr(x) == (f"ImageArray(shape=(1, 3, 192, 256), dtype=uint8, layout='HWC', "
+                           f"source={kind} level 1)")
+        masked = ImageArray.from_slide(reader, 0, tissue=np.ones((96, 128), bool))
+        assert repr(masked) == (f"ImageArray(shape=(1, 3, 384, 512), dtype=uint8, layout='HWC', "
+                                f"source={kind} level 0, tissue-masked)")
+
+
 # ------------------------------------------------------------------ errors
 
 def test_a_failed_read_names_the_tile_and_the_call(slide, tmp_path):
@@ -402,6 +419,33 @@ def test_bad_arguments_say_what_would_work(slide):
 
 # ------------------------------------------------------------------ tissue masks
 
+def test_a_tissue_mask_of_another_aspect_ratio_is_refused(slide):
+    """A mask is resampled over the whole level, so one of another shape was once stretched
+    silently. A mask of any level of the slide fits, one pixel of rounding either way too
+    (level sizes are level 0's divided and rounded, differently by each library)."""
+    openslide = pytest.importorskip("openslide")
+    with openslide.OpenSlide(slide[0]) as reader:  # level 0: 384 x 512 (height x width)
+        for shape in [(384, 512), (192, 256), (96, 128), (97, 128), (96, 127), (3, 4), (768, 1024)]:
+            ImageArray.from_slide(reader, 1, tissue=np.ones(shape, bool))
+        with pytest.raises(ValueError, match=r"the tissue mask has shape \(24, 40\) \(height, width\), "
+                                             r"aspect ratio 1.667 \(width / height\), but the slide "
+                                             r"level is 192x256 \(height x width\), aspect ratio "
+                                             r"1.333: the mask must cover the whole slide.*a mask 24 "
+                                             r"pixels high would be about 32 wide"):
+            ImageArray.from_slide(reader, 1, tissue=np.ones((24, 40), bool))
+        with pytest.raises(ValueError, match=r"shape \(98, 128\).*about 131 wide"):
+            ImageArray.from_slide(reader, 0, tissue=np.ones((98, 128), bool))
+    # OpenSlide-like sizes of an odd level 0: each level's size rounded down or up
+    height, width = 100001, 75003
+    for level, mask in [(1, 32), (4, 64), (16, 128)]:
+        for r1 in (math.floor, math.ceil):
+            for r2 in (math.floor, math.ceil):
+                check_tissue(np.ones((r2(height / mask), r2(width / mask)), bool),
+                             (r1(height / level), r1(width / level)))
+    with pytest.raises(ValueError, match=r"is the mask transposed"):
+        check_tissue(np.ones((width // 32, height // 32), bool), (height, width))
+
+
 def tissue_slide(seed=5):
     """512 x 512: near-white glass with an ellipse of pink tissue at (200, 300)."""
     rng = np.random.default_rng(seed)
@@ -446,6 +490,27 @@ def test_tissue_masked_reads(tmp_path):
                    if np.repeat(np.repeat(mask, 4, 0), 4, 1)[r.start:r.stop, c.start:c.stop].any()]
     assert 0 < len(with_tissue) < len(boxes)
     assert counting.reads == with_tissue + with_tissue
+
+
+@pytest.mark.parametrize("dedup", [False, True])
+def test_stats_count_the_regions_read_not_the_tiles(tmp_path, dedup):
+    """``last_stats``' reads are the read_region calls each pass made: tiles without tissue
+    are filled with the background colour and not read, so they are not counted (they once
+    were: 84 reads counted for 50 calls); without a mask every tile is one call."""
+    openslide = pytest.importorskip("openslide")
+    image, _ = tissue_slide()
+    with openslide.OpenSlide(write_tiff(tmp_path / "tissue.tif", pyramid(image))) as reader:
+        for mask in (tissue_mask(reader), None):
+            counting = CountingSlide(reader)
+            streaming = Streaming(small_net(), 128, transform=normalise, dedup=dedup)
+            streaming(ImageArray.from_slide(counting, 0, tissue=mask)).sum().backward()
+            stats = streaming.last_stats
+            assert stats.forward.reads + stats.backward.reads == len(counting.reads)
+            if mask is None:  # every tile read once (dedup: and re-reads to compare)
+                assert (stats.forward.reads >= stats.forward.tiles) if dedup else \
+                    (stats.forward.reads == stats.forward.tiles)
+            else:
+                assert 0 < stats.forward.reads < stats.forward.tiles
 
 
 def test_otsu_threshold_agrees_with_scikit_image():

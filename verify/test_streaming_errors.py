@@ -165,6 +165,9 @@ def test_dtype_mismatch():
     with pytest.raises(TypeError, match=r"the input is torch.float64 but layer '0' \(Conv2d\) has "
                                         r"weight of dtype torch.float32"):
         model(x2d(dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"the input is torch.float64 but layer '0' \(Conv2d\) has "
+                                        r"weight of dtype torch.float32"):  # plan: was torch's
+        model.plan((1, 3, 32, 32), input_dtype=torch.float64)       # "Input type (double)..."
     with pytest.raises(TypeError, match=r"the input is torch.int64: give Streaming a transform that "
                                         r"makes each tile floating point"):
         model(torch.ones(1, 3, 32, 32, dtype=torch.long))
@@ -174,11 +177,34 @@ def test_dtype_mismatch():
 
 def test_module_on_several_devices():
     """An input on another device is fine (each tile is copied over); a module split
-    across devices is not."""
+    across devices is not (on a CPU-only machine the second device is meta, which has no
+    data: that is said first)."""
     net = nn.Sequential(conv(), nn.Conv2d(4, 4, 3).to("meta"))
-    with pytest.raises(ValueError, match=r"the streamed module has parameters or buffers on several "
-                                         r"devices \['cpu', 'meta'\]; move it to one"):
+    with pytest.raises(ValueError, match=r"the streamed module has no data: '1.weight', '1.bias' "
+                                         r"are on the meta device"):
         Streaming(net, 16)(x2d())
+    with pytest.raises(ValueError, match=r"the streamed module has no data"):
+        streamcnn.plan(net, (1, 3, 32, 32), 16)
+
+
+def test_a_module_on_the_meta_device_has_no_data():
+    """Conventional torch computes meta tensors from it (and fails in backward with "expected
+    device meta but got cpu"); streaming says what is missing and how to materialise it.
+    Wrapping it is fine (a model built on meta is materialised later), and so is planning."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, device="meta"), nn.ReLU())
+    model = Streaming(net, 16)
+    assert streamcnn.plan(net, (1, 3, 32, 32), 16).output_shape == (1, 4, 30, 30)
+    for x in (x2d(), x2d().numpy()):
+        with pytest.raises(ValueError, match=r"the streamed module has no data: '0.weight', '0.bias' "
+                                             r"are on the meta device \(shapes only, as when built "
+                                             r"under torch.device\('meta'\)\). Materialise it first: "
+                                             r"module.to_empty\(device=...\) and then initialise its "
+                                             r"weights \(reset_parameters\(\) of each layer\)"):
+            model(x)
+    net.to_empty(device="cpu")
+    net[0].reset_parameters()
+    x = x2d()
+    torch.testing.assert_close(model(x), net(x))  # float32: summation order
 
 
 def test_channel_mismatch():
@@ -195,6 +221,30 @@ def test_image_too_small_for_the_layers():
     with pytest.raises(ValueError, match=r"input is too small along width: 5 pixels give no output.*"
                                          r"at least 7 pixels"):
         Streaming(net, 16)(x2d(1, 3, 9, 5))
+
+
+@pytest.mark.parametrize("x,message", [
+    (x2d(1, 3, 0, 0), r"the input has shape \(1, 3, 0, 0\): height 0 and width 0; a streamed image "
+                      r"needs at least one pixel along each spatial axis"),
+    (x2d(1, 3, 0, 20), r"the input has shape \(1, 3, 0, 20\): height 0;"),
+    (torch.zeros(1, 3, 20, 0).numpy(), r"the input has shape \(1, 3, 20, 0\): width 0;"),
+])
+@pytest.mark.parametrize("net", [lambda: nn.Sequential(conv()), lambda: nn.Sequential(nn.ReLU())],
+                         ids=["conv", "relu"])
+def test_an_image_without_pixels_is_refused_naming_its_shape(x, message, net):
+    """Conventional torch raises a kernel-size error for the convolution (and returns an empty
+    map for a ReLU): an image without pixels has no tiles, so streaming refuses both."""
+    with pytest.raises(ValueError, match=message):
+        Streaming(net(), 16)(x)
+
+
+def test_an_empty_batch_runs_as_conventionally():
+    net = nn.Sequential(conv(), nn.ReLU())
+    x = torch.zeros(0, 3, 32, 32, requires_grad=True)
+    y = Streaming(net, 16)(x)
+    assert y.shape == net(x).shape == (0, 4, 32, 32)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and torch.equal(net[0].weight.grad, torch.zeros_like(net[0].weight))
 
 
 def test_not_a_module():

@@ -7,6 +7,7 @@ equal the whole image's; hand-derived numbers for the paper's Fig. 2 network.
 
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -207,3 +208,43 @@ def test_plan_1d():
     assert p.tile_size == (100,) and p.output_shape == (1, 4, 500)
     assert p.tile_starts[0][0] == 0 and p.tile_stops[0][-1] == 1000
     assert "length tile starts" in str(p)
+
+
+@pytest.mark.parametrize("shape,message", [
+    ((1, 3, -5, 32), r"input_shape \(1, 3, -5, 32\) has height -5; a streamed image needs at least "
+                     r"one pixel along each spatial axis"),
+    ((1, 3, 0, 32), r"input_shape \(1, 3, 0, 32\) has height 0; a streamed image needs"),
+    ((1, 3, 32, 0), r"input_shape \(1, 3, 32, 0\) has width 0;"),
+    ((-1, 3, 32, 32), r"input_shape \(-1, 3, 32, 32\) has batch size -1; sizes cannot be negative"),
+])
+def test_plan_refuses_sizes_without_pixels(shape, message):
+    """Once torch's "negative dimension" or kernel-size errors from inside the probe."""
+    with pytest.raises(ValueError, match=message):
+        streamcnn.plan(fig2(), shape, 16)
+
+
+@pytest.mark.parametrize("shape,message", [
+    ((1, 3, 32.5, 32), r"input_shape must be a tuple of ints such as \(1, 3, 4096, 4096\), got "
+                       r"\(1, 3, 32.5, 32\)"),  # was silently truncated to 32
+    ("1, 3, 32, 32", r"input_shape must be a tuple of ints"),
+    (torch.zeros(1, 3, 32, 32), r"input_shape must be a shape such as \(1, 3, 4096, 4096\), got a "
+                                r"Tensor of shape \(1, 3, 32, 32\); pass its .shape"),
+])
+def test_plan_input_shape_must_be_ints(shape, message):
+    with pytest.raises(TypeError, match=message):
+        streamcnn.plan(fig2(), shape, 16)
+
+
+def test_plan_tile_size_any_integer_or_a_clear_error():
+    """numpy and torch integers are integers; anything else says what a tile_size is."""
+    ref = streamcnn.plan(fig2(), (1, 3, 64, 64), 16)
+    assert streamcnn.plan(fig2(), torch.Size([1, 3, 64, 64]), np.int64(16)) == ref
+    assert streamcnn.plan(fig2(), np.array([1, 3, 64, 64]), (np.int32(16), 16)) == ref
+    for tile, error, message in [(0, ValueError, r"tile_size must be positive, got 0"),
+                                 ((16, -1), ValueError, r"tile_size must be positive, got \(16, -1\)"),
+                                 ((16,), ValueError, r"tile_size \(16,\) has 1 entries but the "
+                                                     r"input has 2 spatial axes"),
+                                 (16.0, TypeError, r"tile_size must be an int or a tuple of ints"),
+                                 (np.True_, TypeError, r"tile_size must be an int or a tuple of ints")]:
+        with pytest.raises(error, match=message):
+            streamcnn.plan(fig2(), (1, 3, 64, 64), tile)

@@ -86,7 +86,7 @@ def split_streamed(net: nn.Sequential, tile: int) -> nn.Sequential:
 
     net = copy.deepcopy(net)
     front = nn.Sequential(*net[:STREAMED_LAYERS])
-    return nn.Sequential(Streaming(front, tile), *net[STREAMED_LAYERS:])
+    return nn.Sequential(Streaming(front, tile, progress=False), *net[STREAMED_LAYERS:])
 
 
 @dataclass

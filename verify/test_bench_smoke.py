@@ -239,3 +239,24 @@ def test_memory_probe_column_is_left_out_only_where_no_point_has_a_probe():
     assert "mmap threshold fixed" not in without and "| 128 | 112 MiB | 105 MiB |" in without
     kept = _table_without_empty_probe(header, [[128, "112 MiB", "105 MiB", "105 MiB"], [256, "139 MiB", "–", "131 MiB"]])
     assert "mmap threshold fixed" in kept and "| 256 | 139 MiB | – | 131 MiB |" in kept
+
+
+def test_a_quick_run_says_where_it_writes_at_its_start_and_end(tmp_path, monkeypatch, capsys):
+    """`make bench QUICK=1` names its folder (not reports/) before measuring, and at the end
+    again with how much its scratch holds; the measuring itself is replaced by a stub."""
+    quick = tmp_path / "_raw" / "quick"
+    monkeypatch.setattr(run, "QUICK", dataclasses.replace(QUICK, out_dir=quick, raw_dir=quick))
+    said_first = []
+
+    def measured(cfg, args, device, started):
+        said_first.append(capsys.readouterr().out)
+        (cfg.raw_dir / "grads.pt").write_bytes(b"x" * 3_000_000)
+        return {"networks": {}}
+
+    monkeypatch.setattr(run, "full_run", measured)
+    monkeypatch.setattr(run, "pick_device", lambda: "cpu")
+    monkeypatch.setattr(run, "write_outputs", lambda cfg, results: None)
+    assert run.main(["--quick"]) == 0
+    first, last = said_first[0], capsys.readouterr().out
+    assert f"into {quick}/, not into reports/" in first
+    assert f"into {quick}/, not into reports/" in last and f"{quick}/ holds 3 MB" in last

@@ -260,3 +260,23 @@ def test_a_quick_run_says_where_it_writes_at_its_start_and_end(tmp_path, monkeyp
     first, last = said_first[0], capsys.readouterr().out
     assert f"into {quick}/, not into reports/" in first
     assert f"into {quick}/, not into reports/" in last and f"{quick}/ holds 3 MB" in last
+
+
+def test_an_outlying_step_neither_widens_the_whisker_nor_stretches_the_axis():
+    """A step far from its point's median (a slow first step) is drawn apart as a hollow circle
+    after the axis is set; one beyond the axis sits on its edge, labelled with its time."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    pts = [{"status": "measured", "size": s, "step_s": 1.0 * s, "step_s_all": [0.98 * s, 1.0 * s, 1.03 * s]}
+           for s in (1, 2, 3)]
+    pts[1]["step_s_all"] = [2.0, 2.02, 40.0]  # one step 20x its point's median
+    outlying = plots._series(ax, pts, "step_s", "size", "C0", "streaming", errors=True)
+    assert outlying == [(2, 40.0)]
+    (whiskers,) = [c for c in ax.collections if len(c.get_segments()) == 3]
+    assert max(seg[:, 1].max() for seg in whiskers.get_segments()) == pytest.approx(3.09)
+    plots._outlying_steps(ax, outlying, "C0")
+    assert ax.get_ylim()[1] < 5
+    assert [t.get_text() for t in ax.texts] == ["40 s"]
+    assert "a step more than 25% off its point's median (not in the whisker)" in ax.get_legend_handles_labels()[1]
+    plt.close(fig)

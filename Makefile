@@ -1,6 +1,7 @@
 # streamcnn — two commands do everything on a fresh machine:
 #   make verify   set up .venv and run the equivalence proofs (verify/)
-#   make bench    set up .venv and regenerate reports/ (QUICK=1 for a smoke run,
+#   make bench    set up .venv and regenerate reports/ (QUICK=1 for a smoke run, which
+#                 writes into reports/_raw/quick/ instead, about 200 MB, and leaves reports/ as it is;
 #                 REPEAT=fig2,fig3 to measure those points again and compare,
 #                 RESUME=1 to keep what an interrupted run measured cleanly)
 #   make demo     set up .venv and regenerate the teaching figures in reports/

@@ -44,11 +44,12 @@ def worker(side: int, threads: int) -> dict:
 
     corner = min(side, 2 * TILE)
     warm = torch.randn(1, 3, corner, corner, generator=torch.Generator().manual_seed(1))
-    streamcnn.update_bn([warm], front, TILE)
+    streamcnn.update_bn([warm], front, TILE, progress=False)
     counted.update(passes=0, tiles=0)
     passes.StatisticsPass.run = run
     image = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(0))
-    _, timing = study.timed(lambda: streamcnn.update_bn([image], front, TILE), threads)
+    _, timing = study.timed(lambda: streamcnn.update_bn([image], front, TILE, progress=False),
+                            threads)
     bns = [m for m in front.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     return {"side": side, "tile": TILE, "threads": threads, **counted, "batchnorms": len(bns),
             "update_bn_s": timing["seconds"], "cpu_window": timing["cpu_window"],

@@ -132,7 +132,7 @@ def worker(side: int, threads: int, prefetch: bool, dedup: bool, tile: int = TIL
 
     torch.set_num_threads(threads)
     streaming = Streaming(slide_bench.front(), tile, transform=slide_bench.normalise,
-                          prefetch=prefetch, dedup=dedup)
+                          prefetch=prefetch, dedup=dedup, progress=False)
     model = nn.Sequential(streaming, nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(16, 2))
     step = study.training_step(model, torch.tensor([1]))
 

@@ -1,7 +1,11 @@
 """Figs. 2 and 3 of the paper for one network, redrawn from its measured points and fits.
 
 Hollow markers are points measured while other programs competed for the cores (see BENCH.md);
-"conventional" is conventional backprop in the tiles' memory layout (like for like).
+"conventional" is conventional backprop in the tiles' memory layout (like for like). A time's
+whisker spans its point's steps within ``OUTLYING`` of their median; a step further off (a
+slow first step, say) is a small hollow circle drawn after the axis is set, so one step cannot
+stretch a time axis: beyond the axis it sits on the edge, labelled with its time. Legends sit
+below their panels, where they cover no data.
 """
 import math
 
@@ -16,6 +20,7 @@ from bench.fit import predict  # noqa: E402
 
 MIB = 2**20
 STREAM, CONV, DEFAULT, PLAN = "tab:blue", "tab:red", "tab:orange", "0.35"
+OUTLYING = 0.25  # a step this far (relative) from its point's median is drawn apart from the whisker
 
 
 MIN_LABEL_GAP = 0.06  # of the log axis' span between labelled ticks; closer ones (2896 beside 3072) overprint
@@ -54,20 +59,47 @@ def _once(ax, label):
 
 
 def _series(ax, points, key, x, color, label, scale=1.0, line="-", marker="o", errors=False, timed=True):
-    """Measured points joined by a line, with min–max bars when ``errors``. For timed quantities
-    (``timed``), points measured while other work competed for the cores are drawn hollow."""
+    """Measured points joined by a line, with whiskers over their steps when ``errors``. For timed
+    quantities (``timed``), points measured while other work competed for the cores are drawn hollow.
+    Returns the outlying steps, ``[(x, seconds)]``, for ``_outlying_steps`` to draw last."""
     pts = [p for p in measured(points) if p.get(key) is not None]
     if not pts:
-        return
+        return []
     xs, ys = [p[x] for p in pts], [p[key] / scale for p in pts]
     ax.plot(xs, ys, linestyle=line, marker=marker, color=color, label=label)
+    outlying = []
     if errors:
-        yerr = [[p[key] - min(p["step_s_all"]) for p in pts], [max(p["step_s_all"]) - p[key] for p in pts]]
+        near = [_near_steps(p, key) for p in pts]
+        yerr = [[p[key] - min(n) for p, n in zip(pts, near)], [max(n) - p[key] for p, n in zip(pts, near)]]
         ax.errorbar(xs, ys, yerr=yerr, fmt="none", ecolor=color, capsize=3)
+        outlying = [(p[x], s) for p, n in zip(pts, near) for s in p["step_s_all"] if s not in n]
     bad = [p for p in pts if timed and not p.get("clean", True)]
     if bad:
         ax.plot([p[x] for p in bad], [p[key] / scale for p in bad], marker, linestyle="none", mfc="white", color=color,
                 ms=8, label=_once(ax, "disturbed (other work on the cores)"))
+    return outlying
+
+
+def _near_steps(point, key) -> list:
+    """The point's steps within ``OUTLYING`` of its median (the median itself when none is)."""
+    median = point[key]
+    return [s for s in point["step_s_all"] if abs(s - median) <= OUTLYING * median] or [median]
+
+
+def _outlying_steps(ax, steps, color) -> None:
+    """Steps far from their point's median as small hollow circles, drawn once the axis is set so
+    that it is not scaled to them; one beyond the axis sits on its edge, labelled with its time."""
+    if not steps:
+        return
+    ax.autoscale(False)
+    lo, hi = ax.get_ylim()
+    label = f"a step more than {OUTLYING:.0%} off its point's median (not in the whisker)"
+    for x, seconds in steps:
+        y = min(max(seconds, lo), hi)
+        ax.plot([x], [y], "o", mfc="none", ms=5, color=color, clip_on=False, label=_once(ax, label))
+        if y != seconds:
+            ax.annotate(f"{seconds:.3g} s", (x, y), textcoords="offset points", fontsize=7, color=color,
+                        xytext=(5, -10 if y == hi else 4))
 
 
 def _fixed_mmap_series(ax, points, x):
@@ -108,7 +140,7 @@ def draw_fig2(net: dict, path, machine: str) -> None:
     size = cfg["fig2_input"]
     stream = [p for p in (pts.get("streaming", size, t) for t in cfg["fig2_tiles"]) if p]
     conv, default = pts.get("conventional", size), pts.get("conventional_default", size)
-    fig, (ax_m, ax_t) = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, (ax_m, ax_t) = plt.subplots(1, 2, figsize=(11, 7), layout="constrained")
     _series(ax_m, stream, "peak_bytes", "tile", STREAM, "streaming, measured", MIB, timed=False)
     _fixed_mmap_series(ax_m, stream, "tile")
     _plan_series(ax_m, stream, "streaming", "tile", PLAN, "streaming, plan() estimate")
@@ -120,7 +152,8 @@ def draw_fig2(net: dict, path, machine: str) -> None:
     _log_y(ax_m)
     ax_m.set_ylabel("peak memory of one step above the input (MiB, log)")
     ax_m.set_title(f"Memory vs tile size, input {size}×{size}")
-    _series(ax_t, stream, "step_s", "tile", STREAM, "streaming (median, min–max)", errors=True)
+    outlying = _series(ax_t, stream, "step_s", "tile", STREAM, "streaming (median, whisker: its steps)",
+                       errors=True)
     _series(ax_t, stream, "backward_s", "tile", STREAM, "streaming, backward part", line="--", marker="s")
     _hline(ax_t, conv["step_s"] if ok(conv) else None, CONV, "-", "conventional (tiles' layout)")
     _hline(ax_t, default["step_s"] if ok(default) else None, DEFAULT, "-.", "conventional, default layout")
@@ -129,7 +162,8 @@ def draw_fig2(net: dict, path, machine: str) -> None:
     ax_t.set_title("Time vs tile size")
     for ax in (ax_m, ax_t):
         _side_axis(ax, list(cfg["fig2_tiles"]), "tile size (pixels per side)")
-        ax.legend(fontsize=7, loc="best")
+    _outlying_steps(ax_t, outlying, STREAM)
+    _legends_below(ax_m, ax_t)
     _finish(fig, path, net["title"], machine)
 
 
@@ -140,8 +174,9 @@ def draw_fig3(net: dict, path, machine: str, mem_total_bytes: int = 0) -> None:
     conv = [p for p in (pts.get("conventional", s) for s in cfg["conventional_sizes"]) if p]
     sides = sorted({p["size"] for p in stream} | {p["size"] for p in conv})
     fits = res["fig3_fits"]
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.5))
-    _series(ax_t, stream, "step_s", "size", STREAM, f"streaming (tile {cfg['fig3_tile']}), median, min–max", errors=True)
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 7.5), layout="constrained")
+    outlying = _series(ax_t, stream, "step_s", "size", STREAM,
+                       f"streaming (tile {cfg['fig3_tile']}), median, whisker: its steps", errors=True)
     _fit_line(ax_t, fits["time"], 1.0, STREAM, _fit_label(fits["time"], "µs/px", 1e6, "s"))
     _series(ax_t, conv, "step_s", "size", CONV, "conventional (tiles' layout)")
     _series(ax_m, stream, "peak_bytes", "size", STREAM, "streaming, measured", MIB, timed=False)
@@ -160,7 +195,8 @@ def draw_fig3(net: dict, path, machine: str, mem_total_bytes: int = 0) -> None:
     for ax in (ax_t, ax_m):
         _log_y(ax)
         _side_axis(ax, sides, "input size (pixels per side)", preferred=[p["size"] for p in stream])
-        ax.legend(fontsize=7, loc="best")
+    _outlying_steps(ax_t, outlying, STREAM)
+    _legends_below(ax_t, ax_m)
     _finish(fig, path, net["title"], machine)
 
 
@@ -182,9 +218,15 @@ def _draw_extrapolated(ax_t, ax_m, conv, estimates: list) -> None:
             ax.plot(xs, ys, "o--", color=CONV, mfc="none", label="conventional, extrapolated (fit in pixels)")
 
 
+def _legends_below(*axes):
+    """Each panel's legend under its axis: it covers none of the data."""
+    for ax in axes:
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
+
+
 def _finish(fig, path, title, machine):
-    """Title with the network and machine, then save and release the figure."""
+    """Title with the network and machine, then save and release the figure (laid out by
+    matplotlib's constrained layout, which makes room for the legends below the panels)."""
     fig.suptitle(f"{title}: forward + backward — {machine}", fontsize=9)
-    fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)

@@ -4,6 +4,7 @@ from bench.compare import summary_line
 from bench.fmt import DISTURBED, fmt_bytes, fmt_dur, fmt_ms, fmt_s, fmt_x, table
 from bench.guard import LIBRARY_OVERHEAD_BYTES, PLAN_SAFETY_FACTOR
 from bench.report_network import render_network, skipped_lines
+from bench.plots import OUTLYING
 
 GIB = 2**30
 MEMORY_MEASURES = {"fixed_mmap_peak_bytes": "mmap threshold fixed", "peak_bytes": "timed steps"}  # "memory from"
@@ -225,7 +226,9 @@ def _method(res) -> str:
         f"{fmt_dur(pr['remeasure_spent_s'])} used"
         + (f", {pr['remeasure_refused_by_budget']} attempt(s) refused by it" if pr["remeasure_refused_by_budget"] else "")
         + "). A point's time is the median of its undisturbed steps, with their min–max; a point that never got "
-        f"enough is marked {DISTURBED} and left out of the time fits. The banner at the top says how this run went.",
+        f"enough is marked {DISTURBED} and left out of the time fits. The banner at the top says how this run went. "
+        f"In the figures a time's whisker spans its steps within {OUTLYING:.0%} of their median; a step "
+        "further off (often the first) is a small hollow circle, and the axis is not stretched to reach it.",
         "- **Memory** is the peak growth during a step above the level just before it: everything the step needs "
         "beyond the input, the weights and the loaded libraries (the largest over the point's steps). On Linux the "
         "process's resident-set high-water mark `VmHWM` is reset before the step by writing `5` to "

@@ -198,6 +198,8 @@ def main(argv=None) -> int:
     if args.list:
         return list_points(cfg, args)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    if not args.render_only:
+        print(destination(cfg), flush=True)
     if args.render_only:
         results = rederive(load_results(cfg.out_dir / "bench.json", "--render-only redraws it"))
     elif args.repeat:
@@ -216,7 +218,31 @@ def main(argv=None) -> int:
         print("\n" + report.comparison_text(comp))
     verb = "re-rendered" if args.render_only else f"measured in {(time.perf_counter() - started) / 60:.1f} min and wrote"
     print(f"{verb} {cfg.out_dir / 'BENCH.md'}")
+    if not args.render_only:
+        print(destination(cfg) + "; " + scratch_size(cfg))
     return _exit_status(results)
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the checkout when inside it (as a user types it), with a slash."""
+    path = Path(path).resolve()
+    return f"{path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path}/"
+
+
+def destination(cfg: Config) -> str:
+    """Where a measuring run writes, said when it starts and again when it ends."""
+    if cfg.out_dir == cfg.raw_dir:  # a quick run: nothing lands in reports/ itself
+        return (f"bench: this {cfg.name} run writes its BENCH.md, bench.json, figures and scratch (saved "
+                f"gradients, worker logs) into {_shown(cfg.out_dir)}, not into reports/")
+    return (f"bench: writes BENCH.md, bench.json and figures into {_shown(cfg.out_dir)}, scratch (saved "
+            f"gradients, worker logs) into {_shown(cfg.raw_dir)}")
+
+
+def scratch_size(cfg: Config) -> str:
+    """How much the run's scratch folder holds now, and how to remove it."""
+    files = [f for f in Path(cfg.raw_dir).rglob("*") if f.is_file()] if Path(cfg.raw_dir).exists() else []
+    size = sum(f.stat().st_size for f in files)
+    return f"{_shown(cfg.raw_dir)} holds {size / 1e6:.0f} MB (rm -r {_shown(cfg.raw_dir)} removes it)"
 
 
 def _exit_status(results: dict) -> int:

@@ -91,7 +91,7 @@ def worker(side: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     slide = np.memmap(slide_path(side), np.uint8, "r", shape=(side, side, 3))
     net = front()
-    model = nn.Sequential(Streaming(net, TILE, transform=normalise), nn.AdaptiveMaxPool2d(1),
+    model = nn.Sequential(Streaming(net, TILE, transform=normalise, progress=False), nn.AdaptiveMaxPool2d(1),
                           nn.Flatten(), nn.Linear(16, 2))
     step = study.training_step(model, torch.tensor([1]))
 

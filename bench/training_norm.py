@@ -49,7 +49,8 @@ def worker(side: int, mode: str, threads: int) -> dict:
     torch.set_num_threads(threads)
     front = network()
     front.train(mode == "training")
-    model = nn.Sequential(Streaming(front, TILE), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(32, 2))
+    model = nn.Sequential(Streaming(front, TILE, progress=False), nn.AdaptiveMaxPool2d(1), nn.Flatten(),
+                          nn.Linear(32, 2))
     label = torch.tensor([1])
 
     def step(image):

@@ -41,7 +41,7 @@ def build_model(net, mode: str, tile):
     if mode == "streaming":
         from streamcnn import Streaming
 
-        return Streaming(net, tile)
+        return Streaming(net, tile, progress=False)  # measured: no bar
     return net
 
 

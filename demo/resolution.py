@@ -70,7 +70,7 @@ class Detector(nn.Module):
         front = detector_front(channels)
         if tile is not None:
             from streamcnn import Streaming
-            front = Streaming(front, tile)
+            front = Streaming(front, tile, progress=False)  # the epoch bar is enough
         self.front = front
         self.head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(channels[-1], 1))
 

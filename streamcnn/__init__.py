@@ -14,8 +14,9 @@ Public API:
     tuning.keep_freed_memory()          opt-in glibc allocator setting (faster CPU tiles)
 
 Layers, bottom to top (imports point down only; verify/test_layout.py checks it):
-``_args``/``errors`` -> ``geometry`` (integer tile geometry, no torch) -> ``binding``
-(arguments as torch binds them), ``channels_last`` (when tiles may take that layout)
+``_args``/``errors``/``progress`` (when tile bars show) -> ``geometry`` (integer tile
+geometry, no torch) -> ``binding`` (arguments as torch binds them), ``channels_last``
+(when tiles may take that layout)
 -> ``rules`` (which torch operation is which geometric step) -> ``trace`` (torch.fx graph
 -> steps) -> ``tiling``, ``moments`` (Chan's merge),
 ``slides`` (whole-slide images, NumPy only), ``sources`` (where tiles are read from),

@@ -33,9 +33,10 @@ from .dedup import Duplicates, fingerprint, gradient_parts
 from .errors import StreamingError
 from .prefetch import PassStats, Stats, prefetched, timed, waited
 from .norms import NormMode, NormState, frozen_modules, update_running
+from .progress import bar as progress_bar
 from .sources import TensorSource, digest
-from .state import Captured, Snapshot, TensorUse, backward_here, check_unchanged, substituted, observing_gradient_hooks, \
-    tile_scope, versions
+from .state import Captured, Snapshot, TensorUse, backward_here, check_unchanged, \
+    observing_gradient_hooks, substituted, tile_scope, versions
 from .tiling import Tile, count, iter_tiles
 
 
@@ -47,7 +48,7 @@ class TileRunner:
     ``stats`` records what each pass did (:class:`streamcnn.prefetch.Stats`)."""
 
     def __init__(self, pipeline: nn.Module, tilings, source, device: torch.device, *,
-                 progress: bool, channels_last: bool, prefetch: bool = False,
+                 progress: bool | None, channels_last: bool, prefetch: bool = False,
                  dedup: bool = False, unused: tuple = ()):
         self.pipeline = pipeline
         self.unused = unused  # what the module computes for no output (TracedGraph.unused)
@@ -72,10 +73,8 @@ class TileRunner:
         return self._progress(tiles, what, count(self.tilings) - skip_first)
 
     def _progress(self, items, what: str, total: int):
-        if not self.progress:
-            return items
-        from tqdm.auto import tqdm
-        return tqdm(items, total=total, desc=f"streaming {what}", unit="tile", leave=False)
+        return progress_bar(items, progress=self.progress, total=total,
+                            desc=f"streaming {what}", unit="tile", leave=False)
 
     @contextlib.contextmanager
     def inputs(self, what: str, tiles: list, read, stats: PassStats):

@@ -27,6 +27,7 @@ from .function import TileRunner
 from .inputs import check_source, module_device, module_dtype
 from .moments import ChannelStats, Moments
 from .norms import NormState, levels, norm_calls, update_running
+from .progress import bar as progress_bar
 from .passes import Probe, StatisticsPass, forward_statistics, total_tiles
 from .sources import ImageArray, source_of, tensor_of
 from .tiling import tile_image
@@ -36,7 +37,8 @@ _BATCHNORM = nn.modules.batchnorm._BatchNorm  # what torch.optim.swa_utils.updat
 
 
 def channel_stats(module: nn.Module, images, tile_size, names, *, transform=None,
-                  progress: bool = False, channels_last: bool | None = None) -> dict[str, ChannelStats]:
+                  progress: bool | None = None,
+                  channels_last: bool | None = None) -> dict[str, ChannelStats]:
     """Per-channel ``mean``, ``var`` (biased) and ``count`` of the named submodules' outputs
     over every batch element and position of ``images``, streamed tile by tile.
 
@@ -45,7 +47,9 @@ def channel_stats(module: nn.Module, images, tile_size, names, *, transform=None
     than once contributes every call. ``images``: a tensor, an array or ``ImageArray``, or
     an iterable of them (statistics accumulate across them). One streamed pass per image,
     stopping each tile after the last named module. The modules run in their current
-    train/eval modes (BatchNorm in eval mode, with frozen statistics).
+    train/eval modes (BatchNorm in eval mode, with frozen statistics). ``progress``: one
+    bar over the tiles of every pass; None (the default) draws it when stderr is a terminal,
+    True/False always/never (:mod:`streamcnn.progress`).
     """
     names = [names] if isinstance(names, str) else list(names)
     if not names:
@@ -69,7 +73,7 @@ def _channel_stats(module, inputs, tile_size, names, transform, channels_last, b
 
 
 def update_bn(loader, module: nn.Module, tile_size, device=None, *, transform=None,
-              progress: bool = False, channels_last: bool | None = None) -> None:
+              progress: bool | None = None, channels_last: bool | None = None) -> None:
     """``torch.optim.swa_utils.update_bn(loader, module)``, streamed: every BatchNorm's
     running statistics recomputed over ``loader`` exactly as torch's function leaves them.
 
@@ -84,7 +88,7 @@ def update_bn(loader, module: nn.Module, tile_size, device=None, *, transform=No
     tuples whose first element is one. ``device``: the device the module runs on (default:
     its own); images stay where they are and tiles are copied there. Afterwards every
     layer's train/eval flag (each its own, where torch's sets all to the module's) and
-    every BatchNorm's momentum are as before.
+    every BatchNorm's momentum are as before. ``progress``: as for ``channel_stats``.
     """
     bns = [m for m in module.modules() if isinstance(m, _BATCHNORM)]
     if not bns:
@@ -112,7 +116,8 @@ def update_bn(loader, module: nn.Module, tile_size, device=None, *, transform=No
 
 
 def lsuv_(module: nn.Module, images, tile_size, *, tol: float = 0.01, max_iter: int = 10,
-          transform=None, progress: bool = False, channels_last: bool | None = None) -> nn.Module:
+          transform=None, progress: bool | None = None,
+          channels_last: bool | None = None) -> nn.Module:
     """Layer-sequential unit-variance initialisation (Mishkin & Matas), per output channel as
     the TPAMI paper does: for each convolution in graph order, rescale its weights and bias
     channel by channel until the variance of each of its output channels over ``images``
@@ -121,6 +126,7 @@ def lsuv_(module: nn.Module, images, tile_size, *, tol: float = 0.01, max_iter: 
     rescale usually suffices; the pass that measures the next convolution confirms the
     previous one, so a network of ``n`` convolutions usually takes ``n + 1`` passes over
     ``images`` (at most ``n * max_iter + 1``). Modifies ``module`` in place and returns it.
+    ``progress``: as for ``channel_stats``.
     """
     inputs = _inputs(images, "images")
     convs = _convolutions(module, next(iter(inputs)), transform)
@@ -335,11 +341,11 @@ class _NoBar:
 
 
 class _Bar(_NoBar):
-    """A tqdm bar over the tiles of every pass, its total growing as passes are planned."""
+    """A tqdm bar over the tiles of every pass, its total growing as passes are planned;
+    shown by the ``progress`` rule (:mod:`streamcnn.progress`)."""
 
-    def __init__(self, desc):
-        from tqdm.auto import tqdm
-        self.bar = tqdm(total=0, desc=desc, unit="tile")
+    def __init__(self, desc, progress):
+        self.bar = progress_bar(total=0, progress=progress, desc=desc, unit="tile")
         self.passes = 0
 
     def update(self, n):
@@ -356,5 +362,5 @@ class _Bar(_NoBar):
         return False
 
 
-def _bar(progress: bool, desc: str):
-    return _Bar(desc) if progress else _NoBar()
+def _bar(progress: bool | None, desc: str):
+    return _NoBar() if progress is False else _Bar(desc, progress)

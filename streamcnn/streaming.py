@@ -43,7 +43,9 @@ class Streaming(nn.Module):
             front ends). Anything else is refused with an error naming the operation.
         tile_size: edge of the input tile in pixels, overlap included; an int or one
             int per spatial axis. Use :meth:`plan` to see the tiles and memory.
-        progress: show a tqdm bar over the tiles of each forward and backward.
+        progress: a tqdm bar over the tiles of each forward and backward pass. None (the
+            default): when stderr is a terminal, as tqdm decides; True/False: always/never
+            (:mod:`streamcnn.progress`).
         channels_last: give each 2D tile to the module in channels-last memory layout.
             The default (None) does so on CPU for float32/bfloat16, where oneDNN then
             convolves about twice as fast (values agree up to summation order), unless the
@@ -75,7 +77,7 @@ class Streaming(nn.Module):
     Higher-order gradients (``create_graph=True``) raise an error.
     """
 
-    def __init__(self, module: nn.Module, tile_size, *, transform=None, progress: bool = False,
+    def __init__(self, module: nn.Module, tile_size, *, transform=None, progress: bool | None = None,
                  channels_last: bool | None = None, prefetch: bool = True, dedup: bool = True):
         super().__init__()
         if not isinstance(module, nn.Module):

@@ -239,3 +239,44 @@ def test_memory_probe_column_is_left_out_only_where_no_point_has_a_probe():
     assert "mmap threshold fixed" not in without and "| 128 | 112 MiB | 105 MiB |" in without
     kept = _table_without_empty_probe(header, [[128, "112 MiB", "105 MiB", "105 MiB"], [256, "139 MiB", "–", "131 MiB"]])
     assert "mmap threshold fixed" in kept and "| 256 | 139 MiB | – | 131 MiB |" in kept
+
+
+def test_a_quick_run_says_where_it_writes_at_its_start_and_end(tmp_path, monkeypatch, capsys):
+    """`make bench QUICK=1` names its folder (not reports/) before measuring, and at the end
+    again with how much its scratch holds; the measuring itself is replaced by a stub."""
+    quick = tmp_path / "_raw" / "quick"
+    monkeypatch.setattr(run, "QUICK", dataclasses.replace(QUICK, out_dir=quick, raw_dir=quick))
+    said_first = []
+
+    def measured(cfg, args, device, started):
+        said_first.append(capsys.readouterr().out)
+        (cfg.raw_dir / "grads.pt").write_bytes(b"x" * 3_000_000)
+        return {"networks": {}}
+
+    monkeypatch.setattr(run, "full_run", measured)
+    monkeypatch.setattr(run, "pick_device", lambda: "cpu")
+    monkeypatch.setattr(run, "write_outputs", lambda cfg, results: None)
+    assert run.main(["--quick"]) == 0
+    first, last = said_first[0], capsys.readouterr().out
+    assert f"into {quick}/, not into reports/" in first
+    assert f"into {quick}/, not into reports/" in last and f"{quick}/ holds 3 MB" in last
+
+
+def test_an_outlying_step_neither_widens_the_whisker_nor_stretches_the_axis():
+    """A step far from its point's median (a slow first step) is drawn apart as a hollow circle
+    after the axis is set; one beyond the axis sits on its edge, labelled with its time."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    pts = [{"status": "measured", "size": s, "step_s": 1.0 * s, "step_s_all": [0.98 * s, 1.0 * s, 1.03 * s]}
+           for s in (1, 2, 3)]
+    pts[1]["step_s_all"] = [2.0, 2.02, 40.0]  # one step 20x its point's median
+    outlying = plots._series(ax, pts, "step_s", "size", "C0", "streaming", errors=True)
+    assert outlying == [(2, 40.0)]
+    (whiskers,) = [c for c in ax.collections if len(c.get_segments()) == 3]
+    assert max(seg[:, 1].max() for seg in whiskers.get_segments()) == pytest.approx(3.09)
+    plots._outlying_steps(ax, outlying, "C0")
+    assert ax.get_ylim()[1] < 5
+    assert [t.get_text() for t in ax.texts] == ["40 s"]
+    assert "a step more than 25% off its point's median (not in the whisker)" in ax.get_legend_handles_labels()[1]
+    plt.close(fig)

@@ -6,6 +6,7 @@ order: tolerance 1e-10 relative (observed ~1e-15)."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,3 +79,21 @@ def test_saliency_helper_uses_the_streamed_backward():
     with torch.no_grad():
         expected = model(torch.from_numpy((image - 0.5) / 0.25)[None, None]).item()
     assert logit == pytest.approx(expected, rel=1e-6)
+
+
+def test_fig4_says_why_the_float64_series_is_short(tmp_path):
+    """The float64 pair trains only Config.float64_epochs epochs; the figure says so, with the
+    per-epoch cost taken from the run's own record, and redraws from JSON without training."""
+    import json
+
+    def record(epochs, conv_s, stream_s):
+        return {"epochs": epochs, "conventional": {"seconds": conv_s}, "streaming": {"seconds": stream_s}}
+
+    results = {"float32": record(20, 100.0, 200.0), "float64": record(2, 30.0, 60.0)}
+    assert te.float64_note(results) == ("float64 run: first 2 epochs only\n"
+                                        "(a float64 epoch took 3.0× a float32 one here)")
+    committed = Path(__file__).resolve().parent.parent / "reports" / "training_equivalence.json"
+    (tmp_path / committed.name).write_text(committed.read_text())
+    te.render(tmp_path)
+    assert (tmp_path / "fig4_training_equivalence.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads(committed.read_text())["float64"]["epochs"] == te.Config().float64_epochs

@@ -1,16 +1,16 @@
 """The backend's modules import one way, from the layer that uses to the layer used:
-``_args``/``errors`` -> ``geometry`` (no torch) -> ``binding``, ``channels_last`` -> ``rules``
--> ``trace`` -> ``tiling``, ``slides`` (NumPy only), ``sources``, ``inputs`` -> ``state``
--> ``memory`` -> ``plan`` -> ``function`` -> ``streaming`` -> ``testing``. Checked on the
+``_args``/``errors``/``progress`` -> ``geometry`` (no torch) -> ``binding``, ``channels_last``
+-> ``rules`` -> ``trace`` -> ``tiling``, ``slides`` (NumPy only), ``sources``, ``inputs``
+-> ``state`` -> ``memory`` -> ``plan`` -> ``function`` -> ``streaming`` -> ``testing``. Checked on the
 source: an import of a higher layer (a cycle) fails here."""
 
 import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "streamcnn"
-ORDER = ["_args", "errors", "geometry", "binding", "channels_last", "rules", "trace", "tiling",
-         "moments", "slides", "sources", "inputs", "state", "norms", "prefetch", "dedup", "memory",
-         "plan", "function", "passes", "streaming", "statistics", "testing", "tuning", "__init__"]
+ORDER = ["_args", "errors", "progress", "geometry", "binding", "channels_last", "rules", "trace",
+         "tiling", "moments", "slides", "sources", "inputs", "state", "norms", "prefetch", "dedup",
+         "memory", "plan", "function", "passes", "streaming", "statistics", "testing", "tuning", "__init__"]
 
 
 def imports(module: str) -> set[str]:

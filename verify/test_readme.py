@@ -13,3 +13,11 @@ README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 def test_prostate_plan_in_readme_is_current():
     text = str(streamcnn.plan(resnet_front().eval(), (1, 3, 16384, 16384), 2800))
     assert text in README
+
+
+def test_the_layout_table_links_every_doc():
+    """README's Layout table links each file of docs/ (a newcomer found two missing)."""
+    layout = README[README.index("## Layout"):]
+    docs = Path(__file__).resolve().parent.parent / "docs"
+    for doc in sorted(docs.glob("*.md")):
+        assert f"](docs/{doc.name})" in layout, f"README's Layout table does not link docs/{doc.name}"

@@ -335,14 +335,6 @@ def test_input_modified_after_forward_is_detected():
         y.sum().backward()
 
 
-def test_progress_bar_is_opt_in(capsys):
-    net = fig2_net()
-    streamcnn.Streaming(net, 16, progress=True)(rand(1, 3, 40, 40)).sum().backward()
-    assert "streaming backward" in capsys.readouterr().err
-    streamcnn.Streaming(net, 16)(rand(1, 3, 40, 40)).sum().backward()
-    assert capsys.readouterr().err == ""
-
-
 def test_autocast_is_replayed_in_the_backward_recomputation():
     """Under CPU autocast (bfloat16) the backward recomputes tiles in bfloat16 too,
     as the forward did (seen by a hook); gradients agree with conventional autograd

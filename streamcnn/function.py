@@ -34,6 +34,7 @@ from .errors import StreamingError
 from .prefetch import PassStats, Stats, prefetched, timed, waited
 from .norms import NormMode, NormState, frozen_modules, update_running
 from .progress import bar as progress_bar
+from .skipping import FiniteWatch, all_finite, zero_gradient
 from .sources import TensorSource, digest
 from .state import Captured, Snapshot, TensorUse, backward_here, check_unchanged, \
     observing_gradient_hooks, substituted, tile_scope, versions
@@ -45,11 +46,12 @@ class TileRunner:
 
     ``prefetch``: read the next tiles on a background thread while one computes.
     ``dedup``: compute a tile identical to an earlier one of the pass only once.
+    ``skip``: do not recompute a tile whose output gradient is zero (:mod:`streamcnn.skipping`).
     ``stats`` records what each pass did (:class:`streamcnn.prefetch.Stats`)."""
 
     def __init__(self, pipeline: nn.Module, tilings, source, device: torch.device, *,
                  progress: bool | None, channels_last: bool, prefetch: bool = False,
-                 dedup: bool = False, unused: tuple = ()):
+                 dedup: bool = False, skip: bool = False, unused: tuple = ()):
         self.pipeline = pipeline
         self.unused = unused  # what the module computes for no output (TracedGraph.unused)
         self.tilings = tilings
@@ -64,6 +66,8 @@ class TileRunner:
         self.duplicates = Duplicates(tilings, self._reread, keep=4 if source.fresh else None) \
             if dedup else None
         self.stats = Stats(prefetch=prefetch, dedup=dedup)
+        self.skip = skip
+        self.finite: dict = {}  # tile index -> whether all it computed was finite (with skip)
         self._reading: PassStats | None = None  # the pass whose reads are counted
 
     def tiles(self, what: str, skip_first: bool = False):
@@ -178,6 +182,16 @@ class TileRunner:
             mode = stack.enter_context(NormMode(self.norms, tile.index))
             yield mode
 
+    @contextlib.contextmanager
+    def watching(self, tile: Tile, tile_input: torch.Tensor):
+        """With ``skip``: notes whether every value ``tile`` computes is finite."""
+        if not self.skip:
+            yield
+            return
+        with FiniteWatch(tile_input) as watch:
+            yield
+        self.finite[tile.index] = watch.finite
+
     def first_tile(self):
         """The first tile's owned output, and every tensor the pipeline read for it."""
         tile = next(iter_tiles(self.tilings))
@@ -185,7 +199,7 @@ class TileRunner:
         with torch.no_grad(), self.inputs("forward", [tile], self._forward_read, stats) as inputs:
             ((_, raw, _),) = inputs
             tile_input = self.feed(raw)
-            with TensorUse(tile_input) as use, self.scope(tile):
+            with TensorUse(tile_input) as use, self.scope(tile), self.watching(tile, tile_input):
                 y = self.run(tile_input, tile)
             stats.tiles, stats.computed = 1, 1
         return y[tile.crop], use.read
@@ -202,8 +216,9 @@ class TileRunner:
                 if same is not None:  # the same pixels and geometry as an earlier tile
                     out[tile.out] = out[same.out]
                     continue
-                with self.scope(tile):
-                    y = self.run(self.feed(raw), tile)
+                tile_input = self.feed(raw)
+                with self.scope(tile), self.watching(tile, tile_input):
+                    y = self.run(tile_input, tile)
                 snapshot.check_tile()
                 out[tile.out] = y[tile.crop]
                 stats.computed += 1
@@ -211,6 +226,13 @@ class TileRunner:
         if self.duplicates is not None:
             self.duplicates.release()
         return out
+
+    def _with_gradient(self, tiles: list, grad_out: torch.Tensor) -> list:
+        """``tiles`` without those whose (group's) output gradient is exactly zero and whose
+        forward computed only finite values; never none (:mod:`streamcnn.skipping`)."""
+        kept = [t for t in tiles if not (self.finite.get(t.index, False) and zero_gradient(
+            [t] if self.duplicates is None else self.duplicates.group(t), grad_out))]
+        return kept or tiles[:1]
 
     def backward(self, source, grad_out, need_x: bool, tensors: dict, wrt: list,
                  x_grad: bool = False):
@@ -238,6 +260,9 @@ class TileRunner:
         before = versions(self.pipeline)  # (a forward since this one's may have updated some)
         if self.duplicates is not None:
             tiles = list(self.duplicates.computed(tiles))
+        if self.skip and all_finite(tensors.values()):
+            kept = self._with_gradient(tiles, grad_out)
+            stats.skipped, tiles = len(tiles) - len(kept), kept
         with substituted(self.pipeline, tensors), observing_gradient_hooks(self.pipeline), self.inputs(
                 "backward", tiles, lambda t: (t, self.read(source, t), None), stats) as inputs:
             for tile, raw, _ in inputs:

@@ -38,7 +38,9 @@ class PassStats:
     """What one streamed pass (the forward, or the backward's recomputation) did.
 
     ``tiles``: tiles of the image the pass covered; ``computed``: tiles it ran through the
-    module (the others reused an identical earlier tile's result: :mod:`streamcnn.dedup`);
+    module (the others reused an identical earlier tile's result: :mod:`streamcnn.dedup`,
+    or, in the backward, were ``skipped``: their output gradient was zero,
+    :mod:`streamcnn.skipping`);
     ``reads``: reads from the input's storage (one per tile read, re-reads for exact pixel
     comparisons included; for a slide with a tissue mask, only the ``read_region`` calls: a
     tile without tissue is filled with the background colour, not read). Seconds:
@@ -49,6 +51,7 @@ class PassStats:
 
     tiles: int = 0
     computed: int = 0
+    skipped: int = 0
     reads: int = 0
     read_s: float = 0.0
     wait_s: float = 0.0

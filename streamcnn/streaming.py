@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from torch.autograd.graph import get_gradient_edge
 
-from . import dedup as _dedup, state
+from . import dedup as _dedup, skipping, state
 from ._args import normalize_tile_size
 from .channels_last import ONEDNN_CHANNEL_BLOCK, onednn_unsafe_convs, use_channels_last
 from .errors import StreamingError
@@ -61,6 +61,12 @@ class Streaming(nn.Module):
             pass only once, forward and backward (:mod:`streamcnn.dedup`: exact; the
             backward's sums of duplicate gradients agree to float rounding). Off for graphs
             whose normalisation statistics span the image.
+        skip_zero_gradients: in the backward, do not recompute a tile whose owned output
+            gradient is exactly zero (a max-pool or masked head leaves most tiles so): its
+            gradients are zero (:mod:`streamcnn.skipping`: exact; tiles that computed a
+            non-finite value, graphs with an operation of unbounded derivative such as
+            ``sqrt``, and graphs whose normalisation statistics span the image are always
+            recomputed). ``last_stats.backward.skipped`` counts them.
 
     After each call ``last_stats`` (:class:`streamcnn.prefetch.Stats`) says how many tiles
     each pass computed and where its time went (its ``backward`` is filled in by the
@@ -69,7 +75,8 @@ class Streaming(nn.Module):
     Inputs are ``(N, C, L)`` or ``(N, C, H, W)``. The tiles run through the user's own
     module: forward hooks fire once per computed tile in the forward pass and again per
     computed tile in the backward recomputation, with tile-sized tensors; full backward
-    hooks fire per backward call of a tile with tile-sized gradients. With ``dedup``, tiles
+    hooks fire per backward call of a tile with tile-sized gradients (skipped tiles have
+    none). With ``dedup``, tiles
     identical to earlier ones are not computed (hooks fire fewer times), and a shared
     tile's backward hooks see its group's summed gradient (or fire once per duplicate when
     the input gradient is wanted). The module gets a copy of each tile, so in-place
@@ -78,7 +85,8 @@ class Streaming(nn.Module):
     """
 
     def __init__(self, module: nn.Module, tile_size, *, transform=None, progress: bool | None = None,
-                 channels_last: bool | None = None, prefetch: bool = True, dedup: bool = True):
+                 channels_last: bool | None = None, prefetch: bool = True, dedup: bool = True,
+                 skip_zero_gradients: bool = True):
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"Streaming needs an nn.Module, got {type(module).__name__}")
@@ -97,6 +105,7 @@ class Streaming(nn.Module):
         self.progress = progress
         self.channels_last = channels_last
         self.prefetch, self.dedup = prefetch, dedup
+        self.skip_zero_gradients = skip_zero_gradients
         self.last_stats = None
         self.register_state_dict_post_hook(_unwrapped_keys)
         self.register_load_state_dict_pre_hook(_wrapped_keys)
@@ -142,7 +151,9 @@ class Streaming(nn.Module):
         runner = TileRunner(pipeline, tilings, source, device, progress=self.progress,
                             channels_last=self._channels_last(source, device, graph),
                             prefetch=self.prefetch and source.fresh,
-                            dedup=self.dedup and _dedup.allowed(graph), unused=graph.unused)
+                            dedup=self.dedup and _dedup.allowed(graph),
+                            skip=self.skip_zero_gradients and skipping.allowed(graph),
+                            unused=graph.unused)
         self.last_stats = runner.stats
         norms = _stream_norms(runner, graph)
         own = counters(norms.nodes) if norms is not None else frozenset()

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from .dedup import Duplicates, fingerprint, gradient_parts
+from .keeping import Kept
 from .errors import StreamingError
 from .prefetch import PassStats, Stats, prefetched, timed, waited
 from .norms import NormMode, NormState, frozen_modules, update_running
@@ -204,28 +205,45 @@ class TileRunner:
             stats.tiles, stats.computed = 1, 1
         return y[tile.crop], use.read
 
-    def forward(self, first: torch.Tensor, snapshot: Snapshot) -> torch.Tensor:
-        """Stitched output on the module's device, computed without building a graph."""
+    def forward(self, first: torch.Tensor, snapshot: Snapshot, kept: Kept | None = None) -> torch.Tensor:
+        """Stitched output on the module's device, computed without building a graph (but
+        for the last ``kept.count`` tiles, whose graphs ``kept`` keeps for the backward)."""
         stats = self.stats.forward
         tiles = list(iter_tiles(self.tilings))
+        keep_from = len(tiles) - (kept.count if kept is not None else 0)
         with torch.no_grad(), self.inputs("forward", tiles[1:], self._forward_read, stats) as inputs:
             out = first.new_empty(first.shape[:2] + self.out_spatial)
             out[tiles[0].out] = first
-            for tile, raw, same in inputs:
+            for position, (tile, raw, same) in enumerate(inputs, start=1):
                 stats.tiles += 1
                 if same is not None:  # the same pixels and geometry as an earlier tile
                     out[tile.out] = out[same.out]
                     continue
-                tile_input = self.feed(raw)
-                with self.scope(tile), self.watching(tile, tile_input):
-                    y = self.run(tile_input, tile)
+                if position >= keep_from:
+                    out[tile.out] = self._keep(tile, raw, kept).detach()
+                else:
+                    tile_input = self.feed(raw)
+                    with self.scope(tile), self.watching(tile, tile_input):
+                        y = self.run(tile_input, tile)
+                    out[tile.out] = y[tile.crop]
+                    del y
                 snapshot.check_tile()
-                out[tile.out] = y[tile.crop]
                 stats.computed += 1
-                del y
         if self.duplicates is not None:
             self.duplicates.release()
         return out
+
+    def _keep(self, tile: Tile, raw: torch.Tensor, kept: Kept) -> torch.Tensor:
+        """Run ``tile`` as the backward would recompute it - grad enabled, on ``kept``'s
+        aliases, gradient hooks observed - and keep its owned output's graph."""
+        leaf = raw.detach().requires_grad_(kept.x_grad)
+        with torch.enable_grad(), substituted(self.pipeline, kept.tensors), \
+                observing_gradient_hooks(self.pipeline):
+            tile_input = self.feed(leaf)
+            with self.scope(tile), self.watching(tile, tile_input):
+                y = self.run(tile_input, tile)[tile.crop]
+        kept.graphs[tile.index] = (leaf, y)
+        return y
 
     def _with_gradient(self, tiles: list, grad_out: torch.Tensor) -> list:
         """``tiles`` without those whose (group's) output gradient is exactly zero and whose
@@ -235,18 +253,22 @@ class TileRunner:
         return kept or tiles[:1]
 
     def backward(self, source, grad_out, need_x: bool, tensors: dict, wrt: list,
-                 x_grad: bool = False):
+                 x_grad: bool = False, kept: Kept | None = None, need: list = ()):
         """Input gradient (on the input's device; None where it is not wanted or, as in
         conventional autograd, where no tile's output depends on its input differentiably:
-        through ``detach()`` or a comparison) and the summed gradient of each of ``wrt``, recomputing every tile with ``tensors`` (name -> tensor) in place of
-        the pipeline's own. Each tile requires grad as the input did (``x_grad``) whether
-        or not its gradient is wanted (``need_x``): code that asks (a reentrant
-        ``checkpoint``) then runs as it did conventionally.
+        through ``detach()`` or a comparison) and the summed gradient of each of ``wrt``,
+        recomputing every tile with ``tensors`` (name -> tensor) in place of the pipeline's
+        own. Each tile requires grad as the input did (``x_grad``) whether or not its
+        gradient is wanted (``need_x``): code that asks (a reentrant ``checkpoint``) then
+        runs as it did conventionally.
 
         Each tile's gradients are accumulated into the ``.grad`` of its leaves - the tile
-        and ``wrt``, fresh tensors only this backward holds - by ``Tensor.backward``
-        (not ``autograd.grad``, which a reentrant ``checkpoint`` inside the module rejects),
-        and moved out after every tile.
+        and ``wrt``, fresh tensors only this backward holds - by the autograd engine (not
+        ``autograd.grad``, which a reentrant ``checkpoint`` inside the module rejects),
+        and moved out after every tile. Tiles whose graphs the forward ``kept``
+        (:mod:`streamcnn.keeping`) are backpropagated first, without recomputing, into the
+        aliases they were built on (``need``: which of those are wanted); a second backward
+        recomputes them.
 
         With ``dedup``, each group of identical tiles is recomputed once and backpropagated
         with the sum of the group's output gradients, or once per tile of the group through
@@ -261,38 +283,59 @@ class TileRunner:
         if self.duplicates is not None:
             tiles = list(self.duplicates.computed(tiles))
         if self.skip and all_finite(tensors.values()):
-            kept = self._with_gradient(tiles, grad_out)
-            stats.skipped, tiles = len(tiles) - len(kept), kept
-        with substituted(self.pipeline, tensors), observing_gradient_hooks(self.pipeline), self.inputs(
-                "backward", tiles, lambda t: (t, self.read(source, t), None), stats) as inputs:
-            for tile, raw, _ in inputs:
-                leaf = raw.detach().requires_grad_(need_x or x_grad)
-                group = [tile] if self.duplicates is None else self.duplicates.group(tile)
-                parts = gradient_parts(group, grad_out, separate=need_x)
-                with torch.enable_grad(), self.scope(tile) as mode:
-                    y = self.run(self.feed(leaf), tile)[tile.crop]
-                    if mode is not None:
-                        mode.replaying()
-                    for k, (place, g) in enumerate(parts):
-                        if y.requires_grad:
-                            backward_here(y, g, retain_graph=k + 1 < len(parts))
-                        if need_x and leaf.grad is not None:
-                            grad_x[place.inp] += leaf.grad
-                            leaf.grad = None
-                            reached = True
-                del y
-                check_unchanged(self.pipeline, before)
-                if mode is not None and stats.computed == 0:
-                    replayed = mode.replayed
-                stats.computed += 1
-                for i, t in enumerate(wrt):
-                    g, t.grad = t.grad, None
-                    if g is not None:  # (own the first: a gradient may alias grad_out)
-                        sums[i] = g.clone() if sums[i] is None else sums[i].add_(g)
+            with_gradient = self._with_gradient(tiles, grad_out)
+            stats.skipped, tiles = len(tiles) - len(with_gradient), with_gradient
+        graphs = kept.graphs if kept is not None else {}
+        reuse = [t for t in tiles if t.index in graphs]
+        tiles = [t for t in tiles if t.index not in graphs]
+        with substituted(self.pipeline, tensors), observing_gradient_hooks(self.pipeline):
+            for tile in reuse:
+                leaf, y = graphs[tile.index]
+                with self.scope(tile):
+                    reached |= self._backprop(tile, y, leaf, grad_out, need_x, grad_x)
+                stats.reused += 1
+            graphs.clear()  # (their graphs are spent)
+            if kept is not None:
+                kept.harvest(sums, need)
+            with self.inputs("backward", tiles, lambda t: (t, self.read(source, t), None),
+                             stats) as inputs:
+                for tile, raw, _ in inputs:
+                    leaf = raw.detach().requires_grad_(need_x or x_grad)
+                    with torch.enable_grad(), self.scope(tile) as mode:
+                        y = self.run(self.feed(leaf), tile)[tile.crop]
+                        if mode is not None:
+                            mode.replaying()
+                        reached |= self._backprop(tile, y, leaf, grad_out, need_x, grad_x)
+                    del y
+                    check_unchanged(self.pipeline, before)
+                    if mode is not None and stats.computed == 0:
+                        replayed = mode.replayed
+                    stats.computed += 1
+                    for i, t in enumerate(wrt):
+                        g, t.grad = t.grad, None
+                        if g is not None:  # (own the first: a gradient may alias grad_out)
+                            sums[i] = g.clone() if sums[i] is None else sums[i].add_(g)
         for node, times in replayed.items():  # as conventionally, where each run updates
             for _ in range(times):
                 update_running([node], self.norms.stats)
         return grad_x if reached else None, sums
+
+    def _backprop(self, tile: Tile, y, leaf, grad_out, need_x: bool, grad_x) -> bool:
+        """Backpropagate one tile's owned output ``y`` (with its dedup group's output
+        gradients) and add its input gradient into ``grad_x``; whether the tile's input got
+        one."""
+        group = [tile] if self.duplicates is None else self.duplicates.group(tile)
+        parts = gradient_parts(group, grad_out, separate=need_x)
+        reached = False
+        with torch.enable_grad():
+            for k, (place, g) in enumerate(parts):
+                if y.requires_grad:
+                    backward_here(y, g, retain_graph=k + 1 < len(parts))
+                if need_x and leaf.grad is not None:
+                    grad_x[place.inp] += leaf.grad
+                    leaf.grad = None
+                    reached = True
+        return reached
 
 
 @dataclass
@@ -305,6 +348,7 @@ class Job:
     first: torch.Tensor | None
     nodes: list  # autograd node of x and of each captured grad tensor (None: needs no grad)
     autocast: tuple
+    kept: Kept | None = None  # the last tiles' graphs (streamcnn.keeping)
     before_backward: object = None  # (source, grad_out, tensors, x_grad) -> None: whole-map terms
 
 
@@ -318,7 +362,7 @@ class StreamFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, job: Job, x: torch.Tensor | None, *grad_tensors: torch.Tensor):
-        out = job.runner.forward(job.first, job.snapshot)
+        out = job.runner.forward(job.first, job.snapshot, job.kept)
         job.first = None
         ctx.job = job
         ctx.save_for_backward(x, *grad_tensors, *job.captured.const_tensors, *job.captured.others)
@@ -351,7 +395,8 @@ class StreamFunction(torch.autograd.Function):
                     [t.detach() for t in grads_in], consts), ctx.needs_input_grad[1])
             grad_x, sums = job.runner.backward(source, grad_out, need_x, tensors,
                                                [a for a, n in zip(aliases, need) if n],
-                                               x_grad=ctx.needs_input_grad[1])
+                                               x_grad=ctx.needs_input_grad[1], kept=job.kept,
+                                               need=need)
         grads = iter(sums)
         return (None, grad_x, *(next(grads) if n else None for n in need))
 

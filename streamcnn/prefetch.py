@@ -40,7 +40,8 @@ class PassStats:
     ``tiles``: tiles of the image the pass covered; ``computed``: tiles it ran through the
     module (the others reused an identical earlier tile's result: :mod:`streamcnn.dedup`,
     or, in the backward, were ``skipped``: their output gradient was zero,
-    :mod:`streamcnn.skipping`);
+    :mod:`streamcnn.skipping`, or ``reused`` the graph the forward kept,
+    :mod:`streamcnn.keeping`);
     ``reads``: reads from the input's storage (one per tile read, re-reads for exact pixel
     comparisons included; for a slide with a tissue mask, only the ``read_region`` calls: a
     tile without tissue is filled with the background colour, not read). Seconds:
@@ -52,6 +53,7 @@ class PassStats:
     tiles: int = 0
     computed: int = 0
     skipped: int = 0
+    reused: int = 0
     reads: int = 0
     read_s: float = 0.0
     wait_s: float = 0.0

@@ -15,12 +15,13 @@ from ._args import normalize_tile_size
 from .channels_last import ONEDNN_CHANNEL_BLOCK, onednn_unsafe_convs, use_channels_last
 from .errors import StreamingError
 from .function import Job, StreamFunction, TileRunner, autocast_state
+from .keeping import Kept, tiles_kept
 from .inputs import check_source, expected_ndim, module_device, module_dtype
 from .plan import plan
 from .norms import NormState, counters, norm_calls, update_running
 from .passes import backward_terms, forward_statistics
 from .sources import source_of, tensor_of
-from .tiling import owned_crops, tile_image
+from .tiling import count, owned_crops, tile_image
 from .trace import Pipeline, analyse, analyse_structure
 
 
@@ -67,6 +68,15 @@ class Streaming(nn.Module):
             non-finite value, graphs with an operation of unbounded derivative such as
             ``sqrt``, and graphs whose normalisation statistics span the image are always
             recomputed). ``last_stats.backward.skipped`` counts them.
+        keep_graphs: a budget in bytes of the module's device for the graphs of the
+            forward's last tiles, which the backward then uses without recomputing those
+            tiles (:mod:`streamcnn.keeping`): as many tiles as ``plan().tile_working_bytes``
+            each allows (with memory to spare, say half of what conventional training would
+            take: ``plan().conventional_peak_bytes // 2``). 0 (the default) keeps none, so
+            the peak never exceeds plain streaming's; None keeps the last tile only, whose
+            graph lives from the end of the forward to the start of the backward (which
+            would build it next). Not for graphs whose normalisation statistics span the
+            image. ``last_stats.backward.reused`` counts the tiles.
 
     After each call ``last_stats`` (:class:`streamcnn.prefetch.Stats`) says how many tiles
     each pass computed and where its time went (its ``backward`` is filled in by the
@@ -86,7 +96,7 @@ class Streaming(nn.Module):
 
     def __init__(self, module: nn.Module, tile_size, *, transform=None, progress: bool | None = None,
                  channels_last: bool | None = None, prefetch: bool = True, dedup: bool = True,
-                 skip_zero_gradients: bool = True):
+                 skip_zero_gradients: bool = True, keep_graphs: int = 0):
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"Streaming needs an nn.Module, got {type(module).__name__}")
@@ -106,6 +116,8 @@ class Streaming(nn.Module):
         self.channels_last = channels_last
         self.prefetch, self.dedup = prefetch, dedup
         self.skip_zero_gradients = skip_zero_gradients
+        tiles_kept(keep_graphs, 1, 2)  # (checks the value)
+        self.keep_graphs = keep_graphs
         self.last_stats = None
         self.register_state_dict_post_hook(_unwrapped_keys)
         self.register_load_state_dict_pre_hook(_wrapped_keys)
@@ -152,9 +164,11 @@ class Streaming(nn.Module):
                             channels_last=self._channels_last(source, device, graph),
                             prefetch=self.prefetch and source.fresh,
                             dedup=self.dedup and _dedup.allowed(graph),
-                            skip=self.skip_zero_gradients and skipping.allowed(graph),
+                            skip=self.skip_zero_gradients and torch.is_grad_enabled()
+                            and skipping.allowed(graph),
                             unused=graph.unused)
         self.last_stats = runner.stats
+        keep = self._tiles_kept(x, source, tilings)
         norms = _stream_norms(runner, graph)
         own = counters(norms.nodes) if norms is not None else frozenset()
         snapshot = state.Snapshot(pipeline, device)  # (after the running statistics' update)
@@ -169,8 +183,23 @@ class Streaming(nn.Module):
         job = Job(runner, captured, snapshot, first,
                   [get_gradient_edge(t).node if t is not None and t.requires_grad else None
                    for t in inputs], autocast_state(device.type),
-                  None if norms is None else functools.partial(_norm_terms, runner, graph, norms))
+                  before_backward=None if norms is None else functools.partial(
+                      _norm_terms, runner, graph, norms),
+                  kept=None if norms is not None else Kept.of(keep, captured, x_grad))
         return StreamFunction.apply(job, *inputs)
+
+    def _tiles_kept(self, x, source, tilings) -> int:
+        """How many of the forward's last tiles keep their graph (``keep_graphs``: a budget
+        in bytes over plan()'s working memory of one tile)."""
+        per_tile = 1
+        if self.keep_graphs and torch.is_grad_enabled():
+            grad = isinstance(x, torch.Tensor) and x.requires_grad
+            gpu = [torch.cuda.current_device()] if source.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=gpu):  # (plan's memory probe draws a tile)
+                per_tile = self.plan(source.shape, input_dtype=source.dtype,
+                                     requires_input_grad=grad, input_device=x.device if
+                                     isinstance(x, torch.Tensor) else "array").tile_working_bytes
+        return tiles_kept(self.keep_graphs, per_tile, count(tilings))
 
     def _channels_last(self, source, device, graph) -> bool:
         if len(source.shape) != 4:

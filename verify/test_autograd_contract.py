@@ -370,17 +370,22 @@ def test_hook_on_the_streamed_output_sees_the_whole_gradient():
     assert seen == [y.shape]
 
 
-def test_hooks_fire_per_tile_with_tile_shapes():
+@pytest.mark.parametrize("keep_graphs, kept", [(0, 0), (None, 1), (10**12, "all but the first")])
+def test_hooks_fire_per_tile_with_tile_shapes(keep_graphs, kept):
     """Documented behaviour: forward hooks once per tile in the forward and again in the
-    backward recomputation; full backward hooks once per tile, with tile-sized gradients."""
+    backward recomputation (not for the tiles whose graphs the forward kept, when asked);
+    full backward hooks once per tile, with tile-sized gradients."""
     net = front()
     fwd, bwd = [], []
     net[3].register_forward_hook(lambda m, i, o: fwd.append(tuple(o.shape[2:])))
     net[3].register_full_backward_hook(lambda m, gi, go: bwd.append(tuple(go[0].shape[2:])))
     x = rand(1, 3, 30, 26)
     tiles = streamcnn.plan(net, x.shape, 12).num_tiles
-    Streaming(net, 12)(x).sum().backward()
-    assert len(fwd) == 2 * tiles and len(bwd) == tiles
+    streamed = Streaming(net, 12, keep_graphs=keep_graphs)
+    streamed(x).sum().backward()
+    kept = tiles - 1 if kept == "all but the first" else kept
+    assert streamed.last_stats.backward.reused == kept
+    assert len(fwd) == 2 * tiles - kept and len(bwd) == tiles
     assert max(max(s) for s in fwd + bwd) < 15  # tile-sized, not (15, 13)
 
 

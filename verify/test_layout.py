@@ -9,7 +9,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "streamcnn"
 ORDER = ["_args", "errors", "progress", "geometry", "binding", "channels_last", "rules", "trace",
-         "tiling", "moments", "slides", "sources", "inputs", "state", "norms", "prefetch", "dedup", "skipping",
+         "tiling", "moments", "slides", "sources", "inputs", "state", "norms", "prefetch", "dedup", "skipping", "keeping",
          "memory", "plan", "function", "passes", "streaming", "statistics", "testing", "tuning", "__init__"]
 
 

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint as checkpoint
-from test_entry_paths import Residual
+from test_entry_paths import Checkpointed, Residual
 
 from streamcnn import ImageArray, Streaming
 from streamcnn.testing import ALL_PATHS, compare, rel_err
@@ -27,18 +26,6 @@ def rand(*shape, seed=1):
 def chain():
     return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                          nn.Conv2d(4, 4, 3, padding=1), nn.GELU())
-
-
-class Checkpointed(nn.Module):
-    """A reentrant and a non-reentrant checkpoint inside the streamed module."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 3, 3, padding=1)
-
-    def forward(self, x):
-        h = checkpoint.checkpoint(self.a, x, use_reentrant=True)
-        return self.b(checkpoint.checkpoint(torch.tanh, h, use_reentrant=False))
 
 
 NETWORKS = {"chain": chain, "residual": Residual, "checkpoints": Checkpointed}

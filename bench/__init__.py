@@ -14,22 +14,21 @@ figure pair and BENCH.md section; every run ends by comparing its points with th
 ``reports/bench.json``. Scratch (gradients, worker logs, points.json, pytest-benchmark JSON)
 goes to the git-ignored ``reports/_raw/``.
 
-Modules:
-    networks – registry of benchmarked networks, each with its own tile and size lists
-    network  – the paper's three-convolution network and the seeded input
-    config   – run settings and protocol parameters (full, quick)
-    protocol – when a step is disturbed, when a point is measured again (pure rules, /proc sampling)
-    memory   – peak resident-set / CUDA peak measurement
-    machine  – machine description recorded with the results
-    worker   – one measured point, run in a fresh subprocess
-    guard    – plan() per point, skipping points that would not fit in memory
-    harness  – launches workers, applies the protocol's re-measure rules
-    jobs     – which points a run measures, interleaved
-    fit      – weighted straight-line fits in pixels, R², flags
-    analysis – fits, extrapolation, overlap, time breakdown, targets, gradient errors, quiet summary
-    compare  – this run against the committed bench.json, point by point
-    plots    – Figs. 2 and 3 per network
-    fmt, report, report_network – render BENCH.md
-    micro    – runs test_micro_reference.py (pytest-benchmark) and summarises it
-    run      – orchestrates everything (``python -m bench``)
+Modules, in layers that import one way (each from those listed above it; checked by
+verify/test_layout.py), with the JSON records between measurement, derivation and rendering:
+    shared       fmt (numbers and Markdown tables); network, networks, models (what is measured);
+                 config (run settings, where results go)
+    measurement  protocol – when a step is disturbed, when a point is measured again (pure rules, /proc sampling)
+                 memory – peak resident-set / CUDA peak; machine – the machine, recorded with the results
+                 worker – one point in a fresh subprocess; guard – plan() per point, skipping what won't fit
+                 harness – launches workers, applies the protocol; jobs – which points a run measures
+                 micro – runs test_micro_reference.py (pytest-benchmark) and summarises it
+                 study – what the one-off studies share; slide, dedup, calibration, training_norm,
+                 allocator – each a study: its probe, its records and its BENCH.md section
+    derivation   fit – weighted straight-line fits; compare – this run against the committed bench.json;
+                 analysis – every derived number of a results dict (``rederive``)
+    rendering    plots, dedup_plot – the figures; report_network, report – BENCH.md;
+                 render – writes reports/ from a results dict, or re-renders it from the stored JSON
+    command line run – ``python -m bench``; a study's own command line (``python -m bench.slide``) is
+                 its ``__main__`` block, which hands BENCH.md's renderer to the study
 """

@@ -1,4 +1,6 @@
-"""Numbers derived from one network's measured points: fits, overlap, time breakdown, targets, gradients.
+"""Numbers derived from one network's measured points: fits, overlap, time breakdown, targets, gradients;
+and :func:`rederive`, which recomputes all of them, the run's quiet summary and a second run's
+comparison in a results dict.
 
 Everything here is a pure function of the point records (bench.json keeps them), so
 ``python -m bench --render-only`` can rebuild every derived number from the stored points.
@@ -8,7 +10,7 @@ Everything here is a pure function of the point records (bench.json keeps them),
 import math
 from pathlib import Path
 
-from bench import fit
+from bench import compare, fit
 from bench.fmt import point_label
 
 MEMORY_RATIO_TARGET = 10.0   # streaming peak at most 1/10 of conventional's
@@ -255,3 +257,20 @@ def quiet_summary(records: list) -> dict:
             "disturbed": [{"point": f"{p['network']} {point_label(p)}", "why": (p.get("disturbances") or ["?"])[0]} for p in disturbed],
             "waited_before": len(waited),
             "never_quiet": bool(timed) and len(disturbed) * 2 > len(timed)}
+
+
+def rederive(results: dict) -> dict:
+    """Recompute every derived number of a results dict from its stored points (nothing measured)."""
+    for net in results["networks"].values():
+        net["analysis"] = analyse(net["points_config"], net["points"])
+    results["quiet"] = quiet_summary([p for n in results["networks"].values() for p in n["points"]])
+    if results.get("second_run"):
+        results["second_run"]["comparison"] = against_first(results, results["second_run"]["points"])
+    return results
+
+
+def against_first(results: dict, records: list) -> dict:
+    """The comparison of a second run's point records with the run stored in ``results``."""
+    again = {"schema": compare.SCHEMA, "networks": {n: {"points": [p for p in records if p["network"] == n]}
+                                                    for n in results["networks"]}}
+    return compare.compare(again, results, "the run above (bench.json)")

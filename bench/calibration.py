@@ -18,7 +18,7 @@ import time
 
 from bench import study
 from bench.config import REPORTS
-from bench.fmt import fmt_bytes, fmt_s
+from bench.fmt import fmt_bytes, fmt_s, table
 
 UPDATE_BN_JSON = REPORTS / "update_bn.json"
 TILE = 2800
@@ -98,18 +98,22 @@ def render(stored: dict, results: dict) -> str:
                      study.cpu_use(r), study.quiet(r), r["date"][:10]])
     header = ["image", "passes", "update_bn", "peak RSS", "one training step (time, memory as in its table)",
               "CPU / (wall × threads)", "other work", "measured"]
-    return head + "\n\n" + study.padded_table(header, rows)
+    return head + "\n\n" + table(header, rows)
 
 
-def main(argv=None) -> int:
+def main(argv=None, rerender=None) -> int:
     args = study.parser("bench.calibration", __doc__, [16384]).parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args.worker, args.threads)))
         return 0
     return study.finish(UPDATE_BN_JSON, [measure(side, args.threads) for side in args.sides],
                         lambda r: r["side"], lambda r: f"{fmt_s(r['update_bn_s'])} in {r['passes']} "
-                        f"passes, peak RSS {fmt_bytes(r['peak_rss_bytes'])}")
+                        f"passes, peak RSS {fmt_bytes(r['peak_rss_bytes'])}", rerender)
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # the command line; BENCH.md's renderer imports this module, so it is handed in here
+    def rerender_reports():
+        from bench.render import rerender  # only now: a worker process (this file too) measures memory without it
+        rerender()
+
+    raise SystemExit(main(rerender=rerender_reports))

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -201,8 +200,7 @@ def render(stored: dict) -> str:
     header = ["slide", "configuration", "tiles computed", "one step (fwd + bwd)", "read / wait / compute (s)",
               "peak RSS", "loss", "CPU / (wall × threads)", "other work", "measured"]
     shown = "\n\n![identical tiles once, reads ahead](dedup.png)" if FIGURE.exists() else ""
-    return (head + shown + "\n\n" + table(header, [r + [""] * (len(header) - len(r)) for r in rows])
-            + _speedups(stored))
+    return head + shown + "\n\n" + table(header, rows) + _speedups(stored)
 
 
 def _order(r: dict):
@@ -238,32 +236,11 @@ def _speedups(stored: dict) -> str:
     return "\n\n" + "\n".join(lines) if lines else ""
 
 
-def figure(stored: dict, path: Path = FIGURE) -> bool:
-    """Draw the largest side and tile measured in every configuration (False: none is)."""
-    groups: dict = {}
-    for r in stored.values():
-        if r.get("status") == "measured":
-            groups.setdefault((r["side"], r["tile"]), {})[(r["prefetch"], r["dedup"])] = r
-    complete = [k for k, g in groups.items() if len(g) == len(CONFIGS)]
-    if not complete:
-        return False
-    from bench import dedup_plot  # (here: the workers measure memory without matplotlib)
-
-    chosen = groups[max(complete)]
-    centres = (np.arange(512) + 0.5) / 512
-    dedup_plot.draw([chosen[c] for c in CONFIGS], inside(islands(), centres, centres), GLASS, TISSUE,
-                    path, f"{chosen[CONFIGS[0]]['threads']} threads")
-    return True
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.dedup", description=__doc__.splitlines()[0])
-    ap.add_argument("sides", nargs="*", type=int, default=[SIDE])
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+def main(argv=None, rerender=None) -> int:
+    ap = study.parser("bench.dedup", __doc__, [SIDE])
     ap.add_argument("--tile", type=int, default=TILE, help=f"streaming tile (default {TILE})")
     ap.add_argument("--out", type=Path, default=DEDUP_JSON,
                     help="records file (default reports/dedup.json, then BENCH.md is re-rendered)")
-    ap.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--prefetch", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--dedup", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -272,20 +249,14 @@ def main(argv=None) -> int:
                                 args.tile)))
         return 0
     records = [r for side in args.sides for r in measure(side, args.threads, args.tile)]
-    stored = study.merge(args.out, records, key=key)
-    for r in records:
-        print(f"{key(r)}: {r.get('status')} "
-              + (f"{fmt_s(r['step_s'])}, {r['passes']['forward']['computed']} of "
-                 f"{r['passes']['forward']['tiles']} tiles computed, peak RSS "
-                 f"{fmt_bytes(r['peak_rss_bytes'])}" if r.get("status") == "measured"
-                 else (r.get("reason") or "")[-300:]))
-    if args.out == DEDUP_JSON and figure(stored):
-        print(f"wrote {FIGURE}")
-    if args.out == DEDUP_JSON and (REPORTS / "bench.json").exists():
-        from bench import run
-        run.main(["--render-only"])
-    return 0
+    return study.finish(args.out, records, key, lambda r: (
+        f"{fmt_s(r['step_s'])}, {r['passes']['forward']['computed']} of {r['passes']['forward']['tiles']} "
+        f"tiles computed, peak RSS {fmt_bytes(r['peak_rss_bytes'])}"), rerender)
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # the command line; BENCH.md's renderer imports this module, so it is handed in here
+    def rerender_reports():
+        from bench.render import rerender  # only now: a worker process (this file too) measures memory without it
+        rerender()
+
+    raise SystemExit(main(rerender=rerender_reports))

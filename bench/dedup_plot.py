@@ -1,17 +1,36 @@
 """The dedup benchmark's figure, drawn from its records: the synthetic slide's layout, each
 configuration's step split into computing and waiting for reads, and the tiles computed."""
+from pathlib import Path
+
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.dedup import CONFIGS, GLASS, TISSUE, inside, islands, label  # noqa: E402
+
 COMPUTE, WAIT, READ = "tab:blue", "tab:orange", "0.6"
 
 
+def figure(stored: dict, path: Path) -> bool:
+    """Draw the largest side and tile measured in every configuration (False: none is)."""
+    groups: dict = {}
+    for r in stored.values():
+        if r.get("status") == "measured":
+            groups.setdefault((r["side"], r["tile"]), {})[(r["prefetch"], r["dedup"])] = r
+    complete = [k for k, g in groups.items() if len(g) == len(CONFIGS)]
+    if not complete:
+        return False
+    chosen = groups[max(complete)]
+    centres = (np.arange(512) + 0.5) / 512
+    draw([chosen[c] for c in CONFIGS], inside(islands(), centres, centres), GLASS, TISSUE, path,
+         f"{chosen[CONFIGS[0]]['threads']} threads")
+    return True
+
+
 def _name(r: dict) -> str:
-    return (("prefetch" if r["prefetch"] else "no prefetch") + "\n"
-            + ("dedup" if r["dedup"] else "no dedup"))
+    return label(r["prefetch"], r["dedup"]).replace(", ", "\n")
 
 
 def _slide(ax, tissue: np.ndarray, glass, colour, side: int) -> None:

@@ -36,8 +36,9 @@ def fmt_pct(v) -> str:
 
 
 def table(header, rows) -> str:
+    """A Markdown table; a short row (a failed record's) is padded with empty cells."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(str(c) for c in [*row, *[""] * (len(header) - len(row))]) + " |" for row in rows]
     return "\n".join(lines)
 
 

@@ -1,20 +1,18 @@
-"""Orchestrates ``python -m bench``: measure every point under the protocol, then write JSON, figures and BENCH.md."""
+"""Orchestrates ``python -m bench``: measure every point under the protocol, derive, then write the reports
+(bench.render), or with ``--render-only`` only the last two."""
 import argparse
 import dataclasses
-import json
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
-from bench import analysis, compare, networks, plots, report, slide
+from bench import analysis, compare, networks, render, report, slide
 from bench.config import FULL, QUICK, REPO_ROOT, REPORTS, Config
 from bench.harness import VARIANTS, Key, PointRunner, pick_device
 from bench.jobs import GROUPS, interleave, network_jobs, select
 from bench.machine import describe
 from bench.micro import run_micro
-
-SCHEMA = 2
 
 
 def parse_args(argv):
@@ -112,23 +110,6 @@ def network_results(cfg: Config, name: str, runner: PointRunner) -> dict:
             "analysis": analysis.analyse(points, records), "grad_agreement": grad_agreement(runner, name)}
 
 
-def rederive(results: dict) -> dict:
-    """Recompute every derived number from the stored points (nothing measured)."""
-    for net in results["networks"].values():
-        net["analysis"] = analysis.analyse(net["points_config"], net["points"])
-    results["quiet"] = analysis.quiet_summary([p for n in results["networks"].values() for p in n["points"]])
-    if results.get("second_run"):
-        results["second_run"]["comparison"] = against_first(results, results["second_run"]["points"])
-    return results
-
-
-def against_first(results: dict, records: list) -> dict:
-    """The comparison of a second run's point records with the run stored in ``results``."""
-    again = {"schema": SCHEMA, "networks": {n: {"points": [p for p in records if p["network"] == n]}
-                                            for n in results["networks"]}}
-    return compare.compare(again, results, "the run above (bench.json)")
-
-
 def protocol_record(cfg: Config, runner: PointRunner) -> dict:
     return {"reps": cfg.reps, "max_steps": cfg.max_steps, "max_attempts": cfg.max_attempts,
             "remeasure_budget_s": cfg.remeasure_budget_s, "remeasure_spent_s": runner.remeasure_spent_s,
@@ -144,11 +125,11 @@ def full_run(cfg: Config, args, device: str, started: float) -> dict:
     jobs = all_jobs(cfg, device)
     runner = PointRunner(cfg, device, resume_keys=jobs if args.resume else ())
     measure_all(cfg, runner, jobs)
-    results = {"schema": SCHEMA, "run": cfg.name, "machine": machine,
+    results = {"schema": compare.SCHEMA, "run": cfg.name, "machine": machine,
                "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()},
                "protocol": protocol_record(cfg, runner), "unavailable": unavailable(cfg),
                "networks": {n: network_results(cfg, n, runner) for n in cfg.networks if any(k.network == n for k in jobs)}}
-    rederive(results)
+    analysis.rederive(results)
     results["slide"] = slide.merge([slide.measure(side, cfg.threads) for side in cfg.slide_sides],
                                    cfg.out_dir / "slide.json")
     results["micro"] = {"skipped": "--no-micro"} if args.no_micro else run_micro(cfg)
@@ -158,22 +139,10 @@ def full_run(cfg: Config, args, device: str, started: float) -> dict:
     return results
 
 
-def load_results(path: Path, why: str) -> dict:
-    """A bench.json written with the measurement protocol, or an error saying how to get one."""
-    hint = "run `python -m bench` (`make bench`) first"
-    if not path.exists():
-        raise SystemExit(f"{path} does not exist ({why}): {hint}")
-    results = json.loads(path.read_text())
-    if results.get("schema", 1) < SCHEMA:
-        raise SystemExit(f"{path} has schema {results.get('schema', 1)}, from before the measurement protocol "
-                         f"({why}): {hint}")
-    return results
-
-
 def second_run(cfg: Config, args, device: str, started: float) -> dict:
     """Measure the selected groups again and add the comparison with the stored run to its bench.json."""
     path = cfg.out_dir / "bench.json"
-    results = load_results(path, "--repeat compares with it")
+    results = render.load_results(path, "--repeat compares with it")
     groups = [g.strip() for g in args.repeat.split(",") if g.strip()]
     jobs = {}
     for name, net in results["networks"].items():  # the stored run's own points, whatever the registry says now
@@ -188,7 +157,7 @@ def second_run(cfg: Config, args, device: str, started: float) -> dict:
                              "protocol": protocol_record(cfg, runner), "points": records,
                              "quiet": analysis.quiet_summary(records),
                              "elapsed_s": time.perf_counter() - started}
-    return rederive(results)  # adds the second run's comparison
+    return analysis.rederive(results)  # adds the second run's comparison
 
 
 def main(argv=None) -> int:
@@ -198,28 +167,18 @@ def main(argv=None) -> int:
     if args.list:
         return list_points(cfg, args)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    if not args.render_only:
-        print(destination(cfg), flush=True)
     if args.render_only:
-        results = rederive(load_results(cfg.out_dir / "bench.json", "--render-only redraws it"))
-    elif args.repeat:
-        results = second_run(cfg, args, pick_device(), started)
-    else:
-        results = full_run(cfg, args, pick_device(), started)
-    # slide.json: measured by every run, or by hand (python -m bench.slide 65536); allocator.json,
-    # update_bn.json, training_norm.json, dedup.json: by hand (python -m bench.allocator,
-    # bench.calibration, bench.training_norm, bench.dedup)
-    for name in ("slide", "allocator", "update_bn", "training_norm", "dedup"):
-        if (cfg.out_dir / f"{name}.json").exists():
-            results[name] = json.loads((cfg.out_dir / f"{name}.json").read_text())
-    write_outputs(cfg, results)
+        results = render.rerender(cfg.out_dir)
+        print(f"re-rendered {cfg.out_dir / 'BENCH.md'}")
+        return _exit_status(results)
+    print(destination(cfg), flush=True)
+    results = (second_run if args.repeat else full_run)(cfg, args, pick_device(), started)
+    render.write(cfg.out_dir, results)
     comp = (results.get("second_run") or {}).get("comparison") if args.repeat else results.get("comparison")
-    if comp is not None and not args.render_only:
+    if comp is not None:
         print("\n" + report.comparison_text(comp))
-    verb = "re-rendered" if args.render_only else f"measured in {(time.perf_counter() - started) / 60:.1f} min and wrote"
-    print(f"{verb} {cfg.out_dir / 'BENCH.md'}")
-    if not args.render_only:
-        print(destination(cfg) + "; " + scratch_size(cfg))
+    print(f"measured in {(time.perf_counter() - started) / 60:.1f} min and wrote {cfg.out_dir / 'BENCH.md'}")
+    print(destination(cfg) + "; " + scratch_size(cfg))
     return _exit_status(results)
 
 
@@ -265,15 +224,3 @@ def list_points(cfg: Config, args) -> int:
         print(f"{i:3d}  {key.network:10s} {key.mode:21s} {key.size:6d}² tile {str(key.tile or '-'):5s} "
               f"{key.variant:13s} [{', '.join(sorted(jobs[key]))}]")
     return 0
-
-
-def write_outputs(cfg: Config, results: dict) -> None:
-    """bench.json, each network's two figures and BENCH.md into cfg.out_dir."""
-    out = cfg.out_dir
-    (out / "bench.json").write_text(json.dumps(results, indent=1) + "\n")
-    m = results["machine"]
-    machine = f"{m['cpu_model']}, {m['torch_threads']} threads, torch {m['torch']}"
-    for net in results["networks"].values():
-        plots.draw_fig2(net, out / net["figures"]["fig2"], machine)
-        plots.draw_fig3(net, out / net["figures"]["fig3"], machine, m["mem_total_bytes"])
-    (out / "BENCH.md").write_text(report.render(results))

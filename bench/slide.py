@@ -28,7 +28,7 @@ import numpy as np
 
 from bench import study
 from bench.config import REPORTS
-from bench.fmt import fmt_bytes, fmt_s
+from bench.fmt import fmt_bytes, fmt_s, table
 
 SLIDE_JSON = REPORTS / "slide.json"
 RAW = REPORTS / "_raw" / "slide"
@@ -144,29 +144,29 @@ def render(stored: dict) -> str:
         if r.get("status") != "measured":
             rows.append([f"{r['side']}²", r.get("status"), r.get("reason", "")[:80]])
             continue
-        win = r.get("cpu_window") or {}
-        use = win.get("own_cpu_s", 0) / (win["wall_s"] * r["threads"]) if win.get("wall_s") else None
         rows.append([f"{r['side']}² ({r['side'] ** 2 / 1e9:.2f} GP)", fmt_bytes(r["file_bytes"]),
                      fmt_bytes(r["float32_bytes"]), f"**{fmt_bytes(r['peak_rss_bytes'])}**",
                      fmt_bytes(r["plan_device_bytes"]),
                      f"**{fmt_s(r['step_s'])}** ({fmt_s(r['forward_s'])} + {fmt_s(r['backward_s'])})",
-                     study.time_split(r), f"{use:.2f}" if use else "–",
-                     study.quiet(r),
-                     r["date"][:10]])
+                     study.time_split(r), study.cpu_use(r), study.quiet(r), r["date"][:10]])
     header = ["slide", "on disk (uint8)", "as float32", "peak RSS", "plan(), device", "one step (fwd + bwd)",
               "read / wait / compute (s), fwd; bwd", "CPU / (wall × threads)", "other work", "measured"]
-    return head + "\n\n" + study.padded_table(header, rows)
+    return head + "\n\n" + table(header, rows)
 
 
-def main(argv=None) -> int:
+def main(argv=None, rerender=None) -> int:
     args = study.parser("bench.slide", __doc__, [32768]).parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args.worker, args.threads)))
         return 0
     return study.finish(SLIDE_JSON, [measure(side, args.threads) for side in args.sides],
                         lambda r: r["side"], lambda r: f"{fmt_s(r['step_s'])}, peak RSS "
-                        f"{fmt_bytes(r['peak_rss_bytes'])}")
+                        f"{fmt_bytes(r['peak_rss_bytes'])}", rerender)
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # the command line; BENCH.md's renderer imports this module, so it is handed in here
+    def rerender_reports():
+        from bench.render import rerender  # only now: a worker process (this file too) measures memory without it
+        rerender()
+
+    raise SystemExit(main(rerender=rerender_reports))

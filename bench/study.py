@@ -1,5 +1,6 @@
-"""What the one-off studies (a slide from disk, update_bn, training-mode BatchNorm) share: a
-measurement in a fresh process, read back as one JSON line, and a JSON file of records.
+"""What the one-off studies (a slide from disk, dedup, update_bn, training-mode BatchNorm) share: a
+measurement in a fresh process, read back as one JSON line, a JSON file of records, and the cells
+their BENCH.md sections show.
 
 A study's worker runs in its own process so that its peak resident memory (VmHWM) is its own;
 it samples the machine's CPU accounting around the measured call (``bench.protocol``) so that
@@ -18,7 +19,6 @@ from pathlib import Path
 
 from bench import protocol
 from bench.config import REPORTS
-from bench.fmt import table
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -107,19 +107,14 @@ def parser(prog: str, doc: str, sides: list) -> argparse.ArgumentParser:
     return ap
 
 
-def finish(path: Path, records: list, key, describe) -> int:
-    """Merge the records into ``path``, print a line per record, and re-render BENCH.md from
-    the stored results (when they exist and ``path`` is one of reports/' files)."""
+def finish(path: Path, records: list, key, describe, rerender=None) -> int:
+    """Merge the records into ``path``, print a line per record, and call ``rerender`` (BENCH.md's
+    renderer, handed in by the command line: it imports the studies) when ``path`` is one of
+    reports/' files and the results it re-renders from exist."""
     merge(path, records, key)
     for r in records:
         said = describe(r) if r.get("status") == "measured" else (r.get("reason") or "")[-300:]
         print(f"{key(r)}: {r.get('status')} {said}")
-    if path.parent == REPORTS and (REPORTS / "bench.json").exists():
-        from bench import run
-        run.main(["--render-only"])
+    if rerender and path.parent == REPORTS and (REPORTS / "bench.json").exists():
+        rerender()
     return 0
-
-
-def padded_table(header: list, rows: list) -> str:
-    """``fmt.table`` with short rows (a failed record's) padded to the header."""
-    return table(header, [r + [""] * (len(header) - len(r)) for r in rows])

@@ -18,7 +18,7 @@ import time
 
 from bench import study
 from bench.config import REPORTS
-from bench.fmt import fmt_bytes, fmt_s
+from bench.fmt import fmt_bytes, fmt_s, table
 
 TRAINING_NORM_JSON = REPORTS / "training_norm.json"
 TILE = 1024
@@ -103,10 +103,10 @@ def render(stored: dict) -> str:
                          r["date"][:10]])
     header = ["image", "BatchNorm", "passes", "one step", "vs frozen", "plan() bound", "peak RSS",
               "CPU / (wall × threads)", "other work", "measured"]
-    return head + "\n\n" + study.padded_table(header, rows)
+    return head + "\n\n" + table(header, rows)
 
 
-def main(argv=None) -> int:
+def main(argv=None, rerender=None) -> int:
     ap = study.parser("bench.training_norm", __doc__, [4096, 8192])
     ap.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -115,8 +115,13 @@ def main(argv=None) -> int:
         return 0
     records = [measure(side, mode, args.threads) for side in args.sides for mode in MODES]
     return study.finish(TRAINING_NORM_JSON, records, lambda r: f"{r['side']}-{r['mode']}",
-                        lambda r: f"{fmt_s(r['step_s'])}, peak RSS {fmt_bytes(r['peak_rss_bytes'])}")
+                        lambda r: f"{fmt_s(r['step_s'])}, peak RSS {fmt_bytes(r['peak_rss_bytes'])}",
+                        rerender)
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # the command line; BENCH.md's renderer imports this module, so it is handed in here
+    def rerender_reports():
+        from bench.render import rerender  # only now: a worker process (this file too) measures memory without it
+        rerender()
+
+    raise SystemExit(main(rerender=rerender_reports))

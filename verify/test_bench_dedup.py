@@ -5,7 +5,7 @@ BENCH.md's section rendered from those records. No timing is judged here."""
 import numpy as np
 import pytest
 
-from bench import dedup, slide, study
+from bench import dedup, dedup_plot, slide, study
 
 
 @pytest.fixture
@@ -86,13 +86,13 @@ def test_the_memmap_slide_section_shows_read_and_compute_where_measured(records)
 def test_the_figure_is_drawn_once_every_configuration_is_measured(records, tmp_path):
     path = tmp_path / "dedup.png"
     some = dict(list(records.items())[:3])
-    assert not dedup.figure(some, path) and not path.exists()
-    assert dedup.figure(records, path)
+    assert not dedup_plot.figure(some, path) and not path.exists()
+    assert dedup_plot.figure(records, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
 
 
 def test_the_section_shows_the_figure_only_where_it_was_drawn(records, tmp_path, monkeypatch):
     monkeypatch.setattr(dedup, "FIGURE", tmp_path / "dedup.png")
     assert "](dedup.png)" not in dedup.render(records)
-    dedup.figure(records, dedup.FIGURE)
+    dedup_plot.figure(records, dedup.FIGURE)
     assert "![identical tiles once, reads ahead](dedup.png)" in dedup.render(records)

@@ -5,12 +5,13 @@ targets, the memory guard, the network registry, and rendering BENCH.md plus bot
 from a small fake result. The protocol, fits and comparison are in test_bench_protocol.py.
 """
 import dataclasses
+import json
 import os
 
 import numpy as np
 import pytest
 
-from bench import allocator, analysis, memory, networks, plots, report, run
+from bench import allocator, analysis, memory, networks, plots, render, report, run, study
 from bench.config import QUICK
 from bench.guard import fit_reason
 from bench.harness import Key, PointRunner
@@ -156,7 +157,7 @@ def test_report_and_figures_render_from_a_fake_result(tmp_path, monkeypatch):
                "unavailable": {"resnet34": "no torchvision"},
                "micro": {"rows": [{"case": "c", "op": "forward", "reference_s": 0.3, "torch_s": 0.1, "ratio": 3.0}]},
                "comparison": {"reference": "ref", "rows": [], "missing": True}, "elapsed_s": 60.0}
-    run.rederive(results)
+    analysis.rederive(results)
     res = results["networks"]["conv3"]["analysis"]
     time_fit = res["fig3_fits"]["time"]
     assert time_fit["n"] == 4 and [r["flagged"] for r in time_fit["rows"]] == [False, True, False, False, False]
@@ -164,7 +165,7 @@ def test_report_and_figures_render_from_a_fake_result(tmp_path, monkeypatch):
     assert [e["size"] for e in res["conventional_extrapolated"]] == [2048, 4096]
     assert res["headline"]["extrapolated"]["memory"] == pytest.approx(900 * 4096 ** 2)
     assert results["quiet"]["disturbed"][0]["point"] == "conv3 streaming 2048² tile 128"
-    run.write_outputs(cfg, results)
+    render.write(cfg.out_dir, results)
     text = (tmp_path / "BENCH.md").read_text()
     for needle in ("**Measured on: fake CPU", "Not a clean run", "## Three 3×3 convolutions", "### Headline",
                    "### Targets", "fig2_memory_vs_tile.png", "fig3_time_vs_input.png", "(fit)", "would not fit",
@@ -223,7 +224,7 @@ def test_second_run_comparison_is_rederived_with_each_steps_peak():
     again = {**first, "peak_bytes": 110 * MIB, "peak_bytes_all": [110 * MIB, 100 * MIB, 100 * MIB]}
     results = {"schema": 2, "networks": {"conv3": {"points": [first], "points_config": dataclasses.asdict(networks.CONV3.quick)}},
                "second_run": {"points": [again]}}
-    rows = run.rederive(results)["second_run"]["comparison"]["rows"]
+    rows = analysis.rederive(results)["second_run"]["comparison"]["rows"]
     assert len(rows) == 1 and rows[0]["memory_ratio"] == pytest.approx(1.1) and not rows[0]["memory_ok"]
     assert "each step's peak: 110.0, 100.0, 100.0 MiB here, 100.0, 100.0, 100.0 MiB there" in report._second_run(
         {**results, "second_run": {**results["second_run"], "groups": ["fig2"], "elapsed_s": 60,
@@ -255,7 +256,7 @@ def test_a_quick_run_says_where_it_writes_at_its_start_and_end(tmp_path, monkeyp
 
     monkeypatch.setattr(run, "full_run", measured)
     monkeypatch.setattr(run, "pick_device", lambda: "cpu")
-    monkeypatch.setattr(run, "write_outputs", lambda cfg, results: None)
+    monkeypatch.setattr(render, "write", lambda out_dir, results: None)
     assert run.main(["--quick"]) == 0
     first, last = said_first[0], capsys.readouterr().out
     assert f"into {quick}/, not into reports/" in first
@@ -280,3 +281,19 @@ def test_an_outlying_step_neither_widens_the_whisker_nor_stretches_the_axis():
     assert [t.get_text() for t in ax.texts] == ["40 s"]
     assert "a step more than 25% off its point's median (not in the whisker)" in ax.get_legend_handles_labels()[1]
     plt.close(fig)
+
+
+def test_a_study_re_renders_through_the_renderer_its_command_line_hands_it(tmp_path, monkeypatch, capsys):
+    """`python -m bench.slide` and the other studies store their records, then re-render BENCH.md with
+    the renderer their command line passes in (it imports the studies, so they cannot import it), and
+    only for reports/' own files once bench.json is there to re-render from."""
+    monkeypatch.setattr(study, "REPORTS", tmp_path)
+    calls, record = [], {"side": 64, "status": "failed", "reason": "boom"}
+    finish = lambda path: study.finish(path, [record], lambda r: r["side"], str, lambda: calls.append(path))  # noqa: E731
+    finish(tmp_path / "slide.json")
+    assert calls == [] and "64: failed boom" in capsys.readouterr().out  # no bench.json yet
+    (tmp_path / "bench.json").write_text("{}")
+    (tmp_path / "_raw").mkdir()
+    finish(tmp_path / "_raw" / "check.json")
+    finish(tmp_path / "slide.json")
+    assert calls == [tmp_path / "slide.json"] and json.loads((tmp_path / "slide.json").read_text())["64"] == record

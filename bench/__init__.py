@@ -24,7 +24,7 @@ verify/test_layout.py), with the JSON records between measurement, derivation an
                  harness – launches workers, applies the protocol; jobs – which points a run measures
                  micro – runs test_micro_reference.py (pytest-benchmark) and summarises it
                  study – what the one-off studies share; slide, dedup, calibration, training_norm,
-                 allocator – each a study: its probe, its records and its BENCH.md section
+                 allocator, speed – each a study: its probe, its records and its BENCH.md section
     derivation   fit – weighted straight-line fits; compare – this run against the committed bench.json;
                  analysis – every derived number of a results dict (``rederive``)
     rendering    plots, dedup_plot – the figures; report_network, report – BENCH.md;

@@ -297,3 +297,23 @@ def test_a_study_re_renders_through_the_renderer_its_command_line_hands_it(tmp_p
     finish(tmp_path / "_raw" / "check.json")
     finish(tmp_path / "slide.json")
     assert calls == [tmp_path / "slide.json"] and json.loads((tmp_path / "slide.json").read_text())["64"] == record
+
+
+def test_speed_study_renders_its_records_and_targets():
+    """bench.speed's BENCH.md section from records (no measurement): every row, the ratios
+    against conventional with the same head, and the three targets judged."""
+    from bench import speed
+
+    def rec(mode, head, step, tile=0, budget="0"):
+        r = {"status": "measured", "side": 64, "mode": mode, "tile": tile, "head": head, "budget": budget,
+             "keep_bytes": 0, "threads": 2, "step_s": step, "peak_bytes": 2**20, "recomputed": 3,
+             "reused": 1, "skipped": 5, "disturbance": ""}
+        return speed.key(r), r
+
+    stored = dict([rec("conventional", "sum", 2.0), rec("conventional", "max", 2.0),
+                   rec("streaming", "sum", 2.2, 512), rec("streaming", "max", 1.0, 512),
+                   rec("streaming", "sum", 2.2, 512, "half")])
+    text = speed.render(stored)
+    assert "1.10×" in text and "0.50×" in text
+    assert text.count("**met**") == 2 and text.count("**not met**") == 1
+    assert "Not measured yet" in speed.render({})

@@ -189,17 +189,16 @@ class Streaming(nn.Module):
         return StreamFunction.apply(job, *inputs)
 
     def _tiles_kept(self, x, source, tilings) -> int:
-        """How many of the forward's last tiles keep their graph (``keep_graphs``: a budget
-        in bytes over plan()'s working memory of one tile)."""
-        per_tile = 1
-        if self.keep_graphs and torch.is_grad_enabled():
-            grad = isinstance(x, torch.Tensor) and x.requires_grad
-            gpu = [torch.cuda.current_device()] if source.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=gpu):  # (plan's memory probe draws a tile)
-                per_tile = self.plan(source.shape, input_dtype=source.dtype,
-                                     requires_input_grad=grad, input_device=x.device if
-                                     isinstance(x, torch.Tensor) else "array").tile_working_bytes
-        return tiles_kept(self.keep_graphs, per_tile, count(tilings))
+        """How many of the forward's last tiles keep their graph (``keep_graphs``): as
+        ``plan()`` counts them, which it reports too."""
+        if not self.keep_graphs or not torch.is_grad_enabled():  # None: the last tile; 0: none
+            return tiles_kept(self.keep_graphs, 1, count(tilings))
+        grad = isinstance(x, torch.Tensor) and x.requires_grad
+        gpu = [torch.cuda.current_device()] if source.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=gpu):  # (plan's memory probe draws a tile)
+            return self.plan(source.shape, input_dtype=source.dtype, requires_input_grad=grad,
+                             input_device=x.device if isinstance(x, torch.Tensor) else "array",
+                             keep_graphs=self.keep_graphs).kept_tiles
 
     def _channels_last(self, source, device, graph) -> bool:
         if len(source.shape) != 4:
@@ -218,8 +217,10 @@ class Streaming(nn.Module):
         return use_channels_last(device, dtype, self.module, graph)
 
     def plan(self, input_shape, **kwargs):
-        """``streamcnn.plan(self.module, input_shape, self.tile_size, transform=...)``."""
+        """``streamcnn.plan(self.module, input_shape, self.tile_size, transform=...,
+        keep_graphs=...)``."""
         kwargs.setdefault("transform", self.transform)
+        kwargs.setdefault("keep_graphs", self.keep_graphs)
         return plan(self.module, input_shape, self.tile_size, **kwargs)
 
 

@@ -104,3 +104,13 @@ def test_training_mode_normalisation_keeps_nothing():
     streamed = Streaming(net, 20, keep_graphs=ALL)
     streamed(rand(2, 3, 64, 64)).sum().backward()
     assert streamed.last_stats.backward.reused == 0
+
+
+def test_plan_says_how_many_tiles_keep_their_graph_and_counts_their_memory():
+    torch.manual_seed(0)
+    net, shape = chain().double(), (1, 3, 64, 64)
+    none, some = Streaming(net, 20).plan(shape), Streaming(net, 20, keep_graphs=10**12).plan(shape)
+    assert (none.kept_tiles, some.kept_tiles) == (0, none.num_tiles - 1)
+    assert some.device_peak_bytes == none.device_peak_bytes + some.kept_tiles * some.tile_working_bytes
+    assert "keep_graphs" not in str(none)
+    assert f"the last {some.kept_tiles} of {some.num_tiles} tiles keep their graphs" in str(some)

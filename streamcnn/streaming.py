@@ -11,6 +11,7 @@ import torch.nn as nn
 from torch.autograd.graph import get_gradient_edge
 
 from . import dedup as _dedup, state
+from .allocator import reuse_freed_memory
 from ._args import normalize_tile_size
 from .channels_last import ONEDNN_CHANNEL_BLOCK, onednn_unsafe_convs, use_channels_last
 from .errors import StreamingError
@@ -61,6 +62,11 @@ class Streaming(nn.Module):
             pass only once, forward and backward (:mod:`streamcnn.dedup`: exact; the
             backward's sums of duplicate gradients agree to float rounding). Off for graphs
             whose normalisation statistics span the image.
+        reuse_memory: on a CPU with glibc, keep the memory a tile frees for the next tile while
+            a pass runs, instead of glibc unmapping each tile's large buffers and mapping them
+            afresh for the next (:mod:`streamcnn.allocator`: glibc's settings are put back
+            after each pass and the freed memory returned; the same numbers bit for bit).
+            False leaves glibc alone. No effect on other devices or C libraries.
 
     After each call ``last_stats`` (:class:`streamcnn.prefetch.Stats`) says how many tiles
     each pass computed and where its time went (its ``backward`` is filled in by the
@@ -78,7 +84,8 @@ class Streaming(nn.Module):
     """
 
     def __init__(self, module: nn.Module, tile_size, *, transform=None, progress: bool | None = None,
-                 channels_last: bool | None = None, prefetch: bool = True, dedup: bool = True):
+                 channels_last: bool | None = None, prefetch: bool = True, dedup: bool = True,
+                 reuse_memory: bool = True):
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"Streaming needs an nn.Module, got {type(module).__name__}")
@@ -97,6 +104,7 @@ class Streaming(nn.Module):
         self.progress = progress
         self.channels_last = channels_last
         self.prefetch, self.dedup = prefetch, dedup
+        self.reuse_memory = reuse_memory
         self.last_stats = None
         self.register_state_dict_post_hook(_unwrapped_keys)
         self.register_load_state_dict_pre_hook(_wrapped_keys)
@@ -138,6 +146,10 @@ class Streaming(nn.Module):
         source = source_of(x)
         graph, tilings = self.prepare(source)
         device = module_device(self.module) or source.device
+        with reuse_freed_memory(self._reuse_memory(device)):
+            return self._forward(x, source, graph, tilings, device)
+
+    def _forward(self, x, source, graph, tilings, device) -> torch.Tensor:
         pipeline = Pipeline(self.module, self.transform)
         runner = TileRunner(pipeline, tilings, source, device, progress=self.progress,
                             channels_last=self._channels_last(source, device, graph),
@@ -158,8 +170,12 @@ class Streaming(nn.Module):
         job = Job(runner, captured, snapshot, first,
                   [get_gradient_edge(t).node if t is not None and t.requires_grad else None
                    for t in inputs], autocast_state(device.type),
-                  None if norms is None else functools.partial(_norm_terms, runner, graph, norms))
+                  None if norms is None else functools.partial(_norm_terms, runner, graph, norms),
+                  self._reuse_memory(device))
         return StreamFunction.apply(job, *inputs)
+
+    def _reuse_memory(self, device) -> bool:
+        return self.reuse_memory and device.type == "cpu"
 
     def _channels_last(self, source, device, graph) -> bool:
         if len(source.shape) != 4:

@@ -8,7 +8,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "streamcnn"
-ORDER = ["_args", "errors", "progress", "geometry", "binding", "channels_last", "rules", "trace",
+ORDER = ["_args", "errors", "progress", "allocator", "geometry", "binding", "channels_last", "rules", "trace",
          "tiling", "moments", "slides", "sources", "inputs", "state", "norms", "prefetch", "dedup",
          "memory", "plan", "function", "passes", "streaming", "statistics", "testing", "tuning", "__init__"]
 

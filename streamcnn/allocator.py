@@ -25,8 +25,10 @@ Where the settings are not glibc's adaptive defaults, nothing is touched: anothe
 (macOS, musl) or another malloc in front of glibc (jemalloc, tcmalloc), a 32-bit process,
 ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_MMAP_MAX_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``
 or those ``GLIBC_TUNABLES`` set, or ``mallopt`` called before (a threshold fixed below 32 MiB,
-or mapping switched off, as :func:`streamcnn.tuning.keep_freed_memory` does) - checked each
-time by probing with three allocations of untouched memory. The settings are process-wide
+or mapping switched off, as :func:`streamcnn.tuning.keep_freed_memory` does) - checked before
+each pass by probing with untouched allocations (:meth:`Glibc.route`; a thread allocating at
+that very moment could mislead the probe). A user who fixed the threshold at exactly 32 MiB
+with ``mallopt`` cannot be told from glibc's ceiling, and gets the ceiling's trim threshold. The settings are process-wide
 while a pass runs: other threads' frees are kept too until the pass ends. Nested and
 concurrent passes share one application (a counter). No result changes: only where torch's
 buffers live does.

@@ -11,10 +11,12 @@ Public API:
     update_bn(loader, module, tile_size)  torch.optim.swa_utils.update_bn, streamed
     lsuv_(module, images, tile_size)    unit variance per output channel (LSUV), streamed
     testing.compare(module, x, tile_size)  check streaming against conventional autograd
-    tuning.keep_freed_memory()          opt-in glibc allocator setting (faster CPU tiles)
+    tuning.keep_freed_memory()          glibc keeps freed memory process-wide (Streaming
+                                        already does during its passes: allocator)
 
 Layers, bottom to top (imports point down only; verify/test_layout.py checks it):
-``_args``/``errors``/``progress`` (when tile bars show) -> ``geometry`` (integer tile
+``_args``/``errors``/``progress`` (when tile bars show), ``allocator`` (glibc's heap
+during a pass) -> ``geometry`` (integer tile
 geometry, no torch) -> ``binding`` (arguments as torch binds them), ``channels_last``
 (when tiles may take that layout)
 -> ``rules`` (which torch operation is which geometric step) -> ``trace`` (torch.fx graph

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .allocator import reuse_freed_memory
 from .dedup import Duplicates, fingerprint, gradient_parts
 from .keeping import Kept
 from .errors import StreamingError
@@ -350,6 +351,7 @@ class Job:
     autocast: tuple
     kept: Kept | None = None  # the last tiles' graphs (streamcnn.keeping)
     before_backward: object = None  # (source, grad_out, tensors, x_grad) -> None: whole-map terms
+    reuse_memory: bool = False  # keep freed memory on the heap while the backward runs
 
 
 class StreamFunction(torch.autograd.Function):
@@ -388,7 +390,8 @@ class StreamFunction(torch.autograd.Function):
         aliases = [t.detach().requires_grad_(n) for t, n in zip(grads_in, need)]
         tensors = job.captured.substitutes(aliases, consts)
         device_type, enabled, dtype = job.autocast
-        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+        with reuse_freed_memory(job.reuse_memory), torch.autocast(device_type, dtype=dtype,
+                                                                  enabled=enabled):
             source = job.runner.source if x is None else TensorSource(x)
             if job.before_backward is not None:
                 job.before_backward(source, grad_out, job.captured.substitutes(

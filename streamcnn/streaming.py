@@ -11,6 +11,7 @@ import torch.nn as nn
 from torch.autograd.graph import get_gradient_edge
 
 from . import dedup as _dedup, skipping, state
+from .allocator import reuse_freed_memory
 from ._args import normalize_tile_size
 from .channels_last import ONEDNN_CHANNEL_BLOCK, onednn_unsafe_convs, use_channels_last
 from .errors import StreamingError
@@ -77,6 +78,11 @@ class Streaming(nn.Module):
             graph lives from the end of the forward to the start of the backward (which
             would build it next). Not for graphs whose normalisation statistics span the
             image. ``last_stats.backward.reused`` counts the tiles.
+        reuse_memory: on a CPU with glibc, keep the memory a tile frees for the next tile while
+            a pass runs, instead of glibc unmapping each tile's large buffers and mapping them
+            afresh for the next (:mod:`streamcnn.allocator`: glibc's settings are put back
+            after each pass and the freed memory returned; the same numbers bit for bit).
+            False leaves glibc alone. No effect on other devices or C libraries.
 
     After each call ``last_stats`` (:class:`streamcnn.prefetch.Stats`) says how many tiles
     each pass computed and where its time went (its ``backward`` is filled in by the
@@ -96,7 +102,8 @@ class Streaming(nn.Module):
 
     def __init__(self, module: nn.Module, tile_size, *, transform=None, progress: bool | None = None,
                  channels_last: bool | None = None, prefetch: bool = True, dedup: bool = True,
-                 skip_zero_gradients: bool = True, keep_graphs: int = 0):
+                 skip_zero_gradients: bool = True, keep_graphs: int = 0,
+                 reuse_memory: bool = True):
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"Streaming needs an nn.Module, got {type(module).__name__}")
@@ -118,6 +125,7 @@ class Streaming(nn.Module):
         self.skip_zero_gradients = skip_zero_gradients
         tiles_kept(keep_graphs, 1, 2)  # (checks the value)
         self.keep_graphs = keep_graphs
+        self.reuse_memory = reuse_memory
         self.last_stats = None
         self.register_state_dict_post_hook(_unwrapped_keys)
         self.register_load_state_dict_pre_hook(_wrapped_keys)
@@ -159,6 +167,10 @@ class Streaming(nn.Module):
         source = source_of(x)
         graph, tilings = self.prepare(source)
         device = module_device(self.module) or source.device
+        with reuse_freed_memory(self._reuse_memory(device)):
+            return self._forward(x, source, graph, tilings, device)
+
+    def _forward(self, x, source, graph, tilings, device) -> torch.Tensor:
         pipeline = Pipeline(self.module, self.transform)
         runner = TileRunner(pipeline, tilings, source, device, progress=self.progress,
                             channels_last=self._channels_last(source, device, graph),
@@ -185,7 +197,8 @@ class Streaming(nn.Module):
                    for t in inputs], autocast_state(device.type),
                   before_backward=None if norms is None else functools.partial(
                       _norm_terms, runner, graph, norms),
-                  kept=None if norms is not None else Kept.of(keep, captured, x_grad))
+                  kept=None if norms is not None else Kept.of(keep, captured, x_grad),
+                  reuse_memory=self._reuse_memory(device))
         return StreamFunction.apply(job, *inputs)
 
     def _tiles_kept(self, x, source, tilings) -> int:
@@ -199,6 +212,9 @@ class Streaming(nn.Module):
             return self.plan(source.shape, input_dtype=source.dtype, requires_input_grad=grad,
                              input_device=x.device if isinstance(x, torch.Tensor) else "array",
                              keep_graphs=self.keep_graphs).kept_tiles
+
+    def _reuse_memory(self, device) -> bool:
+        return self.reuse_memory and device.type == "cpu"
 
     def _channels_last(self, source, device, graph) -> bool:
         if len(source.shape) != 4:

@@ -9,8 +9,9 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "streamcnn"
-ORDER = ["_args", "errors", "progress", "geometry", "binding", "channels_last", "rules", "trace",
-         "tiling", "moments", "slides", "sources", "inputs", "state", "norms", "prefetch", "dedup", "skipping", "keeping",
+ORDER = ["_args", "errors", "progress", "allocator", "geometry", "binding", "channels_last", "rules", "trace",
+         "tiling", "moments", "slides", "sources", "inputs", "state", "norms", "prefetch", "dedup", "skipping",
+         "keeping",
          "memory", "plan", "function", "passes", "streaming", "statistics", "testing", "tuning", "__init__"]
 
 
@@ -57,7 +58,8 @@ BENCH = PACKAGE.parent / "bench"
 BENCH_LAYERS = {
     "shared": (["__init__", "fmt", "network", "networks", "models", "config"], set()),
     "measurement": (["protocol", "memory", "machine", "worker", "guard", "harness", "jobs", "test_micro_reference",
-                     "micro", "study", "slide", "dedup", "calibration", "training_norm", "allocator", "speed"], {"shared"}),
+                     "micro", "study", "slide", "dedup", "calibration", "training_norm", "allocator", "speed",
+                     "reuse_memory"], {"shared"}),
     "derivation": (["fit", "compare", "analysis"], {"shared"}),
     "rendering": (["plots", "dedup_plot", "report_network", "report", "render"],
                   {"shared", "measurement", "derivation"}),

@@ -23,7 +23,8 @@ geometry, no torch) -> ``binding`` (arguments as torch binds them), ``channels_l
 -> steps) -> ``tiling``, ``moments`` (Chan's merge),
 ``slides`` (whole-slide images, NumPy only), ``sources`` (where tiles are read from),
 ``inputs`` (checks) -> ``state`` (what a forward read) -> ``prefetch`` (reads on a thread
-of their own), ``dedup`` (identical tiles computed once) -> ``memory``, ``plan`` (estimates
+of their own), ``dedup`` (identical tiles computed once), ``skipping`` (tiles without
+gradient), ``keeping`` (graphs kept within a budget) -> ``memory``, ``plan`` (estimates
 before running) -> ``function`` (tile loop, autograd node) -> ``passes`` (statistics
 passes) -> ``streaming`` (the module) -> ``statistics`` (channel_stats, update_bn, lsuv_)
 -> ``testing``.

@@ -127,6 +127,7 @@ def fig3_fits(stream: list, min_side: int) -> dict:
             "memory": _fit(_xy(tiled, "peak_bytes"), "bytes"),
             "plan_memory": _fit(_xy([p for p in planned if several_tiles(p)], "plan_bytes"), "bytes"),
             "plan_ratio": [{"size": p["size"], "ratio": p["peak_bytes"] / p["plan_bytes"],
+                            "fixed_ratio": _plan_ratio(p, "fixed_mmap_peak_bytes"),
                             "flagged": abs(p["peak_bytes"] / p["plan_bytes"] - 1) > fit.FLAG_REL} for p in planned]}
 
 

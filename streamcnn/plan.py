@@ -91,8 +91,8 @@ class StreamPlan:
     Measured on CPU (peak resident memory growth over the input, float32, default
     channels-last tiles, glibc's mmap threshold fixed so that freed buffers are
     unmapped at once): 1.00-1.02x of the estimate less ``input_bytes`` for the
-    Fig. 2 network (1024-16384 px images, 128-2048 px tiles), 0.88-0.98x for
-    ResNet-34 through layer3 (1024-4096 px, tiles 1280-2800), streamed or not
+    Fig. 2 network (1024-16384 px images, 128-2048 px tiles), 0.88-0.99x for
+    ResNet-34 through layer3 (1024-16384 px, tiles 1280-2800), streamed or not
     (``verify/test_plan_memory.py``). With glibc's defaults, buffers under its
     adaptive mmap threshold (up to 32 MiB), and larger ones that fit a freed hole,
     come from the heap, which keeps freed memory resident and fragments; that is

@@ -129,6 +129,7 @@ def fig3_fits(stream: list, min_side: int) -> dict:
             "memory": _fit(_xy(tiled, "peak_bytes"), "bytes"),
             "plan_memory": _fit(_xy([p for p in planned if several_tiles(p)], "plan_bytes"), "bytes"),
             "plan_ratio": [{"size": p["size"], "ratio": p["peak_bytes"] / p["plan_bytes"],
+                            "fixed_ratio": _plan_ratio(p, "fixed_mmap_peak_bytes"),
                             "flagged": abs(p["peak_bytes"] / p["plan_bytes"] - 1) > fit.FLAG_REL} for p in planned]}
 
 
@@ -164,9 +165,22 @@ def grad_errors(path, oracle_path):
     return {"weights": worst(".weight"), "biases": worst(".bias")}
 
 
-def _plan_ratio(point):
+def _plan_ratio(point, measure: str = "peak_bytes"):
+    """A streamed point's measured peak (``measure``: the timed steps', or the memory probe's
+    ``fixed_mmap_peak_bytes``) over plan()'s estimate; None where either is missing."""
     est = plan_estimate(point, "streaming")
-    return point["peak_bytes"] / est if est else None
+    return point[measure] / est if est and point.get(measure) is not None else None
+
+
+def _plan_detail(point, ratio) -> str:
+    """The plan() target's measurement, with the memory probe's ratio where the point has one: with
+    glibc's mmap threshold fixed, freed buffers leave the heap at once, so what remains is what plan()
+    models (tensors); the difference is the heap's fragmentation, which plan() does not count."""
+    if ratio is None:
+        return "no plan() estimate"
+    fixed = _plan_ratio(point, "fixed_mmap_peak_bytes")
+    return f"measured / plan() = {ratio:.2f}" + (
+        "" if fixed is None else f" ({fixed:.2f} with glibc's mmap threshold fixed, the heap's fragmentation left out)")
 
 
 def targets(fig2_stream, fig2_conv):
@@ -192,7 +206,7 @@ def targets(fig2_stream, fig2_conv):
         {"target": "peak memory within 1.2x of plan()", "tile": best_mem["tile"], "value": plan_ratio,
          "threshold": PLAN_RATIO_TARGET,
          "met": None if plan_ratio is None else (1 / PLAN_RATIO_TARGET <= plan_ratio <= PLAN_RATIO_TARGET),
-         "detail": "no plan() estimate" if plan_ratio is None else f"measured / plan() = {plan_ratio:.2f}"},
+         "detail": _plan_detail(best_mem, plan_ratio)},
         {"target": "step time no slower than conventional", "tile": best_time["tile"], "value": speed,
          "threshold": SPEED_TARGET, "met": speed >= SPEED_TARGET,
          "detail": f"conventional / streaming time = {speed:.2f}x"},

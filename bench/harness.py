@@ -110,6 +110,26 @@ def worker_spec(cfg: Config, key: Key, threads: int, device: str, **over) -> dic
             "cores": os.cpu_count() or 1, "foreign_cores": cfg.foreign_cores, "device": device, **over}
 
 
+def fixed_mmap_memory(cfg: Config, key: Key, device: str) -> dict:
+    """The point's peak memory once more, in a fresh process with glibc's mmap threshold fixed
+    (config.FIXED_MMAP_ENV): the same warm-up, then one untimed step. Its peak does not depend on the
+    process's allocation history, so it repeats from run to run where the timed steps' may not; and
+    with freed buffers unmapped at once it is the peak of the live tensors plus library workspaces,
+    what plan() models, without glibc's heap fragmentation (BENCH.md's allocator section)."""
+    net = networks.get(key.network)
+    points = net.points(cfg.name)
+    big = key.size > points.full_warmup_max and key.mode == "streaming"
+    spec = worker_spec(cfg, key, VARIANTS[key.variant]["threads"] or cfg.threads, device, reps=1, max_steps=1,
+                       warmup="small" if big else "full", grads_path=None)
+    log = cfg.raw_dir / f"worker_{key.network}_{key.mode}_{key.size}_{key.tile}_fixed_mmap.log"
+    result = run_worker(spec, cfg.point_timeout_s, log, FIXED_MMAP_ENV)
+    step = result["steps"][0] if "error" not in result else {}
+    # the same keys either way, so a probe that succeeds on --resume replaces a failed one entirely
+    return {"fixed_mmap_peak_bytes": step.get("peak_growth_bytes"), "fixed_mmap_env": FIXED_MMAP_ENV,
+            "fixed_mmap_step_s": step.get("step_s"), "fixed_mmap_disturbed": step.get("disturbed"),
+            "fixed_mmap_error": result.get("error")}
+
+
 class PointRunner:
     """Measures each point once (results shared between figures), keeping every point in raw_dir/points.json."""
 
@@ -165,18 +185,7 @@ class PointRunner:
                 and networks.get(key.network).points(self.cfg.name).fixed_mmap_memory)
 
     def _fixed_mmap_memory(self, key: Key) -> dict:
-        """The point's peak memory once more, in a fresh process with glibc's mmap threshold fixed
-        (config.FIXED_MMAP_ENV): the same warm-up, then one untimed step. Its peak does not depend on the
-        process's allocation history, so it repeats from run to run where the timed steps' may not."""
-        net = networks.get(key.network)
-        spec = self._spec(key, net, net.points(self.cfg.name), reps=1, max_steps=1, grads_path=None)
-        log = self.cfg.raw_dir / f"worker_{key.network}_{key.mode}_{key.size}_{key.tile}_fixed_mmap.log"
-        result = run_worker(spec, self.cfg.point_timeout_s, log, FIXED_MMAP_ENV)
-        step = result["steps"][0] if "error" not in result else {}
-        # the same keys either way, so a probe that succeeds on --resume replaces a failed one entirely
-        return {"fixed_mmap_peak_bytes": step.get("peak_growth_bytes"), "fixed_mmap_env": FIXED_MMAP_ENV,
-                "fixed_mmap_step_s": step.get("step_s"), "fixed_mmap_disturbed": step.get("disturbed"),
-                "fixed_mmap_error": result.get("error")}
+        return fixed_mmap_memory(self.cfg, key, self.device)
 
     def save(self) -> None:
         """Every point so far, in raw_dir/points.json, so a crash late in a long run loses nothing."""

@@ -105,9 +105,12 @@ RESNET34 = Network(
     in_channels=3,
     # ~4.7 µs per pixel streamed on 2 cores (receptive field 547 px, overlap 560 px at tile 2800), so the
     # points are few: ~9 min for Fig. 2, ~15 min for Fig. 3, ~32 min for the 16384² step (1.54× its pixels).
+    # The memory probes (fixed_mmap_memory) add one untimed step per point, ~45 min: without them the gap between
+    # plan() and the peak under glibc's defaults (heap fragmentation: every activation is under 32 MiB at tiles of
+    # 1536 px and less) could not be told apart from a gap in plan()'s tensor count.
     full=Points(fig2_input=2048, fig2_tiles=(1280, 1536, 2048), fig3_tile=2800,
                 fig3_sizes=(1024, 2048, 4096, 16384), conventional_sizes=(1024, 1536, 2048, 2896, 4096),
-                fit_min_side=1024, oracle_max=0, headline_reps=1),
+                fit_min_side=1024, oracle_max=0, headline_reps=1, fixed_mmap_memory=True),
     quick=Points(fig2_input=640, fig2_tiles=(600, 640), fig3_tile=600, fig3_sizes=(600, 640),
                  conventional_sizes=(600, 640), fit_min_side=600, oracle_max=0),
     figure_prefix="resnet34_",

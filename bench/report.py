@@ -251,7 +251,11 @@ def _method(res) -> str:
         "against it.",
         ONEDNN_CLIFF,
         "- **plan() estimates** (`streamcnn.plan(network, input_shape, tile)`) are drawn beside every measurement, "
-        "input bytes subtracted. plan() counts tensors, not library workspaces. A point is skipped, not crashed, when "
+        "input bytes subtracted. plan() counts tensors, not library workspaces nor what glibc's heap keeps: with its "
+        "defaults, buffers under the adaptive mmap threshold (up to 32 MiB), and larger ones that fit a freed hole, "
+        "come from the heap, which keeps freed memory resident and fragments, so networks whose activations are "
+        "all under 32 MiB (ResNet-34 with small tiles or images) measure more than plan() under the defaults than "
+        "in the memory probe with the threshold fixed (the tables give both). A point is skipped, not crashed, when "
         f"input + {PLAN_SAFETY_FACTOR:g} × plan()'s step estimate + {LIBRARY_OVERHEAD_BYTES / GIB:g} GiB for "
         f"libraries exceeds the memory available minus a {cfg['memory_margin_bytes'] / GIB:.0f} GiB margin.",
         "- **Fits and extrapolation**: straight lines a + b·pixels weighted by 1/y² (see each network's linearity "

@@ -272,6 +272,13 @@ def _single_tile_sentence(sizes, tile) -> str:
             "apply there. measured / plan() below still checks every input.")
 
 
+def _fixed_ratios(ratios: list) -> str:
+    """The same ratios for the memory probe (glibc's mmap threshold fixed), where inputs have one."""
+    fixed = [r for r in ratios if r.get("fixed_ratio") is not None]
+    return ("; with glibc's mmap threshold fixed (the memory probe, what plan() models): "
+            + ", ".join(f"{r['size']}² {r['fixed_ratio']:.2f}" for r in fixed)) if fixed else ""
+
+
 def _fits(net) -> str:
     res = net["analysis"]
     f3, conv = res["fig3_fits"], res["conventional_fits"]
@@ -282,7 +289,7 @@ def _fits(net) -> str:
     plan_line = ("- **measured / plan()** per input: " + ", ".join(f"{r['size']}² {r['ratio']:.2f}" for r in ratios)
                  + ("; **off by more than 20 %**: " + ", ".join(f"{r['size']}²" for r in off) if off
                     else "; all within 20 %")
-                 + ".") if ratios else ""
+                 + _fixed_ratios(ratios) + ".") if ratios else ""
     bullets = [
         _fit_sentence(f3["time"], "streamed step time", us, fmt_s),
         _computed_sentence(f3, us),

@@ -89,10 +89,18 @@ class StreamPlan:
     Not counted: allocator caching and fragmentation, convolution workspaces
     (cuDNN/oneDNN, im2col), the network after the streamed part, and the loss.
 
-    Measured on CPU (peak resident memory growth over the input, Fig. 2 network,
-    float32, default channels-last tiles, 1024-4096 px images, 128-1024 px tiles):
-    1.00-1.06x of ``streaming_peak_bytes - input_bytes``; glibc heap
-    fragmentation added up to ~25% with small tiles and ReLUs. Conventional
+    Measured on CPU (peak resident memory growth over the input, float32, default
+    channels-last tiles, glibc's mmap threshold fixed so that freed buffers are
+    unmapped at once): 1.00-1.02x of the estimate less ``input_bytes`` for the
+    Fig. 2 network (1024-16384 px images, 128-2048 px tiles), 0.88-0.99x for
+    ResNet-34 through layer3 (1024-16384 px, tiles 1280-2800), streamed or not
+    (``verify/test_plan_memory.py``). With glibc's defaults, buffers under its
+    adaptive mmap threshold (up to 32 MiB), and larger ones that fit a freed hole,
+    come from the heap, which keeps freed memory resident and fragments; that is
+    not modelled, as it depends on the order of every allocation torch makes. The
+    peak was then 1.00-1.13x for the Fig. 2 network, and for ResNet-34 1.25-1.41x
+    where its activations are all under 32 MiB (tiles 1280 and 1536 px, or a
+    1024 px image), 1.03-1.15x elsewhere. Conventional
     training on NCHW float32 measured ~1.55x ``conventional_peak_bytes``: oneDNN
     reorders the activations into blocked layouts (workspaces, not counted).
     float64 convolutions on CPU add im2col buffers of ``in_channels * kernel_area``

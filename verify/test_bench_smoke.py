@@ -81,6 +81,27 @@ def test_targets_report_met_and_not_met_with_numbers():
     assert not rows["one tile meets both the memory and the time target"]["met"]
 
 
+def test_plan_target_gives_the_memory_probe_beside_the_timed_peak():
+    """The verdict is the timed steps' (glibc's defaults, as users get them); the probe with the mmap
+    threshold fixed is said beside it, as that is what plan() models."""
+    conv = _point("conventional", 1024, None, 2.0, 1000 * MIB, plan_conv=900 * MIB)
+    stream = [_point("streaming", 1024, 128, 3.0, 70 * MIB, plan_stream=50 * MIB)]
+    row = next(t for t in analysis.targets(stream, conv) if t["target"] == "peak memory within 1.2x of plan()")
+    assert not row["met"] and row["detail"] == "measured / plan() = 1.40"
+    stream[0]["fixed_mmap_peak_bytes"] = 48 * MIB
+    row = next(t for t in analysis.targets(stream, conv) if t["target"] == "peak memory within 1.2x of plan()")
+    assert not row["met"] and row["value"] == pytest.approx(1.4)
+    assert row["detail"].startswith("measured / plan() = 1.40 (0.96 with glibc's mmap threshold fixed")
+
+
+def test_plan_ratio_per_input_gives_the_memory_probe_where_there_is_one():
+    pts = [_point("streaming", s, 512, 1.0, 60 * MIB, plan_stream=50 * MIB) for s in (1024, 2048)]
+    pts[1]["fixed_mmap_peak_bytes"] = 45 * MIB
+    ratios = analysis.fig3_fits(pts, 1024)["plan_ratio"]
+    assert [r["ratio"] for r in ratios] == pytest.approx([1.2, 1.2])
+    assert ratios[0]["fixed_ratio"] is None and ratios[1]["fixed_ratio"] == pytest.approx(0.9)
+
+
 def test_memory_lines_leave_out_inputs_one_tile_covers():
     # ResNet-34's case: a 2800 tile covers 1024² and 2048² whole; memory there is the image's, not the tile's.
     pts = [_point("streaming", s, 2800, 1e-6 * s * s, 300 * MIB + 30 * s * s, plan_stream=280 * MIB + 28 * s * s)

@@ -10,6 +10,7 @@ backward recomputed, reused and skipped.
 
     python -m bench.speed            # ~10 minutes on two quiet cores; reports/speed.json
     python -m bench.speed 1024       # a smaller image, for a quick look
+    python -m bench.speed --only no-reuse   # only the points whose key contains "no-reuse"
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def loss_of(y, head: str):
     return y.mean() if head == "sum" else y.amax((2, 3)).mean()
 
 
-def worker(side: int, mode: str, tile: int, head: str, budget: str, threads: int) -> dict:
+def worker(side: int, mode: str, tile: int, head: str, budget: str, threads: int, reuse: bool = True) -> dict:
     import torch
 
     from bench import networks, protocol
@@ -49,7 +50,8 @@ def worker(side: int, mode: str, tile: int, head: str, budget: str, threads: int
     net = net_spec.build(0)
     peak = plan(net, (1, 3, side, side), tile).conventional_peak_bytes if mode == "streaming" else 0
     keep = {"0": 0, "half": peak // 2, "all": peak}[budget]
-    model = Streaming(net, tile, progress=False, keep_graphs=keep) if mode == "streaming" else net
+    model = (Streaming(net, tile, progress=False, keep_graphs=keep, reuse_memory=reuse) if mode == "streaming"
+             else net)
     x, layout = arrange_input(net_spec.make_input(side, 0, "cpu"), "conventional" if mode != "streaming"
                               else mode, net)
 
@@ -67,6 +69,7 @@ def worker(side: int, mode: str, tile: int, head: str, budget: str, threads: int
     quiet = protocol.quiet_steps(steps) or steps
     backward = model.last_stats.backward if mode == "streaming" else None
     return {"side": side, "mode": mode, "tile": tile, "head": head, "budget": budget, "keep_bytes": keep,
+            "reuse_memory": reuse,
             "threads": threads, "layout": layout, "step_s": statistics.median(s["step_s"] for s in quiet),
             "peak_bytes": max(s["peak_growth_bytes"] for s in quiet), "steps": steps,
             "disturbance": "" if protocol.quiet_steps(steps) else steps[-1]["disturbed"],
@@ -77,8 +80,10 @@ def worker(side: int, mode: str, tile: int, head: str, budget: str, threads: int
 
 
 def key(r: dict) -> str:
-    return (f"{r['side']}-{r['mode']}-{r['head']}" if r["mode"] != "streaming" else
-            f"{r['side']}-{r['mode']}-{r['tile']}-{r['head']}-{r['budget']}")
+    if r["mode"] != "streaming":
+        return f"{r['side']}-{r['mode']}-{r['head']}"
+    return f"{r['side']}-{r['mode']}-{r['tile']}-{r['head']}-{r['budget']}" + (
+        "" if r.get("reuse_memory", True) else "-no-reuse")
 
 
 def configurations(side: int):
@@ -88,11 +93,13 @@ def configurations(side: int):
         for head in HEADS:
             for budget in BUDGETS:
                 yield {"side": side, "mode": "streaming", "tile": tile, "head": head, "budget": budget}
+    for head in HEADS:  # the defaults without the allocator setting (streamcnn.allocator)
+        yield {"side": side, "mode": "streaming", "tile": 512, "head": head, "budget": "0", "reuse_memory": False}
 
 
 def measure(c: dict, threads: int) -> dict:
     args = [c["side"], "--mode", c["mode"], "--tile", c["tile"], "--head", c["head"], "--budget", c["budget"],
-            "--threads", threads]
+            "--threads", threads] + ([] if c.get("reuse_memory", True) else ["--no-reuse-memory"])
     return study.in_fresh_process("bench.speed", args, 3600, c)
 
 
@@ -122,7 +129,9 @@ def render(stored: dict) -> str:
             "re-measures). Heads: *sum*, the mean of the map (every tile gets gradient); *max*, a global max-pool "
             "(a few tiles do). Step: the median of the undisturbed timed steps after a warm-up, each point in a "
             "fresh process; peak: the timed steps' resident-memory growth. Tiles: recomputed / reused (kept "
-            "graphs) / skipped (zero gradient) in the backward.")
+            "graphs) / skipped (zero gradient) in the backward. The rows with `reuse_memory=False` run tile 512 "
+            "without the allocator setting that is on by default (`streamcnn.allocator`: glibc unmaps each "
+            "tile's large buffers and maps them afresh for the next).")
     if not stored:
         return head + "\n\nNot measured yet."
     parts = [head]
@@ -134,20 +143,21 @@ def render(stored: dict) -> str:
             if c.get("status") == "measured":
                 rows.append([f"{side}²", "conventional", h, "", f"**{fmt_s(c['step_s'])}**", "1.00×",
                              f"**{fmt_bytes(c['peak_bytes'])}**", "", study.quiet(c)])
-        for tile in TILES:
-            for h in HEADS:
-                for budget in BUDGETS:
-                    r = stored.get(f"{side}-streaming-{tile}-{h}-{budget}")
-                    if r is None:
-                        continue
-                    if r.get("status") != "measured":
-                        rows.append([f"{side}²", f"tile {tile}", h, budget, r.get("status", "?")])
-                        continue
-                    base = conv[h].get("step_s") if conv[h].get("status") == "measured" else None
-                    rows.append([f"{side}²", f"tile {tile}", h, f"{budget} ({fmt_bytes(r['keep_bytes'])})",
-                                 f"**{fmt_s(r['step_s'])}**", f"{r['step_s'] / base:.2f}×" if base else "",
-                                 f"**{fmt_bytes(r['peak_bytes'])}**",
-                                 f"{r['recomputed']} / {r['reused']} / {r['skipped']}", study.quiet(r)])
+        variants = [(tile, h, budget, "") for tile in TILES for h in HEADS for budget in BUDGETS]
+        variants += [(512, h, "0", "-no-reuse") for h in HEADS]
+        for tile, h, budget, suffix in variants:
+            r = stored.get(f"{side}-streaming-{tile}-{h}-{budget}{suffix}")
+            if r is None:
+                continue
+            if r.get("status") != "measured":
+                rows.append([f"{side}²", f"tile {tile}", h, budget, r.get("status", "?")])
+                continue
+            base = conv[h].get("step_s") if conv[h].get("status") == "measured" else None
+            rows.append([f"{side}²", f"tile {tile}" + (", reuse_memory=False" if suffix else ""), h,
+                         f"{budget} ({fmt_bytes(r['keep_bytes'])})",
+                         f"**{fmt_s(r['step_s'])}**", f"{r['step_s'] / base:.2f}×" if base else "",
+                         f"**{fmt_bytes(r['peak_bytes'])}**",
+                         f"{r['recomputed']} / {r['reused']} / {r['skipped']}", study.quiet(r)])
         header = ["image", "run", "head", "budget", "one step", "vs conventional", "peak", "tiles", "other work"]
         parts.append(table(header, rows))
         parts.append(table(["target", "bound", "measured", ""], _targets(stored, side)))
@@ -159,13 +169,16 @@ def main(argv=None, rerender=None) -> int:
     for name, choices in (("--mode", ("streaming", "conventional")), ("--head", HEADS), ("--budget", BUDGETS)):
         ap.add_argument(name, choices=choices, help=argparse.SUPPRESS)
     ap.add_argument("--tile", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--no-reuse-memory", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--only", default="", help="measure only the points whose key contains this text")
     args = ap.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker, args.mode, args.tile, args.head, args.budget, args.threads)))
+        print(json.dumps(worker(args.worker, args.mode, args.tile, args.head, args.budget, args.threads,
+                                not args.no_reuse_memory)))
         return 0
     records = []
     for side in args.sides:
-        for c in configurations(side):
+        for c in (c for c in configurations(side) if args.only in key(c)):
             records.append(measure(c, args.threads))
             study.merge(SPEED_JSON if side == 2048 else REPORTS / "_raw" / "speed.json", records[-1:], key)
             print(f"{key(c)}: {records[-1].get('status')} {fmt_s(records[-1]['step_s'])}"

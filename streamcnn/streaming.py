@@ -137,7 +137,7 @@ class Streaming(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            inner = self._modules.get("module")
+            inner = self.__dict__.get("_modules", {}).get("module")  # (none while unpickling)
             if inner is not None and name not in ("module", "transform") and (
                     name in inner._modules or name in inner._parameters or name in inner._buffers):
                 return getattr(inner, name)

@@ -293,6 +293,12 @@ def test_functional_call_with_the_state_dict_of_a_model_holding_streaming():
     assert getattr(wrapped[0], "0") is wrapped[0].module[0]
     with pytest.raises(AttributeError):  # (no layer of that name: a plain miss)
         wrapped[0].no_such_layer
+    with pytest.raises(AttributeError):  # (not a RecursionError on an object not yet set up)
+        Streaming.__new__(Streaming).no_such_layer
+    import copy
+    import pickle
+    for twin in (copy.deepcopy(wrapped), pickle.loads(pickle.dumps(wrapped))):
+        assert rel_err(twin(x), wrapped(x)) <= F64
 
 
 # ------------------------------------------------------------- 9. reparametrised and special layers

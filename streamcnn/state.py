@@ -40,7 +40,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.autograd.graph import _engine_run_backward
+try:  # torch >= 2.3; before, the engine's own entry point
+    from torch.autograd.graph import _engine_run_backward
+except ImportError:  # pragma: no cover
+    from torch.autograd.variable import Variable
+
+    def _engine_run_backward(*args, **kwargs):
+        return Variable._execution_engine.run_backward(*args, **kwargs)
 from torch.nn.utils import parametrize
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.overrides import TorchFunctionMode

@@ -236,7 +236,7 @@ def _speedups(stored: dict) -> str:
     return "\n\n" + "\n".join(lines) if lines else ""
 
 
-def main(argv=None, rerender=None) -> int:
+def main(argv=None) -> int:
     ap = study.parser("bench.dedup", __doc__, [SIDE])
     ap.add_argument("--tile", type=int, default=TILE, help=f"streaming tile (default {TILE})")
     ap.add_argument("--out", type=Path, default=DEDUP_JSON,
@@ -251,12 +251,8 @@ def main(argv=None, rerender=None) -> int:
     records = [r for side in args.sides for r in measure(side, args.threads, args.tile)]
     return study.finish(args.out, records, key, lambda r: (
         f"{fmt_s(r['step_s'])}, {r['passes']['forward']['computed']} of {r['passes']['forward']['tiles']} "
-        f"tiles computed, peak RSS {fmt_bytes(r['peak_rss_bytes'])}"), rerender)
+        f"tiles computed, peak RSS {fmt_bytes(r['peak_rss_bytes'])}"))
 
 
-if __name__ == "__main__":  # the command line; BENCH.md's renderer imports this module, so it is handed in here
-    def rerender_reports():
-        from bench.render import rerender  # only now: a worker process (this file too) measures memory without it
-        rerender()
-
-    raise SystemExit(main(rerender=rerender_reports))
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -154,19 +154,15 @@ def render(stored: dict) -> str:
     return head + "\n\n" + table(header, rows)
 
 
-def main(argv=None, rerender=None) -> int:
+def main(argv=None) -> int:
     args = study.parser("bench.slide", __doc__, [32768]).parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args.worker, args.threads)))
         return 0
     return study.finish(SLIDE_JSON, [measure(side, args.threads) for side in args.sides],
                         lambda r: r["side"], lambda r: f"{fmt_s(r['step_s'])}, peak RSS "
-                        f"{fmt_bytes(r['peak_rss_bytes'])}", rerender)
+                        f"{fmt_bytes(r['peak_rss_bytes'])}")
 
 
-if __name__ == "__main__":  # the command line; BENCH.md's renderer imports this module, so it is handed in here
-    def rerender_reports():
-        from bench.render import rerender  # only now: a worker process (this file too) measures memory without it
-        rerender()
-
-    raise SystemExit(main(rerender=rerender_reports))
+if __name__ == "__main__":
+    raise SystemExit(main())

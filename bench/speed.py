@@ -164,7 +164,7 @@ def render(stored: dict) -> str:
     return "\n\n".join(parts)
 
 
-def main(argv=None, rerender=None) -> int:
+def main(argv=None) -> int:
     ap = study.parser("bench.speed", __doc__, [2048])
     for name, choices in (("--mode", ("streaming", "conventional")), ("--head", HEADS), ("--budget", BUDGETS)):
         ap.add_argument(name, choices=choices, help=argparse.SUPPRESS)
@@ -184,13 +184,8 @@ def main(argv=None, rerender=None) -> int:
             print(f"{key(c)}: {records[-1].get('status')} {fmt_s(records[-1]['step_s'])}"
                   if records[-1].get("status") == "measured" else f"{key(c)}: failed", flush=True)
     path = SPEED_JSON if args.sides == [2048] else REPORTS / "_raw" / "speed.json"
-    return study.finish(path, records, key, lambda r: f"{fmt_s(r['step_s'])}, peak {fmt_bytes(r['peak_bytes'])}",
-                        rerender)
+    return study.finish(path, records, key, lambda r: f"{fmt_s(r['step_s'])}, peak {fmt_bytes(r['peak_bytes'])}")
 
 
-if __name__ == "__main__":  # the command line; BENCH.md's renderer imports this module, so it is handed in here
-    def rerender_reports():
-        from bench.render import rerender  # only now: a worker process (this file too) measures memory without it
-        rerender()
-
-    raise SystemExit(main(rerender=rerender_reports))
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -107,14 +107,19 @@ def parser(prog: str, doc: str, sides: list) -> argparse.ArgumentParser:
     return ap
 
 
-def finish(path: Path, records: list, key, describe, rerender=None) -> int:
-    """Merge the records into ``path``, print a line per record, and call ``rerender`` (BENCH.md's
-    renderer, handed in by the command line: it imports the studies) when ``path`` is one of
-    reports/' files and the results it re-renders from exist."""
+def finish(path: Path, records: list, key, describe) -> int:
+    """Merge the records into ``path``, print a line per record, and re-render reports/ when
+    ``path`` is one of its files and the results it re-renders from exist."""
     merge(path, records, key)
     for r in records:
         said = describe(r) if r.get("status") == "measured" else (r.get("reason") or "")[-300:]
         print(f"{key(r)}: {r.get('status')} {said}")
-    if rerender and path.parent == REPORTS and (REPORTS / "bench.json").exists():
+    if path.parent == REPORTS and (REPORTS / "bench.json").exists():
         rerender()
     return 0
+
+
+def rerender() -> None:
+    """``python -m bench --render-only`` in a process of its own: BENCH.md's renderer imports every
+    study's section, so a study reaches it through the command line, never by an import."""
+    subprocess.run([sys.executable, "-m", "bench", "--render-only"], cwd=ROOT, check=True)

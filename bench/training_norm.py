@@ -106,7 +106,7 @@ def render(stored: dict) -> str:
     return head + "\n\n" + table(header, rows)
 
 
-def main(argv=None, rerender=None) -> int:
+def main(argv=None) -> int:
     ap = study.parser("bench.training_norm", __doc__, [4096, 8192])
     ap.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -115,13 +115,8 @@ def main(argv=None, rerender=None) -> int:
         return 0
     records = [measure(side, mode, args.threads) for side in args.sides for mode in MODES]
     return study.finish(TRAINING_NORM_JSON, records, lambda r: f"{r['side']}-{r['mode']}",
-                        lambda r: f"{fmt_s(r['step_s'])}, peak RSS {fmt_bytes(r['peak_rss_bytes'])}",
-                        rerender)
+                        lambda r: f"{fmt_s(r['step_s'])}, peak RSS {fmt_bytes(r['peak_rss_bytes'])}")
 
 
-if __name__ == "__main__":  # the command line; BENCH.md's renderer imports this module, so it is handed in here
-    def rerender_reports():
-        from bench.render import rerender  # only now: a worker process (this file too) measures memory without it
-        rerender()
-
-    raise SystemExit(main(rerender=rerender_reports))
+if __name__ == "__main__":
+    raise SystemExit(main())

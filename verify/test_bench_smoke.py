@@ -304,20 +304,26 @@ def test_an_outlying_step_neither_widens_the_whisker_nor_stretches_the_axis():
     plt.close(fig)
 
 
-def test_a_study_re_renders_through_the_renderer_its_command_line_hands_it(tmp_path, monkeypatch, capsys):
-    """`python -m bench.slide` and the other studies store their records, then re-render BENCH.md with
-    the renderer their command line passes in (it imports the studies, so they cannot import it), and
-    only for reports/' own files once bench.json is there to re-render from."""
+def test_a_study_re_renders_through_the_command_line(tmp_path, monkeypatch, capsys):
+    """`python -m bench.slide` and the other studies store their records, then re-render BENCH.md by
+    running `python -m bench --render-only` (the renderer imports the studies, so they cannot import
+    it), and only for reports/' own files once bench.json is there to re-render from."""
     monkeypatch.setattr(study, "REPORTS", tmp_path)
     calls, record = [], {"side": 64, "status": "failed", "reason": "boom"}
-    finish = lambda path: study.finish(path, [record], lambda r: r["side"], str, lambda: calls.append(path))  # noqa: E731
+    monkeypatch.setattr(study.subprocess, "run", lambda cmd, **kw: calls.append((cmd[1:], path_of[0])))
+    path_of = [None]
+
+    def finish(path):
+        path_of[0] = path
+        study.finish(path, [record], lambda r: r["side"], str)
     finish(tmp_path / "slide.json")
     assert calls == [] and "64: failed boom" in capsys.readouterr().out  # no bench.json yet
     (tmp_path / "bench.json").write_text("{}")
     (tmp_path / "_raw").mkdir()
     finish(tmp_path / "_raw" / "check.json")
     finish(tmp_path / "slide.json")
-    assert calls == [tmp_path / "slide.json"] and json.loads((tmp_path / "slide.json").read_text())["64"] == record
+    assert calls == [(["-m", "bench", "--render-only"], tmp_path / "slide.json")]
+    assert json.loads((tmp_path / "slide.json").read_text())["64"] == record
 
 
 def test_speed_study_renders_its_records_and_targets():

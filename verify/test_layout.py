@@ -68,19 +68,9 @@ BENCH_LAYERS = {
 BENCH_LAYER = {m: layer for layer, (modules, _) in BENCH_LAYERS.items() for m in modules}
 
 
-def _module_level(tree):
-    """ast.walk less the ``if __name__ == "__main__":`` blocks: a study's command line (which hands
-    BENCH.md's renderer to the study) runs only as the program, never when another module imports it."""
-    for node in ast.iter_child_nodes(tree):
-        if isinstance(node, ast.If) and ast.unparse(node.test) == "__name__ == '__main__'":
-            continue
-        yield node
-        yield from _module_level(node)
-
-
 def bench_imports(module: str) -> set[str]:
     found = set()
-    for node in _module_level(ast.parse((BENCH / f"{module}.py").read_text())):  # function-level ones count
+    for node in ast.walk(ast.parse((BENCH / f"{module}.py").read_text())):  # function-level ones count
         if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "bench":
             parts = node.module.split(".")
             found |= {parts[1]} if len(parts) > 1 else {a.name for a in node.names}

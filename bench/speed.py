@@ -176,14 +176,14 @@ def main(argv=None) -> int:
         print(json.dumps(worker(args.worker, args.mode, args.tile, args.head, args.budget, args.threads,
                                 not args.no_reuse_memory)))
         return 0
+    path = SPEED_JSON if args.sides == [2048] else REPORTS / "_raw" / "speed.json"  # (others: a look)
+    path.parent.mkdir(parents=True, exist_ok=True)
     records = []
     for side in args.sides:
         for c in (c for c in configurations(side) if args.only in key(c)):
+            print(f"{key(c)} ...", flush=True)
             records.append(measure(c, args.threads))
-            study.merge(SPEED_JSON if side == 2048 else REPORTS / "_raw" / "speed.json", records[-1:], key)
-            print(f"{key(c)}: {records[-1].get('status')} {fmt_s(records[-1]['step_s'])}"
-                  if records[-1].get("status") == "measured" else f"{key(c)}: failed", flush=True)
-    path = SPEED_JSON if args.sides == [2048] else REPORTS / "_raw" / "speed.json"
+            study.merge(path, records[-1:], key)  # (an interrupted run keeps what it measured)
     return study.finish(path, records, key, lambda r: f"{fmt_s(r['step_s'])}, peak {fmt_bytes(r['peak_bytes'])}")
 
 

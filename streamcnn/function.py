@@ -249,9 +249,9 @@ class TileRunner:
     def _with_gradient(self, tiles: list, grad_out: torch.Tensor) -> list:
         """``tiles`` without those whose (group's) output gradient is exactly zero and whose
         forward computed only finite values; never none (:mod:`streamcnn.skipping`)."""
-        kept = [t for t in tiles if not (self.finite.get(t.index, False) and zero_gradient(
+        wanted = [t for t in tiles if not (self.finite.get(t.index, False) and zero_gradient(
             [t] if self.duplicates is None else self.duplicates.group(t), grad_out))]
-        return kept or tiles[:1]
+        return wanted or tiles[:1]
 
     def backward(self, source, grad_out, need_x: bool, tensors: dict, wrt: list,
                  x_grad: bool = False, kept: Kept | None = None, need: list = ()):
@@ -297,7 +297,7 @@ class TileRunner:
                 stats.reused += 1
             graphs.clear()  # (their graphs are spent)
             if kept is not None:
-                kept.harvest(sums, need)
+                collect(sums, kept.needed(need))
             with self.inputs("backward", tiles, lambda t: (t, self.read(source, t), None),
                              stats) as inputs:
                 for tile, raw, _ in inputs:
@@ -312,10 +312,7 @@ class TileRunner:
                     if mode is not None and stats.computed == 0:
                         replayed = mode.replayed
                     stats.computed += 1
-                    for i, t in enumerate(wrt):
-                        g, t.grad = t.grad, None
-                        if g is not None:  # (own the first: a gradient may alias grad_out)
-                            sums[i] = g.clone() if sums[i] is None else sums[i].add_(g)
+                    collect(sums, wrt)
         for node, times in replayed.items():  # as conventionally, where each run updates
             for _ in range(times):
                 update_running([node], self.norms.stats)
@@ -337,6 +334,14 @@ class TileRunner:
                     leaf.grad = None
                     reached = True
         return reached
+
+
+def collect(sums: list, leaves) -> None:
+    """Move each leaf's ``.grad`` into ``sums`` (one per leaf, in order), added."""
+    for i, t in enumerate(leaves):
+        g, t.grad = t.grad, None
+        if g is not None:  # (own the first: a gradient may alias grad_out)
+            sums[i] = g.clone() if sums[i] is None else sums[i].add_(g)
 
 
 @dataclass

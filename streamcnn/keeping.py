@@ -38,26 +38,25 @@ class Kept:
         aliases = tuple(t.detach().requires_grad_() for t in captured.grad_tensors)
         return cls(count, captured.substitutes(aliases, captured.const_tensors), aliases, x_grad)
 
-    def harvest(self, sums: list, need: list) -> None:
-        """Move the aliases' gradients into ``sums`` (one per needed alias, in order)."""
-        needed = (a for a, n in zip(self.aliases, need) if n)
-        for i, a in enumerate(needed):
-            g, a.grad = a.grad, None
-            if g is not None:
-                sums[i] = g.clone() if sums[i] is None else sums[i].add_(g)
-        for a in self.aliases:
-            a.grad = None
+    def needed(self, need: list) -> list:
+        """The aliases whose gradients are wanted (``need``, one flag per alias); the others'
+        gradients are dropped."""
+        for a, n in zip(self.aliases, need):
+            if not n:
+                a.grad = None
+        return [a for a, n in zip(self.aliases, need) if n]
+
+
+def check_budget(budget) -> None:
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
+        raise ValueError(f"keep_graphs must be None (the last tile), 0 (none) or a budget in "
+                         f"bytes >= 0, got {budget!r}")
 
 
 def tiles_kept(budget: int | None, tile_bytes: int, num_tiles: int) -> int:
     """How many of the forward's last tiles keep their graph: ``None``, the last one; else as
     many as ``budget`` bytes hold at ``tile_bytes`` each. Never the first tile (it runs
     before the forward knows what it reads), so at most ``num_tiles - 1``."""
-    if budget is None:
-        count = 1
-    elif isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
-        raise ValueError(f"keep_graphs must be None (the last tile), 0 (none) or a budget in "
-                         f"bytes >= 0, got {budget!r}")
-    else:
-        count = budget // max(tile_bytes, 1)
+    check_budget(budget)
+    count = 1 if budget is None else budget // max(tile_bytes, 1)
     return max(0, min(count, num_tiles - 1))

@@ -324,8 +324,8 @@ def frozen_modules(nodes: list[NormNode]):
 def check_values(node: NormNode, stats: ChannelStats, layer: str) -> None:
     """Raise torch's own ValueError where a normalisation by its input's statistics would:
     BatchNorm with one value per channel over the whole batch and map, InstanceNorm with one
-    position. (A
-    tile's call never sees it: the mode replaces the call before torch checks the size.)"""
+    position. (A tile's call never sees it: the mode replaces the call before torch checks
+    the size.)"""
     if stats.count > 1 or node.norm.kind == "group":  # (torch checks no size for GroupNorm)
         return
     what = "value per channel" if node.norm.kind == "batch" else "spatial element"

@@ -16,7 +16,7 @@ from ._args import normalize_tile_size
 from .channels_last import ONEDNN_CHANNEL_BLOCK, onednn_unsafe_convs, use_channels_last
 from .errors import StreamingError
 from .function import Job, StreamFunction, TileRunner, autocast_state
-from .keeping import Kept, tiles_kept
+from .keeping import Kept, check_budget, tiles_kept
 from .inputs import check_source, expected_ndim, module_device, module_dtype
 from .plan import plan
 from .norms import NormState, counters, norm_calls, update_running
@@ -123,7 +123,7 @@ class Streaming(nn.Module):
         self.channels_last = channels_last
         self.prefetch, self.dedup = prefetch, dedup
         self.skip_zero_gradients = skip_zero_gradients
-        tiles_kept(keep_graphs, 1, 2)  # (checks the value)
+        check_budget(keep_graphs)
         self.keep_graphs = keep_graphs
         self.reuse_memory = reuse_memory
         self.last_stats = None
@@ -180,7 +180,7 @@ class Streaming(nn.Module):
                             and skipping.allowed(graph),
                             unused=graph.unused)
         self.last_stats = runner.stats
-        keep = self._tiles_kept(x, source, tilings)
+        keep = self._tiles_kept(x, source, graph, tilings)
         norms = _stream_norms(runner, graph)
         own = counters(norms.nodes) if norms is not None else frozenset()
         snapshot = state.Snapshot(pipeline, device)  # (after the running statistics' update)
@@ -197,13 +197,16 @@ class Streaming(nn.Module):
                    for t in inputs], autocast_state(device.type),
                   before_backward=None if norms is None else functools.partial(
                       _norm_terms, runner, graph, norms),
-                  kept=None if norms is not None else Kept.of(keep, captured, x_grad),
+                  kept=Kept.of(keep, captured, x_grad),
                   reuse_memory=self._reuse_memory(device))
         return StreamFunction.apply(job, *inputs)
 
-    def _tiles_kept(self, x, source, tilings) -> int:
+    def _tiles_kept(self, x, source, graph, tilings) -> int:
         """How many of the forward's last tiles keep their graph (``keep_graphs``): as
-        ``plan()`` counts them, which it reports too."""
+        ``plan()`` counts them, which it reports too. None with normalisations over the
+        image (their tiles' backward needs terms known only in the backward)."""
+        if any(s.norm is not None for s in graph.steps):
+            return 0
         if not self.keep_graphs or not torch.is_grad_enabled():  # None: the last tile; 0: none
             return tiles_kept(self.keep_graphs, 1, count(tilings))
         grad = isinstance(x, torch.Tensor) and x.requires_grad

@@ -443,9 +443,9 @@ class _Analysis:
         """A training-mode normalisation whose output is unused still updates its running
         statistics conventionally, once per forward; streaming computes whole-image
         statistics only for what the output depends on, and would run it once per tile."""
-        node = next((n for n in self.graph.nodes if n.name == step.node), None)
-        if step.norm is None or node is None or not _updates_running(self.root, node):
+        if step.norm is None or not step.norm.training:  # (training: updates running statistics)
             return
+        node = next(n for n in self.graph.nodes if n.name == step.node)
         raise StreamingError(
             f"{step.name} is in training mode but the output does not use what it computes: "
             f"conventionally it still updates its running statistics once per forward, "
@@ -476,14 +476,6 @@ class _Analysis:
                         if old not in new and s.kind in ("window", "norm"))
         return TracedGraph(self.ndim, steps, self.graph, self.root,
                            getattr(self.graph, "streamcnn_calls", ()), tuple(refused.values()) + windows)
-
-
-def _updates_running(root: nn.Module, node: fx.Node) -> bool:
-    """Whether a normalisation layer's call updates running statistics (training mode)."""
-    if node.op != "call_module":
-        return False
-    m = root.get_submodule(node.target)
-    return m.training and getattr(m, "running_mean", None) is not None
 
 
 def _misplaced_map(ctx, handler, args, kwargs):

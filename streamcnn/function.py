@@ -206,14 +206,17 @@ class TileRunner:
             stats.tiles, stats.computed = 1, 1
         return y[tile.crop], use.read
 
-    def forward(self, first: torch.Tensor, snapshot: Snapshot, kept: Kept | None = None) -> torch.Tensor:
+    def forward(self, first: torch.Tensor, snapshot: Snapshot, kept: Kept | None = None,
+                allocate=None) -> torch.Tensor:
         """Stitched output on the module's device, computed without building a graph (but
-        for the last ``kept.count`` tiles, whose graphs ``kept`` keeps for the backward)."""
+        for the last ``kept.count`` tiles, whose graphs ``kept`` keeps for the backward).
+        ``allocate(shape)``: what the tiles' owned outputs are written into (default: a new
+        tensor; ``dense.ArrayOutput``: an array), returned."""
         stats = self.stats.forward
         tiles = list(iter_tiles(self.tilings))
         keep_from = len(tiles) - (kept.count if kept is not None else 0)
         with torch.no_grad(), self.inputs("forward", tiles[1:], self._forward_read, stats) as inputs:
-            out = first.new_empty(first.shape[:2] + self.out_spatial)
+            out = (allocate or first.new_empty)(first.shape[:2] + self.out_spatial)
             out[tiles[0].out] = first
             for position, (tile, raw, same) in enumerate(inputs, start=1):
                 stats.tiles += 1
@@ -377,11 +380,7 @@ class StreamFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        if torch.is_grad_enabled():  # the engine enables grad mode exactly for create_graph=True
-            raise RuntimeError(
-                "Streaming does not support higher-order gradients (backward or autograd.grad "
-                "with create_graph=True, e.g. gradient penalties): its backward recomputes tiles "
-                "outside the graph. Use create_graph=False, or the unstreamed module")
+        refuse_higher_order("Streaming", "its backward recomputes tiles outside the graph")
         job = ctx.job
         saved = ctx.saved_tensors  # raises if any was changed in place since the forward
         k, c = len(job.captured.grad_tensors), len(job.captured.const_tensors)
@@ -407,6 +406,16 @@ class StreamFunction(torch.autograd.Function):
                                                need=need)
         grads = iter(sums)
         return (None, grad_x, *(next(grads) if n else None for n in need))
+
+
+def refuse_higher_order(what: str, why: str) -> None:
+    """In a streamed node's backward: refuse ``create_graph=True`` (the engine enables grad
+    mode exactly then), saying ``why`` ``what`` has no graph to differentiate again."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{what} does not support higher-order gradients (backward or autograd.grad with "
+            f"create_graph=True, e.g. gradient penalties): {why}. Use create_graph=False, or "
+            f"the unstreamed module")
 
 
 def _will_run(node) -> bool:

@@ -120,7 +120,9 @@ def forward_statistics(runner: TileRunner, graph, state: NormState, bar=None) ->
 def backward_terms(runner: TileRunner, graph, state: NormState, source, grad_out,
                    tensors: dict, bar=None, x_grad: bool = False) -> None:
     """Fill ``state.terms`` with the whole-map terms of (N1) of every normalisation: one
-    backward pass per level, deepest first, each with the deeper levels' terms applied. A
+    backward pass per level, deepest first, each with the deeper levels' terms applied.
+    ``grad_out``: the stitched output's gradient, or a function ``(tile, y)`` -> the gradient
+    of ``y``, the tile's owned output (a per-pixel loss's, :mod:`streamcnn.dense`). A
     pass makes its normalisations' outputs leaves, so its backward stops there. Tiles
     require grad as the input did (``x_grad``), so that code that asks (a reentrant
     ``checkpoint``) runs as it did conventionally."""
@@ -148,8 +150,9 @@ def _tile_terms(runner, state, tile, nodes, source, grad_out, tensors, x_grad) -
             frozen_modules(state.nodes), mode:
         y = runner.pipeline(runner.feed(raw))[tile.crop]
         mode.replaying()
-        if y.requires_grad:
-            backward_here(y, grad_out[tile.out])
+        g = grad_out(tile, y) if callable(grad_out) else grad_out[tile.out]
+        if y.requires_grad and g is not None:
+            backward_here(y, g)
     found = {}
     for n in nodes:
         made = leaves[n.name]

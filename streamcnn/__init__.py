@@ -2,6 +2,9 @@
 
 Public API:
     Streaming(module, tile_size)        nn.Module that runs ``module`` tile by tile
+    Streaming.pixel_loss(x, target, loss_fn)  a per-pixel loss, each tile run and
+                                        backpropagated once (dense prediction)
+    Streaming(...)(x, out=array)        inference written into an array (no_grad)
     ImageArray(array, layout)           an image read tile by tile (memmap, zarr, h5py)
     ImageArray.from_slide(slide, level) a whole-slide image level (OpenSlide, TiffSlide)
     slides.tissue_mask(slide)           a low-resolution tissue mask (Otsu on saturation)
@@ -26,7 +29,8 @@ geometry, no torch) -> ``binding`` (arguments as torch binds them), ``channels_l
 of their own), ``dedup`` (identical tiles computed once), ``skipping`` (tiles without
 gradient), ``keeping`` (graphs kept within a budget) -> ``memory``, ``plan`` (estimates
 before running) -> ``function`` (tile loop, autograd node) -> ``passes`` (statistics
-passes) -> ``streaming`` (the module) -> ``statistics`` (channel_stats, update_bn, lsuv_)
+passes) -> ``dense`` (a per-pixel loss tile by tile, outputs into arrays) -> ``streaming``
+(the module) -> ``statistics`` (channel_stats, update_bn, lsuv_)
 -> ``testing``.
 """
 

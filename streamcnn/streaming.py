@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from torch.autograd.graph import get_gradient_edge
 
-from . import dedup as _dedup, skipping, state
+from . import dedup as _dedup, dense, skipping, state
 from .allocator import reuse_freed_memory
 from ._args import normalize_tile_size
 from .channels_last import ONEDNN_CHANNEL_BLOCK, onednn_unsafe_convs, use_channels_last
@@ -159,27 +159,44 @@ class Streaming(nn.Module):
     @torch.compiler.disable(reason="streamcnn runs its tile loop eagerly: torch.compile compiles "
                             "the model around the Streaming module (so fullgraph=True cannot "
                             "include it)")
-    def forward(self, x) -> torch.Tensor:
+    def forward(self, x, out=None) -> torch.Tensor:
         """``module(transform(x))``, tile by tile. ``x``: a tensor on any device, or an array
-        read tile by tile (:class:`streamcnn.ImageArray`, a numpy array or memmap)."""
+        read tile by tile (:class:`streamcnn.ImageArray`, a numpy array or memmap).
+
+        ``out``: an array of the output's shape ``(N, C, *spatial)`` (numpy, ``numpy.memmap``,
+        zarr) that receives each tile's owned output as it is computed, and is returned: the
+        whole output never exists as a tensor (:class:`streamcnn.dense.ArrayOutput`). Only
+        without a graph: under ``torch.no_grad()``, or where nothing requires grad."""
+        x, source, graph, tilings, device = self._setup(x)
+        allocate = None if out is None else dense.ArrayOutput.into(out)
+        with reuse_freed_memory(self._reuse_memory(device)):
+            result = self._forward(x, source, graph, tilings, device, allocate)
+        return result if out is None else out
+
+    def _setup(self, x):
+        """``x`` as streamed (for an ``ImageArray`` of a tensor, that tensor), its source, the
+        traced graph, the tilings and the module's device."""
         _refuse_functorch()
         x = tensor_of(x)
         source = source_of(x)
         graph, tilings = self.prepare(source)
-        device = module_device(self.module) or source.device
-        with reuse_freed_memory(self._reuse_memory(device)):
-            return self._forward(x, source, graph, tilings, device)
+        return x, source, graph, tilings, module_device(self.module) or source.device
 
-    def _forward(self, x, source, graph, tilings, device) -> torch.Tensor:
-        pipeline = Pipeline(self.module, self.transform)
-        runner = TileRunner(pipeline, tilings, source, device, progress=self.progress,
+    def _runner(self, source, graph, tilings, device, *, dedup: bool, skip: bool) -> TileRunner:
+        runner = TileRunner(Pipeline(self.module, self.transform), tilings, source, device,
+                            progress=self.progress,
                             channels_last=self._channels_last(source, device, graph),
-                            prefetch=self.prefetch and source.fresh,
-                            dedup=self.dedup and _dedup.allowed(graph),
-                            skip=self.skip_zero_gradients and torch.is_grad_enabled()
-                            and skipping.allowed(graph),
+                            prefetch=self.prefetch and source.fresh, dedup=dedup, skip=skip,
                             unused=graph.unused)
         self.last_stats = runner.stats
+        return runner
+
+    def _forward(self, x, source, graph, tilings, device, allocate=None) -> torch.Tensor:
+        runner = self._runner(source, graph, tilings, device,
+                              dedup=self.dedup and _dedup.allowed(graph),
+                              skip=self.skip_zero_gradients and torch.is_grad_enabled()
+                              and skipping.allowed(graph))
+        pipeline = runner.pipeline
         keep = self._tiles_kept(x, source, graph, tilings)
         norms = _stream_norms(runner, graph)
         own = counters(norms.nodes) if norms is not None else frozenset()
@@ -188,7 +205,11 @@ class Streaming(nn.Module):
         snapshot.check_tile()
         x_grad = isinstance(x, torch.Tensor) and x.requires_grad
         if not torch.is_grad_enabled() or not (x_grad or any(t.requires_grad for t in read.values())):
-            return runner.forward(first, snapshot)
+            return runner.forward(first, snapshot, allocate=allocate)
+        if allocate is not None:
+            raise StreamingError(
+                "out= writes outputs without a graph: wrap the call in torch.no_grad() (the "
+                "input or the module's parameters require grad here)")
         captured = state.capture(pipeline, read, own)
         inputs = [_node_input(t) for t in (x if isinstance(x, torch.Tensor) else None,)
                   + captured.grad_tensors]
@@ -200,6 +221,37 @@ class Streaming(nn.Module):
                   kept=Kept.of(keep, captured, x_grad),
                   reuse_memory=self._reuse_memory(device))
         return StreamFunction.apply(job, *inputs)
+
+    @torch.compiler.disable(reason="streamcnn runs its tile loop eagerly")
+    def pixel_loss(self, x, target, loss_fn, reduction: str = "mean",
+                   target_transform=None) -> torch.Tensor:
+        """``loss_fn(module(transform(x)), target).mean()`` (or ``.sum()``: ``reduction``), the
+        plain mean or sum of every element ``loss_fn`` returns, with each tile run once and
+        backpropagated at once: no recomputation, no stitched output (:mod:`streamcnn.dense`).
+
+        ``loss_fn(output, target)`` returns a per-pixel loss (torch's ``reduction="none"``:
+        ``functools.partial(F.cross_entropy, reduction="none", weight=w, ignore_index=255)``,
+        ``F.binary_cross_entropy_with_logits``, ``F.mse_loss``, ``F.huber_loss`` so
+        partially applied). Its mean counts every element, an ignored or weighted pixel too:
+        for torch's weighted mean of cross-entropy, use ``reduction="sum"`` and divide by the
+        target's summed class weights. ``target``, at the output's resolution: the output's
+        shape ``(N, C, *spatial)``, or ``(N, *spatial)`` (class indices); a tensor, or an
+        array (numpy, ``numpy.memmap``, zarr) of which each tile reads only its owned part,
+        integer labels as int64 and other values in the output's dtype, or as
+        ``target_transform(tensor)`` makes them (applied to each tile's part: elementwise).
+
+        Returns a 0-dim loss whose backward gives the module's tensors and ``x`` (where it
+        requires grad) conventional backprop's gradients, times the loss's gradient:
+        ``loss.backward()``, ``(loss * scale).backward()``, accumulation over calls and
+        ``torch.autograd.grad`` work as usual. Under ``torch.no_grad()`` just the value.
+        Normalisations over the image in training mode first run their statistics and
+        backward-terms passes, as in :meth:`forward` and its backward.
+        ``last_stats.forward`` counts the loss pass's tiles."""
+        loss = dense.PixelLoss(loss_fn, target, reduction, target_transform)
+        x, source, graph, tilings, device = self._setup(x)
+        with reuse_freed_memory(self._reuse_memory(device)):
+            runner = self._runner(source, graph, tilings, device, dedup=False, skip=False)
+            return dense.pixel_loss(runner, graph, x, loss, lambda: _stream_norms(runner, graph))
 
     def _tiles_kept(self, x, source, graph, tilings) -> int:
         """How many of the forward's last tiles keep their graph (``keep_graphs``): as

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "streamcnn"
 ORDER = ["_args", "errors", "progress", "allocator", "geometry", "binding", "channels_last", "rules", "trace",
          "tiling", "moments", "slides", "sources", "inputs", "state", "norms", "prefetch", "dedup", "skipping",
          "keeping",
-         "memory", "plan", "function", "passes", "streaming", "statistics", "testing", "tuning", "__init__"]
+         "memory", "plan", "function", "passes", "dense", "streaming", "statistics", "testing", "tuning", "__init__"]
 
 
 def imports(module: str) -> set[str]:

@@ -70,6 +70,7 @@ ADAPT = {  # document -> first line of the block -> how it runs here
         "from streamcnn.slides import tissue_mask": Adapt(),
         "import cucim": Adapt(given=("cucim",)),
         "import streamcnn": Adapt(shrink=(("2800", TILE),), given=("target_domain_paths",)),
+        "import functools": Adapt(),
         "import os, torch.distributed as dist": Adapt(skip=NO_GPU),
     },
     "docs/distributed.md": {

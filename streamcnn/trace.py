@@ -292,6 +292,11 @@ class _Context:
         return self.analysis.add_step(self, rule, inputs, dims, channels, source, norm,
                                       channels_last_unsafe)
 
+    def stride(self, x: FMap, axis: int):
+        """The total stride of ``x`` 's grid along spatial axis ``axis`` (input pixels per
+        position; a Fraction after upsampling)."""
+        return self.analysis.fields[x.index][axis].stride
+
     def refuse(self, why: str, fix: str = rules.MOVE) -> Refused:
         return Refused(StreamingError(f"{self.name} cannot be streamed: {why}; {fix}"
                                       f"{_source_line(self.node)}"))
@@ -336,6 +341,9 @@ class _Analysis:
         kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
         refused = rules.first_refused((args, kwargs))
         ctx = _Context(self, node)
+        if isinstance(refused, rules.SpatialSize) and getattr(self._handler(node), "takes_sizes",
+                                                               False):
+            refused = rules.first_refused((args, kwargs), skip=rules.SpatialSize)
         if refused is not None:
             value = refused
         elif rules.is_random_call(node.op, node.target):
@@ -353,11 +361,17 @@ class _Analysis:
             env[node.args[0]] = value
         return value
 
+    def _handler(self, node):
+        """The ``rules`` handler of a function or method call (None: none)."""
+        if node.op not in ("call_method", "call_function"):
+            return None
+        table = rules.METHODS if node.op == "call_method" else rules.FUNCTIONS
+        return table.get(node.target) or _special(node.target)
+
     def _handle(self, ctx, node, args, kwargs):
         if node.op == "call_module":
             return self._module(ctx, self.root.get_submodule(node.target), args, kwargs)
-        table = rules.METHODS if node.op == "call_method" else rules.FUNCTIONS
-        handler = table.get(node.target) or _special(node.target)
+        handler = self._handler(node)
         if handler is None:
             return ctx.refuse(f"it is not an operation streamcnn knows how to stream "
                               f"({rules.supported_summary()})")

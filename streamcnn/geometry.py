@@ -431,14 +431,16 @@ def min_tile_size(graph) -> int:
     output, and at least one :func:`grid` step so that a last tile ending at the image
     edge can start on that grid. Merges may also need equal branch lengths, which some
     tile lengths do not give (nor do encoder-decoders whose maps must match); the
-    smallest length that does is used.
+    smallest length that does is used. Consecutive tiles start a grid step apart at
+    least, so a tile's valid outputs must span one (an encoder-decoder whose output is
+    finer than its grid needs that many).
     """
     f, align = output_field(graph), grid(graph)
     n = max(math.ceil(f.size - f.offset + f.stride * math.ceil(f.offset / f.stride)), align)
-    for candidate in range(n, n + 4 * align + 4):
+    for candidate in range(n, n + 4 * align + 4 + 2 * math.ceil(f.size)):
         if fits(graph, candidate):
             last = interior_spans(graph, candidate)[-1]
-            if last.valid_stop > last.valid_start:
+            if (last.valid_stop - last.valid_start) * f.stride >= align:  # tiles can advance
                 return candidate
     return n
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 import torch.nn as nn
@@ -868,13 +869,33 @@ def _size_factors(ctx, input: FMap, size, rank: int):
     like = sizes[0].fmap
     factors = []
     for a in range(rank):
-        ratio = ctx.stride(input, a) / ctx.stride(like, a)
+        ratio = Fraction(ctx.stride(input, a)) / Fraction(ctx.stride(like, a))
         if ratio < 1 or ratio != int(ratio):
             return None, ctx.refuse(
                 f"it resamples to the size of a map whose grid is {ratio} times as fine along "
                 f"axis {a}; streamcnn streams upsampling by whole factors only")
         factors.append(int(ratio))
     return like, tuple(factors)
+
+
+@takes_maps("input")
+@takes_sizes
+def upsample(ctx, input, size=None, scale_factor=None, mode="nearest", align_corners=None):
+    """The deprecated ``F.upsample`` (``F.interpolate`` by another name; fx records the
+    inner call, this entry serves a direct one)."""
+    return interpolate(ctx, input, size, scale_factor, mode, align_corners)
+
+
+@takes_maps("input")
+@takes_sizes
+def upsample_nearest(ctx, input, size=None, scale_factor=None):
+    return interpolate(ctx, input, size, scale_factor, "nearest")
+
+
+@takes_maps("input")
+@takes_sizes
+def upsample_bilinear(ctx, input, size=None, scale_factor=None):
+    return interpolate(ctx, input, size, scale_factor, "bilinear", align_corners=True)
 
 
 def conv_transpose(ctx, input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
@@ -1013,7 +1034,6 @@ NON_LOCAL_MODULES = (
     ((nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d),
      "adaptive/global pooling looks at the whole feature map"),
     ((nn.Fold, nn.Unfold), "it reshapes the feature map into patches, mixing space and channels"),
-    ((nn.ConvTranspose3d,), "3-d transposed convolutions are not streamed (1-d and 2-d are)"),
     ((nn.FractionalMaxPool2d,), "its random pooling regions depend on the whole feature map"),
     ((nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
       nn.Transformer), ATTENTION),
@@ -1072,7 +1092,8 @@ FUNCTIONS = {
                                  F.adaptive_max_pool1d, F.adaptive_max_pool2d,
                                  F.adaptive_max_pool1d_with_indices,
                                  F.adaptive_max_pool2d_with_indices)},
-    F.interpolate: interpolate,
+    F.interpolate: interpolate, F.upsample: upsample, F.upsample_nearest: upsample_nearest,
+    F.upsample_bilinear: upsample_bilinear,
     F.conv_transpose1d: lambda ctx, *a, **k: conv_transpose(ctx, *a, **k, rank=1),
     F.conv_transpose2d: lambda ctx, *a, **k: conv_transpose(ctx, *a, **k, rank=2),
     F.pixel_shuffle: pixel_shuffle, F.pixel_unshuffle: pixel_unshuffle,

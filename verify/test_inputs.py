@@ -239,7 +239,8 @@ def test_wrong_channels_or_rank_fail_before_any_read():
     (lambda t: t.double()[:, :, 1:], r"operation 'getitem' in the transform cannot be streamed: it "
                                      r"indexes spatial positions"),
     (lambda t: torch.nn.functional.interpolate(t.double(), scale_factor=2.0),
-     r"operation 'interpolate' in the transform cannot be streamed"),
+     r"the transform turned a tile of shape \(2, 3, 23, 23\) \(torch.uint8\) into one of shape "
+     r"\(2, 3, 46, 46\) \(torch.float64\); it must return a floating-point tile of the same spatial"),
 ])
 def test_bad_transform(transform, message):
     with pytest.raises(StreamingError, match=message):

@@ -19,6 +19,9 @@ steps, and the last step is the output. There are five rules:
   with a second input, the factor that makes it match that map (``size=y.shape``);
 * :class:`Transposed` - a transposed convolution (the adjoint of a window).
 
+A :class:`SizedWindow` is a window whose paddings the module computes from sizes it
+reads (a centre crop): the same amounts on every length it accepts.
+
 Strides are fractions. A map finer than the input (after upsampling) has a total
 stride below one: position ``j`` of a map of total stride ``p/q`` lies at input pixel
 ``j * p / q``. ``fractions.Fraction`` keeps every field exact. A tile must start where
@@ -327,6 +330,69 @@ class Transposed(_Resampling):
 
 
 @dataclass(frozen=True)
+class Length:
+    """A size the module reads: the length of its step's ``k``-th input (``y.shape[-1]``)."""
+
+    k: int
+
+
+@dataclass(frozen=True)
+class Arithmetic:
+    """Integer arithmetic on sizes, as the module computes a crop or a padding from them:
+    ``op`` is "+", "-", "*" or "//", each side a :class:`Length`, an int or another."""
+
+    op: str
+    left: object
+    right: object
+
+
+def evaluate(expr, ns: tuple) -> int:
+    """The value of a size expression when the step's inputs have lengths ``ns``."""
+    if isinstance(expr, Length):
+        return ns[expr.k]
+    if isinstance(expr, Arithmetic):
+        a, b = evaluate(expr.left, ns), evaluate(expr.right, ns)
+        return {"+": a + b, "-": a - b, "*": a * b, "//": a // b if b else 0}[expr.op]
+    return expr
+
+
+@dataclass(frozen=True)
+class SizedWindow(Window):
+    """A 1-tap window whose paddings (negative: a crop) the module computes from sizes:
+    the original U-Net's centre crop ``x[..., d:d + y.size(2)]`` with ``d = (x.size(2) -
+    y.size(2)) // 2``, or a pad to another map's size. ``sizes`` holds the two expressions
+    (over the lengths of the step's inputs: the map, then the maps whose sizes it reads).
+    The left one sets where the output's positions lie: it must be ``pad_left`` for every
+    length the module is used with (a length on which it is not does not fit, so no tile
+    computes a crop the whole image would not). The right one sets only the output's
+    length, and is evaluated for each (``pad_right`` is its value where it was traced)."""
+
+    sizes: tuple = ()
+
+    def agrees(self, ns: tuple) -> bool:
+        return evaluate(self.sizes[0], ns) == self.pad_left
+
+    def out_length(self, n: int, *refs: int) -> int:
+        ns = (n,) + refs
+        return n + self.pad_left + evaluate(self.sizes[1], ns) if self.agrees(ns) else 0
+
+    def fits(self, n: int, *refs: int) -> bool:
+        return self.out_length(n, *refs) > 0
+
+    def map_span(self, t: Span, *refs: Span) -> Span:
+        length = self.out_length(t.length, *(r.length for r in refs))
+        start = t.start  # (output j is input j - pad_left, in the tile and in the image)
+        stop = start + max(self.out_length(t.stop - t.start, *(r.stop - r.start for r in refs)), 0)
+        vstart = start if t.valid_start <= 0 else t.valid_start + self.pad_left
+        vstop = length if t.valid_stop >= t.length else t.valid_stop + self.pad_left
+        vstart = min(max(vstart, start), stop)
+        return Span(length, start, stop, vstart, max(min(vstop, stop), vstart))
+
+    def field(self, f: Field, *refs: Field) -> Field:
+        return super().field(f)
+
+
+@dataclass(frozen=True)
 class Step:
     """One step of an axis graph: ``rule`` applied to the outputs of steps ``inputs``."""
 
@@ -352,7 +418,8 @@ class Misfit:
     """Why an input (or tile) length cannot run through a graph: the first step that fails."""
 
     name: str
-    kind: str  # "merge" (inputs of different lengths), "empty" (no output) or "max-pool"
+    kind: str  # "merge" (inputs of different lengths), "sizes" (a crop or padding computed
+    # from sizes that differs from the one traced), "empty" (no output) or "max-pool"
     inputs: tuple[int, ...]  # the step's input lengths
 
     def __str__(self) -> str:
@@ -360,6 +427,10 @@ class Misfit:
             broadcast = (" (a branch of length 1 is broadcast over the other: that depends on the "
                          "image's size, which no tile has)" if 1 in self.inputs else "")
             return f"{self.name} gets inputs of different lengths {list(self.inputs)}{broadcast}"
+        if self.kind == "sizes":
+            return (f"{self.name} crops or pads by amounts it computes from map sizes, and for "
+                    f"maps of lengths {list(self.inputs)} they are not the amounts every other "
+                    f"length gives")
         if self.kind == "empty":
             return f"{self.name} gets {self.inputs[0]} positions and gives no output"
         return f"{self.name} has a dilated max-pool window without a pixel"
@@ -372,7 +443,9 @@ def misfit(graph, n: int) -> Misfit | None:
         ins = tuple(ns[i] for i in step.inputs)
         if min(ins) <= 0 or step.rule.fits(*ins):
             continue
-        kind = "merge" if isinstance(step.rule, Merge) else "empty" if out <= 0 else "max-pool"
+        kind = ("merge" if isinstance(step.rule, Merge) else
+                "sizes" if isinstance(step.rule, SizedWindow) and not step.rule.agrees(ins) else
+                "empty" if out <= 0 else "max-pool")
         return Misfit(step.name, kind, ins)
     return None
 

@@ -50,7 +50,7 @@ from torch.nn.utils import parametrize
 
 from .channels_last import onednn_mishandles
 from .errors import StreamingError
-from .geometry import Merge, Pointwise, Transposed, Upsample, Window
+from .geometry import Arithmetic, Length, Merge, Pointwise, SizedWindow, Transposed, Upsample, Window
 
 MOVE = "move it after the Streaming module (into the part of the network that sees the whole feature map)"
 ANY = "any"  # takes_maps(ANY): every argument may be a feature map
@@ -163,6 +163,31 @@ def takes_maps(*names):
         handler.map_params = names
         return handler
     return mark
+
+
+@dataclass(frozen=True)
+class SizeExpr(Refused):
+    """Integer arithmetic on spatial sizes (``(x.size(2) - y.size(2)) // 2``): refused
+    (``error``: its first size read's) wherever it is used as a number; a crop or padding
+    by it streams (:func:`_sized_windows`)."""
+
+    op: str = ""
+    left: object = None
+    right: object = None
+
+
+_SIZE_OPS = {operator.add: "+", operator.sub: "-", operator.mul: "*", operator.floordiv: "//"}
+
+
+def size_arithmetic(target, args: tuple, kwargs: dict):
+    """``target(*args)`` as a :class:`SizeExpr` where it is arithmetic on sizes and ints;
+    None for any other call."""
+    sizes = (SpatialSize, SizeExpr)
+    if target not in _SIZE_OPS or len(args) != 2 or kwargs or not contains(args, sizes):
+        return None
+    if not all(isinstance(a, sizes) or (isinstance(a, int) and not isinstance(a, bool)) for a in args):
+        return None
+    return SizeExpr(first_refused(args).error, _SIZE_OPS[target], *args)
 
 
 def takes_sizes(handler):
@@ -310,23 +335,73 @@ def _pool(ctx, input, rank, what, kernel_size, stride, padding, dilation, ceil_m
     return ctx.step(rules, [input], input.dims, input.channels, input.source)
 
 
+@takes_sizes
 def pad(ctx, input, pad, mode="constant", value=None):
     """Constant padding is a 1-tap window with padding: zeros at interior tile sides
-    only reach outputs that are cropped away, exactly as for a convolution's padding."""
+    only reach outputs that are cropped away, exactly as for a convolution's padding.
+    Negative amounts crop; amounts computed from map sizes (milesial's U-Net pads the
+    upsampled map to the skip's size) stream where they are the same for every length."""
     if mode != "constant":
         return ctx.refuse(f"it pads in mode '{mode}'", fix="use constant padding or " + MOVE)
-    if len(pad) % 2 or any(p < 0 for p in pad):
+    if len(pad) % 2:
         return ctx.refuse(f"it crops or pads unevenly specified sides ({pad})")
     pairs = [(pad[i], pad[i + 1]) for i in range(0, len(pad), 2)]  # last dimension first
-    rules = [Pointwise()] * len(input.spatial())
+    sides = {}
     for k, pair in enumerate(pairs):
         role = input.dims[len(input.dims) - 1 - k]
         if pair == (0, 0):
             continue
         if not isinstance(role, int):
             return ctx.refuse(f"it pads the {'channel' if role == 'C' else 'batch'} dimension")
-        rules[role] = Window(kernel=1, pad_left=pair[0], pad_right=pair[1])
-    return ctx.step(tuple(rules), [input], input.dims, input.channels, input.source)
+        sides[role] = pair
+    return _sized_windows(ctx, input, sides, input.channels, input.source)
+
+
+def _sized_windows(ctx, input: FMap, sides: dict, channels, source):
+    """One step padding (negative: cropping) each spatial axis ``role`` of ``sides`` by its
+    (left, right) amounts: ints, or sizes the module read (:class:`SpatialSize`,
+    :class:`SizeExpr`), which become :class:`geometry.SizedWindow` s whose amounts the
+    trace finds constant, or a refusal."""
+    refs: list = []
+    rules = [Pointwise()] * len(input.spatial())
+    for role, pair in sides.items():
+        exprs = tuple(_expression(v, input, role, refs) for v in pair)
+        if None in exprs:
+            return ctx.refuse("it pads or crops by sizes of other axes or of values that are not "
+                              "feature maps")
+        if all(isinstance(e, int) for e in exprs):
+            rules[role] = Window(kernel=1, pad_left=exprs[0], pad_right=exprs[1])
+            continue
+        left = ctx.constant_size(exprs[0], [input] + refs, role)
+        if left is None:
+            return ctx.refuse("it pads or crops its start by an amount it computes from map sizes "
+                              "that differs from one image size to another (a tile's would differ "
+                              "from the whole map's)")
+        right = ctx.constant_size(exprs[1], [input] + refs, role, first=True)
+        rules[role] = SizedWindow(kernel=1, pad_left=left, pad_right=right, sizes=exprs)
+    return ctx.step(tuple(rules), [input] + refs, input.dims, channels, source)
+
+
+def _expression(value, x: FMap, axis: int, refs: list):
+    """A size value as a ``geometry`` expression over the lengths along ``axis`` of ``x``
+    (input 0) and of ``refs`` (appended to as sizes of other maps are met); None where a
+    size is of another axis or of no feature map."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, SpatialSize):
+        if value.fmap is None or value.axis != axis:
+            return None
+        if value.fmap.index == x.index:
+            return Length(0)
+        if value.fmap not in refs:
+            refs.append(value.fmap)
+        return Length(1 + refs.index(value.fmap))
+    if isinstance(value, SizeExpr):
+        left, right = (_expression(v, x, axis, refs) for v in (value.left, value.right))
+        return None if left is None or right is None else Arithmetic(value.op, left, right)
+    return None
 
 
 # --------------------------------------------------------------------------- pointwise
@@ -673,9 +748,13 @@ def reshape(ctx, input, *shape, **_):
 
 
 @takes_maps(ANY)
+@takes_sizes
 def getitem(ctx, value, index):
-    """Indexing: of a tuple of values, of a shape, or of a feature map (channels only)."""
+    """Indexing: of a tuple of values, of a shape, or of a feature map (channels, and
+    crops of spatial axes)."""
     if isinstance(value, (tuple, list)):
+        if contains(index, Refused):
+            return first_refused(index)
         return value[index]
     if isinstance(value, Unknown):
         return Unknown()
@@ -695,17 +774,43 @@ def _index_fmap(ctx, x: FMap, index):
     if Ellipsis in index:
         k = index.index(Ellipsis)
         index = index[:k] + (slice(None),) * (len(x.dims) - len(index) + 1) + index[k + 1:]
-    channels = x.channels
+    channels, crops = x.channels, {}
     for role, i in zip(x.dims, index):
         if i == slice(None):
             continue
-        if role != "C" or not isinstance(i, slice) or contains(i, (Shape, Unknown)):
+        if isinstance(role, int) and _is_crop(i):
+            crops[role] = _crop_sides(i, x, role)
+            continue
+        if role != "C" or not isinstance(i, slice) or contains(i, (Shape, Unknown, Refused)):
             return ctx.refuse("it indexes spatial positions or the batch of the feature map "
                               "(a tile holds only some positions)" if role != "C" else
                               "it indexes the channel dimension with an integer, a tensor or "
                               "a size not known before the input")
         channels = None if channels is None else len(range(channels)[i])
+    if crops:
+        return _sized_windows(ctx, x, crops, channels, x.source if channels == x.channels
+                              else f"{ctx.name} gives")
     return _pointwise(ctx, x, channels=channels)
+
+
+def _is_crop(i) -> bool:
+    """A slice that crops a spatial axis by amounts not set by its length: a start from
+    the left (a non-negative int, or computed from sizes), a stop from the right (a
+    negative int, or computed from sizes), unit step (``x[..., 2:-2]``, or the original
+    U-Net's ``x[..., d:d + y.size(2)]``)."""
+    sizes = (SpatialSize, SizeExpr)
+    return isinstance(i, slice) and i.step in (None, 1) and (
+        i.start is None or isinstance(i.start, sizes) or (type(i.start) is int and i.start >= 0)) and (
+        i.stop is None or isinstance(i.stop, sizes) or (type(i.stop) is int and i.stop < 0))
+
+
+def _crop_sides(i: slice, x: FMap, role: int) -> tuple:
+    """A crop's (left, right) padding: minus the start, and the stop minus ``x`` 's length."""
+    start = 0 if i.start is None else i.start
+    left = -start if isinstance(start, int) else SizeExpr(start.error, "-", 0, start)
+    if i.stop is None or isinstance(i.stop, int):
+        return left, 0 if i.stop is None else i.stop
+    return left, SizeExpr(i.stop.error, "-", i.stop, SpatialSize(i.stop.error, x, role))
 
 
 def _size(ctx, x: FMap, dim):

@@ -206,6 +206,89 @@ def test_an_image_whose_maps_do_not_match_fails_as_conventional():
         Streaming(net, 24)(x)
 
 
+# ---------------------------------------------------------------- crops and pads from sizes
+
+class OriginalUNet(nn.Module):
+    """Ronneberger et al.'s U-Net in small: unpadded 3x3 convolutions, so each skip is larger
+    than the decoder's map and is centre-cropped to it by sizes read at run time."""
+
+    def __init__(self, depth: int = 2, c: int = 4):
+        super().__init__()
+        def twice(cin):
+            return nn.Sequential(nn.Conv2d(cin, c, 3), nn.ReLU(), nn.Conv2d(c, c, 3), nn.ReLU())
+        self.stem = twice(3)
+        self.downs = nn.ModuleList(nn.Sequential(nn.MaxPool2d(2), twice(c)) for _ in range(depth))
+        self.ups = nn.ModuleList(nn.ConvTranspose2d(c, c, 2, 2) for _ in range(depth))
+        self.fuse = nn.ModuleList(twice(2 * c) for _ in range(depth))
+        self.head = nn.Conv2d(c, 2, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        skips = []
+        for down in self.downs:
+            skips.append(x)
+            x = down(x)
+        for up, fuse, skip in zip(self.ups, self.fuse, reversed(skips)):
+            x = up(x)
+            dy, dx = (skip.size(2) - x.size(2)) // 2, (skip.size(3) - x.size(3)) // 2
+            skip = skip[:, :, dy:dy + x.size(2), dx:dx + x.size(3)]
+            x = fuse(torch.cat([skip, x], 1))
+        return self.head(x)
+
+
+class PadToSkip(nn.Module):
+    """milesial/Pytorch-UNet's ``Up``: the upsampled map padded to the skip's size."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.down = nn.Conv2d(4, 4, 3, 2, 1)
+        self.up = nn.ConvTranspose2d(4, 4, 2, 2)
+        self.out = nn.Conv2d(8, 2, 3, padding=1)
+
+    def forward(self, x):
+        x2 = self.a(x).relu()
+        x1 = self.up(self.down(x2).relu())
+        dy, dx = x2.size()[2] - x1.size()[2], x2.size()[3] - x1.size()[3]
+        x1 = F.pad(x1, [dx // 2, dx - dx // 2, dy // 2, dy - dy // 2])
+        return self.out(torch.cat([x2, x1], 1))
+
+
+def test_original_unet_with_centre_crops():
+    """Sizes that pool evenly at every level (124 = 4 + 4k after the stem) and an image of
+    several tiles per axis."""
+    torch.manual_seed(0)
+    net = OriginalUNet().double()
+    cmp = compare(net, rand(1, 3, 124, 140), 80)
+    assert cmp.worst <= F64, cmp
+
+
+def test_original_unet_refuses_an_image_its_crops_shift_on():
+    """On 122 pixels a pooling halves an odd length, and the crop starts a pixel later than
+    on the grid's lengths: conventional torch runs it, streaming says why it cannot."""
+    torch.manual_seed(0)
+    net = OriginalUNet().double()
+    net(rand(1, 3, 122, 124))
+    with pytest.raises(ValueError, match=r"along height: .*crops or pads by amounts it computes "
+                                         r"from map sizes"):
+        Streaming(net, 80)(rand(1, 3, 122, 124))
+
+
+def test_pad_to_the_skips_size():
+    torch.manual_seed(0)
+    cmp = compare(PadToSkip().double(), rand(1, 3, 40, 44), 20)
+    assert cmp.worst <= F64, cmp
+
+
+def test_constant_crop():
+    """``x[..., 2:-2]`` after valid convolutions: a crop by constants."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), Lambda(lambda x: x[:, :, 2:-2, 1:]),
+                        nn.Conv2d(4, 2, 3)).double()
+    cmp = compare(net, rand(1, 3, 40, 36), 16)
+    assert cmp.worst <= F64, cmp
+
+
 # ---------------------------------------------------------------- refusals
 
 REFUSED = {
@@ -224,6 +307,12 @@ REFUSED = {
     "size as a number": (lambda x: x * x.shape[-1], r"reads the feature map's spatial size"),
     "size of a coarser map": (lambda x: F.interpolate(x, size=F.max_pool2d(x, 2).shape[-2:]),
                               r"a map whose grid is 1/2 times as fine"),
+    "crop to a fixed stop": (lambda x: x[:, :, :30], r"indexes spatial positions"),
+    "crop by a size of another axis": (lambda x: x[:, :, x.size(3) // 4:], r"pads or crops by sizes "
+                                                                           r"of other axes"),
+    "crop that grows with the image": (lambda x: x[:, :, x.size(2) // 4:],
+                                       r"crops its start by an amount it computes from map sizes "
+                                       r"that differs"),
     "channels-last layout": (lambda x: F.interpolate(x.permute(0, 2, 3, 1), scale_factor=2),
                              r"windows need the channels-first layout"),
 }

@@ -6,14 +6,38 @@ two 1D windows). So everything here is about one axis.
 
 The graph. A network is a list of :class:`Step` in execution (topological) order.
 Step 0 is the input; every other step applies a *rule* to the outputs of earlier
-steps, and the last step is the output. There are three rules:
+steps, and the last step is the output. There are five rules:
 
 * :class:`Window` - a convolution or pooling window (kernel, stride, padding,
   dilation, ceil mode), as torch computes it;
 * :class:`Pointwise` - each position maps to itself (activations, normalisation
   over channels, Linear over channels, permutes, scalar arithmetic);
 * :class:`Merge` - several feature maps on the same grid combined position by
-  position (residual add, multiplication, concatenation along channels).
+  position (residual add, multiplication, concatenation along channels);
+* :class:`Upsample` - a map made ``scale`` times finer: nearest, nearest-exact and
+  linear interpolation (``align_corners=False``) by an integer factor, pixel shuffle;
+  with a second input, the factor that makes it match that map (``size=y.shape``);
+* :class:`Transposed` - a transposed convolution (the adjoint of a window).
+
+A :class:`SizedWindow` is a window whose paddings the module computes from sizes it
+reads (a centre crop): the same amounts on every length it accepts.
+
+Strides are fractions. A map finer than the input (after upsampling) has a total
+stride below one: position ``j`` of a map of total stride ``p/q`` lies at input pixel
+``j * p / q``. ``fractions.Fraction`` keeps every field exact. A tile must start where
+every map's grid has a position, at a multiple of the *grid* of the graph (:func:`grid`):
+the least common multiple of the numerators of all total strides, which for a graph
+without upsampling is the output's stride, and for an encoder-decoder the encoder's
+deepest stride.
+
+Upsampling and transposed convolutions map a tile's span alike: a tile whose input
+starts at ``a`` computes, at its output position ``t``, the full image's position
+``t + a * factor`` (torch indexes both from the first input position), so its span
+starts at ``a * factor``. Output ``j`` reads the inputs ``[lo(j), hi(j)]`` (each
+rule's formula, before torch clamps at the border); it is valid when they lie in the
+valid input interval, or where the tile's side is the image's (a clamp or a missing
+contribution there is the image's own). Both are periodic: ``lo(j + factor) = lo(j) + 1``
+(``stride`` for a transposed convolution), so their fields follow from one period.
 
 Coordinates. Each step's activation has its own grid. A tile is described, in the
 full image's coordinates of that grid, by the interval ``[start, stop)`` its
@@ -36,7 +60,9 @@ receptive field of a step is the hull over all paths from the input.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 from .errors import TileTooSmallError, internal_assert
 
@@ -57,12 +83,13 @@ class Field:
     """Receptive field of a step on the input axis.
 
     Output ``j`` depends on inputs ``[j*stride - offset, j*stride - offset + size)``.
-    (``reference.tiling.Field`` is the same record.)
+    (``reference.tiling.Field`` is the same record.) Integers, or ``Fraction`` s after an
+    upsampling (a hull: the inputs read lie within it).
     """
 
-    size: int = 1
-    stride: int = 1
-    offset: int = 0
+    size: int | Fraction = 1
+    stride: int | Fraction = 1
+    offset: int | Fraction = 0
 
     @property
     def reach(self) -> int:
@@ -85,6 +112,7 @@ class Window:
     dilation: int = 1
     ceil_mode: bool = False
     max_pool: bool = False  # torch mishandles max-pool windows with no tap inside the input
+    divides: bool = False  # the input length must be a multiple of the stride (pixel unshuffle)
 
     @property
     def span(self) -> int:
@@ -106,7 +134,7 @@ class Window:
         """Whether an ``n``-long input gives an output, and every max-pool window a tap
         inside the input (only dilated windows can miss a short input)."""
         out = self.out_length(n)
-        if out <= 0:
+        if out <= 0 or (self.divides and n % self.stride):
             return False
         if self.max_pool and self.dilation > 1 and n < self.span:
             for j in range(out):  # n is short here: a few windows at most
@@ -181,11 +209,194 @@ class Merge:
         return Field(size=offset + max(f.reach for f in fs), stride=strides[0], offset=offset)
 
 
+class _Resampling:
+    """What :class:`Upsample` and :class:`Transposed` share: a map ``factor`` times finer
+    whose output ``j`` reads the inputs ``[lo(j), hi(j)]``, periodic with period
+    ``factor`` (module docstring). A subclass gives ``factor``, ``lo``, ``hi`` and
+    ``_length`` (the output length torch gives an ``n``-long input)."""
+
+    factor: int
+
+    def out_length(self, n: int, *like: int) -> int:
+        out = self._length(n) if n > 0 else 0
+        return out if not like or like[0] == out else 0
+
+    def fits(self, n: int, *like: int) -> bool:
+        return n > 0 and self.out_length(n, *like) > 0
+
+    def map_span(self, t: Span, *like: Span) -> Span:
+        length = self.out_length(t.length)
+        start = t.start * self.factor
+        stop = start + self.out_length(t.stop - t.start)
+        internal_assert(not like or (like[0].start, like[0].stop, like[0].length)
+                        == (start, stop, length), f"resampled tile {start, stop} does not "
+                        f"match the map whose size it takes {like}")
+        vstart = start if t.valid_start <= 0 else self._first(lambda j: self.lo(j) >= t.valid_start,
+                                                                t.valid_start)
+        vstop = length if t.valid_stop >= t.length else self._first(
+            lambda j: self.hi(j) >= t.valid_stop, t.valid_stop)
+        vstart = min(max(vstart, start), stop)
+        vstop = max(min(vstop, stop), vstart)
+        return Span(length, start, stop, vstart, vstop)
+
+    def _first(self, holds, i: int) -> int:
+        """The first output ``j`` for which ``holds(j)`` (monotone in ``j``), near the output
+        positions of input ``i``: each input feeds a few periods around ``i * factor``."""
+        j = i * self.factor - self.reach_periods * self.factor
+        while holds(j):
+            j -= self.factor
+        while not holds(j):
+            j += 1
+        return j
+
+    @property
+    def reach_periods(self) -> int:
+        return 2
+
+    def field(self, f: Field, *like: Field) -> Field:
+        k = self.factor
+        ahead = max(Fraction(j, k) - self.lo(j) for j in range(k))  # inputs read left of j/k
+        after = max(self.hi(j) - Fraction(j, k) for j in range(k))  # ... and right of it
+        offset = f.offset + ahead * f.stride
+        reach = after * f.stride - f.offset + f.size
+        return Field(size=_plain(offset + reach), stride=_plain(Fraction(f.stride) / k),
+                     offset=_plain(offset))
+
+
+def _plain(v):
+    """A whole Fraction as an int (fields stay integers without upsampling)."""
+    v = Fraction(v)
+    return v.numerator if v.denominator == 1 else v
+
+
+@dataclass(frozen=True)
+class Upsample(_Resampling):
+    """A map ``factor`` times finer, as ``F.interpolate`` makes it with an integer
+    ``scale_factor`` (or a ``size`` that many times the input's: ``like`` is then the map it
+    matches, a second input) and ``align_corners=False``: ``mode`` "nearest" copies input
+    ``floor(j / k)``, "nearest-exact" input ``floor((j + 1/2) / k)``, "linear" blends inputs
+    ``floor((j + 1/2) / k - 1/2)`` and the next (clamped at the image's border). Pixel shuffle
+    is "nearest" on each axis."""
+
+    factor: int
+    mode: str = "nearest"
+
+    def _length(self, n: int) -> int:
+        return n * self.factor
+
+    def lo(self, j: int) -> int:
+        k = self.factor
+        if self.mode == "nearest":
+            return j // k
+        if self.mode == "nearest-exact":
+            return (2 * j + 1) // (2 * k)
+        return (2 * j + 1 - k) // (2 * k)
+
+    def hi(self, j: int) -> int:
+        return self.lo(j) + (self.mode == "linear")
+
+
+@dataclass(frozen=True)
+class Transposed(_Resampling):
+    """A transposed convolution on one axis, as torch computes it: input ``i`` adds into
+    outputs ``i * stride - padding + dilation * m`` for each tap ``m``; the output is
+    ``(n - 1) * stride - 2 * padding + dilation * (kernel - 1) + output_padding + 1`` long.
+    Output ``j`` gets contributions from the inputs ``ceil((j + padding - dilation *
+    (kernel - 1)) / stride)`` to ``floor((j + padding) / stride)``."""
+
+    kernel: int
+    stride: int = 1
+    padding: int = 0
+    output_padding: int = 0
+    dilation: int = 1
+
+    @property
+    def factor(self) -> int:
+        return self.stride
+
+    def _length(self, n: int) -> int:
+        return (n - 1) * self.stride - 2 * self.padding + self.dilation * (self.kernel - 1) \
+            + self.output_padding + 1
+
+    def lo(self, j: int) -> int:
+        return -(-(j + self.padding - self.dilation * (self.kernel - 1)) // self.stride)
+
+    def hi(self, j: int) -> int:
+        return (j + self.padding) // self.stride
+
+    @property
+    def reach_periods(self) -> int:
+        return 2 + (self.dilation * (self.kernel - 1) + self.padding) // self.stride
+
+
+@dataclass(frozen=True)
+class Length:
+    """A size the module reads: the length of its step's ``k``-th input (``y.shape[-1]``)."""
+
+    k: int
+
+
+@dataclass(frozen=True)
+class Arithmetic:
+    """Integer arithmetic on sizes, as the module computes a crop or a padding from them:
+    ``op`` is "+", "-", "*" or "//", each side a :class:`Length`, an int or another."""
+
+    op: str
+    left: object
+    right: object
+
+
+def evaluate(expr, ns: tuple) -> int:
+    """The value of a size expression when the step's inputs have lengths ``ns``."""
+    if isinstance(expr, Length):
+        return ns[expr.k]
+    if isinstance(expr, Arithmetic):
+        a, b = evaluate(expr.left, ns), evaluate(expr.right, ns)
+        return {"+": a + b, "-": a - b, "*": a * b, "//": a // b if b else 0}[expr.op]
+    return expr
+
+
+@dataclass(frozen=True)
+class SizedWindow(Window):
+    """A 1-tap window whose paddings (negative: a crop) the module computes from sizes:
+    the original U-Net's centre crop ``x[..., d:d + y.size(2)]`` with ``d = (x.size(2) -
+    y.size(2)) // 2``, or a pad to another map's size. ``sizes`` holds the two expressions
+    (over the lengths of the step's inputs: the map, then the maps whose sizes it reads).
+    The left one sets where the output's positions lie: it must be ``pad_left`` for every
+    length the module is used with (a length on which it is not does not fit, so no tile
+    computes a crop the whole image would not). The right one sets only the output's
+    length, and is evaluated for each (``pad_right`` is its value where it was traced)."""
+
+    sizes: tuple = ()
+
+    def agrees(self, ns: tuple) -> bool:
+        return evaluate(self.sizes[0], ns) == self.pad_left
+
+    def out_length(self, n: int, *refs: int) -> int:
+        ns = (n,) + refs
+        return n + self.pad_left + evaluate(self.sizes[1], ns) if self.agrees(ns) else 0
+
+    def fits(self, n: int, *refs: int) -> bool:
+        return self.out_length(n, *refs) > 0
+
+    def map_span(self, t: Span, *refs: Span) -> Span:
+        length = self.out_length(t.length, *(r.length for r in refs))
+        start = t.start  # (output j is input j - pad_left, in the tile and in the image)
+        stop = start + max(self.out_length(t.stop - t.start, *(r.stop - r.start for r in refs)), 0)
+        vstart = start if t.valid_start <= 0 else t.valid_start + self.pad_left
+        vstop = length if t.valid_stop >= t.length else t.valid_stop + self.pad_left
+        vstart = min(max(vstart, start), stop)
+        return Span(length, start, stop, vstart, max(min(vstop, stop), vstart))
+
+    def field(self, f: Field, *refs: Field) -> Field:
+        return super().field(f)
+
+
 @dataclass(frozen=True)
 class Step:
     """One step of an axis graph: ``rule`` applied to the outputs of steps ``inputs``."""
 
-    rule: Window | Pointwise | Merge | None  # None for the input (step 0)
+    rule: Window | Pointwise | Merge | Upsample | Transposed | None  # None: the input (step 0)
     inputs: tuple[int, ...] = ()
     name: str = "the input"
 
@@ -207,7 +418,8 @@ class Misfit:
     """Why an input (or tile) length cannot run through a graph: the first step that fails."""
 
     name: str
-    kind: str  # "merge" (inputs of different lengths), "empty" (no output) or "max-pool"
+    kind: str  # "merge" (inputs of different lengths), "sizes" (a crop or padding computed
+    # from sizes that differs from the one traced), "empty" (no output) or "max-pool"
     inputs: tuple[int, ...]  # the step's input lengths
 
     def __str__(self) -> str:
@@ -215,6 +427,10 @@ class Misfit:
             broadcast = (" (a branch of length 1 is broadcast over the other: that depends on the "
                          "image's size, which no tile has)" if 1 in self.inputs else "")
             return f"{self.name} gets inputs of different lengths {list(self.inputs)}{broadcast}"
+        if self.kind == "sizes":
+            return (f"{self.name} crops or pads by amounts it computes from map sizes, and for "
+                    f"maps of lengths {list(self.inputs)} they are not the amounts every other "
+                    f"length gives")
         if self.kind == "empty":
             return f"{self.name} gets {self.inputs[0]} positions and gives no output"
         return f"{self.name} has a dilated max-pool window without a pixel"
@@ -227,7 +443,9 @@ def misfit(graph, n: int) -> Misfit | None:
         ins = tuple(ns[i] for i in step.inputs)
         if min(ins) <= 0 or step.rule.fits(*ins):
             continue
-        kind = "merge" if isinstance(step.rule, Merge) else "empty" if out <= 0 else "max-pool"
+        kind = ("merge" if isinstance(step.rule, Merge) else
+                "sizes" if isinstance(step.rule, SizedWindow) and not step.rule.agrees(ins) else
+                "empty" if out <= 0 else "max-pool")
         return Misfit(step.name, kind, ins)
     return None
 
@@ -250,11 +468,18 @@ def output_field(graph) -> Field:
     return fields(graph)[-1]
 
 
+def grid(graph) -> int:
+    """The input pixels at which a tile may start: a multiple of this, so that every map
+    of the graph has a position there (the lcm of the numerators of all total strides; the
+    output's stride when nothing upsamples)."""
+    return math.lcm(*(Fraction(f.stride).numerator for f in fields(graph)))
+
+
 def _far_length(graph, n: int) -> int:
     """An image length, far beyond an ``n``-long tile, that the graph accepts."""
-    f = output_field(graph)
-    base = n + 4 * (f.size + f.offset + 2 * f.stride)
-    for length in range(base, base + 4 * f.stride + 4):
+    f, align = output_field(graph), grid(graph)
+    base = n + 4 * math.ceil(f.size + f.offset + 2 * f.stride + align)
+    for length in range(base, base + 4 * align + 4):
         if fits(graph, length):
             return length
     return base
@@ -263,12 +488,11 @@ def _far_length(graph, n: int) -> int:
 def interior_spans(graph, n: int) -> list[Span]:
     """Spans of every step for an interior tile of ``n`` pixels (no side on the image border).
 
-    The tile starts at one output stride and the image extends far beyond it on
-    both sides; by translation invariance on the stride grid, every interior tile
-    looks alike.
+    The tile starts at one :func:`grid` step and the image extends far beyond it on
+    both sides; by translation invariance on that grid, every interior tile looks alike.
     """
-    stride = output_field(graph).stride
-    return spans(graph, Span(_far_length(graph, n), stride, stride + n, stride, stride + n))
+    align = grid(graph)
+    return spans(graph, Span(_far_length(graph, n), align, align + n, align, align + n))
 
 
 def min_tile_size(graph) -> int:
@@ -277,16 +501,19 @@ def min_tile_size(graph) -> int:
     An interior tile starting at ``a`` (a multiple of the stride) has its first
     valid output read from ``a + stride*ceil(offset/stride) - offset``, so it
     needs ``size - offset + stride * ceil(offset / stride)`` pixels for one valid
-    output, and at least one stride so that a last tile ending at the image edge
-    can start on the stride grid. Merges may also need equal branch lengths,
-    which some tile lengths do not give; the smallest length that does is used.
+    output, and at least one :func:`grid` step so that a last tile ending at the image
+    edge can start on that grid. Merges may also need equal branch lengths, which some
+    tile lengths do not give (nor do encoder-decoders whose maps must match); the
+    smallest length that does is used. Consecutive tiles start a grid step apart at
+    least, so a tile's valid outputs must span one (an encoder-decoder whose output is
+    finer than its grid needs that many).
     """
-    f = output_field(graph)
-    n = max(f.size - f.offset + f.stride * -(-f.offset // f.stride), f.stride)
-    for candidate in range(n, n + 4 * f.stride + 4):
+    f, align = output_field(graph), grid(graph)
+    n = max(math.ceil(f.size - f.offset + f.stride * math.ceil(f.offset / f.stride)), align)
+    for candidate in range(n, n + 4 * align + 4 + 2 * math.ceil(f.size)):
         if fits(graph, candidate):
             last = interior_spans(graph, candidate)[-1]
-            if last.valid_stop > last.valid_start:
+            if (last.valid_stop - last.valid_start) * f.stride >= align:  # tiles can advance
                 return candidate
     return n
 
@@ -329,7 +556,8 @@ def tile_axis(graph, length: int, tile_size: int, axis_name: str = "axis",
               targets: tuple[int, ...] = ()) -> AxisTiling:
     """Cut one axis of length ``length`` into tiles of at most ``tile_size`` pixels.
 
-    Tiles start at multiples of the total output stride. Each next tile starts
+    Tiles start at multiples of the graph's :func:`grid` (the total output stride
+    without upsampling). Each next tile starts
     as far right as possible while its first valid output is no later than the
     previous tile's last valid output + 1. The last tile ends at the image edge
     (unless the tiles before it already give every output, when the pixels left
@@ -347,7 +575,7 @@ def tile_axis(graph, length: int, tile_size: int, axis_name: str = "axis",
         raise ValueError(f"tile_size must be positive, got {tile_size} along {axis_name}")
     _check_image(graph, length, axis_name)
     f = output_field(graph)
-    stride, min_size = f.stride, min_tile_size(graph)
+    stride, min_size = grid(graph), min_tile_size(graph)
     out_length = lengths(graph, length)[-1]
     if tile_size >= length:
         return AxisTiling(length, tile_size, out_length, stride, (0,), (length,), (0,),
@@ -413,7 +641,7 @@ def _interior_validity(graph, size: int, covered) -> tuple[dict, dict]:
 def _covering_tile(graph, length: int, size: int, covered) -> int:
     """The smallest tile above ``size`` whose valid positions advance by a stride on every
     covered map (the image size if none is near)."""
-    stride = output_field(graph).stride
+    stride = grid(graph)
     for n in range(size + 1, min(length, size + 8 * stride + 64)):
         if fits(graph, n) and min(_interior_validity(graph, n, covered)[1].values()) >= stride:
             return n
@@ -460,7 +688,7 @@ def _check_image(graph, length: int, axis_name: str) -> None:
                          f"{problem}{fails}")
     if problem.kind == "empty":
         f = output_field(graph)
-        least = min_image_size(graph, max(length, f.size + f.offset) + 4 * f.stride + 4)
+        least = min_image_size(graph, math.ceil(max(length, f.size + f.offset) + 4 * f.stride + 4))
         need = f"; they need at least {least} pixels" if least is not None else ""
         raise ValueError(
             f"the input is too small along {axis_name}: {length} pixels give no output "
@@ -476,7 +704,7 @@ def _last_start(graph, length: int, size: int, start: int, axis_name: str) -> in
     does no more work than needed, and at most ``size`` from the edge; the first
     such start on the stride grid whose tile the graph accepts.
     """
-    stride = output_field(graph).stride
+    stride = grid(graph)
     flush = -(-(length - size) // stride) * stride
     for a in range(min(start, (length - 1) // stride * stride), flush - 1, -stride):
         if fits(graph, length - a):

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 import torch.nn as nn
@@ -49,7 +50,7 @@ from torch.nn.utils import parametrize
 
 from .channels_last import onednn_mishandles
 from .errors import StreamingError
-from .geometry import Merge, Pointwise, Window
+from .geometry import Arithmetic, Length, Merge, Pointwise, SizedWindow, Transposed, Upsample, Window
 
 MOVE = "move it after the Streaming module (into the part of the network that sees the whole feature map)"
 ANY = "any"  # takes_maps(ANY): every argument may be a feature map
@@ -84,6 +85,17 @@ class Refused:
 
 class Unknown:
     """A value not known until the input is (batch or channel count before the first call)."""
+
+
+@dataclass(frozen=True)
+class SpatialSize(Refused):
+    """A feature map's size along spatial axis ``axis``: it differs from tile to tile, so it
+    is refused (``error``) wherever it is used as a number, and streams only where it makes
+    one map the size of another (``F.interpolate(x, size=y.shape[-2:])``: handlers marked
+    :func:`takes_sizes`)."""
+
+    fmap: FMap = None
+    axis: int = 0
 
 
 @dataclass(frozen=True)
@@ -137,11 +149,12 @@ def is_dynamic(value) -> bool:
     return contains(value, (FMap, Shape, Refused, Unknown))
 
 
-def first_refused(value):
-    if isinstance(value, Refused):
+def first_refused(value, skip=()):
+    """The first :class:`Refused` in ``value`` (or in what it holds) that is not a ``skip``."""
+    if isinstance(value, Refused) and not isinstance(value, skip):
         return value
     items = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else ()
-    return next((r for r in map(first_refused, items) if r is not None), None)
+    return next((r for r in (first_refused(v, skip) for v in items) if r is not None), None)
 
 
 def takes_maps(*names):
@@ -150,6 +163,38 @@ def takes_maps(*names):
         handler.map_params = names
         return handler
     return mark
+
+
+@dataclass(frozen=True)
+class SizeExpr(Refused):
+    """Integer arithmetic on spatial sizes (``(x.size(2) - y.size(2)) // 2``): refused
+    (``error``: its first size read's) wherever it is used as a number; a crop or padding
+    by it streams (:func:`_sized_windows`)."""
+
+    op: str = ""
+    left: object = None
+    right: object = None
+
+
+_SIZE_OPS = {operator.add: "+", operator.sub: "-", operator.mul: "*", operator.floordiv: "//"}
+
+
+def size_arithmetic(target, args: tuple, kwargs: dict):
+    """``target(*args)`` as a :class:`SizeExpr` where it is arithmetic on sizes and ints;
+    None for any other call."""
+    sizes = (SpatialSize, SizeExpr)
+    if target not in _SIZE_OPS or len(args) != 2 or kwargs or not contains(args, sizes):
+        return None
+    if not all(isinstance(a, sizes) or (isinstance(a, int) and not isinstance(a, bool)) for a in args):
+        return None
+    return SizeExpr(first_refused(args).error, _SIZE_OPS[target], *args)
+
+
+def takes_sizes(handler):
+    """Declare that a handler takes :class:`SpatialSize` values in its arguments (and checks
+    them itself): the trace does not refuse the call for holding them."""
+    handler.takes_sizes = True
+    return handler
 
 
 def map_params(handler) -> tuple:
@@ -290,23 +335,73 @@ def _pool(ctx, input, rank, what, kernel_size, stride, padding, dilation, ceil_m
     return ctx.step(rules, [input], input.dims, input.channels, input.source)
 
 
+@takes_sizes
 def pad(ctx, input, pad, mode="constant", value=None):
     """Constant padding is a 1-tap window with padding: zeros at interior tile sides
-    only reach outputs that are cropped away, exactly as for a convolution's padding."""
+    only reach outputs that are cropped away, exactly as for a convolution's padding.
+    Negative amounts crop; amounts computed from map sizes (milesial's U-Net pads the
+    upsampled map to the skip's size) stream where they are the same for every length."""
     if mode != "constant":
         return ctx.refuse(f"it pads in mode '{mode}'", fix="use constant padding or " + MOVE)
-    if len(pad) % 2 or any(p < 0 for p in pad):
+    if len(pad) % 2:
         return ctx.refuse(f"it crops or pads unevenly specified sides ({pad})")
     pairs = [(pad[i], pad[i + 1]) for i in range(0, len(pad), 2)]  # last dimension first
-    rules = [Pointwise()] * len(input.spatial())
+    sides = {}
     for k, pair in enumerate(pairs):
         role = input.dims[len(input.dims) - 1 - k]
         if pair == (0, 0):
             continue
         if not isinstance(role, int):
             return ctx.refuse(f"it pads the {'channel' if role == 'C' else 'batch'} dimension")
-        rules[role] = Window(kernel=1, pad_left=pair[0], pad_right=pair[1])
-    return ctx.step(tuple(rules), [input], input.dims, input.channels, input.source)
+        sides[role] = pair
+    return _sized_windows(ctx, input, sides, input.channels, input.source)
+
+
+def _sized_windows(ctx, input: FMap, sides: dict, channels, source):
+    """One step padding (negative: cropping) each spatial axis ``role`` of ``sides`` by its
+    (left, right) amounts: ints, or sizes the module read (:class:`SpatialSize`,
+    :class:`SizeExpr`), which become :class:`geometry.SizedWindow` s whose amounts the
+    trace finds constant, or a refusal."""
+    refs: list = []
+    rules = [Pointwise()] * len(input.spatial())
+    for role, pair in sides.items():
+        exprs = tuple(_expression(v, input, role, refs) for v in pair)
+        if None in exprs:
+            return ctx.refuse("it pads or crops by sizes of other axes or of values that are not "
+                              "feature maps")
+        if all(isinstance(e, int) for e in exprs):
+            rules[role] = Window(kernel=1, pad_left=exprs[0], pad_right=exprs[1])
+            continue
+        left = ctx.constant_size(exprs[0], [input] + refs, role)
+        if left is None:
+            return ctx.refuse("it pads or crops its start by an amount it computes from map sizes "
+                              "that differs from one image size to another (a tile's would differ "
+                              "from the whole map's)")
+        right = ctx.constant_size(exprs[1], [input] + refs, role, first=True)
+        rules[role] = SizedWindow(kernel=1, pad_left=left, pad_right=right, sizes=exprs)
+    return ctx.step(tuple(rules), [input] + refs, input.dims, channels, source)
+
+
+def _expression(value, x: FMap, axis: int, refs: list):
+    """A size value as a ``geometry`` expression over the lengths along ``axis`` of ``x``
+    (input 0) and of ``refs`` (appended to as sizes of other maps are met); None where a
+    size is of another axis or of no feature map."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, SpatialSize):
+        if value.fmap is None or value.axis != axis:
+            return None
+        if value.fmap.index == x.index:
+            return Length(0)
+        if value.fmap not in refs:
+            refs.append(value.fmap)
+        return Length(1 + refs.index(value.fmap))
+    if isinstance(value, SizeExpr):
+        left, right = (_expression(v, x, axis, refs) for v in (value.left, value.right))
+        return None if left is None or right is None else Arithmetic(value.op, left, right)
+    return None
 
 
 # --------------------------------------------------------------------------- pointwise
@@ -653,16 +748,21 @@ def reshape(ctx, input, *shape, **_):
 
 
 @takes_maps(ANY)
+@takes_sizes
 def getitem(ctx, value, index):
-    """Indexing: of a tuple of values, of a shape, or of a feature map (channels only)."""
+    """Indexing: of a tuple of values, of a shape, or of a feature map (channels, and
+    crops of spatial axes)."""
     if isinstance(value, (tuple, list)):
+        if contains(index, Refused):
+            return first_refused(index)
         return value[index]
     if isinstance(value, Unknown):
         return Unknown()
     if isinstance(value, Shape):
         if isinstance(index, slice):
             sizes = tuple(_size(ctx, value.fmap, d) for d in range(len(value.fmap.dims))[index])
-            return first_refused(sizes) or sizes
+            refused = first_refused(sizes)
+            return sizes if refused is None or isinstance(refused, SpatialSize) else refused
         return _size(ctx, value.fmap, index)
     return _index_fmap(ctx, value, index)
 
@@ -674,17 +774,43 @@ def _index_fmap(ctx, x: FMap, index):
     if Ellipsis in index:
         k = index.index(Ellipsis)
         index = index[:k] + (slice(None),) * (len(x.dims) - len(index) + 1) + index[k + 1:]
-    channels = x.channels
+    channels, crops = x.channels, {}
     for role, i in zip(x.dims, index):
         if i == slice(None):
             continue
-        if role != "C" or not isinstance(i, slice) or contains(i, (Shape, Unknown)):
+        if isinstance(role, int) and _is_crop(i):
+            crops[role] = _crop_sides(i, x, role)
+            continue
+        if role != "C" or not isinstance(i, slice) or contains(i, (Shape, Unknown, Refused)):
             return ctx.refuse("it indexes spatial positions or the batch of the feature map "
                               "(a tile holds only some positions)" if role != "C" else
                               "it indexes the channel dimension with an integer, a tensor or "
                               "a size not known before the input")
         channels = None if channels is None else len(range(channels)[i])
+    if crops:
+        return _sized_windows(ctx, x, crops, channels, x.source if channels == x.channels
+                              else f"{ctx.name} gives")
     return _pointwise(ctx, x, channels=channels)
+
+
+def _is_crop(i) -> bool:
+    """A slice that crops a spatial axis by amounts not set by its length: a start from
+    the left (a non-negative int, or computed from sizes), a stop from the right (a
+    negative int, or computed from sizes), unit step (``x[..., 2:-2]``, or the original
+    U-Net's ``x[..., d:d + y.size(2)]``)."""
+    sizes = (SpatialSize, SizeExpr)
+    return isinstance(i, slice) and i.step in (None, 1) and (
+        i.start is None or isinstance(i.start, sizes) or (type(i.start) is int and i.start >= 0)) and (
+        i.stop is None or isinstance(i.stop, sizes) or (type(i.stop) is int and i.stop < 0))
+
+
+def _crop_sides(i: slice, x: FMap, role: int) -> tuple:
+    """A crop's (left, right) padding: minus the start, and the stop minus ``x`` 's length."""
+    start = 0 if i.start is None else i.start
+    left = -start if isinstance(start, int) else SizeExpr(start.error, "-", 0, start)
+    if i.stop is None or isinstance(i.stop, int):
+        return left, 0 if i.stop is None else i.stop
+    return left, SizeExpr(i.stop.error, "-", i.stop, SpatialSize(i.stop.error, x, role))
 
 
 def _size(ctx, x: FMap, dim):
@@ -693,7 +819,10 @@ def _size(ctx, x: FMap, dim):
         return UnknownNumber() if x.channels is None else x.channels
     if role == "N":
         return UnknownNumber() if ctx.batch is None else ctx.batch
-    return ctx.refuse("it reads the feature map's spatial size, which differs from tile to tile")
+    refused = ctx.refuse("it reads the feature map's spatial size, which differs from tile to "
+                         "tile (a size streams only where it makes one map the size of another, "
+                         "as in F.interpolate(x, size=y.shape[-2:]))")
+    return SpatialSize(refused.error, x, role)
 
 
 def size(ctx, input, dim=None):
@@ -771,6 +900,163 @@ def register_hook(ctx, input, hook):
         "module's output (the stitched feature map) instead, or " + MOVE)
 
 
+# --------------------------------------------------------------------------- upsampling
+
+_MODES = {"nearest": "nearest", "nearest-exact": "nearest-exact", "linear": "linear",
+          "bilinear": "linear"}
+_LINEAR_RANK = {"linear": 1, "bilinear": 2}
+
+
+def _factor(value) -> int | None:
+    """A scale factor as an integer of at least 1, or None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return int(value) if value >= 1 and float(value).is_integer() else None
+
+
+@takes_maps("input")
+@takes_sizes
+def interpolate(ctx, input, size=None, scale_factor=None, mode="nearest", align_corners=None,
+                recompute_scale_factor=None, antialias=False):
+    """``F.interpolate`` upsampling by an integer factor per axis (a power of two for the
+    interpolating modes), given by ``scale_factor`` or by ``size`` read from a map that
+    many times finer: :class:`geometry.Upsample`."""
+    rank = len(input.spatial())
+    problem = _window_input(ctx, input, rank, "resampling")
+    if problem is not None:
+        return problem
+    if mode not in _MODES or _LINEAR_RANK.get(mode, rank) != rank:
+        return ctx.refuse(f"it resamples with mode='{mode}'; streamcnn streams 'nearest', "
+                          f"'nearest-exact' and {'linear' if rank == 1 else 'bilinear'} "
+                          f"upsampling", fix="use one of those modes, or " + MOVE)
+    if align_corners:
+        return ctx.refuse("it has align_corners=True, which samples at positions set by the "
+                          "whole map's size (a tile's would differ)",
+                          fix="use align_corners=False (the default), or " + MOVE)
+    if antialias:
+        return ctx.refuse("it has antialias=True", fix="use antialias=False (it changes nothing "
+                          "when upsampling), or " + MOVE)
+    like = None
+    if size is not None:
+        like, factors = _size_factors(ctx, input, size, rank)
+        if isinstance(factors, Refused):
+            return factors
+    else:
+        factors = tuple(_factor(f) for f in _per_axis(scale_factor, rank))
+        if None in factors:
+            return ctx.refuse(f"it resamples by scale_factor={scale_factor}; streamcnn streams "
+                              f"upsampling by whole factors (2, 3, ...) only",
+                              fix="use an integer scale_factor, or " + MOVE)
+    if any(k & (k - 1) for k in factors):
+        return ctx.refuse(f"it resamples by {max(factors)}: torch computes the source positions "
+                          f"in floating point with the scale 1/{max(factors)}, which rounds "
+                          f"differently at a tile's positions than at the whole map's",
+                          fix="upsample by a power of two, use ConvTranspose or PixelShuffle "
+                          "(exact for any factor), or " + MOVE)
+    rules = tuple(Upsample(k, _MODES[mode]) for k in factors)
+    return ctx.step(rules, [input] if like is None else [input, like], input.dims, input.channels,
+                    input.source)
+
+
+def _size_factors(ctx, input: FMap, size, rank: int):
+    """The map whose sizes ``size`` reads and the factor of each axis (an integer: that
+    map's grid is that many times finer than ``input`` 's), or a refusal."""
+    sizes = _per_axis(size, rank)
+    if len(sizes) != rank or not all(isinstance(v, SpatialSize) for v in sizes) or \
+            len({v.fmap for v in sizes}) != 1 or [v.axis for v in sizes] != list(range(rank)):
+        refused = next((v for v in sizes if isinstance(v, Refused)), None)
+        if refused is not None and not isinstance(refused, SpatialSize):
+            return None, refused
+        return None, ctx.refuse(
+            f"it resamples to size={size}: a size fixed in advance, or not another feature map's "
+            f"sizes in axis order, depends on the whole map's size, which a tile does not have",
+            fix="pass scale_factor, or size=y.shape[-2:] of the map it should match, or " + MOVE)
+    like = sizes[0].fmap
+    factors = []
+    for a in range(rank):
+        ratio = Fraction(ctx.stride(input, a)) / Fraction(ctx.stride(like, a))
+        if ratio < 1 or ratio != int(ratio):
+            return None, ctx.refuse(
+                f"it resamples to the size of a map whose grid is {ratio} times as fine along "
+                f"axis {a}; streamcnn streams upsampling by whole factors only")
+        factors.append(int(ratio))
+    return like, tuple(factors)
+
+
+@takes_maps("input")
+@takes_sizes
+def upsample(ctx, input, size=None, scale_factor=None, mode="nearest", align_corners=None):
+    """The deprecated ``F.upsample`` (``F.interpolate`` by another name; fx records the
+    inner call, this entry serves a direct one)."""
+    return interpolate(ctx, input, size, scale_factor, mode, align_corners)
+
+
+@takes_maps("input")
+@takes_sizes
+def upsample_nearest(ctx, input, size=None, scale_factor=None):
+    return interpolate(ctx, input, size, scale_factor, "nearest")
+
+
+@takes_maps("input")
+@takes_sizes
+def upsample_bilinear(ctx, input, size=None, scale_factor=None):
+    return interpolate(ctx, input, size, scale_factor, "bilinear", align_corners=True)
+
+
+def conv_transpose(ctx, input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
+                   dilation=1, *, rank):
+    """A transposed convolution: :class:`geometry.Transposed` per axis."""
+    problem = _window_input(ctx, input, rank, "transposed convolution")
+    if problem is not None:
+        return problem
+    _need_channels(ctx, input, weight.shape[0])
+    kernel, stride, padding, output_padding, dilation = (
+        _per_axis(v, rank) for v in (tuple(weight.shape[2:]), stride, padding, output_padding,
+                                     dilation))
+    rules = tuple(Transposed(kernel[a], stride[a], padding[a], output_padding[a], dilation[a])
+                  for a in range(rank))
+    return ctx.step(rules, [input], input.dims, weight.shape[1] * groups, f"{ctx.name} gives")
+
+
+def conv_transpose_module(ctx, m, input, *, rank):
+    if m.padding_mode != "zeros":
+        return ctx.refuse(f"it uses padding_mode='{m.padding_mode}'; only 'zeros' is streamed "
+                          f"exactly", fix="use padding_mode='zeros' or " + MOVE)
+    return conv_transpose(ctx, input, m.weight, None, m.stride, m.padding, m.output_padding,
+                          m.groups, m.dilation, rank=rank)
+
+
+def pixel_shuffle(ctx, input, upscale_factor):
+    """Channels into a finer grid: each axis upsampled by ``upscale_factor`` (output ``j``
+    holds a channel of input ``j // r``), channels divided by its square."""
+    problem = _window_input(ctx, input, 2, "pixel shuffle")
+    if problem is not None:
+        return problem
+    r = upscale_factor
+    channels = None if input.channels is None else input.channels // (r * r)
+    if input.channels is not None and input.channels % (r * r):
+        raise ValueError(f"{ctx.name} needs channels divisible by {r * r} but {input.source} "
+                         f"{input.channels}")
+    return ctx.step((Upsample(r),) * 2, [input], input.dims, channels, f"{ctx.name} gives")
+
+
+def pixel_unshuffle(ctx, input, downscale_factor):
+    """A finer grid into channels: a ``r`` x ``r`` window of stride ``r`` whose input length
+    must be a multiple of ``r`` (torch refuses others)."""
+    problem = _window_input(ctx, input, 2, "pixel unshuffle")
+    if problem is not None:
+        return problem
+    r = downscale_factor
+    channels = None if input.channels is None else input.channels * r * r
+    return ctx.step((Window(kernel=r, stride=r, divides=True),) * 2, [input], input.dims,
+                    channels, f"{ctx.name} gives")
+
+
+def _upsample_module(ctx, m, x):
+    return interpolate(ctx, x, m.size, m.scale_factor, m.mode, m.align_corners,
+                       recompute_scale_factor=getattr(m, "recompute_scale_factor", None))
+
+
 # --------------------------------------------------------------------------- registries
 
 def _why(reason):
@@ -781,7 +1067,7 @@ def _why(reason):
 
 
 GLOBAL = "it pools over the whole feature map (adaptive or global pooling)"
-UPSAMPLE = "it resamples the feature map (upsampling, interpolation, transposed convolution)"
+UPSAMPLE = "it samples the feature map at positions it computes, or reshapes it into patches"
 NORM_OVER_SPACE = "it normalises with statistics computed over the feature map, which a tile does not see"
 ATTENTION = "attention connects every position of the feature map"
 
@@ -795,8 +1081,9 @@ BATCHNORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm)
 NORM_MODULES = BATCHNORM_MODULES + (nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d)
 NORM_FUNCTIONS = (F.batch_norm, F.group_norm, F.instance_norm)
 #: layer types that fix the spatial rank of their input
-RANK = {nn.Conv1d: 1, nn.MaxPool1d: 1, nn.AvgPool1d: 1, nn.BatchNorm1d: 1,
-        nn.Conv2d: 2, nn.MaxPool2d: 2, nn.AvgPool2d: 2, nn.BatchNorm2d: 2}
+RANK = {nn.Conv1d: 1, nn.MaxPool1d: 1, nn.AvgPool1d: 1, nn.BatchNorm1d: 1, nn.ConvTranspose1d: 1,
+        nn.Conv2d: 2, nn.MaxPool2d: 2, nn.AvgPool2d: 2, nn.BatchNorm2d: 2, nn.ConvTranspose2d: 2,
+        nn.PixelShuffle: 2, nn.PixelUnshuffle: 2}
 
 
 def _max_pool_module(ctx, m, x):
@@ -815,6 +1102,11 @@ MODULES = {
     nn.AvgPool1d: _avg_pool_module, nn.AvgPool2d: _avg_pool_module,
     **{t: lambda ctx, m, x: pad(ctx, x, m.padding, value=getattr(m, "value", 0.0))
        for t in (nn.ZeroPad1d, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d)},
+    nn.ConvTranspose1d: lambda ctx, m, x: conv_transpose_module(ctx, m, x, rank=1),
+    nn.ConvTranspose2d: lambda ctx, m, x: conv_transpose_module(ctx, m, x, rank=2),
+    **{t: _upsample_module for t in (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)},
+    nn.PixelShuffle: lambda ctx, m, x: pixel_shuffle(ctx, x, m.upscale_factor),
+    nn.PixelUnshuffle: lambda ctx, m, x: pixel_unshuffle(ctx, x, m.downscale_factor),
     nn.PReLU: lambda ctx, m, x: prelu(ctx, x, m.weight),
     nn.RReLU: lambda ctx, m, x: rrelu(ctx, x, training=m.training),
     **{t: lambda ctx, m, x: softmax_like(ctx, x, m.dim) for t in (nn.Softmax, nn.LogSoftmax,
@@ -846,9 +1138,7 @@ NON_LOCAL_MODULES = (
     ((nn.Unflatten,), "it reshapes the feature map, mixing space and channels"),
     ((nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d),
      "adaptive/global pooling looks at the whole feature map"),
-    ((nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ConvTranspose1d,
-      nn.ConvTranspose2d, nn.PixelShuffle, nn.PixelUnshuffle, nn.Fold, nn.Unfold),
-     "upsampling is not supported by the tile geometry"),
+    ((nn.Fold, nn.Unfold), "it reshapes the feature map into patches, mixing space and channels"),
     ((nn.FractionalMaxPool2d,), "its random pooling regions depend on the whole feature map"),
     ((nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
       nn.Transformer), ATTENTION),
@@ -907,10 +1197,12 @@ FUNCTIONS = {
                                  F.adaptive_max_pool1d, F.adaptive_max_pool2d,
                                  F.adaptive_max_pool1d_with_indices,
                                  F.adaptive_max_pool2d_with_indices)},
-    **{f: _why(UPSAMPLE) for f in (F.interpolate, F.upsample, F.upsample_nearest,
-                                   F.upsample_bilinear, F.grid_sample, F.pixel_shuffle,
-                                   F.pixel_unshuffle, F.conv_transpose1d, F.conv_transpose2d,
-                                   F.unfold, F.fold)},
+    F.interpolate: interpolate, F.upsample: upsample, F.upsample_nearest: upsample_nearest,
+    F.upsample_bilinear: upsample_bilinear,
+    F.conv_transpose1d: lambda ctx, *a, **k: conv_transpose(ctx, *a, **k, rank=1),
+    F.conv_transpose2d: lambda ctx, *a, **k: conv_transpose(ctx, *a, **k, rank=2),
+    F.pixel_shuffle: pixel_shuffle, F.pixel_unshuffle: pixel_unshuffle,
+    **{f: _why(UPSAMPLE) for f in (F.grid_sample, F.unfold, F.fold)},
     F.group_norm: group_norm, F.instance_norm: instance_norm,
     F.scaled_dot_product_attention: _why(ATTENTION),
     **{f: draws_random for f in (torch.bernoulli, torch.rand, torch.randn, torch.randint, torch.rand_like,

@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from . import binding, rules
+from . import binding, geometry, rules
 from .errors import StreamingError
 from .geometry import Field, GridMismatch, Merge, Step, Window
 from .rules import FMap, Refused, Shape
@@ -292,6 +292,33 @@ class _Context:
         return self.analysis.add_step(self, rule, inputs, dims, channels, source, norm,
                                       channels_last_unsafe)
 
+    def stride(self, x: FMap, axis: int):
+        """The total stride of ``x`` 's grid along spatial axis ``axis`` (input pixels per
+        position; a Fraction after upsampling)."""
+        return self.analysis.fields[x.index][axis].stride
+
+    def constant_size(self, expr, inputs: list, axis: int, first: bool = False):
+        """The value of a size expression over the lengths of ``inputs`` along ``axis``
+        (``geometry.evaluate``) where it is the same for every input length on the graph's
+        grid (multiples of ``geometry.grid``, where every map's positions align as a tile's
+        do: the first few the graph so far accepts, up to 4096 pixels); None where it
+        differs. ``first``: its value for the first such length (None if none is). Lengths
+        off the grid may give other values (a pooling of an odd length): they do not fit
+        (``geometry.SizedWindow``)."""
+        graph = (Step(None),) + tuple(Step(s.rules[axis], s.inputs, s.name)
+                                      for s in self.analysis.steps[1:])
+        align = geometry.grid(graph)
+        seen, found = set(), 0
+        for n in range(align, 4097, align):
+            ns = tuple(geometry.lengths(graph, n)[x.index] for x in inputs)
+            if min(ns) <= 0 or not geometry.fits(graph, n):
+                continue
+            seen.add(geometry.evaluate(expr, ns))
+            found += 1
+            if first or found == 8 or len(seen) > 1:
+                break
+        return next(iter(seen)) if len(seen) == 1 else None
+
     def refuse(self, why: str, fix: str = rules.MOVE) -> Refused:
         return Refused(StreamingError(f"{self.name} cannot be streamed: {why}; {fix}"
                                       f"{_source_line(self.node)}"))
@@ -334,8 +361,15 @@ class _Analysis:
     def _call(self, node: fx.Node, env: dict):
         args = fx.node.map_arg(node.args, env.__getitem__)
         kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+        if node.op == "call_function":
+            expr = rules.size_arithmetic(node.target, args, kwargs)
+            if expr is not None:  # (a number only where it crops or pads: rules.SizeExpr)
+                return expr
         refused = rules.first_refused((args, kwargs))
         ctx = _Context(self, node)
+        sizes = (rules.SpatialSize, rules.SizeExpr)
+        if isinstance(refused, sizes) and getattr(self._handler(node), "takes_sizes", False):
+            refused = rules.first_refused((args, kwargs), skip=sizes)
         if refused is not None:
             value = refused
         elif rules.is_random_call(node.op, node.target):
@@ -353,11 +387,17 @@ class _Analysis:
             env[node.args[0]] = value
         return value
 
+    def _handler(self, node):
+        """The ``rules`` handler of a function or method call (None: none)."""
+        if node.op not in ("call_method", "call_function"):
+            return None
+        table = rules.METHODS if node.op == "call_method" else rules.FUNCTIONS
+        return table.get(node.target) or _special(node.target)
+
     def _handle(self, ctx, node, args, kwargs):
         if node.op == "call_module":
             return self._module(ctx, self.root.get_submodule(node.target), args, kwargs)
-        table = rules.METHODS if node.op == "call_method" else rules.FUNCTIONS
-        handler = table.get(node.target) or _special(node.target)
+        handler = self._handler(node)
         if handler is None:
             return ctx.refuse(f"it is not an operation streamcnn knows how to stream "
                               f"({rules.supported_summary()})")

@@ -1364,8 +1364,9 @@ REFUSED = {
 
 
 def refused_function(s: Scope, key, valid: bool) -> Out:
-    """Functions that are not local (global pooling, resampling, normalisation over
-    space, attention), called validly for torch; their result merged into the input."""
+    """Functions that are not local (global pooling, normalisation over space, attention) or
+    resample (drawn as these are: see RESAMPLING_LAYERS), called validly for torch; their
+    result merged into the input."""
     target = key[1]
     i = s.pick()
     kwargs = {}
@@ -1447,7 +1448,8 @@ def layer_kind(s: Scope, key, valid: bool) -> Out:
 
 
 def non_local_layer(s: Scope, key, valid: bool) -> Out:
-    """The refused layers (NON_LOCAL_MODULES), built and called as torch accepts them."""
+    """The refused layers (NON_LOCAL_MODULES) and the resampling ones, built and called as
+    torch accepts them."""
     kind = key[1]
     i = s.pick()
     v = s.values[i]
@@ -1511,6 +1513,12 @@ LAYER_AS_FUNCTION = {
     **{t: batch_norm for t in rules.BATCHNORM_MODULES},
 }
 
+#: layers that change the grid (upsampling): the grids here are integer strides, so their calls
+#: are drawn as the refused layers' are - streamed exactly or refused clearly, either passes;
+#: verify/test_upsampling.py draws encoder-decoders that must stream
+RESAMPLING_LAYERS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Upsample, nn.UpsamplingNearest2d,
+                     nn.UpsamplingBilinear2d, nn.PixelShuffle, nn.PixelUnshuffle)
+
 CATALOG = {
     **{_function(f): unary for f in UNARY},
     **{_method(m): unary for m in UNARY_METHODS},
@@ -1555,6 +1563,7 @@ CATALOG = {
     **{_module(t): softmax_layer for t in (nn.Softmax, nn.LogSoftmax, nn.Softmin, nn.Softmax2d)},
     **{_module(t): layer_kind for t in LAYER_AS_FUNCTION},
     **{_module(t): non_local_layer for kinds, _ in rules.NON_LOCAL_MODULES for t in kinds},
+    **{_module(t): non_local_layer for t in RESAMPLING_LAYERS},
     **{k: spatial_norm for k in (_module(nn.GroupNorm), _module(nn.InstanceNorm1d),
                                  _module(nn.InstanceNorm2d), _function(F.group_norm),
                                  _function(F.instance_norm))},

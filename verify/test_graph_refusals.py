@@ -86,13 +86,16 @@ CASES = {
                 r"operation 'flatten' in '1\.0\.block\.2' \(Functional\) cannot be streamed: it reshapes"),
     "view": (Block(Functional(lambda x: x.view(x.shape[0], 4, -1).view_as(x))),
              r"in '1\.0\.block\.2' \(Functional\) cannot be streamed"),
-    "interpolate": (Block(Functional(lambda x: F.interpolate(F.avg_pool2d(x, 2), scale_factor=2.0))),
+    "interpolate": (Block(Functional(lambda x: F.interpolate(F.avg_pool2d(x, 2), scale_factor=2.0,
+                                                              mode="bilinear", align_corners=True))),
                     r"operation 'interpolate' in '1\.0\.block\.2' \(Functional\) cannot be streamed: it "
-                    r"resamples"),
-    "upsample module": (Block(nn.Sequential(nn.MaxPool2d(2), nn.Upsample(scale_factor=2))),
-                        r"layer '1\.0\.block\.2\.1' \(Upsample\) cannot be streamed: upsampling"),
-    "transposed conv": (Block(nn.Sequential(nn.Conv2d(4, 4, 2, 2), nn.ConvTranspose2d(4, 4, 2, 2))),
-                        r"layer '1\.0\.block\.2\.1' \(ConvTranspose2d\) cannot be streamed: upsampling"),
+                    r"has align_corners=True"),
+    "upsample module": (Block(nn.Sequential(nn.MaxPool2d(2), nn.UpsamplingBilinear2d(scale_factor=2))),
+                        r"layer '1\.0\.block\.2\.1' \(UpsamplingBilinear2d\) cannot be streamed: it has "
+                        r"align_corners=True"),
+    "fixed size": (Block(Functional(lambda x: F.interpolate(F.avg_pool2d(x, 2), size=(20, 20)))),
+                   r"operation 'interpolate' in '1\.0\.block\.2' \(Functional\) cannot be streamed: it "
+                   r"resamples to size=\(20, 20\)"),
     "attention": (Block(Functional(lambda x: F.scaled_dot_product_attention(x, x, x))),
                   r"operation 'scaled_dot_product_attention' in '1\.0\.block\.2' \(Functional\) cannot be "
                   r"streamed: attention connects every position"),

@@ -42,8 +42,9 @@ NOT_STREAMABLE = [
     (nn.Flatten(), r"layer '1' \(Flatten\) cannot be streamed: it reshapes"),
     (nn.AdaptiveAvgPool2d(1), r"layer '1' \(AdaptiveAvgPool2d\) cannot be streamed: adaptive/global"),
     (nn.AdaptiveMaxPool2d(2), r"layer '1' \(AdaptiveMaxPool2d\) cannot be streamed"),
-    (nn.Upsample(scale_factor=2), r"layer '1' \(Upsample\) cannot be streamed: upsampling"),
-    (nn.ConvTranspose2d(4, 4, 2), r"layer '1' \(ConvTranspose2d\) cannot be streamed: upsampling"),
+    (nn.Upsample(scale_factor=1.5), r"layer '1' \(Upsample\) cannot be streamed: it resamples by "
+                                    r"scale_factor=1.5"),
+    (nn.Upsample(size=8), r"layer '1' \(Upsample\) cannot be streamed: it resamples to size=8"),
     (nn.LPPool2d(2, 2), r"layer '1' \(LPPool2d\) cannot be streamed: it is not a layer streamcnn "
                        r"knows how to stream.*move it after the Streaming module"),
     (nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),

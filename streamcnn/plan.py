@@ -44,7 +44,7 @@ class StepPlan:
     """One step of the traced graph at the planned input size."""
 
     name: str
-    kind: str  # "input", "window", "pointwise" or "merge"
+    kind: str  # "input", "window", "pointwise", "merge", "upsample" or "norm"
     inputs: tuple[int, ...]
     shape: tuple  # (N, C, *spatial) of its output on the whole image (C: None if unknown)
     receptive_field: tuple  # per axis, on the input
@@ -62,7 +62,10 @@ class StreamPlan:
     regular tiles (the last tile ends at the image edge and may be shorter, and
     share more or less). ``coverage``: pixels computed over image pixels.
     ``receptive_field``/``output_stride``/``min_tile_size``: see
-    :func:`streamcnn.receptive_field`. ``steps``: the traced graph, one
+    :func:`streamcnn.receptive_field` (the output stride is a ``Fraction`` below 1 where the
+    output is finer than the input). ``tile_grid``: tiles start at multiples of it, where
+    every map of the graph has a position (the output stride, or an encoder-decoder's
+    deepest stride). ``steps``: the traced graph, one
     :class:`StepPlan` per step (``step_table()`` prints them).
 
     Memory estimates (bytes), for one training step of the streamed module
@@ -81,6 +84,13 @@ class StreamPlan:
       gradient if ``requires_input_grad``, the summed and the current tile's
       parameter gradients, and the same autograd replay as above on the largest
       tile, plus the copy of the tile's input that the module is given).
+    * ``pixel_loss_peak_bytes``: a :meth:`Streaming.pixel_loss` step, each tile's forward
+      followed at once by its backward: the input (and its gradient), parameters, the
+      summed and the current tile's parameter gradients, and one tile's autograd replay;
+      no stitched output, no output gradient (the target is the caller's).
+    * ``inference_peak_bytes``: the streamed forward under ``torch.no_grad()``: the input,
+      parameters, the stitched output (``out_bytes``; none where ``out=`` writes it into an
+      array) and one tile's no-grad forward.
     * ``input_bytes``: the input's share of both (a benchmark that allocates the
       input before measuring should compare its growth with ``peak - input_bytes``).
     * ``tile_working_bytes``: the per-tile part of ``streaming_peak_bytes``; the
@@ -134,6 +144,10 @@ class StreamPlan:
     forward_passes: int = 1  # streamed passes over the tiles, forward (statistics + the forward)
     backward_passes: int = 1  # and backward (whole-map gradient terms + the backward)
     kept_tiles: int = 0  # the forward's last tiles that keep their graphs (keep_graphs)
+    tile_grid: tuple = ()
+    pixel_loss_peak_bytes: int = 0
+    inference_peak_bytes: int = 0
+    out_bytes: int = 0
 
     @property
     def time_factor(self) -> float:
@@ -167,7 +181,9 @@ class StreamPlan:
             + (f" ({_name(self.dtype)} activations)" if self.input_dtype not in (None, self.dtype) else "")
             + f" -> output {tuple(self.output_shape)}",
             f"  receptive field {x(map(str, self.receptive_field))} px, output stride "
-            f"{x(map(str, self.output_stride))}, minimum tile {x(map(str, self.min_tile_size))} px",
+            f"{x(map(str, self.output_stride))}, minimum tile {x(map(str, self.min_tile_size))} px"
+            + (f", tiles start on a {x(map(str, self.tile_grid))} px grid"
+               if self.tile_grid and self.tile_grid != self.output_stride else ""),
             f"  tile {x(map(str, self.tile_size))} px: {x(map(str, self.tiles_per_axis))} = "
             f"{self.num_tiles} tile{'s' if self.num_tiles != 1 else ''}, overlap "
             f"{x(map(str, self.overlap))} px, covering {self.coverage:.2f}× the input's pixels",
@@ -194,6 +210,10 @@ class StreamPlan:
         else:
             lines.append("    streaming saves no memory here: the image-sized tensors it keeps plus one "
                          "tile's work exceed conventional backprop's peak; train conventionally")
+        lines.append(f"  peak memory, a pixel_loss step: {_bytes(self.pixel_loss_peak_bytes)} (each tile's "
+                     f"forward then its backward; no stitched output)")
+        lines.append(f"  peak memory, inference (no grad): {_bytes(self.inference_peak_bytes)}, of which "
+                     f"the stitched output {_bytes(self.out_bytes)} (none with out= an array)")
         lines += self._norm_lines() + self._kept_lines()
         return "\n".join(lines)
 
@@ -318,6 +338,8 @@ def plan(module: nn.Module, input_shape, tile_size, *, dtype: torch.dtype | None
     bwd_tile = copy + max(graph_peak(graph, memory, tile, requires_input_grad))
     device_image, tile_part = max((fwd_image, fwd_tile), (bwd_image, bwd_tile), key=sum)
     held = 0 if location == "array" else x_bytes + input_grad_bytes  # where the input lives
+    pixel_loss = param_bytes + 2 * grad_bytes + bwd_tile + held
+    inference = fwd_image + fwd_tile + (0 if location == "array" else x_bytes)
     norm_passes = _norm_passes(graph)
     kept = 0 if norm_passes else tiles_kept(keep_graphs, int(tile_part), count(tilings))
     on_device = device_image + (1 + kept) * tile_part + (held if location == "device" else 0)
@@ -347,6 +369,10 @@ def plan(module: nn.Module, input_shape, tile_size, *, dtype: torch.dtype | None
         device_peak_bytes=int(on_device),
         host_bytes=int(held if location == "host" else 0),
         kept_tiles=kept,
+        tile_grid=tuple(t.stride for t in tilings),
+        pixel_loss_peak_bytes=int(pixel_loss),
+        inference_peak_bytes=int(inference),
+        out_bytes=int(out_bytes),
         **norm_passes,
     )
 

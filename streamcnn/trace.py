@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from . import binding, geometry, rules
 from .errors import StreamingError
-from .geometry import Field, GridMismatch, Merge, Step, Window
+from .geometry import Field, GridMismatch, Merge, Step, Transposed, Upsample, Window
 from .rules import FMap, Refused, Shape
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -50,12 +50,13 @@ class GraphStep:
 
     @property
     def kind(self) -> str:
-        """"input", "window", "pointwise", "merge" or "norm"."""
+        """"input", "window", "pointwise", "merge", "upsample" or "norm"."""
         if not self.rules:
             return "input"
         if self.norm is not None:
             return "norm"
         return ("merge" if any(isinstance(r, Merge) for r in self.rules) else
+                "upsample" if any(isinstance(r, (Upsample, Transposed)) for r in self.rules) else
                 "window" if any(isinstance(r, Window) for r in self.rules) else "pointwise")
 
 

@@ -12,9 +12,10 @@ adapted by the entry of ``ADAPT`` for that block, and only by it:
   undefined until then;
 - ``skip``: why the block cannot run here (no GPU, no NCCL); it must still compile.
 
-The files ``biopsy.raw`` and ``biopsy.svs`` the README opens are written, under those names,
-into the directory the blocks run in: a uint8 memmap and a 3-level pyramidal TIFF (OpenSlide's
-generic-TIFF format) of synthetic pixels, level 1 the size of the shrunk slide. A block
+The files ``biopsy.raw``, ``biopsy.svs`` and ``biopsy-mask.zarr`` the README opens are written,
+under those names, into the directory the blocks run in: a uint8 memmap, a 3-level pyramidal
+TIFF (OpenSlide's generic-TIFF format) of synthetic pixels, level 1 the size of the shrunk
+slide, and a class per pixel of that level. A block
 without an entry fails (``test_every_block_has_an_entry``), so a new example is run or its
 reason for not running is written down here.
 """
@@ -70,7 +71,10 @@ ADAPT = {  # document -> first line of the block -> how it runs here
         "from streamcnn.slides import tissue_mask": Adapt(),
         "import cucim": Adapt(given=("cucim",)),
         "import streamcnn": Adapt(shrink=(("2800", TILE),), given=("target_domain_paths",)),
-        "import functools": Adapt(),
+        "import functools": Adapt(shrink=(("4096, 4096", "512, 512"), ("(unet, 1024)", "(unet, 256)"),
+                                          ("labels[:, :512]", "labels[:, :64]"))),
+        "import zarr": Adapt(shrink=(("(unet, 1024,", f"(unet, {TILE},"), ("range(100)", "range(1)"),
+                                     ("1024, 1024)", "256, 256)"))),
         "import os, torch.distributed as dist": Adapt(skip=NO_GPU),
     },
     "docs/distributed.md": {
@@ -130,14 +134,19 @@ STAND_INS = {
 
 
 def write_slides(directory: Path):
-    """biopsy.raw (SIDE x SIDE x 3 uint8 memmap) and biopsy.svs (a pyramidal TIFF whose
-    level 1 is SIDE x SIDE), of the synthetic pixels verify/test_slides.py uses."""
+    """biopsy.raw (SIDE x SIDE x 3 uint8 memmap), biopsy.svs (a pyramidal TIFF whose level 1
+    is SIDE x SIDE), of the synthetic pixels verify/test_slides.py uses, and
+    biopsy-mask.zarr, a class per pixel of level 1 (its red channel thresholded)."""
     from verify.test_slides import pyramid, synthetic, write_tiff
     level0 = synthetic(2 * SIDE, 2 * SIDE)
     raw = np.memmap(directory / "biopsy.raw", np.uint8, mode="w+", shape=(SIDE, SIDE, 3))
     raw[:] = level0[::2, ::2]
     raw.flush()
     write_tiff(directory / "biopsy.svs", pyramid(level0))
+    import zarr
+    mask = zarr.create_array(directory / "biopsy-mask.zarr", shape=(1, SIDE, SIDE), dtype="uint8",
+                             chunks=(1, 256, 256))
+    mask[:] = (level0[None, ::2, ::2, 0] > 128).astype(np.uint8)
 
 
 # ------------------------------------------------------------------ blocks

@@ -13,7 +13,8 @@ region autograd finds.
 
 from __future__ import annotations
 
-import math
+import functools
+from fractions import Fraction
 
 import pytest
 import torch
@@ -26,7 +27,7 @@ from test_streaming_properties import SETTINGS
 import streamcnn
 from streamcnn import Streaming, StreamingError
 from streamcnn.geometry import Transposed, Upsample, Window, grid, tile_axis
-from streamcnn.testing import ALL_PATHS, compare
+from streamcnn.testing import ALL_PATHS, compare, rel_err
 
 F64, F32 = 1e-10, 1e-4
 
@@ -436,3 +437,34 @@ def test_random_encoder_decoders_match_conventional(case, path):
     net, x, tile = case
     cmp = compare(net, x, tile, paths=path)
     assert cmp.worst <= F64, cmp
+
+
+# ---------------------------------------------------------------- plan and pixel_loss
+
+def test_plan_reports_the_grid_and_each_kind_of_step():
+    net = unet("nearest")
+    p = streamcnn.plan(net, (1, 3, 512, 512), 128)
+    assert p.tile_grid == (4, 4) and p.output_stride == (1, 1)
+    assert "tiles start on a 4×4 px grid" in str(p)
+    assert p.pixel_loss_peak_bytes < p.streaming_peak_bytes  # no stitched output nor its gradient
+    assert p.inference_peak_bytes - p.out_bytes < p.pixel_loss_peak_bytes
+    assert [s.kind for s in p.steps].count("upsample") == 2
+    torch.manual_seed(0)
+    fine = streamcnn.plan(SuperResolution().double(), (1, 3, 64, 64), 32)
+    assert fine.output_stride == (Fraction(1, 2),) * 2 and fine.output_shape == (1, 3, 128, 128)
+
+
+@pytest.mark.parametrize("up", ["transposed 3/2 pad 1 out 1", "linear", "pixel shuffle"])
+def test_pixel_loss_on_a_unet(up):
+    """One forward and one backward per tile, the loss and gradients conventional's."""
+    net, x = unet(up), rand(1, 3, 92, 76)
+    target = torch.randint(0, 2, (1, 92, 76), generator=torch.Generator().manual_seed(2))
+    loss_fn = functools.partial(F.cross_entropy, reduction="none")
+    expected = loss_fn(net(x), target).mean()
+    grads = torch.autograd.grad(expected, list(net.parameters()))
+    streamed = Streaming(net, 40)
+    loss = streamed.pixel_loss(x, target, loss_fn)
+    got = torch.autograd.grad(loss, list(net.parameters()))
+    assert abs(loss.item() - expected.item()) <= F64 * abs(expected.item())
+    assert max(rel_err(g, e) for g, e in zip(got, grads)) <= F64
+    assert streamed.last_stats.forward.computed == streamed.plan(x.shape).num_tiles > 4

@@ -16,6 +16,8 @@ Eq. 5  kernel gradient       ``reference.conv.weight_grad``                  ver
 Eq. 6  summed tile gradients ``reference.tiling.summed_weight_grad``         verify/test_reference_tiling.py
                              (terms: ``tiling.tile_weight_grads``)
 Eq. 7  input gradient        ``reference.conv.input_grad``                   verify/test_reference_conv.py
+Transposed convolution       ``reference.conv.transposed`` (Eq. 7 as the     verify/test_reference_conv.py
+(decoders)                   adjoint of Eq. 1)                               (torch's conv_transpose)
 Algorithm 1  streaming       ``reference.streaming.streamed`` (vs            verify/test_reference_streaming.py
                              ``reference.streaming.conventional``)
 Algorithm 2  tile overlap    ``reference.overlap.algorithm2`` (vs            verify/test_reference_overlap.py

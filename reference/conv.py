@@ -150,3 +150,25 @@ def input_grad(grad_out, w, x_shape, stride=1, dilation=1):
     # the conv read only the first (out-1)*s + d*(n-1) + 1 inputs; the rest get zero gradient
     tail = [(0, 0), (0, 0)] + [(0, n_x - n_used) for n_x, n_used in zip(x_shape[2:], dx_used.shape[2:])]
     return xp.pad(dx_used, tail)
+
+
+def transposed(x, w, stride=1, padding=0, output_padding=0, dilation=1):
+    """A transposed convolution, the adjoint of Eq. 1: Eq. 7 with ``x`` as the output
+    gradient, which spreads input ``i`` into outputs ``i*s + j*d`` for each tap ``j``.
+
+    ``w`` is laid out as torch's ``ConvTranspose`` weight, (C_in, C_out, *kernel): as the
+    kernel of the convolution it is the adjoint of, (C_out of that convolution, C_in, ...).
+    The full result, ``(n - 1)*s + d*(k - 1) + 1 + output_padding`` long (the extra
+    positions get no input), loses ``padding`` positions at each side:
+    ``y[b, o, m] = sum_{c, i, j: i*s + j*d - p = m} w[c, o, j] * x[b, c, i]``.
+    """
+    ndim = x.ndim - 2
+    stride, dilation = per_axis(stride, ndim, "stride"), per_axis(dilation, ndim, "dilation")
+    padding = per_axis(padding, ndim, "padding", minimum=0)
+    output_padding = per_axis(output_padding, ndim, "output_padding", minimum=0)
+    reached = tuple((n - 1) * s + d * (k - 1) + 1 for n, k, s, d in
+                    zip(x.shape[2:], w.shape[2:], stride, dilation))
+    y = input_grad(x, w, (x.shape[0], w.shape[1]) + reached, stride, dilation)
+    y = array_module(y).pad(y, [(0, 0), (0, 0)] + [(0, op) for op in output_padding])
+    return y[(Ellipsis,) + tuple(slice(p, n + op - p) for p, n, op in
+                                 zip(padding, reached, output_padding))]

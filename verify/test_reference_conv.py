@@ -156,3 +156,23 @@ def test_unread_inputs_get_zero_gradient():
     assert dx.shape == x.shape
     assert dx[0, 0, 12] == 0.0
     assert_rel(dx[0, 0, :12], np.tile(w[0, 0], 4))
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("ndim", [1, 2])
+def test_transposed_convolution_matches_torch(seed, ndim):
+    """``conv.transposed`` (Eq. 7 as the adjoint of Eq. 1) against torch's conv_transpose."""
+    rng = np.random.default_rng(seed)
+    kernel = tuple(int(k) for k in rng.integers(1, 5, ndim))
+    stride = int(rng.integers(1, 4))
+    dilation = int(rng.integers(1, 3))
+    padding = int(rng.integers(0, 3))
+    output_padding = int(rng.integers(0, max(stride, dilation)))
+    x = rng.standard_normal((2, 3) + tuple(int(n) for n in rng.integers(3, 9, ndim)))
+    w = rng.standard_normal((3, 2) + kernel)
+    ours = conv.transposed(x, w, stride, padding, output_padding, dilation)
+    fn = F.conv_transpose1d if ndim == 1 else F.conv_transpose2d
+    theirs = fn(torch.from_numpy(x), torch.from_numpy(w), stride=stride, padding=padding,
+                output_padding=output_padding, dilation=dilation).numpy()
+    assert ours.shape == theirs.shape
+    assert_rel(ours, theirs)

@@ -468,3 +468,20 @@ def test_pixel_loss_on_a_unet(up):
     assert abs(loss.item() - expected.item()) <= F64 * abs(expected.item())
     assert max(rel_err(g, e) for g, e in zip(got, grads)) <= F64
     assert streamed.last_stats.forward.computed == streamed.plan(x.shape).num_tiles > 4
+
+
+def test_the_decoders_page_table():
+    """docs/decoders.md's 1D U-Net on 32 pixels, tiles of 16: tiles, the pool's and the
+    upsampling's spans and valid parts, and the owned outputs."""
+    from streamcnn.geometry import Merge, Span, Step, spans
+    graph = [Step(None), Step(Window(3, 1, 1, 1), (0,)), Step(Window(2, 2), (1,)),
+             Step(Window(3, 1, 1, 1), (2,)), Step(Upsample(2), (3,)), Step(Merge(), (1, 4)),
+             Step(Window(3, 1, 1, 1), (5,))]
+    tiling = tile_axis(graph, 32, 16)
+    assert list(zip(tiling.starts, tiling.stops)) == [(0, 16), (6, 22), (12, 28), (18, 32)]
+    assert list(zip(tiling.own_starts, tiling.own_stops)) == [(0, 11), (11, 17), (17, 23), (23, 32)]
+    at = [spans(graph, Span(32, a, b, a, b)) for a, b in zip(tiling.starts, tiling.stops)]
+    assert [(s[2].start, s[2].stop, s[2].valid_start, s[2].valid_stop) for s in at] == [
+        (0, 8, 0, 7), (3, 11, 4, 10), (6, 14, 7, 13), (9, 16, 10, 16)]
+    assert [(s[4].start, s[4].stop, s[4].valid_start, s[4].valid_stop) for s in at] == [
+        (0, 16, 0, 12), (6, 22, 10, 18), (12, 28, 16, 24), (18, 32, 22, 32)]

@@ -485,3 +485,17 @@ def test_the_decoders_page_table():
         (0, 8, 0, 7), (3, 11, 4, 10), (6, 14, 7, 13), (9, 16, 10, 16)]
     assert [(s[4].start, s[4].stop, s[4].valid_start, s[4].valid_stop) for s in at] == [
         (0, 16, 0, 12), (6, 22, 10, 18), (12, 28, 16, 24), (18, 32, 22, 32)]
+
+
+def test_identical_tiles_are_computed_once():
+    """A background of one colour: tiles on the same phase of the grid with the same pixels
+    share their computation (dedup), forward and backward, and the result is still exact."""
+    net = unet("transposed 4/2 pad 1", depth=2)
+    x = torch.full((1, 3, 160, 160), 0.25, dtype=torch.float64)
+    x[:, :, 20:50, 30:60] = rand(1, 3, 30, 30)
+    streamed = Streaming(net, 40)
+    cmp = compare(net, x, 40)
+    assert cmp.worst <= F64, cmp
+    streamed(x)
+    stats = streamed.last_stats.forward
+    assert stats.computed < stats.tiles

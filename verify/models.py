@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bench.models import freeze_batchnorm, uniform_
+from bench.models import resnet_front as bench_resnet
 
 # ---------------------------------------------------------------- torchvision.ops
 
@@ -442,3 +443,141 @@ def frozen(net: nn.Module, sample: Tensor, seed: int = 0) -> nn.Module:
     net = net.double()
     freeze_batchnorm(net, sample.double(), seed)
     return randomize_scales(net, seed + 1)
+
+
+# ---------------------------------------------------------------- torchvision detection: FPN
+
+
+class IntermediateLayerGetter(nn.ModuleDict):
+    """torchvision/models/_utils.py: the model's children up to the last returned one, and
+    an OrderedDict of the returned ones' outputs."""
+
+    def __init__(self, model: nn.Module, return_layers: dict) -> None:
+        if not set(return_layers).issubset([name for name, _ in model.named_children()]):
+            raise ValueError("return_layers are not present in model")
+        orig_return_layers = return_layers
+        return_layers = {str(k): str(v) for k, v in return_layers.items()}
+        layers = OrderedDict()
+        for name, module in model.named_children():
+            layers[name] = module
+            if name in return_layers:
+                del return_layers[name]
+            if not return_layers:
+                break
+        super().__init__(layers)
+        self.return_layers = orig_return_layers
+
+    def forward(self, x):
+        out = OrderedDict()
+        for name, module in self.items():
+            x = module(x)
+            if name in self.return_layers:
+                out_name = self.return_layers[name]
+                out[out_name] = x
+        return out
+
+
+class LastLevelMaxPool(nn.Module):
+    """torchvision/ops/feature_pyramid_network.py: a stride-2 subsampling of the last level."""
+
+    def forward(self, x: list, y: list, names: list):
+        names.append("pool")
+        # Use max pooling to simulate stride 2 subsampling
+        x.append(F.max_pool2d(x[-1], kernel_size=1, stride=2, padding=0))
+        return x, names
+
+
+class FeaturePyramidNetwork(nn.Module):
+    """torchvision/ops/feature_pyramid_network.py (without the state-dict version hook):
+    1x1 lateral convolutions, nearest upsampling to each lateral's size (a size read), 3x3
+    output convolutions, an extra block; a dict in, a dict out."""
+
+    def __init__(self, in_channels_list, out_channels, extra_blocks=None, norm_layer=None):
+        super().__init__()
+        self.inner_blocks = nn.ModuleList()
+        self.layer_blocks = nn.ModuleList()
+        for in_channels in in_channels_list:
+            if in_channels == 0:
+                raise ValueError("in_channels=0 is currently not supported")
+            inner_block_module = Conv2dNormActivation(
+                in_channels, out_channels, kernel_size=1, padding=0, norm_layer=norm_layer,
+                activation_layer=None)
+            layer_block_module = Conv2dNormActivation(
+                out_channels, out_channels, kernel_size=3, norm_layer=norm_layer,
+                activation_layer=None)
+            self.inner_blocks.append(inner_block_module)
+            self.layer_blocks.append(layer_block_module)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_uniform_(m.weight, a=1)
+                if m.bias is not None:
+                    nn.init.constant_(m.bias, 0)
+        self.extra_blocks = extra_blocks
+
+    def get_result_from_inner_blocks(self, x: Tensor, idx: int) -> Tensor:
+        num_blocks = len(self.inner_blocks)
+        if idx < 0:
+            idx += num_blocks
+        out = x
+        for i, module in enumerate(self.inner_blocks):
+            if i == idx:
+                out = module(x)
+        return out
+
+    def get_result_from_layer_blocks(self, x: Tensor, idx: int) -> Tensor:
+        num_blocks = len(self.layer_blocks)
+        if idx < 0:
+            idx += num_blocks
+        out = x
+        for i, module in enumerate(self.layer_blocks):
+            if i == idx:
+                out = module(x)
+        return out
+
+    def forward(self, x: dict) -> dict:
+        names = list(x.keys())
+        x = list(x.values())
+        last_inner = self.get_result_from_inner_blocks(x[-1], -1)
+        results = []
+        results.append(self.get_result_from_layer_blocks(last_inner, -1))
+        for idx in range(len(x) - 2, -1, -1):
+            inner_lateral = self.get_result_from_inner_blocks(x[idx], idx)
+            feat_shape = inner_lateral.shape[-2:]
+            inner_top_down = F.interpolate(last_inner, size=feat_shape, mode="nearest")
+            last_inner = inner_lateral + inner_top_down
+            results.insert(0, self.get_result_from_layer_blocks(last_inner, idx))
+        if self.extra_blocks is not None:
+            results, names = self.extra_blocks(results, x, names)
+        out = OrderedDict([(k, v) for k, v in zip(names, results)])
+        return out
+
+
+class BackboneWithFPN(nn.Module):
+    """torchvision/models/detection/backbone_utils.py: a body returning intermediate layers
+    and an FPN over them."""
+
+    def __init__(self, backbone, return_layers, in_channels_list, out_channels, extra_blocks=None,
+                 norm_layer=None) -> None:
+        super().__init__()
+        if extra_blocks is None:
+            extra_blocks = LastLevelMaxPool()
+        self.body = IntermediateLayerGetter(backbone, return_layers=return_layers)
+        self.fpn = FeaturePyramidNetwork(in_channels_list=in_channels_list,
+                                         out_channels=out_channels, extra_blocks=extra_blocks,
+                                         norm_layer=norm_layer)
+        self.out_channels = out_channels
+
+    def forward(self, x):
+        x = self.body(x)
+        x = self.fpn(x)
+        return x
+
+
+def resnet_fpn(width: int = 4, out_channels: int = 6, seed: int = 0) -> BackboneWithFPN:
+    """torchvision's ``resnet_fpn_backbone`` on a narrow ResNet-18 (frozen BatchNorm):
+    layer1..layer4 into an FPN, five maps of strides 4, 8, 16, 32 and 64."""
+    body = freeze_batchnorm(bench_resnet((1, 1, 1, 1), width=width, through="layer4", seed=seed),
+                            torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(seed)))
+    torch.manual_seed(seed)
+    return BackboneWithFPN(body, {f"layer{k}": str(k - 1) for k in range(1, 5)},
+                           [width * 2 ** k for k in range(4)], out_channels).eval()

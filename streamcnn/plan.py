@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_unflatten
 
 from ._args import AXIS_NAMES, normalize_shape, normalize_tile_size
 from .geometry import AxisReceptiveField, axis_receptive_field, fields, lengths
@@ -28,7 +29,10 @@ def receptive_field(module: nn.Module, ndim: int, tile_size=None, *,
     ``tile_size``: optional int or per-axis tuple, the input tile edge in pixels;
     ``channels``: the input's channel count, where the module's operations need it.
     ``layers`` lists every step of the traced graph. The receptive field of a
-    graph is the hull over all its paths.
+    graph is the hull over all its paths. For a module that returns several feature maps,
+    the output is a step after them on their common grid (``trace.common_grid``, last in
+    ``layers``): stride the least common multiple of theirs, field that of the map needing
+    the longest tile.
 
     Example: three 3x3 convolutions with padding 1 have ``size=7, stride=1,
     offset=3``; an interior 32-pixel tile gives 32 outputs of which 3 at each
@@ -64,6 +68,12 @@ class StreamPlan:
     ``receptive_field``/``output_stride``/``min_tile_size``: see
     :func:`streamcnn.receptive_field`. ``steps``: the traced graph, one
     :class:`StepPlan` per step (``step_table()`` prints them).
+
+    A module that returns a structure of feature maps (tuples, lists, dicts) has
+    ``output_shape`` and ``output_stride`` in that structure, one shape and one per-axis
+    stride per map, and ``outputs`` lists them as ``(path, shape, stride)``, ``path`` as
+    ``torch.utils._pytree.keystr`` writes it (``"['layer2']"``); ``receptive_field`` is
+    then the largest map's. (``outputs`` is empty for one bare feature map.)
 
     Memory estimates (bytes), for one training step of the streamed module
     (forward, then backward from a given output gradient), counting tensors only.
@@ -134,6 +144,7 @@ class StreamPlan:
     forward_passes: int = 1  # streamed passes over the tiles, forward (statistics + the forward)
     backward_passes: int = 1  # and backward (whole-map gradient terms + the backward)
     kept_tiles: int = 0  # the forward's last tiles that keep their graphs (keep_graphs)
+    outputs: tuple = ()  # (path, shape, stride) of each output map of a structured output
 
     @property
     def time_factor(self) -> float:
@@ -162,12 +173,17 @@ class StreamPlan:
         ndim = len(self.tile_size)
         names = AXIS_NAMES[ndim]
         x = "×".join
+        grid = "the output maps' common grid, stride" if self.outputs else "output stride"
         lines = [
             f"StreamPlan: input {tuple(self.input_shape)} {_name(self.input_dtype or self.dtype)}"
             + (f" ({_name(self.dtype)} activations)" if self.input_dtype not in (None, self.dtype) else "")
-            + f" -> output {tuple(self.output_shape)}",
-            f"  receptive field {x(map(str, self.receptive_field))} px, output stride "
-            f"{x(map(str, self.output_stride))}, minimum tile {x(map(str, self.min_tile_size))} px",
+            + (f" -> output {tuple(self.output_shape)}" if not self.outputs else
+               f" -> {len(self.outputs)} outputs")]
+        lines += [f"    {path} {tuple(shape)}, output stride {x(map(str, stride))}"
+                  for path, shape, stride in self.outputs]
+        lines += [
+            f"  receptive field {x(map(str, self.receptive_field))} px, {grid} "
+            f"{x(map(str, self._grid()))}, minimum tile {x(map(str, self.min_tile_size))} px",
             f"  tile {x(map(str, self.tile_size))} px: {x(map(str, self.tiles_per_axis))} = "
             f"{self.num_tiles} tile{'s' if self.num_tiles != 1 else ''}, overlap "
             f"{x(map(str, self.overlap))} px, covering {self.coverage:.2f}× the input's pixels",
@@ -196,6 +212,13 @@ class StreamPlan:
                          "tile's work exceed conventional backprop's peak; train conventionally")
         lines += self._norm_lines() + self._kept_lines()
         return "\n".join(lines)
+
+    def _grid(self) -> tuple:
+        """The stride tiles start on: the output's, or the least common multiple of the
+        output maps' strides on each axis."""
+        if not self.outputs:
+            return self.output_stride
+        return tuple(math.lcm(*axis) for axis in zip(*(stride for _, _, stride in self.outputs)))
 
     def _kept_lines(self) -> list[str]:
         if not self.kept_tiles:
@@ -306,7 +329,7 @@ def plan(module: nn.Module, input_shape, tile_size, *, dtype: torch.dtype | None
     param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     param_bytes += sum(b.numel() * b.element_size() for b in module.buffers())
     grad_bytes = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
-    x_bytes, out_bytes = pixels * in_size, full[-1]
+    x_bytes, out_bytes = pixels * in_size, sum(full[i] for i in graph.maps)
     input_grad_bytes = x_bytes if requires_input_grad else 0
     conventional = (full[0] + param_bytes + grad_bytes
                     + max(graph_peak(graph, memory, full, requires_input_grad)))
@@ -322,7 +345,7 @@ def plan(module: nn.Module, input_shape, tile_size, *, dtype: torch.dtype | None
     kept = 0 if norm_passes else tiles_kept(keep_graphs, int(tile_part), count(tilings))
     on_device = device_image + (1 + kept) * tile_part + (held if location == "device" else 0)
     axis_fields = [fields(graph.axis(a)) for a in range(ndim)]
-    rfs = [f[-1] for f in axis_fields]
+    shapes, strides, outputs = _outputs(graph, spatial, n, axis_fields)
     return StreamPlan(
         input_shape=input_shape,
         tile_size=tuple(t.tile_size for t in tilings),
@@ -330,10 +353,10 @@ def plan(module: nn.Module, input_shape, tile_size, *, dtype: torch.dtype | None
         tile_starts=tuple(list(t.starts) for t in tilings),
         tile_stops=tuple(list(t.stops) for t in tilings),
         overlap=tuple(t.overlap for t in tilings),
-        output_stride=tuple(rf.stride for rf in rfs),
-        output_shape=(n, graph.out_channels) + tuple(t.out_length for t in tilings),
+        output_stride=strides,
+        output_shape=shapes,
         min_tile_size=tuple(t.min_tile_size for t in tilings),
-        receptive_field=tuple(rf.size for rf in rfs),
+        receptive_field=tuple(max(f[i].size for i in graph.maps) for f in axis_fields),
         dtype=dtype,
         requires_input_grad=requires_input_grad,
         streaming_peak_bytes=int(on_device + (held if location != "device" else 0)),
@@ -347,8 +370,21 @@ def plan(module: nn.Module, input_shape, tile_size, *, dtype: torch.dtype | None
         device_peak_bytes=int(on_device),
         host_bytes=int(held if location == "host" else 0),
         kept_tiles=kept,
+        outputs=outputs,
         **norm_passes,
     )
+
+
+def _outputs(graph, spatial, n, axis_fields) -> tuple:
+    """(output_shape, output_stride, outputs) of a plan: one map's shape and per-axis stride,
+    or a structure of them like the module's output with its leaves listed."""
+    per_axis = [lengths(graph.axis(a), L) for a, L in enumerate(spatial)]
+    shapes = [(n, graph.steps[i].channels) + tuple(ls[i] for ls in per_axis) for i in graph.outputs]
+    strides = [tuple(f[i].stride for f in axis_fields) for i in graph.outputs]
+    if graph.spec.is_leaf():
+        return shapes[0], strides[0], ()
+    return (tree_unflatten(shapes, graph.spec), tree_unflatten(strides, graph.spec),
+            tuple(zip(graph.output_paths, shapes, strides)))
 
 
 def _norm_passes(graph) -> dict:

@@ -9,6 +9,7 @@ import warnings
 import torch
 import torch.nn as nn
 from torch.autograd.graph import get_gradient_edge
+from torch.utils._pytree import tree_unflatten
 
 from . import dedup as _dedup, skipping, state
 from .allocator import reuse_freed_memory
@@ -22,7 +23,7 @@ from .plan import plan
 from .norms import NormState, counters, norm_calls, update_running
 from .passes import backward_terms, forward_statistics
 from .sources import source_of, tensor_of
-from .tiling import count, owned_crops, tile_image
+from .tiling import count, outputs, owned_crops, tile_image
 from .trace import Pipeline, analyse, analyse_structure
 
 
@@ -35,6 +36,13 @@ class Streaming(nn.Module):
     holds an activation of the whole image: memory is set by the tile, plus the
     input, the stitched output, its gradient and (if ``x.requires_grad``) the input
     gradient.
+
+    ``features`` may return one feature map or any nesting of tuples, lists and dicts of
+    feature maps at different strides (a feature pyramid, a ResNet body's
+    ``{"layer2": ..., "layer3": ...}``, deep supervision): ``Streaming`` returns the same
+    structure, each map stitched, and the backward takes the gradients of any of them (an
+    output the loss does not use costs nothing). The tiles then start on the common grid
+    of every map's stride and cover every map; ``dedup`` is off for such modules.
 
     Args:
         module: the front end: any module torch.fx can trace whose operations are
@@ -62,7 +70,8 @@ class Streaming(nn.Module):
         dedup: compute a tile whose pixels and geometry equal an earlier tile's of the same
             pass only once, forward and backward (:mod:`streamcnn.dedup`: exact; the
             backward's sums of duplicate gradients agree to float rounding). Off for graphs
-            whose normalisation statistics span the image.
+            whose normalisation statistics span the image, and for modules returning several
+            feature maps.
         skip_zero_gradients: in the backward, do not recompute a tile whose owned output
             gradient is exactly zero (a max-pool or masked head leaves most tiles so): its
             gradients are zero (:mod:`streamcnn.skipping`: exact; tiles that computed a
@@ -148,7 +157,8 @@ class Streaming(nn.Module):
 
     def prepare(self, source):
         """Validate an input (a source) against the module; return (traced graph, tilings).
-        The tiles cover the input map of every normalisation over space too."""
+        The tiles cover every output map and the input map of every normalisation over space
+        too."""
         ndim = check_source(self.module, source, self.transform)
         graph = analyse(self.module, ndim, source.shape[1], batch=source.shape[0],
                         dtype=source.dtype, device=source.device, transform=self.transform,
@@ -159,9 +169,10 @@ class Streaming(nn.Module):
     @torch.compiler.disable(reason="streamcnn runs its tile loop eagerly: torch.compile compiles "
                             "the model around the Streaming module (so fullgraph=True cannot "
                             "include it)")
-    def forward(self, x) -> torch.Tensor:
-        """``module(transform(x))``, tile by tile. ``x``: a tensor on any device, or an array
-        read tile by tile (:class:`streamcnn.ImageArray`, a numpy array or memmap)."""
+    def forward(self, x):
+        """``module(transform(x))``, tile by tile: a feature map, or the structure of feature
+        maps the module returns. ``x``: a tensor on any device, or an array read tile by tile
+        (:class:`streamcnn.ImageArray`, a numpy array or memmap)."""
         _refuse_functorch()
         x = tensor_of(x)
         source = source_of(x)
@@ -170,7 +181,7 @@ class Streaming(nn.Module):
         with reuse_freed_memory(self._reuse_memory(device)):
             return self._forward(x, source, graph, tilings, device)
 
-    def _forward(self, x, source, graph, tilings, device) -> torch.Tensor:
+    def _forward(self, x, source, graph, tilings, device):
         pipeline = Pipeline(self.module, self.transform)
         runner = TileRunner(pipeline, tilings, source, device, progress=self.progress,
                             channels_last=self._channels_last(source, device, graph),
@@ -178,7 +189,7 @@ class Streaming(nn.Module):
                             dedup=self.dedup and _dedup.allowed(graph),
                             skip=self.skip_zero_gradients and torch.is_grad_enabled()
                             and skipping.allowed(graph),
-                            unused=graph.unused)
+                            unused=graph.unused, outputs=outputs(graph, tilings))
         self.last_stats = runner.stats
         keep = self._tiles_kept(x, source, graph, tilings)
         norms = _stream_norms(runner, graph)
@@ -188,7 +199,7 @@ class Streaming(nn.Module):
         snapshot.check_tile()
         x_grad = isinstance(x, torch.Tensor) and x.requires_grad
         if not torch.is_grad_enabled() or not (x_grad or any(t.requires_grad for t in read.values())):
-            return runner.forward(first, snapshot)
+            return tree_unflatten(runner.outputs.leaves(runner.forward(first, snapshot)), runner.spec)
         captured = state.capture(pipeline, read, own)
         inputs = [_node_input(t) for t in (x if isinstance(x, torch.Tensor) else None,)
                   + captured.grad_tensors]
@@ -199,7 +210,8 @@ class Streaming(nn.Module):
                       _norm_terms, runner, graph, norms),
                   kept=Kept.of(keep, captured, x_grad),
                   reuse_memory=self._reuse_memory(device))
-        return StreamFunction.apply(job, *inputs)
+        out = StreamFunction.apply(job, *inputs)
+        return tree_unflatten([out] if isinstance(out, torch.Tensor) else list(out), runner.spec)
 
     def _tiles_kept(self, x, source, graph, tilings) -> int:
         """How many of the forward's last tiles keep their graph (``keep_graphs``): as
@@ -256,10 +268,11 @@ def _stream_norms(runner: TileRunner, graph) -> NormState | None:
     return norms
 
 
-def _norm_terms(runner, graph, norms, source, grad_out, tensors, x_grad) -> None:
-    """Before the final backward: the whole-map terms of every normalisation's gradient."""
+def _norm_terms(runner, graph, norms, source, grads, tensors, x_grad) -> None:
+    """Before the final backward: the whole-map terms of every normalisation's gradient
+    (``grads``: one per output map, None where the loss does not use it)."""
     norms.terms.clear()
-    backward_terms(runner, graph, norms, source, grad_out, tensors, x_grad=x_grad)
+    backward_terms(runner, graph, norms, source, grads, tensors, x_grad=x_grad)
 
 
 def _refuse_functorch() -> None:

@@ -50,7 +50,8 @@ group's summed gradient, or once per duplicate when the input gradient is wanted
 and randomness are checked after every computed tile as before.
 
 When it is off: ``Streaming(..., dedup=False)``; and always for graphs whose
-normalisation statistics span the image (:func:`allowed`).
+normalisation statistics span the image, and for modules that return several feature maps
+(:func:`allowed`).
 """
 
 from __future__ import annotations
@@ -73,8 +74,11 @@ def allowed(graph) -> bool:
     training-mode BatchNorm): its backward adds whole-map terms (sums of ``dy`` and ``dy
     x̂`` over every position) that a streamed implementation gathers per tile in passes of
     its own, and those passes must see every tile. This is the hook for that: dedup stays
-    off there until those passes are shown to combine duplicates exactly."""
-    return not any(step.kind == "norm" for step in graph.steps)
+    off there until those passes are shown to combine duplicates exactly.
+
+    Not when the module returns several feature maps (``TracedGraph.maps``): a group's key,
+    its copies and its summed gradients are written for one owned output per tile."""
+    return len(graph.maps) == 1 and not any(step.kind == "norm" for step in graph.steps)
 
 
 def geometry_key(tile: Tile, tilings, raw: torch.Tensor) -> tuple:

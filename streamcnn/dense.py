@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch.utils._pytree import tree_flatten
 
 from .errors import StreamingError
 from .function import TileRunner, collect, refuse_higher_order
@@ -205,7 +206,12 @@ def pixel_loss(runner: TileRunner, graph, x, loss: PixelLoss, stream_norms) -> t
     normalisations' state with whole-image statistics (``streaming._stream_norms``), or
     None. Counts the tiles in ``runner.stats.forward``."""
     n = runner.source.shape[0]
-    loss.check((n, graph.out_channels) + runner.out_spatial)
+    if len(runner.outputs.steps) != 1:
+        raise StreamingError(
+            f"pixel_loss takes the loss of one output map, and the module returns "
+            f"{len(runner.outputs.steps)} ({', '.join(runner.outputs.paths)}): stream a module "
+            f"that returns the map the loss is on, or sum pixel losses of the streamed outputs")
+    loss.check((n, graph.steps[runner.outputs.maps[0]].channels) + runner.outputs.spatial[0])
     x_grad = isinstance(x, torch.Tensor) and x.requires_grad
     trainable = [(names, t) for names, t in module_tensors(runner.pipeline).values() if t.requires_grad]
     grad = torch.is_grad_enabled() and (x_grad or bool(trainable))
@@ -218,7 +224,7 @@ def pixel_loss(runner: TileRunner, graph, x, loss: PixelLoss, stream_norms) -> t
     original = {id(a): t for a, (_, t) in zip(aliases, trainable)}
     if grad and norms is not None:
         backward_terms(runner, graph, norms, runner.source,
-                       lambda tile, y: loss.gradient(tile, y)[1],
+                       lambda tile, ys: [loss.gradient(tile, ys[0])[1]],
                        {name: t.detach() for names, t in trainable for name in names}, x_grad=x_grad)
     snapshot = Snapshot(runner.pipeline, runner.device)
     substitutes = {name: a for a, (names, _) in zip(aliases, trainable) for name in names}
@@ -255,7 +261,7 @@ def _run(runner: TileRunner, loss: PixelLoss, snapshot: Snapshot, grad: bool,
             with torch.set_grad_enabled(grad), runner.scope(tile) as mode:
                 tile_input = runner.feed(leaf)
                 with TensorUse(tile_input) if stats.computed == 0 else contextlib.nullcontext() as use:
-                    y = runner.run(tile_input, tile)[tile.crop]
+                    (y,) = runner.run(tile_input, tile)
                 if use is not None and grad:  # (before a backward reaches what it read)
                     captured = capture(runner.pipeline, use.read, own)
                     wrt, sums = list(captured.grad_tensors), [None] * len(captured.grad_tensors)
@@ -298,13 +304,27 @@ class ArrayOutput:
         self.array = array
 
     @staticmethod
-    def into(array):
-        """``TileRunner.forward``'s ``allocate``: ``shape`` -> an :class:`ArrayOutput` of
-        ``array``, checked against the output's shape."""
-        if not all(hasattr(array, a) for a in ("shape", "__getitem__", "__setitem__")):
-            raise TypeError(f"out must be an array with .shape and numpy-style slice assignment "
-                            f"(numpy, numpy.memmap, zarr), got {type(array).__name__}")
-        return lambda shape: ArrayOutput(array, shape)
+    def into(out, outputs, spec):
+        """``TileRunner.forward``'s ``allocate``: (map ``k``, shape) -> an :class:`ArrayOutput`
+        of the array ``out`` holds for that map (``out``: one array, or the output's structure
+        ``spec`` of arrays; ``outputs``: ``tiling.Outputs``), checked against the shape."""
+        leaves, got = tree_flatten(out)
+        if got != spec:
+            raise ValueError(f"out is structured as {got}, the streamed output as {spec}: pass "
+                             f"one array per output map, in the output's structure")
+        for array in leaves:
+            if not all(hasattr(array, a) for a in ("shape", "__getitem__", "__setitem__")):
+                raise TypeError(f"out must be an array with .shape and numpy-style slice "
+                                f"assignment (numpy, numpy.memmap, zarr), got "
+                                f"{type(array).__name__}")
+        per_map = []
+        for m in outputs.maps:
+            arrays = [a for a, s in zip(leaves, outputs.steps) if s == m]
+            if any(a is not arrays[0] for a in arrays):
+                raise ValueError("out holds different arrays where the module returns one map "
+                                 "twice: pass the same array at each place")
+            per_map.append(arrays[0])
+        return lambda k, shape: ArrayOutput(per_map[k], shape)
 
     def __setitem__(self, box: tuple, value: torch.Tensor) -> None:
         if isinstance(self.array, torch.Tensor):

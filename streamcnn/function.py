@@ -3,13 +3,16 @@
 Forward (no graph): every tile of the input goes through the user's own module;
 each tile's output is cropped to the part it owns (inside its valid outputs) and
 written into a preallocated output. Nothing but the input and the tensors the
-module read is saved for backward.
+module read is saved for backward. A module may return several maps (a structure of
+them, ``torch.utils._pytree``'s leaves): each is stitched so, from the part of it each
+tile owns (``tiling.Outputs``).
 
 Backward (gradient checkpointing, one tile at a time): each tile is recomputed
 with grad enabled and with exactly the tensors the forward read (the module holds
 them through the tile's forward and backward, ``state.substituted``), its owned
-output is backpropagated with the matching slice of the output gradient, and the
-input gradient and the gradients
+output is backpropagated with the matching slice of the output gradient (the owned
+parts of all its output maps at once, each with its own gradient; an output the loss
+does not use has none and is left out), and the input gradient and the gradients
 of those tensors are summed over the tiles. The owned regions partition the
 output and every owned value is a function of its tile alone, so by linearity the
 sums equal conventional backprop's gradients (paper Eqs. 5-7). Only the gradients
@@ -28,11 +31,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path
 
 from .allocator import reuse_freed_memory
 from .dedup import Duplicates, fingerprint, gradient_parts
 from .keeping import Kept
-from .errors import StreamingError
+from .errors import StreamingError, internal_assert
 from .prefetch import PassStats, Stats, prefetched, timed, waited
 from .norms import NormMode, NormState, frozen_modules, update_running
 from .progress import bar as progress_bar
@@ -40,7 +44,7 @@ from .skipping import FiniteWatch, all_finite, zero_gradient
 from .sources import TensorSource, digest
 from .state import Captured, Snapshot, TensorUse, backward_here, check_unchanged, \
     observing_gradient_hooks, substituted, tile_scope, versions
-from .tiling import Tile, count, iter_tiles
+from .tiling import Outputs, Tile, count, iter_tiles
 
 
 class TileRunner:
@@ -49,22 +53,27 @@ class TileRunner:
     ``prefetch``: read the next tiles on a background thread while one computes.
     ``dedup``: compute a tile identical to an earlier one of the pass only once.
     ``skip``: do not recompute a tile whose output gradient is zero (:mod:`streamcnn.skipping`).
+    ``outputs``: the output maps and each tile's part of them (``tiling.outputs``; None: one
+    map, the tiling's output). ``dedup`` needs one output map.
     ``stats`` records what each pass did (:class:`streamcnn.prefetch.Stats`)."""
 
     def __init__(self, pipeline: nn.Module, tilings, source, device: torch.device, *,
                  progress: bool | None, channels_last: bool, prefetch: bool = False,
-                 dedup: bool = False, skip: bool = False, unused: tuple = ()):
+                 dedup: bool = False, skip: bool = False, unused: tuple = (),
+                 outputs: Outputs | None = None):
         self.pipeline = pipeline
         self.unused = unused  # what the module computes for no output (TracedGraph.unused)
         self.tilings = tilings
         self.source = source
         self.device = device
-        self.out_spatial = tuple(t.out_length for t in tilings)
+        self.outputs = outputs or Outputs.single(tilings)
+        self.spec = None  # the output structure a tile's module returns (set by the first)
         self.progress = progress
         self.layout = torch.channels_last if channels_last else torch.contiguous_format
         self.digests: dict = {}  # tile origin -> digest of what the forward read (array sources)
         self.norms: NormState | None = None  # normalisations streamed with whole-image statistics
         self.prefetch = prefetch
+        internal_assert(not dedup or len(self.outputs.maps) == 1, "dedup of several output maps")
         self.duplicates = Duplicates(tilings, self._reread, keep=4 if source.fresh else None) \
             if dedup else None
         self.stats = Stats(prefetch=prefetch, dedup=dedup)
@@ -141,9 +150,9 @@ class TileRunner:
         raw = self.read(self.source, tile)
         return tile, raw, self._match(tile, raw)
 
-    def run(self, tile_input: torch.Tensor, tile: Tile) -> torch.Tensor:
-        """The module on one tile (inside :meth:`scope`), its output checked against the
-        geometry."""
+    def run(self, tile_input: torch.Tensor, tile: Tile) -> list:
+        """The module on one tile (inside :meth:`scope`): the part of each output map the tile
+        owns (:meth:`owned`)."""
         try:
             y = self.pipeline(tile_input)
         except (RuntimeError, ValueError) as err:  # torch's shape errors are either
@@ -161,13 +170,36 @@ class TileRunner:
                     + " ".join(self.unused) + " Remove them from the streamed module (or, for "
                     "windows, use a larger tile_size)") from err
             raise
-        if not isinstance(y, torch.Tensor) or tuple(y.shape[2:]) != tile.out_shape:
-            shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        return self.owned(y, tile, tile_input)
+
+    def owned(self, y, tile: Tile, tile_input: torch.Tensor) -> list:
+        """The part ``tile`` owns of each output map in ``y``, the module's output for it, one
+        tensor per map (``self.outputs.maps``), each checked against the geometry and ``y``'s
+        structure against the traced one."""
+        leaves, spec = tree_flatten(y)
+        if self.spec is None:  # the first tile: its leaves where the trace put them
+            paths = tuple(keystr(p) for p, _ in tree_flatten_with_path(y)[0])
+            if paths == self.outputs.paths:
+                self.spec = spec
+        if spec != self.spec:
             raise RuntimeError(
-                f"the tile at {tile.origin} of shape {tuple(tile_input.shape)} gave an output of "
-                f"shape {shape}, expected spatial shape {tile.out_shape}: the module does not "
-                f"behave like its traced geometry (was it changed after the forward began?)")
-        return y
+                f"the tile at {tile.origin} of shape {tuple(tile_input.shape)} gave an output "
+                f"structured as {spec}, where the traced module returns feature maps at "
+                f"{', '.join(self.outputs.paths) or 'its top'}: the module does not behave like "
+                f"its traced graph (was it changed after the forward began?)")
+        owned = []
+        for leaf, part in zip(self.outputs.first_leaves, self.outputs.of(tile)):
+            y = leaves[leaf]
+            if not isinstance(y, torch.Tensor) or tuple(y.shape[2:]) != part.shape:
+                shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+                where = f" {self.outputs.paths[leaf]}" if self.outputs.paths[leaf] else ""
+                raise RuntimeError(
+                    f"the tile at {tile.origin} of shape {tuple(tile_input.shape)} gave an "
+                    f"output{where} of shape {shape}, expected spatial shape {part.shape}: the "
+                    f"module does not behave like its traced geometry (was it changed after the "
+                    f"forward began?)")
+            owned.append(y[part.crop])
+        return owned
 
     @contextlib.contextmanager
     def scope(self, tile: Tile):
@@ -195,74 +227,91 @@ class TileRunner:
         self.finite[tile.index] = watch.finite
 
     def first_tile(self):
-        """The first tile's owned output, and every tensor the pipeline read for it."""
+        """The first tile's owned part of each output map, and every tensor the pipeline read
+        for it."""
         tile = next(iter_tiles(self.tilings))
         stats = self.stats.forward
         with torch.no_grad(), self.inputs("forward", [tile], self._forward_read, stats) as inputs:
             ((_, raw, _),) = inputs
             tile_input = self.feed(raw)
             with TensorUse(tile_input) as use, self.scope(tile), self.watching(tile, tile_input):
-                y = self.run(tile_input, tile)
+                ys = self.run(tile_input, tile)
             stats.tiles, stats.computed = 1, 1
-        return y[tile.crop], use.read
+        return ys, use.read
 
-    def forward(self, first: torch.Tensor, snapshot: Snapshot, kept: Kept | None = None,
-                allocate=None) -> torch.Tensor:
-        """Stitched output on the module's device, computed without building a graph (but
-        for the last ``kept.count`` tiles, whose graphs ``kept`` keeps for the backward).
-        ``allocate(shape)``: what the tiles' owned outputs are written into (default: a new
-        tensor; ``dense.ArrayOutput``: an array), returned."""
+    def forward(self, first: list, snapshot: Snapshot, kept: Kept | None = None,
+                allocate=None) -> list:
+        """Each stitched output map on the module's device (from ``first``, the first tile's
+        parts), computed without building a graph (but for the last ``kept.count`` tiles,
+        whose graphs ``kept`` keeps for the backward). ``allocate(k, shape)``: what map
+        ``k`` 's owned parts are written into (default: a new tensor; ``dense.ArrayOutput``:
+        an array), returned."""
         stats = self.stats.forward
         tiles = list(iter_tiles(self.tilings))
         keep_from = len(tiles) - (kept.count if kept is not None else 0)
         with torch.no_grad(), self.inputs("forward", tiles[1:], self._forward_read, stats) as inputs:
-            out = (allocate or first.new_empty)(first.shape[:2] + self.out_spatial)
-            out[tiles[0].out] = first
+            outs = [allocate(k, y.shape[:2] + spatial) if allocate is not None else
+                    y.new_empty(y.shape[:2] + spatial)
+                    for k, (y, spatial) in enumerate(zip(first, self.outputs.spatial))]
+            self._place(outs, tiles[0], first)
             for position, (tile, raw, same) in enumerate(inputs, start=1):
                 stats.tiles += 1
                 if same is not None:  # the same pixels and geometry as an earlier tile
-                    out[tile.out] = out[same.out]
+                    self._place(outs, tile, [out[part.out] for out, part in zip(
+                        outs, self.outputs.of(same))])
                     continue
                 if position >= keep_from:
-                    out[tile.out] = self._keep(tile, raw, kept).detach()
+                    self._place(outs, tile, [y.detach() for y in self._keep(tile, raw, kept)])
                 else:
                     tile_input = self.feed(raw)
                     with self.scope(tile), self.watching(tile, tile_input):
-                        y = self.run(tile_input, tile)
-                    out[tile.out] = y[tile.crop]
-                    del y
+                        ys = self.run(tile_input, tile)
+                    self._place(outs, tile, ys)
+                    del ys
                 snapshot.check_tile()
                 stats.computed += 1
         if self.duplicates is not None:
             self.duplicates.release()
-        return out
+        return outs
 
-    def _keep(self, tile: Tile, raw: torch.Tensor, kept: Kept) -> torch.Tensor:
+    def _place(self, outs: list, tile: Tile, ys: list) -> None:
+        """Write ``tile``'s owned parts ``ys`` into the stitched maps ``outs``."""
+        for out, part, y in zip(outs, self.outputs.of(tile), ys):
+            out[part.out] = y
+
+    def _keep(self, tile: Tile, raw: torch.Tensor, kept: Kept) -> list:
         """Run ``tile`` as the backward would recompute it - grad enabled, on ``kept``'s
-        aliases, gradient hooks observed - and keep its owned output's graph."""
+        aliases, gradient hooks observed - and keep its owned outputs' graph."""
         leaf = raw.detach().requires_grad_(kept.x_grad)
         with torch.enable_grad(), substituted(self.pipeline, kept.tensors), \
                 observing_gradient_hooks(self.pipeline):
             tile_input = self.feed(leaf)
             with self.scope(tile), self.watching(tile, tile_input):
-                y = self.run(tile_input, tile)[tile.crop]
-        kept.graphs[tile.index] = (leaf, y)
-        return y
+                ys = self.run(tile_input, tile)
+        kept.graphs[tile.index] = (leaf, ys)
+        return ys
 
-    def _with_gradient(self, tiles: list, grad_out: torch.Tensor) -> list:
-        """``tiles`` without those whose (group's) output gradient is exactly zero and whose
-        forward computed only finite values; never none (:mod:`streamcnn.skipping`)."""
-        wanted = [t for t in tiles if not (self.finite.get(t.index, False) and zero_gradient(
-            [t] if self.duplicates is None else self.duplicates.group(t), grad_out))]
+    def owned_gradients(self, tile: Tile, grads: list) -> list:
+        """The output gradient of each part ``tile`` owns (None for a map without one)."""
+        return [None if g is None else g[part.out] for g, part in zip(grads, self.outputs.of(tile))]
+
+    def _with_gradient(self, tiles: list, grads: list) -> list:
+        """``tiles`` without those whose (group's) output gradients are exactly zero or none
+        and whose forward computed only finite values; never none (:mod:`streamcnn.skipping`)."""
+        def zero(t: Tile) -> bool:
+            group = [t] if self.duplicates is None else self.duplicates.group(t)
+            return zero_gradient(g for u in group for g in self.owned_gradients(u, grads))
+        wanted = [t for t in tiles if not (self.finite.get(t.index, False) and zero(t))]
         return wanted or tiles[:1]
 
-    def backward(self, source, grad_out, need_x: bool, tensors: dict, wrt: list,
+    def backward(self, source, grads: list, need_x: bool, tensors: dict, wrt: list,
                  x_grad: bool = False, kept: Kept | None = None, need: list = ()):
         """Input gradient (on the input's device; None where it is not wanted or, as in
         conventional autograd, where no tile's output depends on its input differentiably:
         through ``detach()`` or a comparison) and the summed gradient of each of ``wrt``,
         recomputing every tile with ``tensors`` (name -> tensor) in place of the pipeline's
-        own. Each tile requires grad as the input did (``x_grad``) whether or not its
+        own, from ``grads``, the gradient of each output map (None: the loss does not use
+        it). Each tile requires grad as the input did (``x_grad``) whether or not its
         gradient is wanted (``need_x``): code that asks (a reentrant ``checkpoint``) then
         runs as it did conventionally.
 
@@ -287,16 +336,16 @@ class TileRunner:
         if self.duplicates is not None:
             tiles = list(self.duplicates.computed(tiles))
         if self.skip and all_finite(tensors.values()):
-            with_gradient = self._with_gradient(tiles, grad_out)
+            with_gradient = self._with_gradient(tiles, grads)
             stats.skipped, tiles = len(tiles) - len(with_gradient), with_gradient
         graphs = kept.graphs if kept is not None else {}
         reuse = [t for t in tiles if t.index in graphs]
         tiles = [t for t in tiles if t.index not in graphs]
         with substituted(self.pipeline, tensors), observing_gradient_hooks(self.pipeline):
             for tile in reuse:
-                leaf, y = graphs[tile.index]
+                leaf, ys = graphs[tile.index]
                 with self.scope(tile):
-                    reached |= self._backprop(tile, y, leaf, grad_out, need_x, grad_x)
+                    reached |= self._backprop(tile, ys, leaf, grads, need_x, grad_x)
                 stats.reused += 1
             graphs.clear()  # (their graphs are spent)
             if kept is not None:
@@ -306,11 +355,11 @@ class TileRunner:
                 for tile, raw, _ in inputs:
                     leaf = raw.detach().requires_grad_(need_x or x_grad)
                     with torch.enable_grad(), self.scope(tile) as mode:
-                        y = self.run(self.feed(leaf), tile)[tile.crop]
+                        ys = self.run(self.feed(leaf), tile)
                         if mode is not None:
                             mode.replaying()
-                        reached |= self._backprop(tile, y, leaf, grad_out, need_x, grad_x)
-                    del y
+                        reached |= self._backprop(tile, ys, leaf, grads, need_x, grad_x)
+                    del ys
                     check_unchanged(self.pipeline, before)
                     if mode is not None and stats.computed == 0:
                         replayed = mode.replayed
@@ -321,22 +370,32 @@ class TileRunner:
                 update_running([node], self.norms.stats)
         return grad_x if reached else None, sums
 
-    def _backprop(self, tile: Tile, y, leaf, grad_out, need_x: bool, grad_x) -> bool:
-        """Backpropagate one tile's owned output ``y`` (with its dedup group's output
+    def _backprop(self, tile: Tile, ys: list, leaf, grads: list, need_x: bool, grad_x) -> bool:
+        """Backpropagate one tile's owned outputs ``ys`` (with its dedup group's output
         gradients) and add its input gradient into ``grad_x``; whether the tile's input got
         one."""
-        group = [tile] if self.duplicates is None else self.duplicates.group(tile)
-        parts = gradient_parts(group, grad_out, separate=need_x)
+        if self.duplicates is None:
+            parts = [(tile, self.owned_gradients(tile, grads))]
+        else:  # (one output map)
+            parts = [(place, [g]) for place, g in gradient_parts(
+                self.duplicates.group(tile), grads[0], separate=need_x)]
         reached = False
         with torch.enable_grad():
-            for k, (place, g) in enumerate(parts):
-                if y.requires_grad:
-                    backward_here(y, g, retain_graph=k + 1 < len(parts))
+            for k, (place, gs) in enumerate(parts):
+                backward_owned(ys, gs, retain_graph=k + 1 < len(parts))
                 if need_x and leaf.grad is not None:
                     grad_x[place.inp] += leaf.grad
                     leaf.grad = None
                     reached = True
         return reached
+
+
+def backward_owned(ys: list, grads: list, retain_graph: bool = False) -> None:
+    """Backpropagate a tile's owned outputs ``ys`` together, each that requires grad with its
+    gradient in ``grads`` (None: the loss does not use that output)."""
+    pairs = [(y, g) for y, g in zip(ys, grads) if g is not None and y.requires_grad]
+    if pairs:
+        backward_here([y for y, _ in pairs], [g for _, g in pairs], retain_graph=retain_graph)
 
 
 def collect(sums: list, leaves) -> None:
@@ -354,11 +413,11 @@ class Job:
     runner: TileRunner
     captured: Captured
     snapshot: Snapshot
-    first: torch.Tensor | None
+    first: list | None  # the first tile's owned part of each output map
     nodes: list  # autograd node of x and of each captured grad tensor (None: needs no grad)
     autocast: tuple
     kept: Kept | None = None  # the last tiles' graphs (streamcnn.keeping)
-    before_backward: object = None  # (source, grad_out, tensors, x_grad) -> None: whole-map terms
+    before_backward: object = None  # (source, grads, tensors, x_grad) -> None: whole-map terms
     reuse_memory: bool = False  # keep freed memory on the heap while the backward runs
 
 
@@ -368,18 +427,24 @@ class StreamFunction(torch.autograd.Function):
     Inputs: the image (None when it is not a tensor) and the module tensors that
     require grad (as the forward read them). Saved: those, and the module's other tensors the forward read, so that an
     in-place change of any of them before backward raises as in conventional autograd.
+    Outputs: the stitched map, or with several output leaves one tensor per leaf (a map
+    returned twice, twice: then the engine sends its gradient along one of them); the
+    backward then gets ``None`` for a leaf the loss does not use, not zeros.
     """
 
     @staticmethod
     def forward(ctx, job: Job, x: torch.Tensor | None, *grad_tensors: torch.Tensor):
-        out = job.runner.forward(job.first, job.snapshot, job.kept)
+        leaves = job.runner.outputs.leaves(job.runner.forward(job.first, job.snapshot, job.kept))
         job.first = None
         ctx.job = job
         ctx.save_for_backward(x, *grad_tensors, *job.captured.const_tensors, *job.captured.others)
-        return out
+        if len(leaves) == 1:
+            return leaves[0]
+        ctx.set_materialize_grads(False)
+        return tuple(leaves)
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, *grad_leaves):
         refuse_higher_order("Streaming", "its backward recomputes tiles outside the graph")
         job = ctx.job
         saved = ctx.saved_tensors  # raises if any was changed in place since the forward
@@ -389,7 +454,8 @@ class StreamFunction(torch.autograd.Function):
         need_x = ctx.needs_input_grad[1] and _will_run(job.nodes[0])
         need = [ctx.needs_input_grad[2 + i] and original.requires_grad and _will_run(node)
                 for i, (original, node) in enumerate(zip(job.captured.grad_tensors, job.nodes[1:]))]
-        if not need_x and not any(need):
+        grads = job.runner.outputs.map_gradients(grad_leaves)
+        if not need_x and not any(need) or all(g is None for g in grads):
             return (None,) * (2 + k)
         aliases = [t.detach().requires_grad_(n) for t, n in zip(grads_in, need)]
         tensors = job.captured.substitutes(aliases, consts)
@@ -398,9 +464,9 @@ class StreamFunction(torch.autograd.Function):
                                                                   enabled=enabled):
             source = job.runner.source if x is None else TensorSource(x)
             if job.before_backward is not None:
-                job.before_backward(source, grad_out, job.captured.substitutes(
+                job.before_backward(source, grads, job.captured.substitutes(
                     [t.detach() for t in grads_in], consts), ctx.needs_input_grad[1])
-            grad_x, sums = job.runner.backward(source, grad_out, need_x, tensors,
+            grad_x, sums = job.runner.backward(source, grads, need_x, tensors,
                                                [a for a, n in zip(aliases, need) if n],
                                                x_grad=ctx.needs_input_grad[1], kept=job.kept,
                                                need=need)

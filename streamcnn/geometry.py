@@ -598,8 +598,9 @@ def tile_axis(graph, length: int, tile_size: int, axis_name: str = "axis",
     margin, advance = _interior_validity(graph, size, covered)
     if min(advance.values()) < stride:
         raise TileTooSmallError(
-            f"tile_size {tile_size} is too small along {axis_name} for statistics of "
-            f"{graph[min(advance, key=advance.get)].name}: its tiles would leave positions of that "
+            f"tile_size {tile_size} is too small along {axis_name} for the map of "
+            f"{graph[min(advance, key=advance.get)].name}, which the tiles must cover (an output, "
+            f"or a map whose statistics are taken): its tiles would leave positions of that "
             f"map uncomputed; use tile_size >= {_covering_tile(graph, length, size, covered)}")
     rfs = fields(graph)
     tiles = [spans(graph, Span(length, 0, size, 0, size))]

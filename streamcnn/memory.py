@@ -15,8 +15,8 @@ buffers it saves are counted as parameters.
 
 * forward with grad: each step allocates its output (unless in place or a view)
   and its extra saved bytes; a storage is freed once every step that reads it has
-  run and no step saved it; the output stays alive;
-* backward: the output gradient is allocated; each step allocates a gradient for
+  run and no step saved it; the output (every output map) stays alive;
+* backward: the output gradient (of every output map) is allocated; each step allocates a gradient for
   each of its inputs that has none yet (the input's only when the input needs one),
   then frees its own output gradient and what only it saved.
 
@@ -161,12 +161,12 @@ def graph_peak(graph: TracedGraph, memory: list[StepMemory], act_bytes: list[int
     """(forward, backward) peak bytes of one training step through the graph.
 
     ``act_bytes[i]``: bytes of step ``i``'s output (0 is the input, which the
-    caller holds and counts). Includes the output, its gradient and the input
-    gradient when ``input_grad``.
+    caller holds and counts). Includes the output (every output map), its gradient
+    and the input gradient when ``input_grad``.
     """
     steps = graph.steps
     n = len(steps) - 1
-    out_owner = memory[n].owner
+    out_owners = {memory[i].owner for i in graph.maps}
     last_read = {}  # storage owner -> last step that reads it
     for i, step in enumerate(steps):
         for j in step.inputs:
@@ -182,7 +182,7 @@ def graph_peak(graph: TracedGraph, memory: list[StepMemory], act_bytes: list[int
     def free_storages(now: int):
         for o in [k for k in live if k[0] == "act"]:
             owner = o[1]
-            if owner in (0, out_owner) or refs.get(owner, 0) or last_read.get(owner, -1) > now:
+            if owner == 0 or owner in out_owners or refs.get(owner, 0) or last_read.get(owner, -1) > now:
                 continue
             del live[o]
 
@@ -196,7 +196,8 @@ def graph_peak(graph: TracedGraph, memory: list[StepMemory], act_bytes: list[int
             refs[o] = refs.get(o, 0) + 1
         free_storages(i)
     forward = peak
-    live[("grad", n)] = act_bytes[n]
+    for i in graph.maps:
+        live[("grad", i)] = act_bytes[i]
     for i in range(n, 0, -1):
         for j in set(steps[i].inputs):
             if (j > 0 or input_grad) and ("grad", j) not in live:
@@ -212,9 +213,9 @@ def graph_peak(graph: TracedGraph, memory: list[StepMemory], act_bytes: list[int
 
 def no_grad_peak(graph: TracedGraph, memory: list[StepMemory], act_bytes: list[int]) -> int:
     """Peak bytes of a forward without grad: each activation lives until its last reader
-    has run (the input, step 0, is the caller's)."""
+    has run (the input, step 0, is the caller's; output maps live on)."""
     steps = graph.steps
-    out_owner = memory[-1].owner
+    out_owners = {memory[i].owner for i in graph.maps}
     last_read = {}
     for i, step in enumerate(steps):
         for j in step.inputs:
@@ -224,6 +225,6 @@ def no_grad_peak(graph: TracedGraph, memory: list[StepMemory], act_bytes: list[i
         if memory[i].owner == i:
             live[i] = act_bytes[i]
         peak = max(peak, sum(live.values()))
-        for o in [o for o in live if last_read.get(o, -1) <= i and o != out_owner]:
+        for o in [o for o in live if last_read.get(o, -1) <= i and o not in out_owners]:
             del live[o]
     return peak

@@ -26,11 +26,11 @@ import torch
 import torch.nn as nn
 
 from .errors import internal_assert
-from .function import TileRunner
+from .function import TileRunner, backward_owned
 from .moments import Moments, all_but_channels
 from .norms import NormMode, NormState, Terms, check_values, correction_terms, frozen_modules, \
     group_sums, levels, norm_calls, statistic_groups
-from .state import Snapshot, backward_here, substituted, tile_scope
+from .state import Snapshot, substituted, tile_scope
 from .tiling import count, owned_crops
 
 
@@ -117,12 +117,13 @@ def forward_statistics(runner: TileRunner, graph, state: NormState, bar=None) ->
                 check_values(n, state.stats[n.name], graph.steps[n.step].name)
 
 
-def backward_terms(runner: TileRunner, graph, state: NormState, source, grad_out,
+def backward_terms(runner: TileRunner, graph, state: NormState, source, grads: list,
                    tensors: dict, bar=None, x_grad: bool = False) -> None:
-    """Fill ``state.terms`` with the whole-map terms of (N1) of every normalisation: one
-    backward pass per level, deepest first, each with the deeper levels' terms applied.
-    ``grad_out``: the stitched output's gradient, or a function ``(tile, y)`` -> the gradient
-    of ``y``, the tile's owned output (a per-pixel loss's, :mod:`streamcnn.dense`). A
+    """Fill ``state.terms`` with the whole-map terms of (N1) of every normalisation, given
+    ``grads``: the gradient of each output map (``runner.outputs.maps``; None: unused), or a
+    function ``(tile, ys)`` -> the gradient of each of ``ys``, the tile's owned parts (a
+    per-pixel loss's, :mod:`streamcnn.dense`). One backward pass per level, deepest first,
+    each with the deeper levels' terms applied. A
     pass makes its normalisations' outputs leaves, so its backward stops there. Tiles
     require grad as the input did (``x_grad``), so that code that asks (a reentrant
     ``checkpoint``) runs as it did conventionally."""
@@ -131,7 +132,7 @@ def backward_terms(runner: TileRunner, graph, state: NormState, source, grad_out
         nodes = [n for n in state.nodes if level_of[n.name] == level]
         sums = {n.name: Terms() for n in nodes}
         for tile in _ticking(runner, bar):
-            for name, (h, hx) in _tile_terms(runner, state, tile, nodes, source, grad_out,
+            for name, (h, hx) in _tile_terms(runner, state, tile, nodes, source, grads,
                                              tensors, x_grad).items():
                 sums[name].add(h, hx)
         for n in nodes:
@@ -139,7 +140,7 @@ def backward_terms(runner: TileRunner, graph, state: NormState, source, grad_out
             state.terms[n.name] = correction_terms(n, sums[n.name], state.stats[n.name], *shape)
 
 
-def _tile_terms(runner, state, tile, nodes, source, grad_out, tensors, x_grad) -> dict:
+def _tile_terms(runner, state, tile, nodes, source, grads, tensors, x_grad) -> dict:
     """One tile's part of ``sum_S(h)`` and ``sum_S(h · x̂)`` of each of ``nodes``. The mode
     holds through the backward, where a checkpoint inside the module runs parts again (and
     makes new leaves: each output a node made is a leaf, and their gradients add up)."""
@@ -148,11 +149,10 @@ def _tile_terms(runner, state, tile, nodes, source, grad_out, tensors, x_grad) -
     raw = runner.read(source, tile).detach().requires_grad_(x_grad)
     with torch.enable_grad(), substituted(runner.pipeline, tensors), tile_scope(runner.pipeline), \
             frozen_modules(state.nodes), mode:
-        y = runner.pipeline(runner.feed(raw))[tile.crop]
+        tile_input = runner.feed(raw)
+        ys = runner.owned(runner.pipeline(tile_input), tile, tile_input)
         mode.replaying()
-        g = grad_out(tile, y) if callable(grad_out) else grad_out[tile.out]
-        if y.requires_grad and g is not None:
-            backward_here(y, g)
+        backward_owned(ys, grads(tile, ys) if callable(grads) else runner.owned_gradients(tile, grads))
     found = {}
     for n in nodes:
         made = leaves[n.name]

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_unflatten
 
 from ._args import AXIS_NAMES, normalize_shape, normalize_tile_size
 from .geometry import AxisReceptiveField, axis_receptive_field, fields, lengths
@@ -28,7 +29,10 @@ def receptive_field(module: nn.Module, ndim: int, tile_size=None, *,
     ``tile_size``: optional int or per-axis tuple, the input tile edge in pixels;
     ``channels``: the input's channel count, where the module's operations need it.
     ``layers`` lists every step of the traced graph. The receptive field of a
-    graph is the hull over all its paths.
+    graph is the hull over all its paths. For a module that returns several feature maps,
+    the output is a step after them on their common grid (``trace.common_grid``, last in
+    ``layers``): stride the least common multiple of theirs, field that of the map needing
+    the longest tile.
 
     Example: three 3x3 convolutions with padding 1 have ``size=7, stride=1,
     offset=3``; an interior 32-pixel tile gives 32 outputs of which 3 at each
@@ -67,6 +71,12 @@ class StreamPlan:
     every map of the graph has a position (the output stride, or an encoder-decoder's
     deepest stride). ``steps``: the traced graph, one
     :class:`StepPlan` per step (``step_table()`` prints them).
+
+    A module that returns a structure of feature maps (tuples, lists, dicts) has
+    ``output_shape`` and ``output_stride`` in that structure, one shape and one per-axis
+    stride per map, and ``outputs`` lists them as ``(path, shape, stride)``, ``path`` as
+    ``torch.utils._pytree.keystr`` writes it (``"['layer2']"``); ``receptive_field`` is
+    then the largest map's. (``outputs`` is empty for one bare feature map.)
 
     Memory estimates (bytes), for one training step of the streamed module
     (forward, then backward from a given output gradient), counting tensors only.
@@ -148,6 +158,7 @@ class StreamPlan:
     pixel_loss_peak_bytes: int = 0
     inference_peak_bytes: int = 0
     out_bytes: int = 0
+    outputs: tuple = ()  # (path, shape, stride) of each output map of a structured output
 
     @property
     def time_factor(self) -> float:
@@ -179,9 +190,14 @@ class StreamPlan:
         lines = [
             f"StreamPlan: input {tuple(self.input_shape)} {_name(self.input_dtype or self.dtype)}"
             + (f" ({_name(self.dtype)} activations)" if self.input_dtype not in (None, self.dtype) else "")
-            + f" -> output {tuple(self.output_shape)}",
-            f"  receptive field {x(map(str, self.receptive_field))} px, output stride "
-            f"{x(map(str, self.output_stride))}, minimum tile {x(map(str, self.min_tile_size))} px"
+            + (f" -> output {tuple(self.output_shape)}" if not self.outputs else
+               f" -> {len(self.outputs)} outputs")]
+        lines += [f"    {path} {tuple(shape)}, output stride {x(map(str, stride))}"
+                  for path, shape, stride in self.outputs]
+        stride = "" if self.outputs else f", output stride {x(map(str, self.output_stride))}"
+        lines += [
+            f"  receptive field {x(map(str, self.receptive_field))} px{stride}, minimum tile "
+            f"{x(map(str, self.min_tile_size))} px"
             + (f", tiles start on a {x(map(str, self.tile_grid))} px grid"
                if self.tile_grid and self.tile_grid != self.output_stride else ""),
             f"  tile {x(map(str, self.tile_size))} px: {x(map(str, self.tiles_per_axis))} = "
@@ -326,7 +342,7 @@ def plan(module: nn.Module, input_shape, tile_size, *, dtype: torch.dtype | None
     param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     param_bytes += sum(b.numel() * b.element_size() for b in module.buffers())
     grad_bytes = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
-    x_bytes, out_bytes = pixels * in_size, full[-1]
+    x_bytes, out_bytes = pixels * in_size, sum(full[i] for i in graph.maps)
     input_grad_bytes = x_bytes if requires_input_grad else 0
     conventional = (full[0] + param_bytes + grad_bytes
                     + max(graph_peak(graph, memory, full, requires_input_grad)))
@@ -344,7 +360,7 @@ def plan(module: nn.Module, input_shape, tile_size, *, dtype: torch.dtype | None
     kept = 0 if norm_passes else tiles_kept(keep_graphs, int(tile_part), count(tilings))
     on_device = device_image + (1 + kept) * tile_part + (held if location == "device" else 0)
     axis_fields = [fields(graph.axis(a)) for a in range(ndim)]
-    rfs = [f[-1] for f in axis_fields]
+    shapes, strides, outputs = _outputs(graph, spatial, n, axis_fields)
     return StreamPlan(
         input_shape=input_shape,
         tile_size=tuple(t.tile_size for t in tilings),
@@ -352,10 +368,10 @@ def plan(module: nn.Module, input_shape, tile_size, *, dtype: torch.dtype | None
         tile_starts=tuple(list(t.starts) for t in tilings),
         tile_stops=tuple(list(t.stops) for t in tilings),
         overlap=tuple(t.overlap for t in tilings),
-        output_stride=tuple(rf.stride for rf in rfs),
-        output_shape=(n, graph.out_channels) + tuple(t.out_length for t in tilings),
+        output_stride=strides,
+        output_shape=shapes,
         min_tile_size=tuple(t.min_tile_size for t in tilings),
-        receptive_field=tuple(rf.size for rf in rfs),
+        receptive_field=tuple(max(f[i].size for i in graph.maps) for f in axis_fields),
         dtype=dtype,
         requires_input_grad=requires_input_grad,
         streaming_peak_bytes=int(on_device + (held if location != "device" else 0)),
@@ -373,8 +389,21 @@ def plan(module: nn.Module, input_shape, tile_size, *, dtype: torch.dtype | None
         pixel_loss_peak_bytes=int(pixel_loss),
         inference_peak_bytes=int(inference),
         out_bytes=int(out_bytes),
+        outputs=outputs,
         **norm_passes,
     )
+
+
+def _outputs(graph, spatial, n, axis_fields) -> tuple:
+    """(output_shape, output_stride, outputs) of a plan: one map's shape and per-axis stride,
+    or a structure of them like the module's output with its leaves listed."""
+    per_axis = [lengths(graph.axis(a), L) for a, L in enumerate(spatial)]
+    shapes = [(n, graph.steps[i].channels) + tuple(ls[i] for ls in per_axis) for i in graph.outputs]
+    strides = [tuple(f[i].stride for f in axis_fields) for i in graph.outputs]
+    if graph.spec.is_leaf():
+        return shapes[0], strides[0], ()
+    return (tree_unflatten(shapes, graph.spec), tree_unflatten(strides, graph.spec),
+            tuple(zip(graph.output_paths, shapes, strides)))
 
 
 def _norm_passes(graph) -> dict:

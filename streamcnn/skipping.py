@@ -91,6 +91,7 @@ def all_finite(tensors) -> bool:
                if isinstance(t, torch.Tensor) and t.is_floating_point())
 
 
-def zero_gradient(group, grad_out: torch.Tensor) -> bool:
-    """Whether the output gradient of every tile of ``group`` is exactly zero."""
-    return not any(bool(grad_out[t.out].any()) for t in group)
+def zero_gradient(grads) -> bool:
+    """Whether every output gradient of ``grads`` (the slices a group of tiles owns, one per
+    tile and output map; None for an output the loss does not use) is exactly zero."""
+    return not any(bool(g.any()) for g in grads if g is not None)

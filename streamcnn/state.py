@@ -172,12 +172,15 @@ def substituted(module: nn.Module, tensors: dict):
     return _reparametrize_module(module, tensors, tie_weights=False, strict=False)
 
 
-def backward_here(y: torch.Tensor, grad: torch.Tensor, retain_graph: bool = False) -> None:
-    """``y.backward(grad)`` with the torch-function modes active here still active inside the
-    backward, where a ``torch.utils.checkpoint`` in the module runs parts of it again.
-    (``Tensor.backward`` is itself a torch function: a mode that sees the call is popped
-    while it runs, so the recomputation would escape it; the engine is called directly.)"""
-    _engine_run_backward((y,), (grad,), retain_graph, False, (), allow_unreachable=True,
+def backward_here(y, grad, retain_graph: bool = False) -> None:
+    """``torch.autograd.backward(y, grad)`` (one tensor and its gradient, or sequences of
+    them) with the torch-function modes active here still active inside the backward, where
+    a ``torch.utils.checkpoint`` in the module runs parts of it again. (``Tensor.backward``
+    is itself a torch function: a mode that sees the call is popped while it runs, so the
+    recomputation would escape it; the engine is called directly.)"""
+    ys = (y,) if isinstance(y, torch.Tensor) else tuple(y)
+    grads = (grad,) if isinstance(grad, torch.Tensor) else tuple(grad)
+    _engine_run_backward(ys, grads, retain_graph, False, (), allow_unreachable=True,
                          accumulate_grad=True)
 
 

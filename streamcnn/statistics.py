@@ -169,7 +169,11 @@ class _Job:
         self.bar = bar
 
     def module_steps(self, name: str, path: str) -> list[int]:
-        steps = self.graph.module_steps(path) if path else [len(self.graph.steps) - 1]
+        if not path and len(self.graph.maps) > 1:
+            raise ValueError(f"the streamed module returns {len(self.graph.maps)} feature maps "
+                             f"({', '.join(self.graph.output_paths)}), so '' names none of them: "
+                             f"name the modules that compute the maps you want statistics of")
+        steps = self.graph.module_steps(path) if path else list(self.graph.maps)
         if not steps:
             raise ValueError(f"module '{name}' is not called by the streamed module's forward, so "
                              f"it has no output to take statistics of")

@@ -9,6 +9,7 @@ import warnings
 import torch
 import torch.nn as nn
 from torch.autograd.graph import get_gradient_edge
+from torch.utils._pytree import tree_unflatten
 
 from . import dedup as _dedup, dense, skipping, state
 from .allocator import reuse_freed_memory
@@ -22,7 +23,7 @@ from .plan import plan
 from .norms import NormState, counters, norm_calls, update_running
 from .passes import backward_terms, forward_statistics
 from .sources import source_of, tensor_of
-from .tiling import count, owned_crops, tile_image
+from .tiling import count, outputs, owned_crops, tile_image
 from .trace import Pipeline, analyse, analyse_structure
 
 
@@ -35,6 +36,13 @@ class Streaming(nn.Module):
     holds an activation of the whole image: memory is set by the tile, plus the
     input, the stitched output, its gradient and (if ``x.requires_grad``) the input
     gradient.
+
+    ``features`` may return one feature map or any nesting of tuples, lists and dicts of
+    feature maps at different strides (a feature pyramid, a ResNet body's
+    ``{"layer2": ..., "layer3": ...}``, deep supervision): ``Streaming`` returns the same
+    structure, each map stitched, and the backward takes the gradients of any of them (an
+    output the loss does not use costs nothing). The tiles then start on the common grid
+    of every map's stride and cover every map; ``dedup`` is off for such modules.
 
     Args:
         module: the front end: any module torch.fx can trace whose operations are
@@ -62,7 +70,8 @@ class Streaming(nn.Module):
         dedup: compute a tile whose pixels and geometry equal an earlier tile's of the same
             pass only once, forward and backward (:mod:`streamcnn.dedup`: exact; the
             backward's sums of duplicate gradients agree to float rounding). Off for graphs
-            whose normalisation statistics span the image.
+            whose normalisation statistics span the image, and for modules returning several
+            feature maps.
         skip_zero_gradients: in the backward, do not recompute a tile whose owned output
             gradient is exactly zero (a max-pool or masked head leaves most tiles so): its
             gradients are zero (:mod:`streamcnn.skipping`: exact; tiles that computed a
@@ -148,7 +157,8 @@ class Streaming(nn.Module):
 
     def prepare(self, source):
         """Validate an input (a source) against the module; return (traced graph, tilings).
-        The tiles cover the input map of every normalisation over space too."""
+        The tiles cover every output map and the input map of every normalisation over space
+        too."""
         ndim = check_source(self.module, source, self.transform)
         graph = analyse(self.module, ndim, source.shape[1], batch=source.shape[0],
                         dtype=source.dtype, device=source.device, transform=self.transform,
@@ -159,18 +169,19 @@ class Streaming(nn.Module):
     @torch.compiler.disable(reason="streamcnn runs its tile loop eagerly: torch.compile compiles "
                             "the model around the Streaming module (so fullgraph=True cannot "
                             "include it)")
-    def forward(self, x, out=None) -> torch.Tensor:
-        """``module(transform(x))``, tile by tile. ``x``: a tensor on any device, or an array
-        read tile by tile (:class:`streamcnn.ImageArray`, a numpy array or memmap).
+    def forward(self, x, out=None):
+        """``module(transform(x))``, tile by tile: a feature map, or the structure of feature
+        maps the module returns. ``x``: a tensor on any device, or an array read tile by tile
+        (:class:`streamcnn.ImageArray`, a numpy array or memmap).
 
         ``out``: an array of the output's shape ``(N, C, *spatial)`` (numpy, ``numpy.memmap``,
-        zarr) that receives each tile's owned output as it is computed, and is returned: the
-        whole output never exists as a tensor (:class:`streamcnn.dense.ArrayOutput`). Only
-        without a graph: under ``torch.no_grad()``, or where nothing requires grad."""
+        zarr), or the output's structure of such arrays, that receives each tile's owned
+        output as it is computed, and is returned: the whole output never exists as a tensor
+        (:class:`streamcnn.dense.ArrayOutput`). Only without a graph: under
+        ``torch.no_grad()``, or where nothing requires grad."""
         x, source, graph, tilings, device = self._setup(x)
-        allocate = None if out is None else dense.ArrayOutput.into(out)
         with reuse_freed_memory(self._reuse_memory(device)):
-            result = self._forward(x, source, graph, tilings, device, allocate)
+            result = self._forward(x, source, graph, tilings, device, out)
         return result if out is None else out
 
     def _setup(self, x):
@@ -187,11 +198,11 @@ class Streaming(nn.Module):
                             progress=self.progress,
                             channels_last=self._channels_last(source, device, graph),
                             prefetch=self.prefetch and source.fresh, dedup=dedup, skip=skip,
-                            unused=graph.unused)
+                            unused=graph.unused, outputs=outputs(graph, tilings))
         self.last_stats = runner.stats
         return runner
 
-    def _forward(self, x, source, graph, tilings, device, allocate=None) -> torch.Tensor:
+    def _forward(self, x, source, graph, tilings, device, out=None):
         runner = self._runner(source, graph, tilings, device,
                               dedup=self.dedup and _dedup.allowed(graph),
                               skip=self.skip_zero_gradients and torch.is_grad_enabled()
@@ -205,8 +216,10 @@ class Streaming(nn.Module):
         snapshot.check_tile()
         x_grad = isinstance(x, torch.Tensor) and x.requires_grad
         if not torch.is_grad_enabled() or not (x_grad or any(t.requires_grad for t in read.values())):
-            return runner.forward(first, snapshot, allocate=allocate)
-        if allocate is not None:
+            allocate = None if out is None else dense.ArrayOutput.into(out, runner.outputs, graph.spec)
+            return tree_unflatten(runner.outputs.leaves(runner.forward(first, snapshot, allocate=allocate)),
+                                  runner.spec)
+        if out is not None:
             raise StreamingError(
                 "out= writes outputs without a graph: wrap the call in torch.no_grad() (the "
                 "input or the module's parameters require grad here)")
@@ -220,7 +233,8 @@ class Streaming(nn.Module):
                       _norm_terms, runner, graph, norms),
                   kept=Kept.of(keep, captured, x_grad),
                   reuse_memory=self._reuse_memory(device))
-        return StreamFunction.apply(job, *inputs)
+        result = StreamFunction.apply(job, *inputs)
+        return tree_unflatten([result] if isinstance(result, torch.Tensor) else list(result), runner.spec)
 
     @torch.compiler.disable(reason="streamcnn runs its tile loop eagerly")
     def pixel_loss(self, x, target, loss_fn, reduction: str = "mean",
@@ -308,10 +322,11 @@ def _stream_norms(runner: TileRunner, graph) -> NormState | None:
     return norms
 
 
-def _norm_terms(runner, graph, norms, source, grad_out, tensors, x_grad) -> None:
-    """Before the final backward: the whole-map terms of every normalisation's gradient."""
+def _norm_terms(runner, graph, norms, source, grads, tensors, x_grad) -> None:
+    """Before the final backward: the whole-map terms of every normalisation's gradient
+    (``grads``: one per output map, None where the loss does not use it)."""
     norms.terms.clear()
-    backward_terms(runner, graph, norms, source, grad_out, tensors, x_grad=x_grad)
+    backward_terms(runner, graph, norms, source, grads, tensors, x_grad=x_grad)
 
 
 def _refuse_functorch() -> None:

@@ -12,6 +12,10 @@ grad, as in training; a leaf with grad, as for a saliency map; a non-leaf), how 
 gradients are asked for (``backward()``, or ``torch.autograd.grad`` of a subset of the
 input and parameters) and from which loss (a sum, or a random output gradient). A
 gradient present on one side only is a failure, not a number.
+
+A module that returns several feature maps (tuples, lists, dicts of them) is compared map by
+map: the ``"sum"`` loss adds every map's sum, the ``"random"`` one gives each map its own
+output gradient (``grad_out``, in the output's structure, may leave a map out with None).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_flatten, tree_leaves
 
 from .streaming import Streaming
 
@@ -34,7 +39,7 @@ class Path:
     grad, ``"leaf-grad"``: a leaf that requires grad, ``"non-leaf"``: computed from a leaf
     that requires grad), ``method`` (``"backward"`` or ``"grad"``: ``torch.autograd.grad``
     of the input, where it requires grad, and every other parameter) and ``loss``
-    (``"sum"`` of the output, or a seeded ``"random"`` output gradient)."""
+    (``"sum"`` of the output, or a seeded ``"random"`` output gradient; of every output map)."""
 
     entry: str = "non-leaf"
     method: str = "backward"
@@ -99,9 +104,11 @@ def compare(module: nn.Module, x: torch.Tensor, tile_size, *, grad_out: torch.Te
             input_grad: bool = True, seed: int = 0, paths=DEFAULT_PATHS,
             **streaming_kwargs) -> Comparison:
     """Run ``module`` conventionally and streamed on ``x`` along each of ``paths`` (a
-    :class:`Path` or several) and compare output, input gradient and every parameter
-    gradient. ``grad_out`` fixes the ``"random"`` output gradient (default: seeded
-    random); ``input_grad=False`` keeps to the paths whose input does not require grad.
+    :class:`Path` or several) and compare output (the worst map of a structured output),
+    input gradient and every parameter gradient. ``grad_out`` fixes the ``"random"`` output
+    gradient (default: seeded random; for a structured output, the same structure, where
+    None leaves that map out of the loss); ``input_grad=False`` keeps to the paths whose
+    input does not require grad.
     Raises ``AssertionError`` where a gradient exists on one side only. Leaves the
     parameters' ``.grad`` as the last streamed run set them."""
     chosen = [paths] if isinstance(paths, Path) else list(paths)
@@ -145,14 +152,14 @@ def _run(model: nn.Module, x: torch.Tensor, path: Path, grad_out, seed):
     leaf = x.detach().clone().requires_grad_(path.entry != "leaf")
     xi = leaf.clone() if path.entry == "non-leaf" else leaf
     y = model(xi)
+    maps = tree_flatten(y)[0]
     if path.loss == "sum":  # the output gradient is an expanded (stride-0) tensor of ones
-        out, g = y.sum(), None
+        out, g = [sum((t.sum() for t in maps[1:]), maps[0].sum())], None
     else:
-        out, g = y, grad_out if grad_out is not None else torch.randn(
-            y.shape, generator=torch.Generator().manual_seed(seed), dtype=y.dtype).to(y.device)
+        out, g = _output_gradients(maps, grad_out, seed)
     wanted = _wanted(params)
     if path.method == "backward":
-        out.backward(g)
+        torch.autograd.backward(out, g)
         grads = {n: _copy(p.grad) for n, p in params}
         gx = leaf.grad if path.entry != "leaf" else None
     else:
@@ -165,7 +172,21 @@ def _run(model: nn.Module, x: torch.Tensor, path: Path, grad_out, seed):
         stray = [n for n, p in params if p.grad is not None]
         if stray:
             raise AssertionError(f"torch.autograd.grad accumulated into .grad of {stray}")
-    return y.detach(), gx, grads
+    return [t.detach() for t in maps], gx, grads
+
+
+def _output_gradients(maps: list, grad_out, seed: int) -> tuple[list, list]:
+    """The output maps a ``"random"`` loss uses and their gradients: ``grad_out``'s leaves
+    (None: not used), or one seeded random gradient per map."""
+    if grad_out is None:
+        generator = torch.Generator().manual_seed(seed)
+        return maps, [torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device)
+                      for t in maps]
+    given = tree_leaves(grad_out, is_leaf=lambda v: v is None or isinstance(v, torch.Tensor))
+    if len(given) != len(maps):
+        raise ValueError(f"grad_out has {len(given)} gradients for {len(maps)} output maps")
+    used = [(t, g) for t, g in zip(maps, given) if g is not None]
+    return [t for t, _ in used], [g for _, g in used]
 
 
 def _parameters(model: nn.Module):
@@ -195,5 +216,5 @@ def _errors(path: Path, streamed, reference) -> Comparison:
             raise AssertionError(f"{path}: gradient of {n}: streamed {g[n] is not None}, "
                                  f"conventional {ref is not None}")
         errs[n] = 0.0 if ref is None else rel_err(g[n], ref)
-    return Comparison(output=rel_err(y, y_ref),
+    return Comparison(output=max(map(rel_err, y, y_ref)),
                       input_grad=None if gx_ref is None else rel_err(gx, gx_ref), param_grads=errs)

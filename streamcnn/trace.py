@@ -13,22 +13,29 @@ A value the output does not depend on is never checked, so dead code (a debug
 ``print(x.shape)``) does not stop streaming; a refused operation the output does
 depend on raises ``StreamingError`` naming the operation, its module path and the
 user's source line.
+
+The output may be one feature map or any nesting of tuples (named ones too), lists and
+dicts of them (a feature pyramid, deep supervision): its leaves, in ``torch.utils._pytree``
+order, are the graph's output steps (``TracedGraph.outputs``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from fractions import Fraction
 import inspect
+import math
 import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.utils._pytree import TreeSpec, keystr, tree_flatten_with_path
 
 from . import binding, geometry, rules
 from .errors import StreamingError
-from .geometry import Field, GridMismatch, Merge, Step, Transposed, Upsample, Window
+from .geometry import Field, GridMismatch, Merge, Step, Transposed, Upsample, Window, fields
 from .rules import FMap, Refused, Shape
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -62,7 +69,14 @@ class GraphStep:
 
 @dataclass(frozen=True)
 class TracedGraph:
-    """The streamed module's operations on feature maps, in execution order."""
+    """The streamed module's operations on feature maps, in execution order.
+
+    ``outputs``: the step of each leaf of the module's output (one map, or a structure of
+    maps), in ``torch.utils._pytree`` order; ``output_paths`` where each leaf is in the
+    structure (``keystr``: ``"['layer2']"``, ``"[0]"``; ``""`` for a bare map); ``spec`` the
+    structure as traced, with plain dicts and lists (fx traces an ``OrderedDict`` as a
+    ``dict``: the tile loop returns the structure the module's tiles return, after checking
+    that their leaves lie at ``output_paths``)."""
 
     ndim: int
     steps: tuple[GraphStep, ...]
@@ -71,14 +85,21 @@ class TracedGraph:
     calls: tuple = ()  # (module path, fx node of its output) of every module call, in order
     #: what runs on every tile for no output: refusals, windows (which may not fit a tile)
     unused: tuple[str, ...] = ()
-
-    def axis(self, a: int) -> tuple[Step, ...]:
-        """The graph on spatial axis ``a``, for ``streamcnn.geometry``."""
-        return (Step(None),) + tuple(Step(s.rules[a], s.inputs, s.name) for s in self.steps[1:])
+    outputs: tuple[int, ...] = ()
+    output_paths: tuple[str, ...] = ()
+    spec: TreeSpec | None = field(default=None, repr=False)
 
     @property
-    def out_channels(self) -> int | None:
-        return self.steps[-1].channels
+    def maps(self) -> tuple[int, ...]:
+        """The output steps, each once (a map returned twice is one map), in leaf order."""
+        return tuple(dict.fromkeys(self.outputs)) or (len(self.steps) - 1,)
+
+    def axis(self, a: int) -> tuple[Step, ...]:
+        """The graph on spatial axis ``a``, for ``streamcnn.geometry``, whose last step is the
+        output. With several output maps, that is a step of no layer after them: see
+        :func:`common_grid`."""
+        steps = (Step(None),) + tuple(Step(s.rules[a], s.inputs, s.name) for s in self.steps[1:])
+        return steps + (common_grid(steps, self.maps),) if len(self.maps) > 1 else steps
 
     def node_steps(self) -> dict:
         """fx node name -> the step it computed."""
@@ -105,6 +126,32 @@ class TracedGraph:
                 step = steps.get(node.name)
                 found.append((node, step if step is not None and self.steps[step].norm else None))
         return found
+
+
+def common_grid(axis: tuple[Step, ...], maps: tuple[int, ...]) -> Step:
+    """The last step of an axis graph with several output maps, so that ``geometry`` (whose
+    output is the last step) tiles for all of them.
+
+    A tile must start on the grid of every map it computes: at a multiple of each one's
+    total stride (each window's input starts on its stride grid), so at a multiple of their
+    least common multiple ``L``. One map's stride need not be ``L`` (strides 2 and 3), and the
+    coarsest map need not come last (deep supervision computes it first). So the step added
+    is a 1-wide window of stride ``L / s`` on the map of stride ``s`` that needs the longest
+    tile for a valid output on that grid: its total stride is ``L``, so tiles start on the
+    common grid, and it reads one position of a map, so the tiles give it valid values
+    where they give that map's. Every output map is among the tiling's ``targets``
+    (``tiling.tile_image``), so the tiles cover each, and each is partitioned among them by
+    ``geometry.ownership``; the added step's own map is never computed."""
+    found = fields(axis)
+    lcm = math.lcm(*(Fraction(found[i].stride).numerator for i in maps))  # (fine maps: 1/2)
+
+    def need(i: int) -> int:  # geometry.min_tile_size's bound, on the common grid
+        f = found[i]
+        return f.size - f.offset + lcm * -(-f.offset // lcm)
+
+    widest = max(maps, key=lambda i: (need(i), i))
+    return Step(Window(1, int(lcm / Fraction(found[widest].stride))), (widest,),
+                f"the output maps' common grid (stride {lcm})")
 
 
 class Pipeline(nn.Module):
@@ -366,6 +413,8 @@ class _Analysis:
             expr = rules.size_arithmetic(node.target, args, kwargs)
             if expr is not None:  # (a number only where it crops or pads: rules.SizeExpr)
                 return expr
+            if _is_namedtuple(node.target):
+                return node.target(*args, **kwargs)  # a structure of values (an output's)
         refused = rules.first_refused((args, kwargs))
         ctx = _Context(self, node)
         sizes = (rules.SpatialSize, rules.SizeExpr)
@@ -464,21 +513,31 @@ class _Analysis:
         return FMap(len(self.steps) - 1, tuple(dims), channels, source)
 
     def _finish(self, out, env: dict) -> TracedGraph:
-        if isinstance(out, Refused):
-            raise out.error
-        if not isinstance(out, FMap):
-            refused = rules.first_refused(out) if isinstance(out, (tuple, list, dict)) else None
-            if refused is not None:
-                raise refused.error
+        """The graph for the module's output: one feature map or a structure of them."""
+        out = _plain(out)
+        refused = rules.first_refused(out)
+        if refused is not None:
+            raise refused.error
+        found, spec = tree_flatten_with_path(out)
+        paths = tuple(keystr(p) for p, _ in found)
+        if not found:
             raise StreamingError(
-                f"the streamed module must return one feature map (N, C, *spatial); it returns "
-                f"{type(out).__name__}: stream the part that computes one feature map")
-        if out.dims != rules.standard_dims(self.ndim):
-            raise StreamingError(
-                f"the streamed module returns a feature map in layout "
-                f"{rules.layout(out)}; return it channels-first (N, C, *spatial), e.g. "
-                f"permute back as ConvNeXt blocks do")
-        return self._pruned(out.index, env)
+                f"the streamed module returns {type(out).__name__} without a feature map; it must "
+                f"return a feature map (N, C, *spatial), or tuples, lists and dicts of them")
+        for path, (_, leaf) in zip(paths, found):
+            where = f" as {path}" if path else ""
+            if not isinstance(leaf, FMap):
+                raise StreamingError(
+                    f"the streamed module returns {type(leaf).__name__}{where}; it must return a "
+                    f"feature map (N, C, *spatial), or tuples, lists and dicts of them (several "
+                    f"outputs): stream the part that computes feature maps, and compute the "
+                    f"rest from them after the Streaming module")
+            if leaf.dims != rules.standard_dims(self.ndim):
+                raise StreamingError(
+                    f"the streamed module returns a feature map{where} in layout "
+                    f"{rules.layout(leaf)}; return it channels-first (N, C, *spatial), e.g. "
+                    f"permute back as ConvNeXt blocks do")
+        return self._pruned(tuple(leaf.index for _, leaf in found), paths, spec, env)
 
     def _refuse_unused_update(self, step: GraphStep) -> None:
         """A training-mode normalisation whose output is unused still updates its running
@@ -495,10 +554,10 @@ class _Analysis:
             f"output, or put the layer in eval mode (.eval()) if its statistics should stay "
             f"as they are{_source_line(node)}")
 
-    def _pruned(self, out: int, env: dict) -> TracedGraph:
-        """The steps the output depends on, renumbered in order; what the others compute
+    def _pruned(self, outputs: tuple, paths: tuple, spec, env: dict) -> TracedGraph:
+        """The steps an output depends on, renumbered in order; what the others compute
         that a tile may not run (refused values, windows) in ``unused``."""
-        keep, todo = set(), [out]
+        keep, todo = set(), list(outputs)
         while todo:
             i = todo.pop()
             if i not in keep:
@@ -516,7 +575,25 @@ class _Analysis:
                         for old, s in enumerate(self.steps)
                         if old not in new and s.kind in ("window", "norm"))
         return TracedGraph(self.ndim, steps, self.graph, self.root,
-                           getattr(self.graph, "streamcnn_calls", ()), tuple(refused.values()) + windows)
+                           getattr(self.graph, "streamcnn_calls", ()), tuple(refused.values()) + windows,
+                           tuple(new[i] for i in outputs), paths, spec)
+
+
+def _is_namedtuple(target) -> bool:
+    return isinstance(target, type) and issubclass(target, tuple) and hasattr(target, "_fields")
+
+
+def _plain(value):
+    """A traced output with fx's immutable containers (``immutable_dict``, ``immutable_list``)
+    as plain dicts and lists, nested: ``torch.utils._pytree`` tells those apart."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        items = [_plain(v) for v in value]
+        return type(value)(*items) if _is_namedtuple(type(value)) else tuple(items)
+    return value
 
 
 def _misplaced_map(ctx, handler, args, kwargs):

@@ -266,13 +266,13 @@ def test_paths_that_downsample_alike_merge(size):
     assert streamcnn.testing.compare(net, x, 14).worst <= 1e-10
 
 
-def test_module_returning_a_tuple_is_refused():
-    class Pair(nn.Module):
+def test_module_returning_a_number_beside_a_map_is_refused():
+    class WithCount(nn.Module):
         def forward(self, x):
-            return x, x
+            return x, 3
 
-    with pytest.raises(StreamingError, match="must return one feature map"):
-        Streaming(stem_then(Pair()), 12)(torch.randn(1, 3, 30, 30))
+    with pytest.raises(StreamingError, match=r"returns int as \[1\]; it must return a feature map"):
+        Streaming(stem_then(WithCount()), 12)(torch.randn(1, 3, 30, 30))
 
 
 def test_module_returning_channels_last_is_refused():

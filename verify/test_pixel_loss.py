@@ -421,4 +421,7 @@ def test_out_errors():
                                              r"\(2, 5, 20, 22\)"):
             model(x, out=np.zeros((2, 4, 20, 22)))
         with pytest.raises(TypeError, match="out must be an array"):
-            model(x, out=[0.0])
+            model(x, out=0.0)
+        with pytest.raises(ValueError, match=r"out is structured as .*list.*, the streamed output "
+                                             r"as \*: pass one array per output map"):
+            model(x, out=[np.zeros((2, CLASSES, 20, 22))])

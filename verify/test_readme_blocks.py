@@ -65,6 +65,7 @@ ADAPT = {  # document -> first line of the block -> how it runs here
                     ("nn.Linear(512, 2)", f"nn.Linear({WIDTH * 8}, 2)")),  # layer4's width
             given=("torchvision", "loader")),
         "print(plan(front.eval(), (1, 3, 16384, 16384), tile_size=2800))": Adapt(),
+        "class Body(nn.Module):": Adapt(),
         "import numpy as np": Adapt(shrink=(("65536, 65536", f"{SIDE}, {SIDE}"),
                                             ("2800", TILE))),
         "import openslide": Adapt(),

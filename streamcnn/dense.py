@@ -226,9 +226,8 @@ def pixel_loss(runner: TileRunner, graph, x, loss: PixelLoss, stream_norms) -> t
         backward_terms(runner, graph, norms, runner.source,
                        lambda tile, ys: [loss.gradient(tile, ys[0])[1]],
                        {name: t.detach() for names, t in trainable for name in names}, x_grad=x_grad)
-    snapshot = Snapshot(runner.pipeline, runner.device)
     substitutes = {name: a for a, (names, _) in zip(aliases, trainable) for name in names}
-    total, grad_x, sums, captured = _run(runner, loss, snapshot, grad, x_grad,
+    total, grad_x, sums, captured = _run(runner, loss, grad, x_grad,
                                          substitutes, counters(norms.nodes) if norms else frozenset())
     value = loss.reduced(total)
     if not grad:
@@ -238,7 +237,7 @@ def pixel_loss(runner: TileRunner, graph, x, loss: PixelLoss, stream_norms) -> t
                                    *(original[id(a)] for a in captured.grad_tensors))
 
 
-def _run(runner: TileRunner, loss: PixelLoss, snapshot: Snapshot, grad: bool,
+def _run(runner: TileRunner, loss: PixelLoss, grad: bool,
          x_grad: bool, substitutes: dict, own: frozenset):
     """The one pass: (float64 loss sum, input gradient or None, alias id -> summed gradient,
     ``state.Captured`` of the first tile's reads (its grad tensors: aliases), or None
@@ -254,6 +253,7 @@ def _run(runner: TileRunner, loss: PixelLoss, snapshot: Snapshot, grad: bool,
         if grad:
             stack.enter_context(substituted(runner.pipeline, substitutes))
             stack.enter_context(observing_gradient_hooks(runner.pipeline))
+        snapshot = Snapshot(runner.pipeline, runner.device)  # (with the hooks observed)
         inputs = stack.enter_context(runner.inputs(
             "pixel loss", tiles, lambda t: (t, runner.read(source, t)), stats))
         for tile, raw in inputs:

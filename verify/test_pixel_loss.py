@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from test_entry_paths import MODELS as ENTRY_MODELS
 
+import streamcnn
 from streamcnn import Streaming, StreamingError
 from streamcnn.testing import rel_err
 
@@ -425,3 +426,20 @@ def test_out_errors():
         with pytest.raises(ValueError, match=r"out is structured as .*list.*, the streamed output "
                                              r"as \*: pass one array per output map"):
             model(x, out=[np.zeros((2, CLASSES, 20, 22))])
+
+
+def test_a_backward_hook_that_reads_gradients():
+    """A full backward hook (reading, not replacing) fires per tile; the gradients stay
+    conventional's (it used to be refused as a hook changed while a tile ran)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 1, 3, padding=1)).double()
+    seen = []
+    net[0].register_full_backward_hook(lambda m, grad_in, grad_out: seen.append(grad_out[0].shape))
+    x = torch.randn(1, 1, 64, 64, dtype=torch.float64, requires_grad=True)
+    target = torch.rand(1, 1, 64, 64, dtype=torch.float64)
+    loss_fn = functools.partial(F.mse_loss, reduction="none")
+    expected = torch.autograd.grad(loss_fn(net(x), target).mean(), [x, *net.parameters()])
+    seen.clear()
+    got = torch.autograd.grad(Streaming(net, 32).pixel_loss(x, target, loss_fn), [x, *net.parameters()])
+    assert len(seen) == streamcnn.plan(net, x.shape, 32).num_tiles
+    assert max(rel_err(g, e) for g, e in zip(got, expected)) <= F64

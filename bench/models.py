@@ -234,3 +234,43 @@ def resnet34_prostate(seed: int = 0) -> nn.Sequential:
     gen = torch.Generator().manual_seed(seed)
     sample = torch.randn(1, 3, 256, 256, generator=gen)
     return freeze_batchnorm(resnet_front(seed=seed), sample=sample, seed=seed)
+
+
+class UNet(nn.Module):
+    """A 2D U-Net for per-pixel classification (Ronneberger et al. 2015, with padded convolutions,
+    as most reimplementations have it): ``levels`` resolutions of two 3x3 convolutions (padding 1)
+    and ReLU each, ``widths`` channels per level, 2x2 max-pool down, a 2x2 stride-2 transposed
+    convolution up (halving the channels), the skip concatenated before the level's convolutions,
+    and a 1x1 head to ``classes`` logits at the input's resolution. No BatchNorm. An input's sides
+    must be divisible by 2^(levels - 1)."""
+
+    def __init__(self, in_channels: int = 3, widths=(16, 32, 64, 128), classes: int = 2):
+        super().__init__()
+
+        def twice(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True),
+                                 nn.Conv2d(cout, cout, 3, padding=1), nn.ReLU(inplace=True))
+
+        self.downs = nn.ModuleList(twice(cin, cout) for cin, cout in zip((in_channels,) + widths[:-1], widths))
+        self.pool = nn.MaxPool2d(2)
+        self.ups = nn.ModuleList(nn.ConvTranspose2d(c, c // 2, 2, stride=2) for c in widths[:0:-1])
+        self.fuse = nn.ModuleList(twice(c, c // 2) for c in widths[:0:-1])
+        self.head = nn.Conv2d(widths[0], classes, 1)
+
+    def forward(self, x):
+        skips = []
+        for i, down in enumerate(self.downs):
+            x = down(x if i == 0 else self.pool(x))
+            skips.append(x)
+        x = skips.pop()
+        for up, fuse in zip(self.ups, self.fuse):
+            x = fuse(torch.cat([skips.pop(), up(x)], 1))
+        return self.head(x)
+
+
+def unet(seed: int = 0) -> UNet:
+    """bench.dense's network: a four-level U-Net (16-32-64-128 channels, 3 input channels, 2
+    classes), seeded."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UNet()

@@ -193,7 +193,7 @@ def test_report_and_figures_render_from_a_fake_result(tmp_path, monkeypatch):
                    "**flagged**", "µs per pixel", "default layout (not like for like)", "step, 1 thread", "passive OpenMP wait",
                    "Nothing to compare with", "| 200 MiB | 191 MiB | 190 MiB |", "Memory with the allocator held fixed",
                    "### Re-measured and disturbed points", "`resnet34`: **not measured**",
-                   "## A slide that is mostly background"):
+                   "## A slide that is mostly background", "## Dense prediction: a U-Net"):
         assert needle in text, needle
     for png in ("fig2_memory_vs_tile.png", "fig3_time_vs_input.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"

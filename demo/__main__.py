@@ -18,7 +18,7 @@ import time  # noqa: E402
 import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-PARTS = ("walkthrough", "residual", "training", "resolution")
+PARTS = ("walkthrough", "residual", "training", "resolution", "segmentation")
 
 
 def run_part(name: str, reports_dir: Path, quick: bool) -> None:
@@ -35,6 +35,9 @@ def run_part(name: str, reports_dir: Path, quick: bool) -> None:
     elif name == "resolution":
         from demo import resolution
         resolution.main(reports_dir, quick=quick)
+    elif name == "segmentation":
+        from demo import segmentation
+        segmentation.main(reports_dir, quick=quick)
 
 
 def main(argv: list[str] | None = None) -> int:

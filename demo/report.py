@@ -151,6 +151,77 @@ def resolution_section(res: dict) -> list[str]:
     return lines
 
 
+def segmentation_section(res: dict) -> list[str]:
+    cfg, plan, test = res["config"], res["stream_plan"], res["test"]
+    d, tile, owned = cfg["distance"], cfg["tile"], plan["owned"]
+    counts = res["training"]["per_step_counts"]
+    lines = [
+        "## 5. Segmentation with context wider than a tile",
+        "",
+        "![segmentation](segmentation.png)",
+        "",
+        f"Synthetic {cfg['size']}x{cfg['size']} images (`demo/segmentation.py`, seeded): textured noise with "
+        f"{cfg['markers'][0]} to {cfg['markers'][1]} small bright markers (discs of radius {cfg['marker_radius']}); "
+        f"a pixel's label is 1 where it lies within {d} pixels of a marker's pixel. The label needs context "
+        f"{2 * d + 1} pixels wide: a pixel {d} px to the right of a marker (label 1) and one {d + 1} px to its "
+        f"right (label 0, with no other marker near) can have identical surroundings out to {d - 1} px, so any "
+        f"model that decides a pixel from a narrower window gets one of them wrong. The U-Net (channels "
+        f"{tuple(cfg['channels'])}; per level a 2x2 max-pool and a 3x3 convolution, back up by 2x2 "
+        f"`nn.ConvTranspose2d`, skips concatenated) sees {plan['receptive_field']} px.",
+        "",
+        f"It is streamed with {tile}x{tile} input tiles ({plan['num_tiles']} per image): a tile's outputs "
+        f"need its {plan['overlap']} px of overlap, so each tile computes a {owned}x{owned} block of the output "
+        f"(yellow in the figure), narrower than the {2 * d + 1} px a label depends on: near a block's edge, "
+        f"a pixel's label can depend on a marker inside a neighbouring block. (The tile cannot be narrower than the "
+        f"receptive field: streaming is exact because each tile's input holds its outputs' whole receptive "
+        f"field, and `plan()` gives {plan['min_tile']} px as the least tile here.) Cutting the image into "
+        f"independent {tile}x{tile} patches instead, the usual way to fit memory, hides from a positive pixel "
+        f"the marker that makes it positive whenever that marker lies in another patch: "
+        f"{100 * test['blind_fraction_of_positives']:.0f}% of the held-out images' positive pixels (green in "
+        f"the figure); from its patch alone, such a pixel's label cannot be told.",
+        "",
+        f"Training: Adam, learning rate {cfg['lr']:g}, {cfg['steps']} steps of one new image each, float32, "
+        f"every step's loss and gradients from `Streaming(unet, {tile}).pixel_loss(image, mask, "
+        f"binary_cross_entropy_with_logits)` (mean over pixels), {res['training']['seconds']:.0f} s. Each "
+        f"tile ran one forward and, at once, one backward per step: on every step `last_stats` counted "
+        + "; ".join(f"{c['tiles']} tiles, {c['tiles_computed']} computed, {c['backward_recomputed']} recomputed "
+                    f"by the loss's backward, and hooks counted {c['module_forward_calls']} forward calls of "
+                    f"the U-Net and {c['module_backward_calls']} backward calls through its outputs"
+                    for c in counts)
+        + f" (the streamed `forward` and its backward would run each tile twice forward: once, and again in "
+          f"the recomputation). Held-out: {cfg['n_test']} images the training never saw, predicted by streamed "
+          f"inference into a numpy array (`Streaming(unet, {tile})(x, out=array)` under `no_grad`), scores "
+          f"their mean:",
+        "",
+        f"| prediction | IoU of label 1 | pixel error | error on the positives whose marker is outside their "
+        f"{tile} px patch |",
+        "|:---|---:|---:|---:|",
+    ]
+    for way, name in (("streamed", f"streamed, {tile} px tiles"),
+                      ("patchwise", f"the same network on independent {tile} px patches")):
+        r = test[way]
+        lines.append(f"| {name} | {r['iou']:.3f} | {100 * r['pixel_error']:.2f}% | {100 * r['blind_error']:.1f}% |")
+    lines += [
+        "",
+        f"(Label 1 covers {100 * test['positive_fraction']:.1f}% of the held-out pixels. The patchwise row runs the "
+        f"streamed-trained network on patches to show what the patches hide; a network trained on such patches "
+        f"could not tell those pixels from negative ones whose patches look the same.)",
+        "",
+        "Streamed against conventional autograd on the whole image, on the first step (same weights, the first "
+        "training image), relative differences (largest |difference| over the largest |value|, per parameter "
+        "tensor, worst tensor):",
+        "",
+        "| dtype | loss | parameter gradients | tolerance |",
+        "|:---|---:|---:|---:|",
+    ]
+    for dtype, c in res["first_step_check"].items():
+        lines.append(f"| {dtype} | {fmt(c['loss_rel_diff'])} | {fmt(c['grad_rel_diff'])} | {c['tolerance']:.0e} |")
+    lines += ["", "The tolerances are the tests' (float64: `verify/test_pixel_loss.py`, float32: "
+              "`verify/test_upsampling.py`): the tiles compute the same values, and the gradients' sums over "
+              "tiles run in another order (round-off only)."]
+    return lines
+
+
 FIGURE_PARTS = ("walkthrough", "residual")  # parts that only draw a figure and keep no results file
 TRAINING_RUNS = (("float32", "conventional"), ("float32", "streaming"), ("float32", "control"),
                  ("float64", "conventional"), ("float64", "streaming"))
@@ -161,13 +232,16 @@ def training_seconds(res: dict) -> float:
     return sum(res[dtype][run]["seconds"] for dtype, run in TRAINING_RUNS if run in res.get(dtype, {}))
 
 
-def runtime_line(training: dict | None, resolution: dict | None, figures: dict[str, float]) -> str:
+def runtime_line(training: dict | None, resolution: dict | None, figures: dict[str, float],
+                 segmentation: dict | None = None) -> str:
     """The runtime of the results shown, from their own JSON; ``figures``: this run's figure-only parts."""
     parts = []
     if training:
         parts.append(f"training equivalence {training_seconds(training):.0f} s (its training runs)")
     if resolution:
         parts.append(f"resolution {resolution['seconds']:.0f} s")
+    if segmentation:
+        parts.append(f"segmentation {segmentation['seconds']:.0f} s")
     parts += [f"{name} {s:.0f} s" for name, s in figures.items()]
     return (f"On {platform.machine()} with {torch.get_num_threads()} torch threads, torch {torch.__version__}: "
             + (", ".join(parts) or "nothing run yet")
@@ -206,9 +280,13 @@ def write(reports_dir: Path, seconds: dict[str, float], quick: bool = False) -> 
         "![residual overlap](residual_overlap.png)",
         "",
         "Explained in [docs/residual.md](../docs/residual.md).",
+        "",
     ]
+    segmentation = load(reports_dir / "segmentation.json")
+    lines += (segmentation_section(segmentation) if segmentation
+              else ["## 5. Segmentation with context wider than a tile", "", "(not run)"])
     figures = {k: v for k, v in seconds.items() if k in FIGURE_PARTS}
-    lines += ["", "## Runtime", "", runtime_line(training, resolution, figures), ""]
+    lines += ["", "## Runtime", "", runtime_line(training, resolution, figures, segmentation), ""]
     path = reports_dir / "DEMO.md"
     path.write_text("\n".join(lines))
     return path

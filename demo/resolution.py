@@ -356,11 +356,6 @@ def main(reports_dir: Path, quick: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-    import argparse
+    from demo import figure_cli
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small images and few steps, for smoke tests")
-    parser.add_argument("--reports", type=Path, default=None, help="output folder")
-    args = parser.parse_args()
-    default = Path("reports/_raw/quick") if args.quick else Path("reports")
-    main(args.reports or default, quick=args.quick)
+    figure_cli.run_experiment(main, __doc__)

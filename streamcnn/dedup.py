@@ -74,7 +74,7 @@ def allowed(graph) -> bool:
     x̂`` over every position) that a streamed implementation gathers per tile in passes of
     its own, and those passes must see every tile. This is the hook for that: dedup stays
     off there until those passes are shown to combine duplicates exactly."""
-    return not any(step.kind == "norm" for step in graph.steps)
+    return not any(step.norm is not None for step in graph.steps)
 
 
 def geometry_key(tile: Tile, tilings, raw: torch.Tensor) -> tuple:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import operator
 import os
 from dataclasses import dataclass, field
 
@@ -389,6 +390,10 @@ class _Analysis:
             expr = rules.size_arithmetic(node.target, args, kwargs)
             if expr is not None:  # (a number only where it crops or pads: rules.SizeExpr)
                 return expr
+        if node.op == "call_function" and node.target in (getattr, operator.getitem) and args \
+                and isinstance(args[0], tuple) and hasattr(type(args[0]), "n_fields") \
+                and isinstance(args[1], (str, int)):  # torch.max(x, dim).values: one field only
+            return node.target(*args)
         refused = rules.first_refused((args, kwargs))
         ctx = _Context(self, node)
         if refused is None and rules.contains((args, kwargs), rules.Pooled) and not \

@@ -957,10 +957,10 @@ def global_step(ctx, x: FMap, dims, keepdim: bool, kind: str, p=None, indices: b
     spatial = {k for k, role in enumerate(x.dims) if isinstance(role, int)}
     if set(dims) != spatial:
         return ctx.refuse(
-            "it reduces over some of the spatial positions only, or over them and the channels "
-            "or the batch together (per-row or per-column pooling, a mean of the whole tensor): "
-            "streamcnn streams a reduction over all the spatial positions of each sample and "
-            "channel (global pooling, as in squeeze-and-excitation)")
+            "it reduces over spatial positions, but over some spatial axes only or over the "
+            "channels or the batch too (per-row or per-column pooling, a mean of the whole "
+            "tensor): streamcnn streams a reduction over all the spatial positions of each "
+            "sample and channel (global pooling, as in squeeze-and-excitation)")
     if kind not in GLOBAL_KINDS or (kind == "norm" and p not in (2, 2.0, "fro")):
         what = f"a {p}-norm" if kind == "norm" else kind
         return ctx.refuse(

@@ -526,7 +526,7 @@ class SelectiveKernelStack(SelectiveKernelNoStack):
     (SelfAttention2d(8), "flattens the spatial dimensions"),
     (SplitAttention(8), "spatial size"),
     (GlobalContext(8), "spatial size"),
-    (PerRowPool(), "some of the spatial positions"),
+    (PerRowPool(), "some spatial axes only"),
     (SelectiveKernelStack(8), "stack"),
 ])
 def test_refused_clearly(block, words):

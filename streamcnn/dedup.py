@@ -78,7 +78,7 @@ def allowed(graph) -> bool:
 
     Not when the module returns several feature maps (``TracedGraph.maps``): a group's key,
     its copies and its summed gradients are written for one owned output per tile."""
-    return len(graph.maps) == 1 and not any(step.kind == "norm" for step in graph.steps)
+    return len(graph.maps) == 1 and not any(step.norm is not None for step in graph.steps)
 
 
 def geometry_key(tile: Tile, tilings, raw: torch.Tensor) -> tuple:

@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from . import rules
+from . import reductions, rules
 from .binding import bind_call
 from .errors import StreamingError, internal_assert
 from .moments import ChannelStats
@@ -66,7 +66,7 @@ def norm_calls(graph) -> list:
     """Every normalisation call of a tile, in order: a :class:`NormNode`, or None for one with
     frozen statistics (or not needed), which runs as it is."""
     calls = []
-    for node, step in graph.norm_nodes():
+    for node, step, _ in graph.norm_nodes():
         if step is None:
             calls.append(None)
             continue
@@ -196,9 +196,15 @@ class NormState:
     whole-map terms of (N1) found so far, and each tile's owned part of each input map."""
 
     calls: list
-    stats: dict = field(default_factory=dict)  # node name -> ChannelStats of its input
-    terms: dict = field(default_factory=dict)  # node name -> (a, b) broadcast per channel
+    funcs: list = field(default_factory=list)  # the function a tile calls for each of calls
+    stats: dict = field(default_factory=dict)  # node name -> ChannelStats of its input (Reduced)
+    terms: dict = field(default_factory=dict)  # node name -> (a, b) broadcast per channel (G)
     crops: dict = field(default_factory=dict)  # node name -> {tile index: index of its owned part}
+
+    @classmethod
+    def of(cls, graph) -> "NormState":
+        """The whole-map steps of ``graph`` (normalisations over space and global steps)."""
+        return cls(norm_calls(graph), [f for _, _, f in graph.norm_nodes()])
 
     @property
     def nodes(self) -> list[NormNode]:
@@ -227,6 +233,7 @@ class NormMode(TorchFunctionMode):
         self.sites: dict = {}  # call site -> the node of every call the forward made there
         self.replay = False
         self.replayed: dict = {}  # node -> how often a recomputation ran it
+        self.intercepted = frozenset(state.funcs)  # (with global steps: reductions too)
 
     def replaying(self) -> None:
         """The tile's forward is done: calls from now on recompute ones it made."""
@@ -234,11 +241,13 @@ class NormMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func not in _FUNCTIONS:
+        if func not in _FUNCTIONS and func not in self.intercepted:
             return func(*args, **kwargs)
-        node = self._node(call_site())
+        node = self._node(call_site(), func)
         if node is None:
             return func(*args, **kwargs)
+        if isinstance(node.norm, rules.Global):
+            return self._global(node, func, args, kwargs)
         _, bound = bind_call(func, args, kwargs, lambda v: isinstance(v, torch.Tensor))
         x = bound["input"]
         if node.name in self.probes and self.record is not None:
@@ -266,11 +275,47 @@ class NormMode(TorchFunctionMode):
                      self.state.terms.get(node.name), batch)
         return Normalise.apply(x, mean, rstd, weight, bias, tile)
 
-    def _node(self, site):
+    def _global(self, node, func, args, kwargs):
+        """A reduction over every position (a global step): the whole map's value (with grad:
+        through :class:`reductions.Reduce`); ``record`` sees a probed one's input; a backward
+        pass makes a probed one's value a leaf; not yet known: the tile's own (not needed)."""
+        x = args[0] if args else next(iter(kwargs.values()))
+        if node.name in self.probes and self.record is not None:
+            self.record(node, x)
+        reduced = self.state.stats.get(node.name)
+        if reduced is None:
+            return func(*args, **kwargs)
+        g = node.norm
+        value = reductions.value_of(reduced, g, x)
+        if g.indices:  # (values and the tile's indices, which the trace lets nothing use)
+            with torch.no_grad():
+                own = func(*args, **kwargs)
+            wrap = lambda v: type(own)((v, own.indices))  # noqa: E731
+        else:
+            wrap = lambda v: v  # noqa: E731
+        if self.leaves is not None and node.name in self.probes:
+            leaf = value.detach().requires_grad_()
+            self.leaves.setdefault(node.name, []).append((leaf, x, None, None, None))
+            return wrap(leaf.clone())
+        if not torch.is_grad_enabled() or not x.requires_grad:
+            return wrap(value)
+        crops = self.state.crops.get(node.name)
+        tile = reductions.TileGrad(crops[self.index] if crops is not None else None,
+                                   self.state.terms.get(node.name), reduced, self.index)
+        return wrap(reductions.Reduce.apply(x, value, tile, g))
+
+    def _node(self, site, func=None):
         """The :class:`NormNode` (or None: runs as it is) a call at ``site`` belongs to."""
         if not self.replay:
             internal_assert(self.k < len(self.state.calls), "more normalisation calls than traced nodes")
             node = self.state.calls[self.k]
+            if self.state.funcs and func is not None and self.state.funcs[self.k] is not func:
+                raise StreamingError(
+                    f"a tile called {getattr(func, '__name__', func)} where the traced graph "
+                    f"calls {getattr(self.state.funcs[self.k], '__name__', '?')}: the module "
+                    f"makes a normalisation or reduction call outside the code torch.fx traced "
+                    f"(a hook, or a value computed in Python), so streaming cannot tell which "
+                    f"whole-map step each call is; move that call out of the streamed module")
             self.k += 1
             self.sites.setdefault(site, []).append(node)
             return node

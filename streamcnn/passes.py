@@ -29,9 +29,11 @@ from .errors import internal_assert
 from .function import TileRunner, backward_owned
 from .moments import Moments, all_but_channels
 from .norms import NormMode, NormState, Terms, check_values, correction_terms, frozen_modules, \
-    group_sums, levels, norm_calls, statistic_groups
+    group_sums, levels, statistic_groups
+from .reductions import Accumulator
+from .rules import Global
 from .state import Snapshot, substituted, tile_scope
-from .tiling import count, owned_crops
+from .tiling import count, owned_crops, owned_origins
 
 
 @dataclass(frozen=True)
@@ -55,13 +57,13 @@ class StatisticsPass:
 
     def __init__(self, runner: TileRunner, graph, bar=None, state: NormState | None = None):
         self.runner, self.graph, self.bar = runner, graph, bar
-        self.state = state or NormState(norm_calls(graph))
+        self.state = state or NormState.of(graph)
 
     def run(self, probes: list[Probe]) -> dict:
         """key -> :class:`Moments` of every probe's map over the whole input (normalisations
         normalise with ``self.state``'s statistics)."""
         crops = {p.step: owned_crops(self.graph, self.runner.tilings, p.step) for p in probes}
-        sums = {p.key: Moments() for p in probes}
+        sums = {p.key: self._accumulator(p) for p in probes}
         by_node = {p.norm_node: p for p in probes if p.norm_node}
         seen: list = []
         current = {}
@@ -69,7 +71,9 @@ class StatisticsPass:
         def record(probe: Probe, value: torch.Tensor):
             part = value[crops[probe.step][current["tile"].index]]
             norm = self.graph.steps[probe.step].norm
-            if probe.norm_node and norm:
+            if probe.norm_node and isinstance(norm, Global):
+                sums[probe.key].add(part, current["tile"].index)
+            elif probe.norm_node and norm:
                 sums[probe.key].add(*statistic_groups(part, norm))
             else:
                 sums[probe.key].add(part, all_but_channels(self.graph.steps[probe.step].dims))
@@ -93,6 +97,15 @@ class StatisticsPass:
             hooks.remove()
         return sums
 
+    def _accumulator(self, probe: Probe):
+        """Moments of a map; a global step's reduction (:class:`reductions.Accumulator`)."""
+        g = self.graph.steps[probe.step].norm
+        if not (probe.norm_node and isinstance(g, Global)):
+            return Moments()
+        if g.kind in ("max", "min"):  # (which tile owns the first extreme)
+            return Accumulator(g, *owned_origins(self.graph, self.runner.tilings, probe.step))
+        return Accumulator(g)
+
     def _run_tile(self, tile, mode) -> None:
         with torch.no_grad():
             tile_input = self.runner.feed(self.runner.read(self.runner.source, tile))
@@ -113,7 +126,7 @@ def forward_statistics(runner: TileRunner, graph, state: NormState, bar=None) ->
         for key, moments in StatisticsPass(runner, graph, bar, state).run(probes).items():
             state.stats[key] = moments.stats()
         for n in state.nodes:
-            if level_of[n.name] == level:
+            if level_of[n.name] == level and not isinstance(n.norm, Global):
                 check_values(n, state.stats[n.name], graph.steps[n.step].name)
 
 
@@ -136,6 +149,9 @@ def backward_terms(runner: TileRunner, graph, state: NormState, source, grads: l
                                              tensors, x_grad).items():
                 sums[name].add(h, hx)
         for n in nodes:
+            if isinstance(n.norm, Global):  # G, the whole-map gradient of its value
+                state.terms[n.name] = sums[n.name].h
+                continue
             shape = (source.shape[0], graph.steps[n.step].channels or state.stats[n.name].mean.numel())
             state.terms[n.name] = correction_terms(n, sums[n.name], state.stats[n.name], *shape)
 
@@ -158,6 +174,10 @@ def _tile_terms(runner, state, tile, nodes, source, grads, tensors, x_grad) -> d
         made = leaves[n.name]
         leaf, x, mean, rstd, weight = made[0]
         g = sum((m[0].grad for m in made if m[0].grad is not None), torch.zeros_like(leaf))
+        if isinstance(n.norm, Global):  # its part of G, in the keepdim shape
+            shape = [1 if k in n.norm.dims else size for k, size in enumerate(x.shape)]
+            found[n.name] = (g.detach().reshape(shape), g.new_zeros(()))
+            continue
         h = g if weight is None else g * weight.detach().view((1, -1) + (1,) * (g.dim() - 2))
         with torch.no_grad():
             found[n.name] = (group_sums(h, n.norm), group_sums(h * ((x - mean) * rstd), n.norm))

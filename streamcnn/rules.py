@@ -113,6 +113,35 @@ class Norm:
     groups: int = 1  # GroupNorm's num_groups
 
 
+@dataclass(frozen=True)
+class Global:
+    """A reduction of a feature map over all its spatial positions (a global step:
+    squeeze-and-excitation's pooling, GRN's norm), one value per sample and channel, which
+    the caller streams (``streamcnn.reductions``). ``kind``: "mean", "sum", "amax"/"amin"
+    (torch shares the gradient evenly among tied extremes), "max"/"min" (adaptive max
+    pooling and ``max(dim)``: the gradient goes to the first extreme in row-major order), or
+    "norm" (the L2 norm). ``dims``: the reduced dimensions of its input (its spatial ones);
+    ``keepdim``: whether the result keeps them (as size 1); ``indices``: the call also
+    returns indices (``torch.max(x, dim)``), which only a tile computes."""
+
+    kind: str
+    dims: tuple
+    keepdim: bool = True
+    indices: bool = False
+    training = False  # (updates no running statistics)
+
+
+@dataclass(frozen=True)
+class Pooled:
+    """A value computed from whole-map reductions (:class:`Global`) and constants only: one
+    value per sample and channel, the same for every tile, so that any deterministic
+    operation on it streams. ``value``: a tensor of its shape and dtype (zeros; None before
+    the input's batch and channels are known); ``steps``: the global steps it depends on."""
+
+    value: torch.Tensor | None
+    steps: tuple  # FMaps of Global steps
+
+
 class UnknownNumber(Unknown):
     """A batch or channel count not known until the input is, or number arithmetic on it
     (``x.size(1) ** -0.5``): one number, the same at every position."""
@@ -146,7 +175,7 @@ def contains(value, kinds) -> bool:
 
 def is_dynamic(value) -> bool:
     """Whether ``value`` (or anything inside it) depends on the streamed input."""
-    return contains(value, (FMap, Shape, Refused, Unknown))
+    return contains(value, (FMap, Shape, Refused, Unknown, Pooled))
 
 
 def first_refused(value, skip=()):
@@ -412,23 +441,53 @@ def pointwise(ctx, *args, **kwargs):
     others. One feature map: pointwise; several (``clamp(x, min=a)``, ``where``): a merge."""
     values = list(args) + list(kwargs.values())
     maps = [v for v in values if isinstance(v, FMap)]
-    if any(contains(v, FMap) and not isinstance(v, FMap) for v in values):
+    pooled = [v for v in values if isinstance(v, Pooled)]
+    if any(contains(v, (FMap, Pooled)) and not isinstance(v, (FMap, Pooled)) for v in values):
         return ctx.refuse("it takes feature maps inside a list or tuple argument")
     if not maps or any(contains(v, Shape) or (contains(v, Unknown) and
                                               not isinstance(v, UnknownNumber)) for v in values):
         return ctx.refuse("it uses the feature map's shape (or a size not known before the "
                           "input) as an operand")
-    for c in values:
-        if isinstance(c, torch.Tensor):
-            problem = _broadcastable(ctx, maps[0], c)
-            if problem is not None:
-                return problem
+    constants = [c.value if isinstance(c, Pooled) else c for c in values
+                 if isinstance(c, torch.Tensor) or (isinstance(c, Pooled) and c.value is not None)]
+    for c in constants:
+        problem = _broadcastable(ctx, maps[0], c)
+        if problem is not None:
+            return problem
     # a one-channel map broadcast against per-channel constants has their channels
-    widths = [_constant_channels(maps[0], c) for c in values if isinstance(c, torch.Tensor)]
+    widths = [_constant_channels(maps[0], c) for c in constants]
     channels = _broadcast_channels(ctx, maps, widths)
+    if pooled:
+        return _broadcast(ctx, maps, pooled, channels)
     if len(maps) == 1:
         return _pointwise(ctx, maps[0], channels=-1 if channels == maps[0].channels else channels)
     return merge(ctx, maps, channels=channels)
+
+
+def _broadcast(ctx, maps, pooled, channels) -> FMap:
+    """Feature maps combined elementwise with values reduced over the whole map: a merge
+    whose inputs are the maps and the global steps those values come from (a tile uses
+    the whole image's values; the merge is valid where the maps and the reductions' inputs
+    are, as for any merge)."""
+    longest = max(maps, key=lambda x: len(x.dims))
+    if any(x.dims != longest.dims[len(longest.dims) - len(x.dims):] for x in maps):
+        return ctx.refuse("it combines feature maps in different layouts "
+                          + " and ".join(layout(x) for x in maps))
+    steps = list({g.index: g for p in pooled for g in p.steps}.values())
+    return ctx.step(Merge(), list(maps) + steps, longest.dims, channels, f"{ctx.name} gives")
+
+
+@takes_maps("input", "other")
+def expand_as(ctx, input, other):
+    """``gate.expand_as(x)`` (ECA): a value reduced over the whole map broadcast to a map's
+    shape streams as the broadcast it is; a feature map expanded is refused."""
+    if isinstance(input, Pooled) and isinstance(other, FMap):
+        if input.value is not None:
+            problem = _broadcastable(ctx, other, input.value)
+            if problem is not None:
+                return problem
+        return _broadcast(ctx, [other], [input], other.channels)
+    return ctx.refuse("it expands a feature map to the shape of another value")
 
 
 def _channel_dim_op(ctx, input, dim, what):
@@ -738,6 +797,10 @@ def flatten(ctx, input, start_dim=0, end_dim=-1):
     merged = input.dims[start:end + 1]
     if len(merged) <= 1:
         return _pointwise(ctx, input)
+    if all(isinstance(role, int) for role in merged):
+        return ctx.refuse("it flattens the spatial dimensions (a sequence of positions, as for "
+                          "attention or x.flatten(2).mean(-1)); for global pooling write "
+                          "x.mean((2, 3)) or nn.AdaptiveAvgPool2d(1), which stream")
     return ctx.refuse(f"it reshapes the feature map: it flattens dimensions {start}..{end} of "
                       f"layout {layout(input)} together, mixing space and channels")
 
@@ -872,8 +935,8 @@ def reduction(ctx, input, dim=None, keepdim=False, other=None, out=None, *, kind
     rank = len(input.dims)
     dims = _reduced(dim, rank)
     if any(isinstance(input.dims[d], int) for d in dims):
-        return ctx.refuse("it reduces over spatial positions (global pooling or statistics over "
-                          "the feature map), which a tile does not all hold")
+        return global_step(ctx, input, dims, keepdim, kind, _.get("p", "fro"),
+                           indices=kind in _WITH_INDICES and dim is not None)
     new_dims = input.dims if keepdim else tuple(r for k, r in enumerate(input.dims) if k not in dims)
     if "C" not in new_dims:
         return ctx.refuse("it removes the channel dimension")
@@ -882,6 +945,53 @@ def reduction(ctx, input, dim=None, keepdim=False, other=None, out=None, *, kind
     if kind in _WITH_INDICES and dim is not None:
         return _WITH_INDICES[kind]((values, _pointwise(ctx, input, dims=new_dims, channels=channels)))
     return values
+
+
+GLOBAL_KINDS = ("mean", "sum", "amax", "amin", "max", "min", "norm")
+
+
+def global_step(ctx, x: FMap, dims, keepdim: bool, kind: str, p=None, indices: bool = False):
+    """A reduction of ``x`` over all its spatial positions: a global step (:class:`Global`),
+    whose value, one per sample and channel, is a :class:`Pooled`. Reductions over some
+    spatial axes only, or over space and channels together, are refused."""
+    spatial = {k for k, role in enumerate(x.dims) if isinstance(role, int)}
+    if set(dims) != spatial:
+        return ctx.refuse(
+            "it reduces over spatial positions, but over some spatial axes only or over the "
+            "channels or the batch too (per-row or per-column pooling, a mean of the whole "
+            "tensor): streamcnn streams a reduction over all the spatial positions of each "
+            "sample and channel (global pooling, as in squeeze-and-excitation)")
+    if kind not in GLOBAL_KINDS or (kind == "norm" and p not in (2, 2.0, "fro")):
+        what = f"a {p}-norm" if kind == "norm" else kind
+        return ctx.refuse(
+            f"it reduces over spatial positions with {what}, which streamcnn does not stream "
+            f"(it streams the mean, sum, amax, amin, max, min and the L2 norm over all positions)")
+    step = ctx.step(Pointwise(), [x], x.dims, x.channels, x.source,
+                    norm=Global(kind, tuple(dims), keepdim, indices))
+    shape = [1 if k in spatial else ctx.batch if role == "N" else x.channels
+             for k, role in enumerate(x.dims) if keepdim or k not in spatial]
+    value = None if None in shape else torch.zeros(
+        shape, dtype=ctx.dtype or torch.get_default_dtype(), device=ctx.device or "cpu")
+    out = Pooled(value, (step,))
+    if indices:
+        return _WITH_INDICES[kind]((out, ctx.refuse(
+            "it uses the indices of an extreme over the whole feature map, which no tile holds")))
+    return out
+
+
+def adaptive_pool(ctx, input, output_size, return_indices=False, *, rank, kind):
+    """Adaptive pooling to size 1 (global pooling): a global step; to other sizes refused."""
+    problem = _window_input(ctx, input, rank, f"adaptive {kind} pool")
+    if problem is not None:
+        return problem
+    if return_indices:
+        return ctx.refuse("it has return_indices=True: its indices point into the whole feature "
+                          "map", fix="use return_indices=False")
+    if any(o != 1 for o in _per_axis(output_size, rank)):
+        return ctx.refuse(f"{GLOBAL} to a size other than 1 (only global pooling, output size "
+                          f"1, streams)")
+    spatial = tuple(k for k, role in enumerate(input.dims) if isinstance(role, int))
+    return global_step(ctx, input, spatial, True, kind)
 
 
 def _reducer(kind: str):
@@ -1080,10 +1190,22 @@ DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.F
 BATCHNORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm)
 NORM_MODULES = BATCHNORM_MODULES + (nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d)
 NORM_FUNCTIONS = (F.batch_norm, F.group_norm, F.instance_norm)
+#: the function each normalisation layer calls (what a tile's torch-function mode sees)
+NORM_LAYER_FUNCTIONS = {**{t: F.batch_norm for t in BATCHNORM_MODULES}, nn.GroupNorm: F.group_norm,
+                        nn.InstanceNorm1d: F.instance_norm, nn.InstanceNorm2d: F.instance_norm}
+#: calls that may reduce over every spatial position (global steps), as a tile makes them
+GLOBAL_LAYER_FUNCTIONS = {nn.AdaptiveAvgPool1d: F.adaptive_avg_pool1d,
+                          nn.AdaptiveAvgPool2d: F.adaptive_avg_pool2d,
+                          nn.AdaptiveMaxPool1d: F.adaptive_max_pool1d,
+                          nn.AdaptiveMaxPool2d: F.adaptive_max_pool2d}
+GLOBAL_FUNCTIONS = frozenset(GLOBAL_LAYER_FUNCTIONS.values()) | {
+    torch.mean, torch.sum, torch.amax, torch.amin, torch.max, torch.min, torch.norm}
+GLOBAL_METHODS = frozenset({"mean", "sum", "amax", "amin", "max", "min", "norm"})
 #: layer types that fix the spatial rank of their input
 RANK = {nn.Conv1d: 1, nn.MaxPool1d: 1, nn.AvgPool1d: 1, nn.BatchNorm1d: 1, nn.ConvTranspose1d: 1,
         nn.Conv2d: 2, nn.MaxPool2d: 2, nn.AvgPool2d: 2, nn.BatchNorm2d: 2, nn.ConvTranspose2d: 2,
-        nn.PixelShuffle: 2, nn.PixelUnshuffle: 2}
+        nn.PixelShuffle: 2, nn.PixelUnshuffle: 2, nn.AdaptiveAvgPool1d: 1, nn.AdaptiveMaxPool1d: 1,
+        nn.AdaptiveAvgPool2d: 2, nn.AdaptiveMaxPool2d: 2}
 
 
 def _max_pool_module(ctx, m, x):
@@ -1107,6 +1229,10 @@ MODULES = {
     **{t: _upsample_module for t in (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)},
     nn.PixelShuffle: lambda ctx, m, x: pixel_shuffle(ctx, x, m.upscale_factor),
     nn.PixelUnshuffle: lambda ctx, m, x: pixel_unshuffle(ctx, x, m.downscale_factor),
+    **{t: (lambda r, k: lambda ctx, m, x: adaptive_pool(
+        ctx, x, m.output_size, getattr(m, "return_indices", False), rank=r, kind=k))(r, k)
+       for t, r, k in ((nn.AdaptiveAvgPool1d, 1, "mean"), (nn.AdaptiveAvgPool2d, 2, "mean"),
+                       (nn.AdaptiveMaxPool1d, 1, "max"), (nn.AdaptiveMaxPool2d, 2, "max"))},
     nn.PReLU: lambda ctx, m, x: prelu(ctx, x, m.weight),
     nn.RReLU: lambda ctx, m, x: rrelu(ctx, x, training=m.training),
     **{t: lambda ctx, m, x: softmax_like(ctx, x, m.dim) for t in (nn.Softmax, nn.LogSoftmax,
@@ -1136,8 +1262,6 @@ MODULES = {
 NON_LOCAL_MODULES = (
     ((nn.Bilinear, nn.LazyLinear), "it connects every position of the feature map"),
     ((nn.Unflatten,), "it reshapes the feature map, mixing space and channels"),
-    ((nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d),
-     "adaptive/global pooling looks at the whole feature map"),
     ((nn.Fold, nn.Unfold), "it reshapes the feature map into patches, mixing space and channels"),
     ((nn.FractionalMaxPool2d,), "its random pooling regions depend on the whole feature map"),
     ((nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
@@ -1193,10 +1317,11 @@ FUNCTIONS = {
         torch.tanh, torch.exp, torch.log, torch.abs, torch.neg, torch.sqrt, torch.rsqrt,
         torch.square, torch.clamp, torch.clip, torch.erf, torch.sin, torch.cos, operator.neg,
         operator.pos, torch.clone, torch.detach, torch.logical_not)},
-    **{f: _why(GLOBAL) for f in (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
-                                 F.adaptive_max_pool1d, F.adaptive_max_pool2d,
-                                 F.adaptive_max_pool1d_with_indices,
-                                 F.adaptive_max_pool2d_with_indices)},
+    **{f: (lambda r, k: lambda ctx, *a, **kw: adaptive_pool(ctx, *a, **kw, rank=r, kind=k))(r, k)
+       for f, r, k in ((F.adaptive_avg_pool1d, 1, "mean"), (F.adaptive_avg_pool2d, 2, "mean"),
+                       (F.adaptive_max_pool1d, 1, "max"), (F.adaptive_max_pool2d, 2, "max"))},
+    **{f: _why(GLOBAL + " with indices") for f in (F.adaptive_max_pool1d_with_indices,
+                                                   F.adaptive_max_pool2d_with_indices)},
     F.interpolate: interpolate, F.upsample: upsample, F.upsample_nearest: upsample_nearest,
     F.upsample_bilinear: upsample_bilinear,
     F.conv_transpose1d: lambda ctx, *a, **k: conv_transpose(ctx, *a, **k, rank=1),
@@ -1226,7 +1351,7 @@ METHODS = {
     "flatten": flatten, "view": reshape, "reshape": reshape, "view_as": reshape,
     "reshape_as": reshape, "unflatten": reshape,
     "chunk": chunk, "split": split,
-    "size": size, "dim": dim_method,
+    "size": size, "dim": dim_method, "expand_as": expand_as,
     "register_hook": register_hook,
     **{name: draws_random for name in ("bernoulli", "bernoulli_", "normal_", "uniform_", "random_",
                                  "exponential_", "geometric_", "cauchy_", "log_normal_")},
@@ -1268,7 +1393,8 @@ def module_handler(m: nn.Module):
 def supported_summary() -> str:
     return ("supported: Conv1d/2d, MaxPool1d/2d, AvgPool1d/2d, zero padding, elementwise "
             "activations, Identity, BatchNorm and Dropout in eval mode, LayerNorm/Linear over "
-            "channels, arithmetic, residual adds and torch.cat along channels")
+            "channels, arithmetic, residual adds and torch.cat along channels, global pooling "
+            "and what is computed from it (squeeze-and-excitation)")
 
 
 def is_random_call(op: str, target) -> bool:

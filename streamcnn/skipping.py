@@ -40,7 +40,7 @@ _POWERS = {torch.pow, operator.pow, "pow", "pow_"}
 def allowed(graph) -> bool:
     """Whether zero-gradient tiles of a pass through ``graph`` (a ``TracedGraph``) may be
     skipped (see the module docstring)."""
-    if any(step.kind == "norm" for step in graph.steps):
+    if any(step.norm is not None for step in graph.steps):
         return False
     return not any(_unbounded(node) for node in graph.graph.nodes)
 

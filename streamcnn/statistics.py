@@ -26,7 +26,7 @@ from .channels_last import use_channels_last
 from .function import TileRunner
 from .inputs import check_source, module_device, module_dtype
 from .moments import ChannelStats, Moments
-from .norms import NormState, levels, norm_calls, update_running
+from .norms import NormState, levels, update_running
 from .progress import bar as progress_bar
 from .passes import Probe, StatisticsPass, forward_statistics, total_tiles
 from .sources import ImageArray, source_of, tensor_of
@@ -197,7 +197,7 @@ class _Job:
         """The probes' moments, after the statistics of any normalisation over space (which
         normalises with the whole input's, as in ``Streaming``; its running statistics are
         not updated: this is not a training step)."""
-        state = NormState(norm_calls(self.graph))
+        state = NormState.of(self.graph)
         runner = self.runner(list(targets) + [n.step for n in state.nodes])
         passes = len(set(levels(self.graph, state.nodes).values())) if state.nodes else 0
         self.bar.grow(total_tiles(runner) * (passes + 1))
@@ -208,7 +208,7 @@ class _Job:
 def _batch_norm_statistics(module, batch, tile_size, transform, channels_last, bar):
     """(BatchNorm module, its batch statistics) for every call, one pass per level."""
     job = _Job(module, batch, tile_size, transform, channels_last, bar)
-    state = NormState(norm_calls(job.graph))
+    state = NormState.of(job.graph)
     runner = job.runner([n.step for n in state.nodes])
     bar.grow(total_tiles(runner) * len(set(levels(job.graph, state.nodes).values())))
     forward_statistics(runner, job.graph, state, bar)

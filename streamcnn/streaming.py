@@ -20,7 +20,7 @@ from .function import Job, StreamFunction, TileRunner, autocast_state
 from .keeping import Kept, check_budget, tiles_kept
 from .inputs import check_source, expected_ndim, module_device, module_dtype
 from .plan import plan
-from .norms import NormState, counters, norm_calls, update_running
+from .norms import NormState, counters, update_running
 from .passes import backward_terms, forward_statistics
 from .sources import source_of, tensor_of
 from .tiling import count, outputs, owned_crops, tile_image
@@ -312,7 +312,7 @@ class Streaming(nn.Module):
 def _stream_norms(runner: TileRunner, graph) -> NormState | None:
     """For a graph with normalisations over space: their whole-image statistics (one streamed
     pass per level), the running statistics updated once, and the tiles set to use them."""
-    norms = NormState(norm_calls(graph))
+    norms = NormState.of(graph)
     if not norms.nodes:
         return None
     norms.crops = {n.name: owned_crops(graph, runner.tilings, n.step) for n in norms.nodes}

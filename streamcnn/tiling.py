@@ -142,6 +142,18 @@ def outputs(graph: TracedGraph, tilings) -> Outputs:
     return Outputs(graph.outputs, graph.output_paths, maps, spatial, parts)
 
 
+def owned_origins(graph: TracedGraph, tilings, step: int) -> tuple[dict[tuple, tuple], tuple]:
+    """Tile index -> where the part of step ``step``'s value that tile owns begins in the
+    whole value (one index per dimension, 0 for non-spatial ones); and the value's length
+    per dimension (0 for non-spatial ones)."""
+    owns = [ownership(graph.axis(a), t, step) for a, t in enumerate(tilings)]
+    dims = graph.steps[step].dims
+    lengths = tuple(max(owns[d].own_stops) if isinstance(d, int) else 0 for d in dims)
+    origins = {index: tuple(owns[d].own_starts[index[d]] if isinstance(d, int) else 0 for d in dims)
+               for index in itertools.product(*(range(len(t.starts)) for t in tilings))}
+    return origins, lengths
+
+
 def count(tilings: tuple[AxisTiling, ...]) -> int:
     return math.prod(len(t.starts) for t in tilings)
 

@@ -25,6 +25,7 @@ import dataclasses
 from fractions import Fraction
 import inspect
 import math
+import operator
 import os
 from dataclasses import dataclass, field
 
@@ -57,11 +58,11 @@ class GraphStep:
 
     @property
     def kind(self) -> str:
-        """"input", "window", "pointwise", "merge", "upsample" or "norm"."""
+        """"input", "window", "pointwise", "merge", "upsample", "norm" or "global"."""
         if not self.rules:
             return "input"
         if self.norm is not None:
-            return "norm"
+            return "global" if isinstance(self.norm, rules.Global) else "norm"
         return ("merge" if any(isinstance(r, Merge) for r in self.rules) else
                 "upsample" if any(isinstance(r, (Upsample, Transposed)) for r in self.rules) else
                 "window" if any(isinstance(r, Window) for r in self.rules) else "pointwise")
@@ -113,18 +114,25 @@ class TracedGraph:
         steps[first] = 0  # a module that returns its input (an empty Sequential)
         return [steps.get(node) for p, node in self.calls if p == path]
 
+    @property
+    def has_globals(self) -> bool:
+        return any(isinstance(s.norm, rules.Global) for s in self.steps)
+
     def norm_nodes(self) -> list:
-        """The fx nodes that call a normalisation (BatchNorm, GroupNorm, InstanceNorm modules,
-        ``F.batch_norm``/``group_norm``/``instance_norm``), in the order a tile runs them, each
-        with its step: a ``norm`` step, or None (frozen statistics, or not needed)."""
+        """The fx nodes a tile's whole-map steps are found among, in the order a tile runs
+        them, each with its step (a ``norm`` or ``global`` step, or None: frozen statistics,
+        or a call that needs none) and the function a tile calls (:func:`runtime_function`):
+        every normalisation (BatchNorm, GroupNorm, InstanceNorm modules,
+        ``F.batch_norm``/``group_norm``/``instance_norm``) and, in a graph with global steps,
+        every call that may reduce over space (``rules.GLOBAL_CALLS``)."""
         steps = self.node_steps()
         found = []
         for node in self.graph.nodes:
-            is_module = node.op == "call_module" and isinstance(
-                self.root.get_submodule(node.target), rules.NORM_MODULES)
-            if is_module or (node.op == "call_function" and node.target in rules.NORM_FUNCTIONS):
+            func = runtime_function(node, self.root, self.has_globals)
+            if func is not None:
                 step = steps.get(node.name)
-                found.append((node, step if step is not None and self.steps[step].norm else None))
+                found.append((node, step if step is not None and self.steps[step].norm else None,
+                              func))
         return found
 
 
@@ -152,6 +160,22 @@ def common_grid(axis: tuple[Step, ...], maps: tuple[int, ...]) -> Step:
     widest = max(maps, key=lambda i: (need(i), i))
     return Step(Window(1, int(lcm / Fraction(found[widest].stride))), (widest,),
                 f"the output maps' common grid (stride {lcm})")
+
+
+def runtime_function(node: fx.Node, root: nn.Module, globals_too: bool):
+    """The function a tile calls for ``node`` where it is a normalisation or (``globals_too``)
+    a reduction that may span the map, as a torch-function mode sees it (a layer's forward
+    calls its functional form; a method is ``torch.Tensor``'s); None for other nodes."""
+    if node.op == "call_module":
+        kind = type(root.get_submodule(node.target))
+        found = rules.NORM_LAYER_FUNCTIONS.get(kind)
+        return found if found is not None or not globals_too else rules.GLOBAL_LAYER_FUNCTIONS.get(kind)
+    if node.op == "call_function":
+        return node.target if node.target in rules.NORM_FUNCTIONS or (
+            globals_too and node.target in rules.GLOBAL_FUNCTIONS) else None
+    if node.op == "call_method" and globals_too and node.target in rules.GLOBAL_METHODS:
+        return getattr(torch.Tensor, node.target)
+    return None
 
 
 class Pipeline(nn.Module):
@@ -415,8 +439,18 @@ class _Analysis:
                 return expr
             if _is_namedtuple(node.target):
                 return node.target(*args, **kwargs)  # a structure of values (an output's)
+            if node.target in (getattr, operator.getitem) and args and isinstance(args[0], tuple) \
+                    and hasattr(type(args[0]), "n_fields") and isinstance(args[1], (str, int)):
+                return node.target(*args)  # torch.max(x, dim).values: one field only
         refused = rules.first_refused((args, kwargs))
         ctx = _Context(self, node)
+        if refused is None and rules.contains((args, kwargs), rules.Pooled) and not \
+                rules.contains((args, kwargs), (FMap, Shape)):
+            value = self._on_pooled(ctx, node, args, kwargs)
+            if rules.is_in_place(node.op, node.target, node.kwargs) and args and \
+                    isinstance(node.args[0], fx.Node) and isinstance(args[0], rules.Pooled):
+                env[node.args[0]] = value
+            return value
         sizes = (rules.SpatialSize, rules.SizeExpr)
         if isinstance(refused, sizes) and getattr(self._handler(node), "takes_sizes", False):
             refused = rules.first_refused((args, kwargs), skip=sizes)
@@ -436,6 +470,38 @@ class _Analysis:
                 isinstance(node.args[0], fx.Node) and isinstance(args[0], FMap):
             env[node.args[0]] = value
         return value
+
+    def _on_pooled(self, ctx, node, args, kwargs):
+        """A call on values reduced over the whole map (and constants): it computes the same
+        on every tile, so it streams, unless it draws random numbers or updates running
+        statistics (once per tile instead of once). Its value: the call run on the values'
+        stand-ins (zeros of their shapes), which gives its shape, or refuses it."""
+        if rules.is_random_call(node.op, node.target):
+            return rules.draws_random(ctx)
+        steps = tuple({g.index: g for p in _pooled_in((args, kwargs)) for g in p.steps}.values())
+        module = self.root.get_submodule(node.target) if node.op == "call_module" else None
+        if (module is not None and isinstance(module, rules.NORM_MODULES) and module.training
+                and getattr(module, "running_mean", None) is not None) or (
+                node.target is torch.nn.functional.batch_norm and len(args) > 1 and args[1] is not None
+                and (kwargs.get("training") or (len(args) > 5 and args[5]))):
+            return ctx.refuse("it normalises a value pooled over the whole map in training mode, "
+                              "updating its running statistics on every tile",
+                              fix=f"call .eval() on it, or {rules.MOVE}")
+        if any(p.value is None for p in _pooled_in((args, kwargs))) or rules.contains(
+                (args, kwargs), rules.Unknown):
+            return rules.Pooled(None, steps)
+        real = lambda v: v.value if isinstance(v, rules.Pooled) else v  # noqa: E731
+        args, kwargs = _map_values((args, kwargs), real)
+        rng = torch.random.get_rng_state()
+        try:
+            out = self._evaluate(node, args, kwargs)
+        except Exception as err:  # noqa: BLE001 (torch's own error, reported as a refusal)
+            return ctx.refuse(f"computing it on a value pooled over the whole map failed: "
+                              f"{type(err).__name__}: {err}")
+        if not torch.equal(rng, torch.random.get_rng_state()):
+            torch.random.set_rng_state(rng)
+            return rules.draws_random(ctx)
+        return _map_values(out, lambda v: rules.Pooled(v, steps) if isinstance(v, torch.Tensor) else v)
 
     def _handler(self, node):
         """The ``rules`` handler of a function or method call (None: none)."""
@@ -518,6 +584,11 @@ class _Analysis:
         refused = rules.first_refused(out)
         if refused is not None:
             raise refused.error
+        if rules.contains(out, rules.Pooled):
+            raise StreamingError(
+                "the streamed module returns a value pooled over the whole feature map (global "
+                "pooling); Streaming returns feature maps: stream the part before the pooling "
+                "and pool its output (or keep the pooled value inside, as a gate)")
         found, spec = tree_flatten_with_path(out)
         paths = tuple(keystr(p) for p, _ in found)
         if not found:
@@ -596,6 +667,28 @@ def _plain(value):
     return value
 
 
+def _pooled_in(value) -> list:
+    """Every :class:`rules.Pooled` in ``value`` (tuples, lists, dicts)."""
+    if isinstance(value, rules.Pooled):
+        return [value]
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else ()
+    return [p for v in items for p in _pooled_in(v)]
+
+
+def _map_values(value, f):
+    """``value`` with ``f`` applied to every leaf (in tuples, lists, dicts; torch.Size and
+    torch.return_types kept as they are)."""
+    if isinstance(value, torch.Size):
+        return value
+    if isinstance(value, tuple) and hasattr(type(value), "n_fields"):
+        return type(value)(tuple(_map_values(v, f) for v in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_map_values(v, f) for v in value)
+    if isinstance(value, dict):
+        return {k: _map_values(v, f) for k, v in value.items()}
+    return f(value)
+
+
 def _misplaced_map(ctx, handler, args, kwargs):
     """Refusal of a feature map in an argument the handler does not stream (a convolution
     weight computed from the image, say): no feature map is left out of a step."""
@@ -604,7 +697,7 @@ def _misplaced_map(ctx, handler, args, kwargs):
         return None
     named = list(kwargs.items()) + [(_positional_name(handler, k), a) for k, a in enumerate(args)]
     for name, value in named:
-        if name not in allowed and rules.contains(value, FMap):
+        if name not in allowed and rules.contains(value, (FMap, rules.Pooled)):
             what = f"its '{name}' argument" if isinstance(name, str) else f"argument {name + 1}"
             return ctx.refuse(f"it takes a feature map as {what}, which streamcnn streams only "
                               f"as {' or '.join(repr(a) for a in allowed)}")

@@ -1564,6 +1564,11 @@ CATALOG = {
     **{_module(t): layer_kind for t in LAYER_AS_FUNCTION},
     **{_module(t): non_local_layer for kinds, _ in rules.NON_LOCAL_MODULES for t in kinds},
     **{_module(t): non_local_layer for t in RESAMPLING_LAYERS},
+    # global pooling (output size 1) streams as a global step: built as before, merged into the map
+    **{_module(t): non_local_layer for t in (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+                                            nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)},
+    _method("expand_as"): lambda s, key, valid: Out(Call("method", "expand_as", (Ref(s.pick()),
+                                                                                  Ref(s.pick())))),
     **{k: spatial_norm for k in (_module(nn.GroupNorm), _module(nn.InstanceNorm1d),
                                  _module(nn.InstanceNorm2d), _function(F.group_norm),
                                  _function(F.instance_norm))},
@@ -1572,7 +1577,7 @@ CATALOG = {
 #: entries that are local: called validly (``valid=True``), streamcnn must stream them
 CURATED = [key for key in CATALOG if key[1] not in (
     *rules.RANDOM_FUNCTIONS, *rules.RANDOM_METHODS, "register_hook", torch.reshape, "view",
-    "reshape", "view_as", "reshape_as", "unflatten", torch.where, *WITH_INDICES) and CATALOG[key] not in (
+    "reshape", "view_as", "reshape_as", "unflatten", "expand_as", torch.where, *WITH_INDICES) and CATALOG[key] not in (
     refused_function, non_local_layer)]
 
 

@@ -70,12 +70,13 @@ def stem_then(block):
 
 
 CASES = {
-    "squeeze-excitation": (Block(SqueezeExcitation(4)),
-                           r"layer '1\.0\.block\.2\.avgpool' \(AdaptiveAvgPool2d\) cannot be streamed: "
-                           r"adaptive/global pooling"),
-    "global mean": (Block(Functional(lambda x: x - x.mean((2, 3), keepdim=True))),
-                    r"operation 'mean' in '1\.0\.block\.2' \(Functional\) cannot be streamed: it reduces "
-                    r"over spatial positions"),
+    "adaptive pooling to a size other than 1": (
+        Block(Functional(lambda x: x * F.adaptive_avg_pool2d(x, (1, 2)).mean(3, keepdim=True))),
+        r"operation 'adaptive_avg_pool2d' in '1\.0\.block\.2' \(Functional\) cannot be streamed: "
+        r"it pools over the whole feature map .* to a size other than 1"),
+    "per-row mean": (Block(Functional(lambda x: x - x.mean(3, keepdim=True))),
+                     r"operation 'mean' in '1\.0\.block\.2' \(Functional\) cannot be streamed: it reduces "
+                     r"over spatial positions, but over some spatial axes only"),
     "layer norm over space": (Block(Functional(lambda x: F.layer_norm(x, x.shape[1:]))),
                               r"operation .* in '1\.0\.block\.2' \(Functional\) cannot be streamed: it "
                               r"reads the feature map's spatial size"),
@@ -196,8 +197,8 @@ def test_refusal_comes_before_any_tile_runs():
 
 
 def test_refused_at_construction_when_known_then():
-    with pytest.raises(StreamingError, match=r"layer '1\.0\.block\.2\.avgpool' \(AdaptiveAvgPool2d\)"):
-        Streaming(stem_then(Block(SqueezeExcitation(4))), 12)
+    with pytest.raises(StreamingError, match=r"layer '1\.0\.block\.2' \(AdaptiveAvgPool2d\)"):
+        Streaming(stem_then(Block(nn.AdaptiveAvgPool2d(2))), 12)
 
 
 def test_modes_are_checked_at_every_call_not_at_construction():

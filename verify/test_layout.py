@@ -10,7 +10,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "streamcnn"
 ORDER = ["_args", "errors", "progress", "allocator", "geometry", "binding", "channels_last", "rules", "trace",
-         "tiling", "moments", "slides", "sources", "inputs", "state", "norms", "prefetch", "dedup", "skipping",
+         "tiling", "moments", "slides", "sources", "inputs", "state", "reductions", "norms", "prefetch", "dedup", "skipping",
          "keeping",
          "memory", "plan", "function", "passes", "dense", "streaming", "statistics", "testing", "tuning", "__init__"]
 

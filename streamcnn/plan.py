@@ -14,6 +14,7 @@ from ._args import AXIS_NAMES, normalize_shape, normalize_tile_size
 from .geometry import AxisReceptiveField, axis_receptive_field, fields, lengths
 from .inputs import check_input_dtype, check_shape, module_device, module_dtype
 from .memory import graph_peak, no_grad_peak, probe
+from .rules import Global
 from .norms import levels, norm_calls
 from .keeping import tiles_kept
 from .tiling import count, tile_image
@@ -154,6 +155,7 @@ class StreamPlan:
     forward_passes: int = 1  # streamed passes over the tiles, forward (statistics + the forward)
     backward_passes: int = 1  # and backward (whole-map gradient terms + the backward)
     kept_tiles: int = 0  # the forward's last tiles that keep their graphs (keep_graphs)
+    global_steps: int = 0  # reductions over the whole map (squeeze-and-excitation's pooling)
     tile_grid: tuple = ()
     pixel_loss_peak_bytes: int = 0
     inference_peak_bytes: int = 0
@@ -166,6 +168,14 @@ class StreamPlan:
         backward pass (recompute and backpropagate) costs about three forwards, and every
         statistics pass at most a whole pass (those forward stop after their level)."""
         return (self.forward_passes + 3 * self.backward_passes) / 4
+
+    @property
+    def pixel_loss_time_factor(self) -> float:
+        """The same bound for a :meth:`Streaming.pixel_loss` step over one without whole-map
+        steps, whose one pass (a forward and its backward) costs about three forwards: each
+        level adds a statistics pass (a forward at most) and a backward-terms pass (three)."""
+        levels = self.forward_passes - 1
+        return (levels + 3 * levels + 3) / 3
 
     @property
     def num_tiles(self) -> int:
@@ -244,14 +254,17 @@ class StreamPlan:
                 f"backward does not recompute them, about {100 * saved:.0f}% of the step"]
 
     def _norm_lines(self) -> list[str]:
-        if not self.norms:
+        if not self.norms and not self.global_steps:
             return []
-        lines = [f"  {self.norms} normalisation{'s' if self.norms != 1 else ''} with whole-image "
-                 f"statistics (BatchNorm in training mode, GroupNorm, InstanceNorm) in "
-                 f"{self.norm_levels} level{'s' if self.norm_levels != 1 else ''}: "
-                 f"{self.forward_passes} forward and {self.backward_passes} backward passes over "
-                 f"the tiles,",
-                 f"    up to {self.time_factor:.1f}× the time of a step with frozen statistics"]
+        what = [f"{self.norms} normalisation{'s' if self.norms != 1 else ''} with whole-image "
+                f"statistics (BatchNorm in training mode, GroupNorm, InstanceNorm)"] if self.norms else []
+        what += [f"{self.global_steps} global step{'s' if self.global_steps != 1 else ''} (pooling "
+                 f"over the whole map: squeeze-and-excitation, GRN)"] if self.global_steps else []
+        lines = [f"  {' and '.join(what)} in {self.norm_levels} "
+                 f"level{'s' if self.norm_levels != 1 else ''}: {self.forward_passes} forward and "
+                 f"{self.backward_passes} backward passes over the tiles,",
+                 f"    up to {self.time_factor:.1f}× the time of a step with frozen statistics "
+                 f"(a pixel_loss step: {self.pixel_loss_time_factor:.1f}× one without them)"]
         if self.time_factor > 4:
             lines.append("    that is many passes: to avoid them, freeze BatchNorm's statistics (call "
                          ".eval() on its layers after model.train(), as the prostate paper did)")
@@ -411,8 +424,9 @@ def _norm_passes(graph) -> dict:
     if not nodes:
         return {}
     depth = len(set(levels(graph, nodes).values()))
-    return dict(norms=len(nodes), norm_levels=depth, forward_passes=depth + 1,
-                backward_passes=depth + 1)
+    pooled = sum(isinstance(n.norm, Global) for n in nodes)
+    return dict(norms=len(nodes) - pooled, global_steps=pooled, norm_levels=depth,
+                forward_passes=depth + 1, backward_passes=depth + 1)
 
 
 def _location(input_device, device: torch.device) -> str:

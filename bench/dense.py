@@ -203,9 +203,12 @@ def _summary(judged: dict) -> str:
     if not judged:
         return "No pixel_loss point could be judged: conventional training was not measured beside one."
     met = [k for k, v in judged.items() if v["time_met"] and v["memory_met"]]
+    timely = [k for k, v in judged.items() if v["time_met"] and not v["memory_met"]]
     disturbed = sum(v["disturbed"] for v in judged.values())
-    return (f"The target is met at {len(met)} of {len(judged)} pixel_loss points measured beside conventional "
-            f"training" + (f" ({', '.join(met)})" if met else "") + "."
+    return (f"The target (time and memory) is met at {len(met)} of {len(judged)} pixel_loss points measured "
+            f"beside conventional training" + (f" ({', '.join(met)})" if met else "") + "."
+            + (f" {', '.join(timely)} meets the time bound with a larger tile, trading memory for time (more than "
+               f"an eighth of conventional's)." if timely else "")
             + (f" {disturbed} of them had other work competing for the cores (\"other work\"): rerun those on a "
                f"quiet machine before trusting the verdict." if disturbed else ""))
 

@@ -80,12 +80,17 @@ class UNet(nn.Module):
                                   for _ in range(depth))
         self.head = conv(c, 2, 1)
 
-    def forward(self, x):
+    def encode(self, x):
+        """The stem and the way down: the deepest map, and the skips finest first."""
         x = torch.relu(self.stem(x))
         skips = []
         for down in self.downs:
             skips.append(x)
             x = down(x)
+        return x, skips
+
+    def forward(self, x):
+        x, skips = self.encode(x)
         for up, fuse, skip in zip(self.ups, self.fuse, reversed(skips)):
             x = up(x)
             x = torch.cat([skip, x], 1) if self.skip == "cat" else x + skip
@@ -499,3 +504,34 @@ def test_identical_tiles_are_computed_once():
     streamed(x)
     stats = streamed.last_stats.forward
     assert stats.computed < stats.tiles
+
+
+class SqueezeExciteUNet(UNet):
+    """A U-Net whose decoder blocks end in squeeze-and-excitation (global steps, issue #31):
+    both frontiers at once."""
+
+    def __init__(self):
+        super().__init__("transposed 2/2", depth=2)
+        self.squeeze = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(4, 2, 1),
+                                                   nn.ReLU(), nn.Conv2d(2, 4, 1), nn.Sigmoid())
+                                     for _ in self.fuse)
+
+    def forward(self, x):
+        x, skips = self.encode(x)
+        for up, fuse, se, skip in zip(self.ups, self.fuse, self.squeeze, reversed(skips)):
+            x = torch.tanh(fuse(torch.cat([skip, up(x)], 1)))
+            x = x * se(x)
+        return self.head(x)
+
+
+def test_unet_with_squeeze_and_excitation():
+    torch.manual_seed(0)
+    net = SqueezeExciteUNet().double()
+    cmp = compare(net, rand(2, 3, 92, 76), 40)
+    assert cmp.worst <= F64, cmp
+    target = torch.randint(0, 2, (2, 92, 76), generator=torch.Generator().manual_seed(3))
+    loss_fn = functools.partial(F.cross_entropy, reduction="none")
+    x = rand(2, 3, 92, 76)
+    expected = torch.autograd.grad(loss_fn(net(x), target).mean(), list(net.parameters()))
+    got = torch.autograd.grad(Streaming(net, 40).pixel_loss(x, target, loss_fn), list(net.parameters()))
+    assert max(rel_err(g, e) for g, e in zip(got, expected)) <= F64

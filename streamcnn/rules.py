@@ -971,7 +971,7 @@ def global_step(ctx, x: FMap, dims, keepdim: bool, kind: str, p=None, indices: b
     shape = [1 if k in spatial else ctx.batch if role == "N" else x.channels
              for k, role in enumerate(x.dims) if keepdim or k not in spatial]
     value = None if None in shape else torch.zeros(
-        shape, dtype=ctx.dtype or torch.get_default_dtype(), device=ctx.device or "cpu")
+        shape, dtype=ctx.map_dtype, device=ctx.device or "cpu")
     out = Pooled(value, (step,))
     if indices:
         return _WITH_INDICES[kind]((out, ctx.refuse(

@@ -359,6 +359,16 @@ class _Context:
         self.spatial_norms = analysis.spatial_norms
         self.name = analysis.describe(node)
 
+    @property
+    def map_dtype(self) -> torch.dtype:
+        """The dtype feature maps compute in: the input's where it is floating point, else
+        (a uint8 image with a transform) the one dtype of the module's layers, or torch's
+        default."""
+        if self.dtype is not None and self.dtype.is_floating_point:
+            return self.dtype
+        dtypes = {d for _, d in self.analysis.root.layer_dtypes}
+        return dtypes.pop() if len(dtypes) == 1 else torch.get_default_dtype()
+
     def step(self, rule, inputs, dims, channels, source="the input has", norm=None,
              channels_last_unsafe=False) -> FMap:
         return self.analysis.add_step(self, rule, inputs, dims, channels, source, norm,

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import streamcnn
 from streamcnn import Streaming, StreamingError
 from streamcnn.testing import ALL_PATHS, ENTRIES, METHODS, Path, compare
 
@@ -545,3 +546,68 @@ def test_training_batchnorm_on_the_pooled_vector_is_refused():
     net = nn.Sequential(stem(), SEModule(8, 4)).double().train()
     with pytest.raises(StreamingError, match="pooled over the whole map in training mode"):
         Streaming(net, 12)(rand(2, 3, 24, 24))
+
+
+# ---------------------------------------------------------------- arrays, random graphs
+
+def test_uint8_array_with_a_transform():
+    """A uint8 channels-last array read tile by tile, a transform to float64, SE gates: the
+    output and every parameter gradient as conventional autograd's on the converted image."""
+    import numpy as np
+
+    from streamcnn import ImageArray
+    torch.manual_seed(0)
+    net = nn.Sequential(stem(), SEModule(8, 4, norm_layer=None), nn.Conv2d(8, 4, 3, padding=1),
+                        EffectiveSEModule(4, add_maxpool=True)).double()
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 30, 34, 3), dtype=np.uint8)
+    transform = lambda t: t.double() / 255  # noqa: E731
+    x = transform(torch.from_numpy(pixels).permute(0, 3, 1, 2))
+    grad_out = rand(2, 4, 30, 34, seed=5)
+    expected = torch.autograd.grad(net(x), list(net.parameters()), grad_out)
+    y = Streaming(net, 14, transform=transform)(ImageArray(pixels, "NHWC"))
+    got = torch.autograd.grad(y, list(net.parameters()), grad_out)
+    assert (y - net(x)).abs().max() <= F64 * net(x).abs().max()
+    assert max(((g - e).abs().max() / e.abs().max()).item() for g, e in zip(got, expected)) <= F64
+
+
+def _gate(kind: str, c: int) -> nn.Module:
+    """One global step of the kinds real blocks use."""
+    if kind == "se":
+        return SEModule(c, max(c // 2, 1), norm_layer=None)
+    if kind == "effective-max":
+        return EffectiveSEModule(c, add_maxpool=True)
+    if kind == "eca":
+        return EcaModule(c)
+    return nn.Identity()
+
+
+class _Residual(nn.Module):
+    def __init__(self, branch: nn.Module):
+        super().__init__()
+        self.branch = branch
+
+    def forward(self, x):
+        return x + self.branch(x)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_graphs_with_global_steps_on_random_branches(seed):
+    """Seeded random stacks: convolutions (strided now and then), activations, and global
+    gates on the trunk or inside residual branches, several deep (levels nest), against
+    conventional autograd on a random entry path."""
+    import random
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    c, layers = 6, [nn.Conv2d(3, 6, 3, padding=1)]
+    for _ in range(rng.randint(2, 5)):
+        gate = _gate(rng.choice(["se", "effective-max", "eca", "none"]), c)
+        conv = nn.Conv2d(c, c, 3, stride=rng.choice([1, 1, 2]), padding=1)
+        if rng.random() < 0.5 and conv.stride == (1, 1):
+            layers.append(_Residual(nn.Sequential(conv, nn.ReLU(), gate)))
+        else:
+            layers += [conv, rng.choice([nn.ReLU(), nn.SiLU(), nn.Tanh()]), gate]
+    net = nn.Sequential(*layers)
+    side = rng.choice([36, 44, 52])
+    path = Path(rng.choice(ENTRIES), rng.choice(METHODS), rng.choice(["sum", "random"]))
+    least = max(streamcnn.plan(net.double(), (2, 3, side, side), side).min_tile_size)
+    check(net, rand(2, 3, side, side, seed=seed), rng.randint(least, max(least, side - 1)), paths=path)

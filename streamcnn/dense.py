@@ -43,7 +43,7 @@ from torch.utils._pytree import tree_flatten
 
 from .errors import StreamingError
 from .function import TileRunner, collect, refuse_higher_order
-from .norms import counters, update_running
+from .norms import counters, update_replayed
 from .passes import backward_terms
 from .state import Snapshot, TensorUse, backward_here, capture, module_tensors, \
     observing_gradient_hooks, substituted
@@ -281,9 +281,7 @@ def _run(runner: TileRunner, loss: PixelLoss, grad: bool,
             snapshot.check_tile()
             stats.tiles += 1
             stats.computed += 1
-    for node, times in replayed.items():  # as conventionally, where each run updates
-        for _ in range(times):
-            update_running([node], runner.norms.stats)
+    update_replayed(replayed, runner.norms)
     sums = {id(a): s for a, s in zip(wrt, sums)}
     return total, grad_x if reached else None, sums, captured
 

@@ -38,7 +38,7 @@ from .dedup import Duplicates, fingerprint, gradient_parts
 from .keeping import Kept
 from .errors import StreamingError, internal_assert
 from .prefetch import PassStats, Stats, prefetched, timed, waited
-from .norms import NormMode, NormState, frozen_modules, update_running
+from .norms import NormMode, NormState, frozen_modules, update_replayed
 from .progress import bar as progress_bar
 from .skipping import FiniteWatch, all_finite, zero_gradient
 from .sources import TensorSource, digest
@@ -365,9 +365,7 @@ class TileRunner:
                         replayed = mode.replayed
                     stats.computed += 1
                     collect(sums, wrt)
-        for node, times in replayed.items():  # as conventionally, where each run updates
-            for _ in range(times):
-                update_running([node], self.norms.stats)
+        update_replayed(replayed, self.norms)
         return grad_x if reached else None, sums
 
     def _backprop(self, tile: Tile, ys: list, leaf, grads: list, need_x: bool, grad_x) -> bool:

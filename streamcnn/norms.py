@@ -392,6 +392,15 @@ def counters(nodes: list[NormNode]) -> frozenset:
 
 # ------------------------------------------------------------------ running statistics
 
+def update_replayed(replayed: dict, state: "NormState") -> None:
+    """The running statistics of each normalisation a ``torch.utils.checkpoint`` inside the
+    module ran again in a tile's backward (``NormMode.replayed``: node -> times), updated as
+    many times: conventionally each recomputation updates them once more."""
+    for node, times in replayed.items():
+        for _ in range(times):
+            update_running([node], state.stats)
+
+
 def update_running(nodes: list[NormNode], stats: dict) -> None:
     """Each layer's running statistics updated once, as one training-mode forward updates
     them: BatchNorm with its momentum (``None``: the cumulative average) and the unbiased

@@ -174,8 +174,7 @@ class StreamPlan:
         """The same bound for a :meth:`Streaming.pixel_loss` step over one without whole-map
         steps, whose one pass (a forward and its backward) costs about three forwards: each
         level adds a statistics pass (a forward at most) and a backward-terms pass (three)."""
-        levels = self.forward_passes - 1
-        return (levels + 3 * levels + 3) / 3
+        return (4 * self.norm_levels + 3) / 3
 
     @property
     def num_tiles(self) -> int:

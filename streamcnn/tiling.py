@@ -146,11 +146,11 @@ def owned_origins(graph: TracedGraph, tilings, step: int) -> tuple[dict[tuple, t
     """Tile index -> where the part of step ``step``'s value that tile owns begins in the
     whole value (one index per dimension, 0 for non-spatial ones); and the value's length
     per dimension (0 for non-spatial ones)."""
-    owns = [ownership(graph.axis(a), t, step) for a, t in enumerate(tilings)]
     dims = graph.steps[step].dims
-    lengths = tuple(max(owns[d].own_stops) if isinstance(d, int) else 0 for d in dims)
-    origins = {index: tuple(owns[d].own_starts[index[d]] if isinstance(d, int) else 0 for d in dims)
-               for index in itertools.product(*(range(len(t.starts)) for t in tilings))}
+    places = {index: place for index, (_, place) in _owned(graph, tilings, step, dims).items()}
+    origins = {index: tuple(p.start or 0 for p in place) for index, place in places.items()}
+    lengths = tuple(max(place[k].stop for place in places.values()) if isinstance(d, int) else 0
+                    for k, d in enumerate(dims))
     return origins, lengths
 
 

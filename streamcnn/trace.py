@@ -392,7 +392,8 @@ class _Context:
         align = geometry.grid(graph)
         seen, found = set(), 0
         for n in range(align, 4097, align):
-            ns = tuple(geometry.lengths(graph, n)[x.index] for x in inputs)
+            every = geometry.lengths(graph, n)
+            ns = tuple(every[x.index] for x in inputs)
             if min(ns) <= 0 or not geometry.fits(graph, n):
                 continue
             seen.add(geometry.evaluate(expr, ns))

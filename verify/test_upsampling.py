@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_graph_refusals import Functional
 from test_streaming_properties import SETTINGS
 
 import streamcnn
@@ -289,7 +290,7 @@ def test_pad_to_the_skips_size():
 def test_constant_crop():
     """``x[..., 2:-2]`` after valid convolutions: a crop by constants."""
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), Lambda(lambda x: x[:, :, 2:-2, 1:]),
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), Functional(lambda x: x[:, :, 2:-2, 1:]),
                         nn.Conv2d(4, 2, 3)).double()
     cmp = compare(net, rand(1, 3, 40, 36), 16)
     assert cmp.worst <= F64, cmp
@@ -324,20 +325,11 @@ REFUSED = {
 }
 
 
-class Lambda(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(x)
-
-
 @pytest.mark.parametrize("name", sorted(REFUSED))
 def test_refusals_name_the_reason(name):
     layer, message = REFUSED[name]
     net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1),
-                        layer if isinstance(layer, nn.Module) else Lambda(layer),
+                        layer if isinstance(layer, nn.Module) else Functional(layer),
                         nn.Conv2d(4 if name != "channels-last layout" else 40, 2, 1)).double()
     with pytest.raises(StreamingError, match=message):
         Streaming(net, 16)(rand(1, 3, 40, 40))

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["BasicBlock", "Bottleneck", "conv1x1", "conv3x3", "resnet_front", "freeze_batchnorm",
-           "uniform_"]
+           "uniform_", "efficientnet_b0_front"]
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 
@@ -234,6 +234,110 @@ def resnet34_prostate(seed: int = 0) -> nn.Sequential:
     gen = torch.Generator().manual_seed(seed)
     sample = torch.randn(1, 3, 256, 256, generator=gen)
     return freeze_batchnorm(resnet_front(seed=seed), sample=sample, seed=seed)
+
+
+# ------------------------------------------------------------------ EfficientNet-B0
+
+def _make_divisible(v: float, divisor: int = 8, min_value: int | None = None) -> int:
+    """torchvision/models/_utils.py: _make_divisible."""
+    min_value = min_value or divisor
+    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
+    if new_v < 0.9 * v:
+        new_v += divisor
+    return new_v
+
+
+def conv_bn_act(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, act=nn.SiLU):
+    """torchvision/ops/misc.py: Conv2dNormActivation (padding (k - 1) // 2, no conv bias)."""
+    layers = [nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=groups, bias=False),
+              nn.BatchNorm2d(cout)]
+    if act is not None:
+        layers.append(act(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class SqueezeExcitation(nn.Module):
+    """torchvision/ops/misc.py: SqueezeExcitation (the same attributes and forward)."""
+
+    def __init__(self, input_channels: int, squeeze_channels: int, activation=nn.ReLU,
+                 scale_activation=nn.Sigmoid):
+        super().__init__()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(input_channels, squeeze_channels, 1)
+        self.fc2 = nn.Conv2d(squeeze_channels, input_channels, 1)
+        self.activation = activation()
+        self.scale_activation = scale_activation()
+
+    def _scale(self, input):
+        scale = self.avgpool(input)
+        scale = self.fc1(scale)
+        scale = self.activation(scale)
+        scale = self.fc2(scale)
+        return self.scale_activation(scale)
+
+    def forward(self, input):
+        scale = self._scale(input)
+        return scale * input
+
+
+class MBConv(nn.Module):
+    """torchvision/models/efficientnet.py: MBConv - expand (1x1), depthwise, squeeze-and-
+    excitation (squeeze channels max(1, input // 4), SiLU), project (1x1, no activation), and
+    the residual where the stride is 1 and the channels agree (``se_layer``, ``act``,
+    ``scale_activation`` and ``squeeze`` as MobileNetV3's InvertedResidual sets them). torchvision's stochastic
+    depth before the residual is left out: the identity in eval mode, which the benchmark uses."""
+
+    def __init__(self, cin: int, cout: int, expand: float, k: int, stride: int,
+                 se_layer=SqueezeExcitation, act=nn.SiLU, scale_activation=nn.Sigmoid,
+                 squeeze: int | None = None):
+        super().__init__()
+        self.use_res_connect = stride == 1 and cin == cout
+        hidden = _make_divisible(cin * expand, 8)
+        layers = []
+        if hidden != cin:
+            layers.append(conv_bn_act(cin, hidden, 1, act=act))
+        layers.append(conv_bn_act(hidden, hidden, k, stride, groups=hidden, act=act))
+        layers.append(se_layer(hidden, squeeze or max(1, cin // 4), activation=act,
+                               scale_activation=scale_activation))
+        layers.append(conv_bn_act(hidden, cout, 1, act=None))
+        self.block = nn.Sequential(*layers)
+
+    def forward(self, input):
+        result = self.block(input)
+        if self.use_res_connect:
+            result = result + input
+        return result
+
+
+#: torchvision's efficientnet_b0 stages: expand ratio, kernel, stride, input and output
+#: channels, layers (width and depth multipliers 1.0)
+B0_STAGES = ((1, 3, 1, 32, 16, 1), (6, 3, 2, 16, 24, 2), (6, 5, 2, 24, 40, 2), (6, 3, 2, 40, 80, 3),
+             (6, 5, 1, 80, 112, 3), (6, 5, 2, 112, 192, 4), (6, 3, 1, 192, 320, 1))
+
+
+def efficientnet_b0_front(stages: int = 5, seed: int = 0) -> nn.Sequential:
+    """``torchvision.models.efficientnet_b0().features[:1 + stages]``: the stem and the first
+    ``stages`` MBConv stages (5: through the stride-16 stage, 112 channels, 11 blocks each
+    with squeeze-and-excitation), with torchvision's initialisation (Kaiming-normal fan-out
+    convolutions, BatchNorm weight 1 and bias 0) from ``seed``, then BatchNorm frozen at the
+    statistics of a seeded 256×256 standard-normal image (``freeze_batchnorm``): eval mode."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        features = [conv_bn_act(3, 32, 3, 2)]
+        for expand, k, stride, cin, cout, n in B0_STAGES[:stages]:
+            features.append(nn.Sequential(*(MBConv(cin if i == 0 else cout, cout, expand, k,
+                                                   stride if i == 0 else 1) for i in range(n))))
+        net = nn.Sequential(*features)
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+    sample = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(seed))
+    return freeze_batchnorm(net, sample=sample, seed=seed)
 
 
 class UNet(nn.Module):

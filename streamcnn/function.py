@@ -72,6 +72,7 @@ class TileRunner:
         self.layout = torch.channels_last if channels_last else torch.contiguous_format
         self.digests: dict = {}  # tile origin -> digest of what the forward read (array sources)
         self.norms: NormState | None = None  # normalisations streamed with whole-image statistics
+        self.checkpoints = None  # their passes' stored maps (streamcnn.checkpoints), or None
         self.prefetch = prefetch
         internal_assert(not dedup or len(self.outputs.maps) == 1, "dedup of several output maps")
         self.duplicates = Duplicates(tilings, self._reread, keep=4 if source.fresh else None) \
@@ -80,6 +81,11 @@ class TileRunner:
         self.skip = skip
         self.finite: dict = {}  # tile index -> whether all it computed was finite (with skip)
         self._reading: PassStats | None = None  # the pass whose reads are counted
+
+    def close_checkpoints(self) -> None:
+        """Free the passes' stored maps (no backward pass will read them)."""
+        if self.checkpoints is not None:
+            self.checkpoints.close()
 
     def tiles(self, what: str, skip_first: bool = False):
         tiles = iter_tiles(self.tilings)
@@ -187,6 +193,10 @@ class TileRunner:
                 f"structured as {spec}, where the traced module returns feature maps at "
                 f"{', '.join(self.outputs.paths) or 'its top'}: the module does not behave like "
                 f"its traced graph (was it changed after the forward began?)")
+        return self.owned_leaves(leaves, tile, tile_input)
+
+    def owned_leaves(self, leaves: list, tile: Tile, tile_input: torch.Tensor) -> list:
+        """:meth:`owned` of the output's leaves (in ``torch.utils._pytree`` order)."""
         owned = []
         for leaf, part in zip(self.outputs.first_leaves, self.outputs.of(tile)):
             y = leaves[leaf]

@@ -225,8 +225,10 @@ class NormMode(TorchFunctionMode):
     its site says which (a site that made calls of different normalisations, a layer used
     twice or a loop, is refused there: its statistics cannot be told apart)."""
 
-    def __init__(self, state: NormState, tile_index, *, probes=(), record=None, leaves=None):
+    def __init__(self, state: NormState, tile_index, *, probes=(), record=None, leaves=None,
+                 order=None):
         super().__init__()
+        self.order = order  # which of state.calls a run from a checkpoint makes, in order
         self.state, self.index = state, tile_index
         self.probes, self.record, self.leaves = set(probes), record, leaves
         self.k = 0
@@ -307,12 +309,14 @@ class NormMode(TorchFunctionMode):
     def _node(self, site, func=None):
         """The :class:`NormNode` (or None: runs as it is) a call at ``site`` belongs to."""
         if not self.replay:
-            internal_assert(self.k < len(self.state.calls), "more normalisation calls than traced nodes")
-            node = self.state.calls[self.k]
-            if self.state.funcs and func is not None and self.state.funcs[self.k] is not func:
+            order = self.order if self.order is not None else range(len(self.state.calls))
+            internal_assert(self.k < len(order), "more normalisation calls than traced nodes")
+            k = order[self.k]
+            node = self.state.calls[k]
+            if self.state.funcs and func is not None and self.state.funcs[k] is not func:
                 raise StreamingError(
                     f"a tile called {getattr(func, '__name__', func)} where the traced graph "
-                    f"calls {getattr(self.state.funcs[self.k], '__name__', '?')}: the module "
+                    f"calls {getattr(self.state.funcs[k], '__name__', '?')}: the module "
                     f"makes a normalisation or reduction call outside the code torch.fx traced "
                     f"(a hook, or a value computed in Python), so streaming cannot tell which "
                     f"whole-map step each call is; move that call out of the streamed module")

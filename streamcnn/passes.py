@@ -20,10 +20,12 @@ per level, deepest first.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_leaves
 
 from .errors import internal_assert
 from .function import TileRunner, backward_owned
@@ -55,13 +57,16 @@ class _Enough(Exception):
 class StatisticsPass:
     """Runs passes over one input's tiles (``runner``: the input, its tiling, the pipeline)."""
 
-    def __init__(self, runner: TileRunner, graph, bar=None, state: NormState | None = None):
+    def __init__(self, runner: TileRunner, graph, bar=None, state: NormState | None = None,
+                 start=None, save=None):
         self.runner, self.graph, self.bar = runner, graph, bar
         self.state = state or NormState.of(graph)
+        self.start, self.save = start, save  # checkpoint cuts (streamcnn.checkpoints) or None
 
     def run(self, probes: list[Probe]) -> dict:
         """key -> :class:`Moments` of every probe's map over the whole input (normalisations
-        normalise with ``self.state``'s statistics)."""
+        normalise with ``self.state``'s statistics). With checkpoints, tiles start at the
+        cut ``start`` and store their owned part of the cut ``save`` as they pass it."""
         crops = {p.step: owned_crops(self.graph, self.runner.tilings, p.step) for p in probes}
         sums = {p.key: self._accumulator(p) for p in probes}
         by_node = {p.norm_node: p for p in probes if p.norm_node}
@@ -89,7 +94,9 @@ class StatisticsPass:
                 current["tile"] = tile
                 hooks.calls.clear()
                 mode = NormMode(self.state, tile.index, probes=by_node,
-                                record=lambda node, x: record(by_node[node.name], x))
+                                record=lambda node, x: record(by_node[node.name], x),
+                                order=None if self.start is None else
+                                self.runner.checkpoints.program.order(self.start.position))
                 self._run_tile(tile, mode)
                 internal_assert(len(seen) == len(probes), "a probed map was not computed by a tile")
                 snapshot.check_tile()
@@ -107,6 +114,8 @@ class StatisticsPass:
         return Accumulator(g)
 
     def _run_tile(self, tile, mode) -> None:
+        if self.start is not None:
+            return self._run_program(tile, mode)
         with torch.no_grad():
             tile_input = self.runner.feed(self.runner.read(self.runner.source, tile))
             try:
@@ -115,16 +124,67 @@ class StatisticsPass:
             except _Enough:
                 pass
 
+    def _run_program(self, tile, mode) -> None:
+        """The tile from the checkpoint ``start``, writing its part of ``save`` on the way."""
+        ck, saved = self.runner.checkpoints, []
+
+        def write(env):
+            ck.write(self.save, tile, env)
+            saved.append(True)
+
+        at = {self.save.position: write} if self.save is not None and self.save.names else {}
+        with torch.no_grad():
+            env = _start(self.runner, self.runner.source, tile, self.start, False)
+            try:
+                with tile_scope(self.runner.pipeline), frozen_modules(self.state.nodes), mode:
+                    ck.program.run(env, self.start.position, at=at)
+            except _Enough:
+                pass
+        internal_assert(saved or not at, "a pass ended before the checkpoint it stores")
+
+
+def _start(runner: TileRunner, source, tile, cut, x_grad: bool) -> dict:
+    """The values a run from ``cut`` starts with: the tile input, or the stored maps."""
+    ck = runner.checkpoints
+    if not cut.image:
+        return ck.read(cut, tile, runner.device)
+    raw = runner.read(source, tile).detach().requires_grad_(x_grad)
+    return {ck.program.placeholder: runner.feed(raw)}
+
 
 def forward_statistics(runner: TileRunner, graph, state: NormState, bar=None) -> None:
     """Fill ``state.stats`` with every normalisation's input statistics: one pass per level,
-    each normalising with the levels before it (their whole-image statistics)."""
+    each normalising with the levels before it (their whole-image statistics); with
+    checkpoints (``runner.checkpoints``), each starting at its level's stored maps."""
+    with _closing_on_failure(runner):
+        _forward_statistics(runner, graph, state, bar)
+
+
+@contextlib.contextmanager
+def _closing_on_failure(runner: TileRunner):
+    """Stored maps are removed at once when a pass fails (the step is lost)."""
+    try:
+        yield
+    except BaseException:
+        runner.close_checkpoints()
+        raise
+
+
+def _forward_statistics(runner: TileRunner, graph, state: NormState, bar=None) -> None:
     level_of = levels(graph, state.nodes)
-    for level in sorted(set(level_of.values())):
+    ck = runner.checkpoints
+    order = sorted(set(level_of.values()))
+    for k, level in enumerate(order):
         probes = [Probe(n.name, n.step, norm_node=n.name) for n in state.nodes
                   if level_of[n.name] == level]
-        for key, moments in StatisticsPass(runner, graph, bar, state).run(probes).items():
+        start = save = None
+        if ck is not None:
+            start = ck.cuts.forward[level]
+            save = ck.missing(ck.cuts.following(level)) if k + 1 < len(order) or ck.keep else None
+        for key, moments in StatisticsPass(runner, graph, bar, state, start, save).run(probes).items():
             state.stats[key] = moments.stats()
+        if ck is not None:
+            ck.passed(level)
         for n in state.nodes:
             if level_of[n.name] == level and not isinstance(n.norm, Global):
                 check_values(n, state.stats[n.name], graph.steps[n.step].name)
@@ -139,15 +199,39 @@ def backward_terms(runner: TileRunner, graph, state: NormState, source, grads: l
     each with the deeper levels' terms applied. A
     pass makes its normalisations' outputs leaves, so its backward stops there. Tiles
     require grad as the input did (``x_grad``), so that code that asks (a reentrant
-    ``checkpoint``) runs as it did conventionally."""
+    ``checkpoint``) runs as it did conventionally. With checkpoints, each pass starts at its
+    level's stored maps and ends at the gradient the deeper pass stored."""
+    with _closing_on_failure(runner):
+        _backward_terms(runner, graph, state, source, grads, tensors, bar, x_grad)
+    if runner.checkpoints is not None:
+        runner.checkpoints.grads.close()
+
+
+def _backward_terms(runner, graph, state, source, grads, tensors, bar, x_grad) -> None:
     level_of = levels(graph, state.nodes)
-    for level in sorted(set(level_of.values()), reverse=True):
+    ck = runner.checkpoints
+    order = sorted(set(level_of.values()))
+    inject = None  # the gradient cut the deeper pass stored (None: the outputs)
+    for level in reversed(order):
         nodes = [n for n in state.nodes if level_of[n.name] == level]
         sums = {n.name: Terms() for n in nodes}
+        save = None
+        if ck is not None and level != order[0]:
+            save = ck.cuts.gradient[level]
+            if save is not None and inject is not None and save.position == inject.position:
+                save = None  # (the same cut: its gradient is already complete)
         for tile in _ticking(runner, bar):
-            for name, (h, hx) in _tile_terms(runner, state, tile, nodes, source, grads,
-                                             tensors, x_grad).items():
+            if ck is None:
+                found = _tile_terms(runner, state, tile, nodes, source, grads, tensors, x_grad)
+            else:
+                found = _tile_terms_from(runner, state, tile, nodes, source, grads, tensors,
+                                         x_grad, (ck.cuts.following(level), inject, save))
+            for name, (h, hx) in found.items():
                 sums[name].add(h, hx)
+        if save is not None:
+            if inject is not None:
+                ck.drop_gradients(inject)
+            inject = save
         for n in nodes:
             if isinstance(n.norm, Global):  # G, the whole-map gradient of its value
                 state.terms[n.name] = sums[n.name].h
@@ -169,6 +253,52 @@ def _tile_terms(runner, state, tile, nodes, source, grads, tensors, x_grad) -> d
         ys = runner.owned(runner.pipeline(tile_input), tile, tile_input)
         mode.replaying()
         backward_owned(ys, grads(tile, ys) if callable(grads) else runner.owned_gradients(tile, grads))
+    return _found(nodes, leaves)
+
+
+def _tile_terms_from(runner, state, tile, nodes, source, grads, tensors, x_grad, cuts) -> dict:
+    """:func:`_tile_terms` with checkpoints: the traced program from the level's forward cut
+    ``start`` to the gradient cut ``inject`` (None: the outputs), whose stored gradient it
+    backpropagates from the positions the tile owns; on the way its gradient at the cut
+    ``save`` is added to the store (the values there are made leaves: the gradient from
+    everything after the cut, then passed on to the level's steps before it)."""
+    start, inject, save = cuts
+    ck = runner.checkpoints
+    leaves: dict = {}
+    cut: dict = {}
+    mode = NormMode(state, tile.index, probes={n.name for n in nodes}, leaves=leaves,
+                    order=ck.program.order(start.position))
+
+    def cut_here(env):
+        for name in save.names:
+            value = env[name]
+            leaf = value.detach().requires_grad_()
+            cut[name] = (value, leaf)
+            env[name] = leaf.clone()  # (a non-leaf: a layer after the cut may work in place)
+
+    with torch.enable_grad(), substituted(runner.pipeline, tensors), tile_scope(runner.pipeline), \
+            frozen_modules(state.nodes), mode:
+        env = _start(runner, source, tile, start, x_grad)
+        at = {save.position: cut_here} if save is not None else {}
+        out = ck.program.run(env, start.position, None if inject is None else inject.position, at)
+        if inject is None:  # (the traced structure: fx's dicts and lists, leaves in order)
+            outs = tree_leaves(out)
+            ys = runner.owned_leaves(outs, tile, env.get(ck.program.placeholder, outs[0]))
+            gs = grads(tile, ys) if callable(grads) else runner.owned_gradients(tile, grads)
+        else:
+            ys, gs = ck.owned_gradients(inject, tile, env)
+        mode.replaying()
+        backward_owned(ys, gs)
+        if save is not None:
+            ck.add_gradient(save, tile, {name: leaf.grad for name, (_, leaf) in cut.items()})
+            before = [(v, leaf.grad) for v, leaf in cut.values()
+                      if v.requires_grad and leaf.grad is not None]
+            backward_owned([v for v, _ in before], [g for _, g in before])
+    return _found(nodes, leaves)
+
+
+def _found(nodes, leaves) -> dict:
+    """Each node's part of its whole-map sums, from the gradients of the leaves it made."""
     found = {}
     for n in nodes:
         made = leaves[n.name]

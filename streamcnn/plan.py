@@ -17,7 +17,8 @@ from .memory import graph_peak, no_grad_peak, probe
 from .rules import Global
 from .norms import levels, norm_calls
 from .keeping import tiles_kept
-from .tiling import count, tile_image
+from . import checkpoints as _checkpoints
+from .tiling import count
 from .trace import analyse, analyse_structure
 
 
@@ -161,6 +162,8 @@ class StreamPlan:
     inference_peak_bytes: int = 0
     out_bytes: int = 0
     outputs: tuple = ()  # (path, shape, stride) of each output map of a structured output
+    checkpoint_bytes: int = 0  # level checkpoints' stored maps (streamcnn.checkpoints)
+    checkpoint_time_factor: float | None = None  # a step's estimated time factor with them
 
     @property
     def time_factor(self) -> float:
@@ -264,7 +267,11 @@ class StreamPlan:
                  f"{self.backward_passes} backward passes over the tiles,",
                  f"    up to {self.time_factor:.1f}× the time of a step with frozen statistics "
                  f"(a pixel_loss step: {self.pixel_loss_time_factor:.1f}× one without them)"]
-        if self.time_factor > 4:
+        if self.checkpoint_time_factor is not None:
+            lines.append(f"    with level checkpoints (each pass starts at the maps its level "
+                         f"begins at, {_bytes(self.checkpoint_bytes)} stored): about "
+                         f"{self.checkpoint_time_factor:.1f}×")
+        if (self.checkpoint_time_factor or self.time_factor) > 4:
             lines.append("    that is many passes: to avoid them, freeze BatchNorm's statistics (call "
                          ".eval() on its layers after model.train(), as the prostate paper did)")
         return lines
@@ -302,7 +309,8 @@ def _bytes(n: int) -> str:
 
 def plan(module: nn.Module, input_shape, tile_size, *, dtype: torch.dtype | None = None,
          requires_input_grad: bool = False, input_dtype: torch.dtype | None = None,
-         input_device=None, transform=None, keep_graphs: int | None = 0) -> StreamPlan:
+         input_device=None, transform=None, keep_graphs: int | None = 0,
+         checkpoints="auto") -> StreamPlan:
     """Plan streaming ``module`` over inputs of ``input_shape`` with ``tile_size`` tiles.
 
     ``input_shape``: (N, C, L) or (N, C, H, W), channels-first. ``dtype``: element type
@@ -312,8 +320,9 @@ def plan(module: nn.Module, input_shape, tile_size, *, dtype: torch.dtype | None
     the module's device, another device (e.g. ``"cpu"`` for a host tensor while the
     module is on a GPU), or ``"array"`` for an array read tile by tile (a memmap, zarr,
     h5py). ``requires_input_grad``: count the input gradient (saliency) too.
-    ``transform``, ``keep_graphs``: as for ``Streaming`` (the kept graphs' memory is in the
-    peak, each tile's as ``tile_working_bytes``). Raises the same errors as ``Streaming`` would for
+    ``transform``, ``keep_graphs``, ``checkpoints``: as for ``Streaming`` (the kept graphs'
+    memory is in the peak, each tile's as ``tile_working_bytes``; the checkpoints' stored
+    maps are ``checkpoint_bytes``, in host memory or files, not in the peak). Raises the same errors as ``Streaming`` would for
     this input. ``str()`` of the result summarises it; ``.step_table()`` lists the
     traced graph step by step.
     """
@@ -335,8 +344,9 @@ def plan(module: nn.Module, input_shape, tile_size, *, dtype: torch.dtype | None
     n, channels, spatial = input_shape[0], input_shape[1], input_shape[2:]
     graph = analyse(module, ndim, channels, batch=n, dtype=input_dtype, device=device,
                     transform=transform)
-    tilings = tile_image(graph, spatial, tile_size,
-                         tuple(i for i, s in enumerate(graph.steps) if s.norm is not None))
+    tilings, cuts = _checkpoints.tile(
+        graph, spatial, tile_size, tuple(i for i, s in enumerate(graph.steps) if s.norm is not None),
+        _checkpoints.check_storage(checkpoints))
     memory = probe(graph, channels, device, own_dtype, spatial, input_dtype)
     esize = torch.empty((), dtype=dtype).element_size()
     in_size = torch.empty((), dtype=input_dtype).element_size()
@@ -369,6 +379,9 @@ def plan(module: nn.Module, input_shape, tile_size, *, dtype: torch.dtype | None
     pixel_loss = param_bytes + 2 * grad_bytes + bwd_tile + held
     inference = fwd_image + fwd_tile + (0 if location == "array" else x_bytes)
     norm_passes = _norm_passes(graph)
+    if cuts is not None:
+        stored, factor = _checkpoints.estimate(graph, cuts, full)
+        norm_passes.update(checkpoint_bytes=int(stored), checkpoint_time_factor=factor)
     kept = 0 if norm_passes else tiles_kept(keep_graphs, int(tile_part), count(tilings))
     on_device = device_image + (1 + kept) * tile_part + (held if location == "device" else 0)
     axis_fields = [fields(graph.axis(a)) for a in range(ndim)]

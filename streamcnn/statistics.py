@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from . import checkpoints as _checkpoints
 from .channels_last import use_channels_last
 from .function import TileRunner
 from .inputs import check_source, module_device, module_dtype
@@ -30,15 +31,14 @@ from .norms import NormState, levels, update_running
 from .progress import bar as progress_bar
 from .passes import Probe, StatisticsPass, forward_statistics, total_tiles
 from .sources import ImageArray, source_of, tensor_of
-from .tiling import tile_image
 from .trace import Pipeline, analyse, describe_layer
 
 _BATCHNORM = nn.modules.batchnorm._BatchNorm  # what torch.optim.swa_utils.update_bn recalibrates
 
 
 def channel_stats(module: nn.Module, images, tile_size, names, *, transform=None,
-                  progress: bool | None = None,
-                  channels_last: bool | None = None) -> dict[str, ChannelStats]:
+                  progress: bool | None = None, channels_last: bool | None = None,
+                  checkpoints="auto") -> dict[str, ChannelStats]:
     """Per-channel ``mean``, ``var`` (biased) and ``count`` of the named submodules' outputs
     over every batch element and position of ``images``, streamed tile by tile.
 
@@ -49,21 +49,24 @@ def channel_stats(module: nn.Module, images, tile_size, names, *, transform=None
     stopping each tile after the last named module. The modules run in their current
     train/eval modes (BatchNorm in eval mode, with frozen statistics). ``progress``: one
     bar over the tiles of every pass; None (the default) draws it when stderr is a terminal,
-    True/False always/never (:mod:`streamcnn.progress`).
+    True/False always/never (:mod:`streamcnn.progress`). ``checkpoints``: where the passes of
+    normalisations over the image store the maps their levels begin at, as for ``Streaming``
+    (:mod:`streamcnn.checkpoints`; each map is dropped once no later pass needs it).
     """
     names = [names] if isinstance(names, str) else list(names)
     if not names:
         raise ValueError("channel_stats needs at least one module name")
     with _bar(progress, "channel_stats") as bar:
         return _channel_stats(module, _inputs(images, "images"), tile_size, names, transform,
-                              channels_last, bar)
+                              channels_last, bar, checkpoints)
 
 
-def _channel_stats(module, inputs, tile_size, names, transform, channels_last, bar) -> dict:
+def _channel_stats(module, inputs, tile_size, names, transform, channels_last, bar,
+                   checkpoints="auto") -> dict:
     targets = {name: _resolve(module, name) for name in names}
     total = {name: Moments() for name in names}
     for x in inputs:
-        job = _Job(module, x, tile_size, transform, channels_last, bar)
+        job = _Job(module, x, tile_size, transform, channels_last, bar, checkpoints)
         probes = [Probe((name, k), step, module=m, call=k)
                   for name, (path, m) in targets.items()
                   for k, step in enumerate(job.module_steps(name, path))]
@@ -73,7 +76,8 @@ def _channel_stats(module, inputs, tile_size, names, transform, channels_last, b
 
 
 def update_bn(loader, module: nn.Module, tile_size, device=None, *, transform=None,
-              progress: bool | None = None, channels_last: bool | None = None) -> None:
+              progress: bool | None = None, channels_last: bool | None = None,
+              checkpoints="auto") -> None:
     """``torch.optim.swa_utils.update_bn(loader, module)``, streamed: every BatchNorm's
     running statistics recomputed over ``loader`` exactly as torch's function leaves them.
 
@@ -88,7 +92,9 @@ def update_bn(loader, module: nn.Module, tile_size, device=None, *, transform=No
     tuples whose first element is one. ``device``: the device the module runs on (default:
     its own); images stay where they are and tiles are copied there. Afterwards every
     layer's train/eval flag (each its own, where torch's sets all to the module's) and
-    every BatchNorm's momentum are as before. ``progress``: as for ``channel_stats``.
+    every BatchNorm's momentum are as before. ``progress``, ``checkpoints``: as for
+    ``channel_stats``; with checkpoints, each pass starts at the maps its level begins at,
+    stored by the pass before, so a batch costs about one streamed forward, not one per level.
     """
     bns = [m for m in module.modules() if isinstance(m, _BATCHNORM)]
     if not bns:
@@ -104,7 +110,7 @@ def update_bn(loader, module: nn.Module, tile_size, device=None, *, transform=No
         with _bar(progress, "update_bn") as bar:
             for batch in _inputs(loader, "loader", first_of_tuple=True):
                 for m, stats in _batch_norm_statistics(module, batch, tile_size, transform,
-                                                       channels_last, bar):
+                                                       channels_last, bar, checkpoints):
                     records[id(m)].append(stats)
     finally:
         for m, training in flags:
@@ -117,7 +123,7 @@ def update_bn(loader, module: nn.Module, tile_size, device=None, *, transform=No
 
 def lsuv_(module: nn.Module, images, tile_size, *, tol: float = 0.01, max_iter: int = 10,
           transform=None, progress: bool | None = None,
-          channels_last: bool | None = None) -> nn.Module:
+          channels_last: bool | None = None, checkpoints="auto") -> nn.Module:
     """Layer-sequential unit-variance initialisation (Mishkin & Matas), per output channel as
     the TPAMI paper does: for each convolution in graph order, rescale its weights and bias
     channel by channel until the variance of each of its output channels over ``images``
@@ -126,7 +132,7 @@ def lsuv_(module: nn.Module, images, tile_size, *, tol: float = 0.01, max_iter: 
     rescale usually suffices; the pass that measures the next convolution confirms the
     previous one, so a network of ``n`` convolutions usually takes ``n + 1`` passes over
     ``images`` (at most ``n * max_iter + 1``). Modifies ``module`` in place and returns it.
-    ``progress``: as for ``channel_stats``.
+    ``progress``, ``checkpoints``: as for ``channel_stats``.
     """
     inputs = _inputs(images, "images")
     convs = _convolutions(module, next(iter(inputs)), transform)
@@ -137,7 +143,7 @@ def lsuv_(module: nn.Module, images, tile_size, *, tol: float = 0.01, max_iter: 
             for _ in range(max_iter):
                 wanted = [n for n in (previous, path) if n is not None]
                 stats = _channel_stats(module, inputs, tile_size, wanted, transform,
-                                       channels_last, bar)
+                                       channels_last, bar, checkpoints)
                 if previous is not None and not _within(stats[previous].var, tol):
                     _rescale(module, previous, stats[previous].var)  # confirm failed: again
                     continue
@@ -156,7 +162,7 @@ def lsuv_(module: nn.Module, images, tile_size, *, tol: float = 0.01, max_iter: 
 class _Job:
     """One input (image or batch) and the module's traced graph for it."""
 
-    def __init__(self, module, x, tile_size, transform, channels_last, bar):
+    def __init__(self, module, x, tile_size, transform, channels_last, bar, checkpoints="auto"):
         self.x = tensor_of(x)
         self.source = source_of(self.x)
         ndim = check_source(module, self.source, transform)
@@ -167,6 +173,7 @@ class _Job:
         self.device = module_device(module) or self.source.device
         self.channels_last = channels_last
         self.bar = bar
+        self.checkpoints = _checkpoints.check_storage(checkpoints)
 
     def module_steps(self, name: str, path: str) -> list[int]:
         if not path and len(self.graph.maps) > 1:
@@ -184,14 +191,17 @@ class _Job:
         return steps
 
     def runner(self, targets) -> TileRunner:
-        tilings = tile_image(self.graph, tuple(self.source.shape[2:]), self.tile_size,
-                             tuple(sorted(set(targets))))
+        tilings, cuts = _checkpoints.tile(self.graph, tuple(self.source.shape[2:]), self.tile_size,
+                                          tuple(sorted(set(targets))), self.checkpoints)
         layout = self.channels_last
         if layout is None:
             layout = len(self.source.shape) == 4 and use_channels_last(
                 self.device, module_dtype(self.module) or self.source.dtype, self.module, self.graph)
-        return TileRunner(Pipeline(self.module, self.transform), tilings, self.source, self.device,
-                          progress=False, channels_last=layout and len(self.source.shape) == 4)
+        runner = TileRunner(Pipeline(self.module, self.transform), tilings, self.source,
+                            self.device, progress=False,
+                            channels_last=layout and len(self.source.shape) == 4)
+        _checkpoints.attach(runner, self.graph, cuts, self.checkpoints, keep=False)
+        return runner
 
     def run(self, probes, targets) -> dict:
         """The probes' moments, after the statistics of any normalisation over space (which
@@ -202,16 +212,18 @@ class _Job:
         passes = len(set(levels(self.graph, state.nodes).values())) if state.nodes else 0
         self.bar.grow(total_tiles(runner) * (passes + 1))
         forward_statistics(runner, self.graph, state, self.bar)
+        runner.close_checkpoints()
         return StatisticsPass(runner, self.graph, self.bar, state).run(probes)
 
 
-def _batch_norm_statistics(module, batch, tile_size, transform, channels_last, bar):
+def _batch_norm_statistics(module, batch, tile_size, transform, channels_last, bar, checkpoints):
     """(BatchNorm module, its batch statistics) for every call, one pass per level."""
-    job = _Job(module, batch, tile_size, transform, channels_last, bar)
+    job = _Job(module, batch, tile_size, transform, channels_last, bar, checkpoints)
     state = NormState.of(job.graph)
     runner = job.runner([n.step for n in state.nodes])
     bar.grow(total_tiles(runner) * len(set(levels(job.graph, state.nodes).values())))
     forward_statistics(runner, job.graph, state, bar)
+    runner.close_checkpoints()
     # InstanceNorm keeping running statistics updates them in torch's training-mode pass too
     update_running([n for n in state.nodes if n.norm.kind == "instance"], state.stats)
     for n in state.nodes:

@@ -11,7 +11,7 @@ import torch.nn as nn
 from torch.autograd.graph import get_gradient_edge
 from torch.utils._pytree import tree_unflatten
 
-from . import dedup as _dedup, dense, skipping, state
+from . import checkpoints as _checkpoints, dedup as _dedup, dense, skipping, state
 from .allocator import reuse_freed_memory
 from ._args import normalize_tile_size
 from .channels_last import ONEDNN_CHANNEL_BLOCK, onednn_unsafe_convs, use_channels_last
@@ -23,7 +23,7 @@ from .plan import plan
 from .norms import NormState, counters, update_running
 from .passes import backward_terms, forward_statistics
 from .sources import source_of, tensor_of
-from .tiling import count, outputs, owned_crops, tile_image
+from .tiling import count, outputs, owned_crops
 from .trace import Pipeline, analyse, analyse_structure
 
 
@@ -92,6 +92,15 @@ class Streaming(nn.Module):
             afresh for the next (:mod:`streamcnn.allocator`: glibc's settings are put back
             after each pass and the freed memory returned; the same numbers bit for bit).
             False leaves glibc alone. No effect on other devices or C libraries.
+        checkpoints: where the statistics passes of normalisations over the image and of
+            global steps keep the feature maps at which their levels begin, so that each pass
+            starts there instead of at the image (:mod:`streamcnn.checkpoints`; the same
+            numbers up to float rounding): ``"auto"`` (the default) in host memory up to half
+            of what is available, then in files of the system's temporary folder;
+            ``"memory"``; ``"disk"``; a folder for the files; False: every pass starts at
+            the image (no storage; a pass of level k then recomputes all layers before it).
+            Files are removed when the step's graph is freed, or at once if a pass fails.
+            ``plan()`` reports the passes and the bytes stored.
 
     After each call ``last_stats`` (:class:`streamcnn.prefetch.Stats`) says how many tiles
     each pass computed and where its time went (its ``backward`` is filled in by the
@@ -112,7 +121,7 @@ class Streaming(nn.Module):
     def __init__(self, module: nn.Module, tile_size, *, transform=None, progress: bool | None = None,
                  channels_last: bool | None = None, prefetch: bool = True, dedup: bool = True,
                  skip_zero_gradients: bool = True, keep_graphs: int = 0,
-                 reuse_memory: bool = True):
+                 reuse_memory: bool = True, checkpoints="auto"):
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"Streaming needs an nn.Module, got {type(module).__name__}")
@@ -135,6 +144,7 @@ class Streaming(nn.Module):
         check_budget(keep_graphs)
         self.keep_graphs = keep_graphs
         self.reuse_memory = reuse_memory
+        self.checkpoints = _checkpoints.check_storage(checkpoints)
         self.last_stats = None
         self.register_state_dict_post_hook(_unwrapped_keys)
         self.register_load_state_dict_pre_hook(_wrapped_keys)
@@ -159,12 +169,19 @@ class Streaming(nn.Module):
         """Validate an input (a source) against the module; return (traced graph, tilings).
         The tiles cover every output map and the input map of every normalisation over space
         too."""
+        graph, tilings, _ = self._prepare(source)
+        return graph, tilings
+
+    def _prepare(self, source):
+        """(traced graph, tilings, level checkpoints' cuts or None: ``checkpoints.tile``)."""
         ndim = check_source(self.module, source, self.transform)
         graph = analyse(self.module, ndim, source.shape[1], batch=source.shape[0],
                         dtype=source.dtype, device=source.device, transform=self.transform,
                         spatial_norms=True)
         targets = tuple(i for i, s in enumerate(graph.steps) if s.norm is not None)
-        return graph, tile_image(graph, tuple(source.shape[2:]), self.tile_size, targets)
+        tilings, cuts = _checkpoints.tile(graph, tuple(source.shape[2:]), self.tile_size, targets,
+                                          self.checkpoints)
+        return graph, tilings, cuts
 
     @torch.compiler.disable(reason="streamcnn runs its tile loop eagerly: torch.compile compiles "
                             "the model around the Streaming module (so fullgraph=True cannot "
@@ -179,34 +196,36 @@ class Streaming(nn.Module):
         output as it is computed, and is returned: the whole output never exists as a tensor
         (:class:`streamcnn.dense.ArrayOutput`). Only without a graph: under
         ``torch.no_grad()``, or where nothing requires grad."""
-        x, source, graph, tilings, device = self._setup(x)
+        x, source, graph, tilings, device, cuts = self._setup(x)
         with reuse_freed_memory(self._reuse_memory(device)):
-            result = self._forward(x, source, graph, tilings, device, out)
+            result = self._forward(x, source, graph, tilings, device, out, cuts)
         return result if out is None else out
 
     def _setup(self, x):
         """``x`` as streamed (for an ``ImageArray`` of a tensor, that tensor), its source, the
-        traced graph, the tilings and the module's device."""
+        traced graph, the tilings, the module's device and the checkpoints' cuts."""
         _refuse_functorch()
         x = tensor_of(x)
         source = source_of(x)
-        graph, tilings = self.prepare(source)
-        return x, source, graph, tilings, module_device(self.module) or source.device
+        graph, tilings, cuts = self._prepare(source)
+        return x, source, graph, tilings, module_device(self.module) or source.device, cuts
 
-    def _runner(self, source, graph, tilings, device, *, dedup: bool, skip: bool) -> TileRunner:
+    def _runner(self, source, graph, tilings, device, *, dedup: bool, skip: bool,
+                cuts=None) -> TileRunner:
         runner = TileRunner(Pipeline(self.module, self.transform), tilings, source, device,
                             progress=self.progress,
                             channels_last=self._channels_last(source, device, graph),
                             prefetch=self.prefetch and source.fresh, dedup=dedup, skip=skip,
                             unused=graph.unused, outputs=outputs(graph, tilings))
+        _checkpoints.attach(runner, graph, cuts, self.checkpoints, keep=torch.is_grad_enabled())
         self.last_stats = runner.stats
         return runner
 
-    def _forward(self, x, source, graph, tilings, device, out=None):
+    def _forward(self, x, source, graph, tilings, device, out=None, cuts=None):
         runner = self._runner(source, graph, tilings, device,
                               dedup=self.dedup and _dedup.allowed(graph),
                               skip=self.skip_zero_gradients and torch.is_grad_enabled()
-                              and skipping.allowed(graph))
+                              and skipping.allowed(graph), cuts=cuts)
         pipeline = runner.pipeline
         keep = self._tiles_kept(x, source, graph, tilings)
         norms = _stream_norms(runner, graph)
@@ -216,6 +235,7 @@ class Streaming(nn.Module):
         snapshot.check_tile()
         x_grad = isinstance(x, torch.Tensor) and x.requires_grad
         if not torch.is_grad_enabled() or not (x_grad or any(t.requires_grad for t in read.values())):
+            runner.close_checkpoints()
             allocate = None if out is None else dense.ArrayOutput.into(out, runner.outputs, graph.spec)
             return tree_unflatten(runner.outputs.leaves(runner.forward(first, snapshot, allocate=allocate)),
                                   runner.spec)
@@ -262,9 +282,10 @@ class Streaming(nn.Module):
         backward-terms passes, as in :meth:`forward` and its backward.
         ``last_stats.forward`` counts the loss pass's tiles."""
         loss = dense.PixelLoss(loss_fn, target, reduction, target_transform)
-        x, source, graph, tilings, device = self._setup(x)
+        x, source, graph, tilings, device, cuts = self._setup(x)
         with reuse_freed_memory(self._reuse_memory(device)):
-            runner = self._runner(source, graph, tilings, device, dedup=False, skip=False)
+            runner = self._runner(source, graph, tilings, device, dedup=False, skip=False,
+                                  cuts=cuts)
             return dense.pixel_loss(runner, graph, x, loss, lambda: _stream_norms(runner, graph))
 
     def _tiles_kept(self, x, source, graph, tilings) -> int:
@@ -303,9 +324,10 @@ class Streaming(nn.Module):
 
     def plan(self, input_shape, **kwargs):
         """``streamcnn.plan(self.module, input_shape, self.tile_size, transform=...,
-        keep_graphs=...)``."""
+        keep_graphs=..., checkpoints=...)``."""
         kwargs.setdefault("transform", self.transform)
         kwargs.setdefault("keep_graphs", self.keep_graphs)
+        kwargs.setdefault("checkpoints", self.checkpoints)
         return plan(self.module, input_shape, self.tile_size, **kwargs)
 
 

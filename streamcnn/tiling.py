@@ -55,6 +55,12 @@ def _owned(graph: TracedGraph, tilings, step: int, dims: tuple) -> dict[tuple, t
     return parts
 
 
+def owned_parts(graph: TracedGraph, tilings, step: int) -> dict[tuple, tuple]:
+    """Tile index -> (crop, place) of step ``step``'s value: the index of the part the tile
+    owns in its own value, and where that part lies in the whole map."""
+    return _owned(graph, tilings, step, graph.steps[step].dims)
+
+
 def owned_crops(graph: TracedGraph, tilings, step: int) -> dict[tuple, tuple]:
     """Tile index -> the index of the part of step ``step``'s value that tile owns, one slice
     per dimension of the value (see ``geometry.ownership``)."""

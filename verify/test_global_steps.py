@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import streamcnn
 from streamcnn import Streaming, StreamingError
 from streamcnn.testing import ALL_PATHS, ENTRIES, METHODS, Path, compare
+from bench.models import MBConv, SqueezeExcitation, _make_divisible, conv_bn_act  # torchvision's
 
 F64 = 1e-10
 
@@ -33,73 +34,6 @@ def check(net, x, tile, **kwargs):
     errs = compare(net, x, tile, **kwargs)
     assert errs.worst < F64, errs
     return errs
-
-
-def _make_divisible(v, divisor=8, min_value=None):
-    """torchvision/models/_utils.py"""
-    min_value = min_value or divisor
-    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
-    if new_v < 0.9 * v:
-        new_v += divisor
-    return new_v
-
-
-class SqueezeExcitation(nn.Module):
-    """torchvision/ops/misc.py: SqueezeExcitation."""
-
-    def __init__(self, input_channels, squeeze_channels, activation=nn.ReLU,
-                 scale_activation=nn.Sigmoid):
-        super().__init__()
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc1 = nn.Conv2d(input_channels, squeeze_channels, 1)
-        self.fc2 = nn.Conv2d(squeeze_channels, input_channels, 1)
-        self.activation = activation()
-        self.scale_activation = scale_activation()
-
-    def _scale(self, input):
-        scale = self.avgpool(input)
-        scale = self.fc1(scale)
-        scale = self.activation(scale)
-        scale = self.fc2(scale)
-        return self.scale_activation(scale)
-
-    def forward(self, input):
-        scale = self._scale(input)
-        return scale * input
-
-
-def conv_bn_act(cin, cout, k, stride=1, groups=1, act=nn.SiLU):
-    """torchvision/ops/misc.py: Conv2dNormActivation (padding (k - 1) // 2, no conv bias)."""
-    layers = [nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=groups, bias=False),
-              nn.BatchNorm2d(cout)]
-    if act is not None:
-        layers.append(act())
-    return nn.Sequential(*layers)
-
-
-class MBConv(nn.Module):
-    """torchvision/models/efficientnet.py: MBConv (expand, depthwise, SE, project; the
-    residual where stride 1 and channels agree; stochastic depth is the identity in eval)."""
-
-    def __init__(self, cin, cout, expand, k, stride, se_layer=SqueezeExcitation, act=nn.SiLU,
-                 scale_activation=nn.Sigmoid, squeeze=None):
-        super().__init__()
-        self.use_res_connect = stride == 1 and cin == cout
-        hidden = _make_divisible(cin * expand, 8)
-        layers = []
-        if hidden != cin:
-            layers.append(conv_bn_act(cin, hidden, 1, act=act))
-        layers.append(conv_bn_act(hidden, hidden, k, stride, groups=hidden, act=act))
-        squeeze = squeeze or max(1, cin // 4)
-        layers.append(se_layer(hidden, squeeze, activation=act, scale_activation=scale_activation))
-        layers.append(conv_bn_act(hidden, cout, 1, act=None))
-        self.block = nn.Sequential(*layers)
-
-    def forward(self, input):
-        result = self.block(input)
-        if self.use_res_connect:
-            result = result + input
-        return result
 
 
 def efficientnet_front(training_bn=False):

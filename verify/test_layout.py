@@ -10,7 +10,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "streamcnn"
 ORDER = ["_args", "errors", "progress", "allocator", "geometry", "binding", "channels_last", "rules", "trace",
-         "tiling", "moments", "slides", "sources", "inputs", "state", "reductions", "norms", "prefetch", "dedup", "skipping",
+         "tiling", "moments", "slides", "sources", "inputs", "state", "reductions", "norms", "checkpoints", "prefetch", "dedup", "skipping",
          "keeping",
          "memory", "plan", "function", "passes", "dense", "streaming", "statistics", "testing", "tuning", "__init__"]
 
@@ -59,7 +59,7 @@ BENCH_LAYERS = {
     "shared": (["__init__", "fmt", "network", "networks", "models", "config"], set()),
     "measurement": (["protocol", "memory", "machine", "worker", "guard", "harness", "jobs", "test_micro_reference",
                      "micro", "study", "slide", "dedup", "calibration", "training_norm", "allocator", "speed",
-                     "dense", "reuse_memory", "probe_memory"], {"shared"}),
+                     "dense", "levels", "reuse_memory", "probe_memory"], {"shared"}),
     "derivation": (["fit", "compare", "analysis"], {"shared"}),
     "rendering": (["plots", "dedup_plot", "report_network", "report", "render"],
                   {"shared", "measurement", "derivation"}),

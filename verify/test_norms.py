@@ -185,9 +185,12 @@ def test_plan_says_what_training_mode_normalisation_costs():
             "InstanceNorm) in 3 levels: 4 forward and 4 backward passes") in text
     assert "up to 4.0× the time of a step with frozen statistics" in text
     assert "freeze" not in text
-    deep = streamcnn.plan(resnet_front(width=8).train(), (1, 3, 1024, 1024), 600)
+    deep = streamcnn.plan(resnet_front(width=8).train(), (1, 3, 1024, 1024), 600, checkpoints=False)
     assert (deep.norms, deep.norm_levels) == (29, 27)
-    assert "freeze" in str(deep)
+    assert "freeze" in str(deep) and deep.checkpoint_time_factor is None
+    stored = streamcnn.plan(resnet_front(width=8).train(), (1, 3, 1024, 1024), 600)
+    assert "with level checkpoints" in str(stored) and "freeze" not in str(stored)
+    assert stored.checkpoint_time_factor < 2.5 and stored.checkpoint_bytes > 0
     assert streamcnn.plan(net.eval(), (1, 3, 64, 64), 32).norms == 0
 
 
@@ -281,5 +284,5 @@ def test_readme_shows_this_plan():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     torch.manual_seed(0)
     text = str(streamcnn.plan(block(BasicBlock)().train(), (1, 3, 64, 64), 32))
-    lines = text.splitlines()[-2:]
+    lines = text.splitlines()[-3:]
     assert "\n".join(lines) in readme

@@ -1,0 +1,465 @@
+"""Level checkpoints: the feature maps where the statistics passes of whole-map steps begin,
+stored as the passes first compute them, so that each later pass starts from them instead of
+from the image (and, in the backward passes, the gradient at such a cut likewise).
+
+A network with K levels of whole-map steps (normalisations over space, global steps) needs
+K streamed forward passes and K backward passes before its step (:mod:`streamcnn.passes`).
+Run from the image, pass k recomputes every layer before level k: the cost grows as K².
+With checkpoints, the traced graph runs as a program of fx nodes, and a *cut* at position
+``p`` of that program is the set of values computed before ``p`` and read at or after it.
+A cut whose values are all feature maps can be stored, whole-image, from each tile's owned
+part (``tiling.owned_parts``); a tile then starts at ``p`` from the stored maps read over
+its own span (``geometry.spans``). That is exact for every valid value: positions outside
+a tile's valid interval never reach one, so reading the true values there changes nothing
+kept.
+
+Forward pass of level L starts at ``forward_cut(L)``: the latest storable cut before the
+first whole-map step of level L - 1 (everything before it has level < L - 1 values, which
+pass L - 1 computed correctly, and the pass runs level L - 1's steps with their statistics).
+
+Backward pass of level L (deepest first) runs from ``forward_cut(L)`` to the gradient cut
+the deeper pass stored, injects that gradient at the positions each tile owns, and
+backpropagates to the level's steps; on the way it stores the gradient at
+``gradient_cut(L)``: the earliest storable cut after every step of level <= L, whose
+gradient is complete once the deeper levels' terms are known. Each position's gradient is
+the sum of the tiles' contributions over their spans, each exact for the same reason.
+
+Storage is in host memory, or in files in a folder removed when the step's objects are
+freed (or at once when a pass fails); ``"auto"`` keeps maps in memory up to half of the
+memory available when the step starts, then spills to files.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .errors import internal_assert
+from .geometry import Span, lengths, spans
+from .tiling import Tile, owned_parts
+
+STORAGE = ("auto", "memory", "disk")
+
+
+def check_storage(checkpoints) -> str | os.PathLike | bool:
+    """``checkpoints`` as ``Streaming`` takes it: ``"auto"``, ``"memory"``, ``"disk"``, a
+    folder (str or ``os.PathLike``: files there), or False (passes start at the image)."""
+    if checkpoints is False or checkpoints is None:
+        return False
+    if isinstance(checkpoints, os.PathLike) or (isinstance(checkpoints, str) and
+                                                (checkpoints not in STORAGE and os.sep in checkpoints)):
+        if not os.path.isdir(checkpoints):
+            raise ValueError(f"checkpoints={str(checkpoints)!r}: no such folder; give an existing "
+                             f"folder for the stored maps, or one of {STORAGE}, or False")
+        return checkpoints
+    if checkpoints not in STORAGE:
+        raise ValueError(f"checkpoints must be one of {STORAGE}, a folder, or False (recompute "
+                         f"every pass from the image), got {checkpoints!r}")
+    return checkpoints
+
+
+# ------------------------------------------------------------------ the program
+
+@dataclass(frozen=True)
+class Cut:
+    """A place in the program: nodes before ``position`` have run; ``names``: the values
+    computed before it and read at or after it (all feature maps), with their steps."""
+
+    position: int
+    names: tuple[str, ...]
+    steps: tuple[int, ...]
+
+    @property
+    def image(self) -> bool:
+        """Starts at the tile input (nothing stored)."""
+        return self.position == 0
+
+
+class Program:
+    """The traced graph's fx nodes as a program that runs from any cut (a minimal
+    ``fx.Interpreter`` over the traced :class:`trace.Pipeline`, whose modules are the user's)."""
+
+    def __init__(self, graph):
+        self.graph = graph
+        self.nodes = list(graph.graph.nodes)
+        self.index = {n.name: i for i, n in enumerate(self.nodes)}
+        self.placeholder = next(n.name for n in self.nodes if n.op == "placeholder")
+        self.steps = {name: i for name, i in graph.node_steps().items()  # feature maps
+                      if graph.steps[i].kind != "global"}  # (not a pooled value)
+        self.steps[self.placeholder] = 0
+        dynamic: set = set()
+        for n in self.nodes:  # nodes that depend on the input (the rest are constants)
+            if n.name == self.placeholder or any(a.name in dynamic for a in n.all_input_nodes):
+                dynamic.add(n.name)
+        self.dynamic = frozenset(dynamic)
+        self.last_use = {n.name: max((self.index[u.name] for u in n.users), default=-1)
+                         for n in self.nodes}
+        self.calls = {node.name: k for k, (node, _, _) in enumerate(graph.norm_nodes())}
+
+    def crossing(self, p: int) -> tuple[str, ...]:
+        return tuple(n.name for n in self.nodes[:p]
+                     if n.name in self.dynamic and self.last_use[n.name] >= p)
+
+    def cut(self, p: int) -> Cut | None:
+        """The cut at ``p``, or None where a value crossing it is not a feature map (a pooled
+        vector, a size, a tuple)."""
+        names = self.crossing(p)
+        if any(n not in self.steps for n in names):
+            return None
+        if set(names) <= {self.placeholder}:
+            return Cut(0, (), ())
+        return Cut(p, names, tuple(self.steps[n] for n in names))
+
+    def order(self, start: int) -> list[int]:
+        """The whole-map calls (``norms.NormState.calls``) a run from ``start`` makes, in order."""
+        return [self.calls[n.name] for i, n in enumerate(self.nodes)
+                if n.name in self.calls and (i >= start or n.name not in self.dynamic)]
+
+    def run(self, env: dict, start: int, stop: int | None = None, at: dict | None = None):
+        """Run the nodes from ``start`` (the constants before it too) with ``env`` holding the
+        values crossing ``start``; before node ``i`` runs, ``at[i](env)``. Returns the output
+        structure, or None where ``stop`` (a position) comes first."""
+        root, at = self.graph.root, at or {}
+        for i, node in enumerate(self.nodes):
+            if i in at:
+                at[i](env)
+            if stop is not None and i >= stop:
+                return None
+            if (i < start and node.name in self.dynamic) or node.name in env:
+                continue
+            if node.op == "output":
+                return fx.node.map_arg(node.args[0], lambda a: env[a.name])
+            env[node.name] = _call(root, node, env)
+        return None
+
+
+def _call(root: nn.Module, node: fx.Node, env: dict):
+    args = fx.node.map_arg(node.args, lambda a: env[a.name])
+    kwargs = fx.node.map_arg(node.kwargs, lambda a: env[a.name])
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    if node.op == "call_module":
+        return root.get_submodule(node.target)(*args, **kwargs)
+    if node.op == "get_attr":
+        obj = root
+        for part in node.target.split("."):
+            obj = getattr(obj, part)
+        return obj
+    internal_assert(node.op == "placeholder" and node.args, f"cannot run fx node {node.op}")
+    return node.args[0]  # a parameter of forward with a default value
+
+
+# ------------------------------------------------------------------ the cuts of a graph
+
+@dataclass(frozen=True)
+class Cuts:
+    """Where each level's statistics pass starts (``forward``; one more, after the deepest
+    level, stored by its pass) and the gradient cut each backward pass leaves (``gradient``,
+    None: none storable after the level), per level."""
+
+    forward: dict
+    gradient: dict
+
+    def following(self, level) -> Cut:
+        """Where the backward pass of ``level`` starts: the statistics pass of the next
+        level's cut, the latest before ``level``'s steps (all statistics are known then)."""
+        return self.forward[min(lv for lv in self.forward if lv > level)]
+
+    @property
+    def steps(self) -> tuple[int, ...]:
+        """Every stored map's step: the tiles must own a part of each (tiling targets)."""
+        cuts = list(self.forward.values()) + [c for c in self.gradient.values() if c is not None]
+        return tuple(sorted({s for c in cuts for s in c.steps}))
+
+
+def plan_cuts(program: Program, level_of: dict) -> Cuts:
+    """The cuts of a graph whose whole-map steps (fx node name -> level) are ``level_of``."""
+    levels = sorted(set(level_of.values()))
+    first = {lv: min(program.index[n] for n, v in level_of.items() if v == lv) for lv in levels}
+    forward = {levels[0]: Cut(0, (), ())}
+    for before, lv in zip(levels, levels[1:] + [levels[-1] + 1]):
+        start = forward[before].position
+        found = next((c for p in range(first[before], start, -1) if (c := program.cut(p))), None)
+        forward[lv] = found or forward[before]
+    gradient = {}
+    for lv in levels:
+        after = 1 + max(program.index[n] for n, v in level_of.items() if v <= lv)
+        gradient[lv] = next((c for p in range(after, len(program.nodes))
+                             if (c := program.cut(p)) and not c.image), None)
+    return Cuts(forward, gradient)
+
+
+def runs_as_module(graph) -> bool:
+    """Whether the traced program runs as the module does: it calls the leaf modules (and
+    their hooks), but not the hooks of the modules fx traced through, nor global hooks."""
+    hooks = nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+        return False
+    leaves = {n.target for n in graph.graph.nodes if n.op == "call_module"}
+    return all(name in leaves or not (m._forward_hooks or m._forward_pre_hooks)
+               for name, m in graph.root.named_modules())
+
+
+# ------------------------------------------------------------------ storage
+
+def _available_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+class MapStore:
+    """Whole-image tensors by name, in host memory or in files of a temporary folder
+    (``torch.from_file``, shared: the page cache holds what fits). ``close()`` removes the
+    folder; so does freeing the store."""
+
+    def __init__(self, storage):
+        self.storage = storage
+        self.maps: dict[str, torch.Tensor] = {}
+        self.formats: dict[str, torch.memory_format] = {}
+        self.folder = None
+        self.budget = _available_bytes() // 2 if storage == "auto" else None
+        self.memory_bytes = self.disk_bytes = 0
+        self._finalizer = None
+
+    def _on_disk(self, nbytes: int) -> bool:
+        if self.storage == "memory":
+            return False
+        if self.storage == "auto":
+            return self.memory_bytes + nbytes > self.budget
+        return True
+
+    def allocate(self, name: str, shape, dtype, zero: bool = False) -> torch.Tensor:
+        numel = 1
+        for s in shape:
+            numel *= s
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        if self._on_disk(nbytes):
+            if self.folder is None:
+                parent = self.storage if self.storage not in STORAGE else None
+                self.folder = tempfile.mkdtemp(prefix="streamcnn-checkpoints-", dir=parent)
+                self._finalizer = weakref.finalize(self, shutil.rmtree, self.folder, True)
+            path = os.path.join(self.folder, f"{len(self.maps)}-{name}.bin")
+            t = torch.from_file(path, shared=True, size=numel, dtype=dtype).view(shape)  # zeros
+            self.disk_bytes += nbytes
+        else:
+            t = (torch.zeros if zero else torch.empty)(shape, dtype=dtype)
+            self.memory_bytes += nbytes
+        self.maps[name] = t
+        return t
+
+    def drop(self, names) -> None:
+        for name in names:
+            t = self.maps.pop(name, None)
+            if t is not None and t.untyped_storage().filename is None:
+                self.memory_bytes -= t.numel() * t.element_size()
+
+    def close(self) -> None:
+        self.maps.clear()
+        self.memory_bytes = self.disk_bytes = 0
+        if self._finalizer is not None:
+            self._finalizer()
+        self.folder = self._finalizer = None
+
+
+# ------------------------------------------------------------------ a step's checkpoints
+
+class Checkpoints:
+    """The stored maps and gradients of one input's passes: reads a cut over a tile's span,
+    writes a tile's owned part of a cut, adds a tile's gradient at a cut."""
+
+    def __init__(self, program: Program, cuts: Cuts, graph, tilings, storage, keep: bool = True):
+        self.program, self.cuts, self.graph, self.tilings = program, cuts, graph, tilings
+        self.keep = keep
+        self.store = MapStore(storage)
+        self.grads = MapStore(storage)
+        self.grads.budget = self.store.budget
+        self._spans = [[spans(graph.axis(a), Span(t.length, a0, b0, a0, b0))
+                        for a0, b0 in zip(t.starts, t.stops)] for a, t in enumerate(tilings)]
+        self._lengths = [lengths(graph.axis(a), t.length) for a, t in enumerate(tilings)]
+        self._owned = {s: owned_parts(graph, tilings, s) for s in cuts.steps}
+
+    @property
+    def stored_bytes(self) -> tuple[int, int]:
+        """(bytes in memory, bytes in files) of the maps and gradients stored now."""
+        return (self.store.memory_bytes + self.grads.memory_bytes,
+                self.store.disk_bytes + self.grads.disk_bytes)
+
+    def span(self, step: int, tile: Tile) -> tuple:
+        """The index of ``tile``'s span of step ``step``'s map in the whole map."""
+        dims = self.graph.steps[step].dims
+        found = [self._spans[a][i][step] for a, i in enumerate(tile.index)]
+        return tuple(slice(found[d].start, found[d].stop) if isinstance(d, int) else slice(None)
+                     for d in dims)
+
+    def read(self, cut: Cut, tile: Tile, device, requires_grad: bool = False) -> dict:
+        """The values crossing ``cut`` over ``tile``'s span, from the stored maps."""
+        env = {}
+        for name, step in zip(cut.names, cut.steps):
+            internal_assert(name in self.store.maps, f"checkpoint {name} was not stored")
+            value = self.store.maps[name][self.span(step, tile)].to(device).contiguous(
+                memory_format=self.store.formats[name])
+            env[name] = value.requires_grad_() if requires_grad else value
+        return env
+
+    def missing(self, cut: Cut) -> Cut:
+        """The part of ``cut`` not stored yet (what the pass that reaches it writes)."""
+        kept = [(n, s) for n, s in zip(cut.names, cut.steps) if n not in self.store.maps]
+        return Cut(cut.position, tuple(n for n, _ in kept), tuple(s for _, s in kept))
+
+    def write(self, cut: Cut, tile: Tile, env: dict) -> None:
+        """``tile``'s owned part of each value crossing ``cut`` into its map."""
+        for name, step in zip(cut.names, cut.steps):
+            value = env[name].detach()
+            crop, place = self._owned[step][tile.index]
+            if name not in self.store.maps:
+                self.store.allocate(name, self._whole(step, value), value.dtype)
+                self.store.formats[name] = _format(value)
+            self.store.maps[name][place] = value[crop].to("cpu")
+
+    def add_gradient(self, cut: Cut, tile: Tile, grads: dict) -> None:
+        """Add ``tile``'s gradient at each value crossing ``cut`` (over its span)."""
+        for name, step in zip(cut.names, cut.steps):
+            g = grads.get(name)
+            if g is None:
+                continue
+            key = _key(cut, name)
+            if key not in self.grads.maps:
+                self.grads.allocate(key, self._whole(step, g), g.dtype, zero=True)
+            self.grads.maps[key][self.span(step, tile)] += g.detach().to("cpu")
+
+    def passed(self, level) -> None:
+        """Level ``level``'s forward pass is done: without ``keep``, drop the maps no later
+        forward pass starts from."""
+        if self.keep:
+            return
+        later = {n for lv, c in self.cuts.forward.items() if lv > level for n in c.names}
+        self.store.drop([n for n in list(self.store.maps) if n not in later])
+
+    def drop_gradients(self, cut: Cut) -> None:
+        self.grads.drop([_key(cut, n) for n in cut.names])
+
+    def owned_gradients(self, cut: Cut, tile: Tile, env: dict) -> tuple[list, list]:
+        """``tile``'s owned part of each value crossing ``cut`` and of its stored gradient."""
+        ys, gs = [], []
+        for name, step in zip(cut.names, cut.steps):
+            g = self.grads.maps.get(_key(cut, name))
+            if g is None:
+                continue
+            crop, place = self._owned[step][tile.index]
+            value = env[name]
+            ys.append(value[crop])
+            gs.append(g[place].to(value.device, value.dtype))
+        return ys, gs
+
+    def _whole(self, step: int, value: torch.Tensor) -> tuple:
+        dims = self.graph.steps[step].dims
+        return tuple(self._lengths[d][step] if isinstance(d, int) else value.shape[k]
+                     for k, d in enumerate(dims))
+
+    def close(self) -> None:
+        self.store.close()
+        self.grads.close()
+
+
+def _key(cut: Cut, name: str) -> str:
+    """A gradient's name in the store: a value crosses several cuts, with other gradients."""
+    return f"{cut.position}-{name}"
+
+
+def _format(value: torch.Tensor) -> torch.memory_format:
+    """The layout a tile's value had (oneDNN/cuDNN pick kernels by it)."""
+    if value.dim() == 4 and not value.is_contiguous() and \
+            value.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if value.dim() == 5 and not value.is_contiguous() and \
+            value.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+# ------------------------------------------------------------------ entry points
+
+def cuts_for(graph, storage) -> Cuts | None:
+    """The cuts of ``graph``'s whole-map steps when they are worth storing (``storage`` not
+    False, two levels or more, a program that runs as the module does), else None."""
+    from .norms import NormState, levels  # (norms imports nothing of this module)
+
+    if storage is False:
+        return None
+    nodes = NormState.of(graph).nodes
+    level_of = levels(graph, nodes)
+    if len(set(level_of.values())) < 2 or not runs_as_module(graph):
+        return None
+    cuts = plan_cuts(Program(graph), level_of)
+    if all(c.image for c in cuts.forward.values()) and not any(cuts.gradient.values()):
+        return None
+    return cuts
+
+
+def tile(graph, spatial, tile_size, targets: tuple, storage) -> tuple:
+    """(tilings, cuts): the tiles also cover the stored maps (``tiling.tile_image``
+    ``targets``) unless the tile is too small for them; then the passes start at the image,
+    unless ``storage`` asked for storage explicitly (an error that says so)."""
+    from .errors import TileTooSmallError
+    from .tiling import tile_image
+
+    cuts = cuts_for(graph, storage)
+    if cuts is not None:
+        try:
+            return tile_image(graph, spatial, tile_size, tuple(targets) + cuts.steps), cuts
+        except TileTooSmallError as err:
+            if storage != "auto":
+                raise TileTooSmallError(f"{err} (checkpoints={storage!r} stores maps the tiles "
+                                        f"must cover; with checkpoints=False only the outputs "
+                                        f"and normalised maps must be)") from err
+    return tile_image(graph, spatial, tile_size, tuple(targets)), None
+
+
+def attach(runner, graph, cuts: Cuts | None, storage, keep: bool) -> None:
+    """Give ``runner`` the checkpoints of one input (``keep``: every stored map until the
+    store is freed, for the backward passes; else each is dropped once no pass needs it)."""
+    runner.checkpoints = None if cuts is None else \
+        Checkpoints(Program(graph), cuts, graph, runner.tilings, storage, keep)
+
+
+def estimate(graph, cuts: Cuts, step_bytes: list) -> tuple[int, float]:
+    """(bytes stored, time factor) of a training step with checkpoints, from each step's
+    whole-image bytes (``plan``'s activations): the stored maps of every forward cut plus
+    the two gradient cuts alive at once; and the step's time over one with frozen
+    statistics (four units: a forward, and a backward pass at three), each pass's work
+    counted as the bytes of the steps it runs (a proxy for their arithmetic)."""
+    from .norms import NormState, levels
+
+    program = Program(graph)
+    level_of = levels(graph, NormState.of(graph).nodes)
+    order = sorted(set(level_of.values()))
+    work = [step_bytes[program.steps[n.name]] if n.name in program.steps else 0
+            for n in program.nodes]
+    total = sum(work) or 1
+    stored = {n: s for c in cuts.forward.values() for n, s in zip(c.names, c.steps)}
+    grads = [sum(step_bytes[s] for s in c.steps) if c else 0 for c in cuts.gradient.values()]
+    pairs = max((a + b for a, b in zip(grads, grads[1:])), default=max(grads, default=0))
+    extra = 0.0
+    for k, lv in enumerate(order):
+        start = cuts.forward[lv].position
+        last = max(program.index[n] for n, v in level_of.items() if v == lv)
+        extra += sum(work[start:last + 1])  # its statistics pass
+        deeper = cuts.gradient.get(order[k + 1]) if k + 1 < len(order) else None
+        begin = cuts.following(lv).position
+        extra += 3 * sum(work[begin:deeper.position if deeper else len(work)])  # its terms pass
+    return sum(step_bytes[s] for s in stored.values()) + pairs, 1 + extra / (4 * total)

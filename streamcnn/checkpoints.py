@@ -227,23 +227,30 @@ class MapStore:
     (``torch.from_file``, shared: the page cache holds what fits). ``close()`` removes the
     folder; so does freeing the store."""
 
-    def __init__(self, storage):
+    def __init__(self, storage, peer: "MapStore | None" = None):
         self.storage = storage
+        self.peer = peer  # a store whose memory counts against the same budget
         self.maps: dict[str, torch.Tensor] = {}
         self.formats: dict[str, torch.memory_format] = {}
         self.folder = None
-        self.budget = _available_bytes() // 2 if storage == "auto" else None
+        self.budget = (peer.budget if peer is not None else _available_bytes() // 2) \
+            if storage == "auto" else None
         self.memory_bytes = self.disk_bytes = 0
+        self.files = 0
         self._finalizer = None
 
     def _on_disk(self, nbytes: int) -> bool:
         if self.storage == "memory":
             return False
         if self.storage == "auto":
-            return self.memory_bytes + nbytes > self.budget
+            peer = self.peer.memory_bytes if self.peer is not None else 0
+            return self.memory_bytes + peer + nbytes > self.budget
         return True
 
-    def allocate(self, name: str, shape, dtype, zero: bool = False) -> torch.Tensor:
+    def allocate(self, name: str, shape, dtype, zero: bool = False,
+                 memory_format=torch.contiguous_format) -> torch.Tensor:
+        """A whole map of ``shape`` in the layout the tiles' values have (so that writing and
+        adding a tile's part copies without transposing)."""
         numel = 1
         for s in shape:
             numel *= s
@@ -253,20 +260,32 @@ class MapStore:
                 parent = self.storage if self.storage not in STORAGE else None
                 self.folder = tempfile.mkdtemp(prefix="streamcnn-checkpoints-", dir=parent)
                 self._finalizer = weakref.finalize(self, shutil.rmtree, self.folder, True)
-            path = os.path.join(self.folder, f"{len(self.maps)}-{name}.bin")
-            t = torch.from_file(path, shared=True, size=numel, dtype=dtype).view(shape)  # zeros
+            self.files += 1
+            path = os.path.join(self.folder, f"{self.files}-{name}.bin")
+            t = _laid_out(torch.from_file(path, shared=True, size=numel, dtype=dtype),  # zeros
+                          shape, memory_format)
             self.disk_bytes += nbytes
         else:
-            t = (torch.zeros if zero else torch.empty)(shape, dtype=dtype)
+            t = torch.empty(shape, dtype=dtype, memory_format=memory_format)
+            if zero:
+                t.zero_()
             self.memory_bytes += nbytes
         self.maps[name] = t
         return t
 
     def drop(self, names) -> None:
+        """Forget these maps (a file's space returns once no tensor maps it)."""
         for name in names:
             t = self.maps.pop(name, None)
-            if t is not None and t.untyped_storage().filename is None:
-                self.memory_bytes -= t.numel() * t.element_size()
+            if t is None:
+                continue
+            nbytes = t.numel() * t.element_size()
+            path = t.untyped_storage().filename
+            if path is None:
+                self.memory_bytes -= nbytes
+            else:
+                self.disk_bytes -= nbytes
+                os.unlink(path)
 
     def close(self) -> None:
         self.maps.clear()
@@ -286,8 +305,7 @@ class Checkpoints:
         self.program, self.cuts, self.graph, self.tilings = program, cuts, graph, tilings
         self.keep = keep
         self.store = MapStore(storage)
-        self.grads = MapStore(storage)
-        self.grads.budget = self.store.budget
+        self.grads = MapStore(storage, peer=self.store)
         self._spans = [[spans(graph.axis(a), Span(t.length, a0, b0, a0, b0))
                         for a0, b0 in zip(t.starts, t.stops)] for a, t in enumerate(tilings)]
         self._lengths = [lengths(graph.axis(a), t.length) for a, t in enumerate(tilings)]
@@ -311,8 +329,8 @@ class Checkpoints:
         env = {}
         for name, step in zip(cut.names, cut.steps):
             internal_assert(name in self.store.maps, f"checkpoint {name} was not stored")
-            value = self.store.maps[name][self.span(step, tile)].to(device).contiguous(
-                memory_format=self.store.formats[name])
+            value = self.store.maps[name][self.span(step, tile)].to(  # (a copy: the program
+                device, memory_format=self.store.formats[name], copy=True)  # may work in place)
             env[name] = value.requires_grad_() if requires_grad else value
         return env
 
@@ -327,8 +345,9 @@ class Checkpoints:
             value = env[name].detach()
             crop, place = self._owned[step][tile.index]
             if name not in self.store.maps:
-                self.store.allocate(name, self._whole(step, value), value.dtype)
                 self.store.formats[name] = _format(value)
+                self.store.allocate(name, self._whole(step, value), value.dtype,
+                                    memory_format=self.store.formats[name])
             self.store.maps[name][place] = value[crop].to("cpu")
 
     def add_gradient(self, cut: Cut, tile: Tile, grads: dict) -> None:
@@ -339,7 +358,8 @@ class Checkpoints:
                 continue
             key = _key(cut, name)
             if key not in self.grads.maps:
-                self.grads.allocate(key, self._whole(step, g), g.dtype, zero=True)
+                self.grads.allocate(key, self._whole(step, g), g.dtype, zero=True,
+                                    memory_format=_format(g))
             self.grads.maps[key][self.span(step, tile)] += g.detach().to("cpu")
 
     def passed(self, level) -> None:
@@ -363,7 +383,7 @@ class Checkpoints:
             crop, place = self._owned[step][tile.index]
             value = env[name]
             ys.append(value[crop])
-            gs.append(g[place].to(value.device, value.dtype))
+            gs.append(g[place].to(value.device, value.dtype))  # (autograd leaves it as it is)
         return ys, gs
 
     def _whole(self, step: int, value: torch.Tensor) -> tuple:
@@ -379,6 +399,17 @@ class Checkpoints:
 def _key(cut: Cut, name: str) -> str:
     """A gradient's name in the store: a value crosses several cuts, with other gradients."""
     return f"{cut.position}-{name}"
+
+
+def _laid_out(flat: torch.Tensor, shape, memory_format) -> torch.Tensor:
+    """``flat`` as a tensor of ``shape`` with ``memory_format``'s strides."""
+    if memory_format == torch.channels_last:
+        n, c, h, w = shape
+        return flat.view(n, h, w, c).permute(0, 3, 1, 2)
+    if memory_format == torch.channels_last_3d:
+        n, c, d, h, w = shape
+        return flat.view(n, d, h, w, c).permute(0, 4, 1, 2, 3)
+    return flat.view(shape)
 
 
 def _format(value: torch.Tensor) -> torch.memory_format:

@@ -148,6 +148,9 @@ class Normalise(torch.autograd.Function):
     def backward(ctx, g):
         x, mean, rstd, weight = ctx.saved_tensors
         tile = ctx.tile
+        fused = _fused_backward(ctx, g, x, mean, rstd, weight)
+        if fused is not None:
+            return fused
         xhat = (x - mean) * rstd
         reduce = [0] + list(range(2, x.dim()))
         grad_w = (g * xhat).sum(reduce) if ctx.needs_input_grad[3] else None
@@ -160,6 +163,27 @@ class Normalise(torch.autograd.Function):
             a, b = (_spread(t.to(x.dtype), x.dim()) for t in tile.correction)
             dx[tile.crop] -= rstd * (a + xhat[tile.crop] * b)
         return dx, None, None, grad_w, grad_b, None
+
+
+def _fused_backward(ctx, g, x, mean, rstd, weight):
+    """:meth:`Normalise.backward` per channel (BatchNorm) by torch's fused eval-mode kernel
+    (``g · weight · rstd``, ``sum(g · x̂)``, ``sum(g)`` in one pass over the map), plus the
+    correction at the owned positions; None where dtypes differ (autocast), as the kernel
+    wants one."""
+    tile = ctx.tile
+    if tile.batch is None or not (x.dtype == g.dtype == mean.dtype and (
+            weight is None or weight.dtype == x.dtype)):
+        return None
+    mean_c, var_c, eps = tile.batch
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]]
+    if not any(mask):
+        return None, None, None, None, None, None
+    dx, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+        g, x, weight, mean_c, var_c, None, None, False, eps, mask)
+    if dx is not None and tile.correction is not None and tile.crop is not None:
+        a, b = (_spread(t.to(x.dtype), x.dim()) for t in tile.correction)
+        dx[tile.crop] -= rstd * (a + (x[tile.crop] - mean) * rstd * b)
+    return dx, None, None, grad_w, grad_b, None
 
 
 def _normalised(x, mean, rstd, weight, bias, batch=None):

@@ -303,15 +303,30 @@ def _found(nodes, leaves) -> dict:
     for n in nodes:
         made = leaves[n.name]
         leaf, x, mean, rstd, weight = made[0]
-        g = sum((m[0].grad for m in made if m[0].grad is not None), torch.zeros_like(leaf))
+        grads = [m[0].grad for m in made if m[0].grad is not None]
+        g = grads[0] if len(grads) == 1 else sum(grads, torch.zeros_like(leaf))
         if isinstance(n.norm, Global):  # its part of G, in the keepdim shape
             shape = [1 if k in n.norm.dims else size for k, size in enumerate(x.shape)]
             found[n.name] = (g.detach().reshape(shape), g.new_zeros(()))
             continue
-        h = g if weight is None else g * weight.detach().view((1, -1) + (1,) * (g.dim() - 2))
         with torch.no_grad():
-            found[n.name] = (group_sums(h, n.norm), group_sums(h * ((x - mean) * rstd), n.norm))
+            found[n.name] = _sums(g, x, mean, rstd, weight, n.norm)
     return found
+
+
+def _sums(g, x, mean, rstd, weight, norm) -> tuple:
+    """``sum_S(h)`` and ``sum_S(h · x̂)`` (``h = g · weight``), per statistic group. Per channel
+    (BatchNorm) by torch's fused batch-norm backward, which gives ``sum(g · x̂)`` and
+    ``sum(g)`` in one pass over the map without temporaries; else from ``x̂``."""
+    same = x.dtype == g.dtype == mean.dtype and (weight is None or weight.dtype == x.dtype)
+    if norm.kind == "batch" and same:
+        _, gx, gs = torch.ops.aten.native_batch_norm_backward(
+            g, x, None, None, None, mean.reshape(-1), rstd.reshape(-1), True, norm.eps,
+            [False, True, True])
+        w = 1 if weight is None else weight.detach()
+        return gs * w, gx * w
+    h = g if weight is None else g * weight.detach().view((1, -1) + (1,) * (g.dim() - 2))
+    return group_sums(h, norm), group_sums(h * ((x - mean) * rstd), norm)
 
 
 def _ticking(runner: TileRunner, bar):

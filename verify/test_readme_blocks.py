@@ -36,7 +36,7 @@ import pytest
 import torch
 
 import streamcnn
-from bench.models import freeze_batchnorm, resnet_front
+from bench.models import efficientnet_b0_front, freeze_batchnorm, resnet_front
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTS = ["README.md"] + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))
@@ -66,6 +66,8 @@ ADAPT = {  # document -> first line of the block -> how it runs here
             given=("torchvision", "loader")),
         "print(plan(front.eval(), (1, 3, 16384, 16384), tile_size=2800))": Adapt(),
         "class Body(nn.Module):": Adapt(),
+        "effnet = torchvision.models.efficientnet_b0(weights=None)   # or your pretrained weights":
+            Adapt(shrink=(("8192, 8192", "512, 512"), ("Streaming(stages, 1024)", "Streaming(stages, 384)"))),
         "import numpy as np": Adapt(shrink=(("65536, 65536", f"{SIDE}, {SIDE}"),
                                             ("2800", TILE))),
         "import openslide": Adapt(),
@@ -120,8 +122,16 @@ def statistics_front():
     return freeze_batchnorm(resnet_front((1, 1, 1), width=WIDTH), image(3))
 
 
+def efficientnet_b0(weights=None):
+    """torchvision.models.efficientnet_b0's stand-in: bench/models.py's copy of its blocks, the
+    stem and seven MBConv stages as ``features`` (no final 1x1 convolution, unused here)."""
+    assert weights is None, "no weights are downloaded here"
+    return SimpleNamespace(features=efficientnet_b0_front(stages=7).train())
+
+
 STAND_INS = {
-    "torchvision": lambda: SimpleNamespace(models=SimpleNamespace(resnet34=narrow_resnet34)),
+    "torchvision": lambda: SimpleNamespace(models=SimpleNamespace(resnet34=narrow_resnet34,
+                                                                  efficientnet_b0=efficientnet_b0)),
     "loader": lambda: [(image(0), torch.tensor([1]))],
     "cucim": cucim_stand_in,
     "target_domain_paths": lambda: ["biopsy.svs"],

@@ -370,6 +370,23 @@ class Checkpoints:
         later = {n for lv, c in self.cuts.forward.items() if lv > level for n in c.names}
         self.store.drop([n for n in list(self.store.maps) if n not in later])
 
+    @property
+    def final(self) -> Cut:
+        """The cut after the deepest level, which its statistics pass stores (with ``keep``)."""
+        return self.cuts.forward[max(self.cuts.forward)]
+
+    def finishes(self, pipeline: nn.Module) -> bool:
+        """Whether the forward's tiles may start at :attr:`final`: it is stored, and no module
+        has a forward hook (the program would not call those of the layers before the cut,
+        where a tile from the image would: a hook must see what it saw without checkpoints)."""
+        cut = self.final
+        if cut.image or not all(n in self.store.maps for n in cut.names):
+            return False
+        hooks = nn.modules.module
+        if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+            return False
+        return not any(m._forward_hooks or m._forward_pre_hooks for m in pipeline.modules())
+
     def drop_gradients(self, cut: Cut) -> None:
         self.grads.drop([_key(cut, n) for n in cut.names])
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path
+from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_leaves
 
 from .allocator import reuse_freed_memory
 from .dedup import Duplicates, fingerprint, gradient_parts
@@ -212,19 +212,33 @@ class TileRunner:
         return owned
 
     @contextlib.contextmanager
-    def scope(self, tile: Tile):
+    def scope(self, tile: Tile, order=None):
         """Holds wherever the module's code runs for ``tile``: its forward and, in the
         backward, the recomputations a ``torch.utils.checkpoint`` inside the module makes
         (``state.tile_scope``; normalisations normalise with the whole image's statistics,
         their layers frozen). Yields the tile's ``norms.NormMode`` (None without such
-        normalisations), to be told when the tile's forward is done."""
+        normalisations), to be told when the tile's forward is done. ``order``: the
+        normalisation calls a run from a checkpoint makes (``checkpoints.Program.order``)."""
         with tile_scope(self.pipeline), contextlib.ExitStack() as stack:
             if self.norms is None:
                 yield None
                 return
             stack.enter_context(frozen_modules(self.norms.nodes))
-            mode = stack.enter_context(NormMode(self.norms, tile.index))
+            mode = stack.enter_context(NormMode(self.norms, tile.index, order=order))
             yield mode
+
+    def _finish(self, tile: Tile, raw: torch.Tensor) -> list:
+        """``tile``'s owned outputs: from the checkpoint after the last level when the forward
+        may start there (:meth:`checkpoints.Checkpoints.finishes`), else the whole module."""
+        ck = self.checkpoints
+        if ck is not None and ck.finishes(self.pipeline):
+            cut = ck.final
+            with self.scope(tile, order=ck.program.order(cut.position)):
+                out = ck.program.run(ck.read(cut, tile, self.device), cut.position)
+            return self.owned_leaves(tree_leaves(out), tile, raw)
+        tile_input = self.feed(raw)
+        with self.scope(tile), self.watching(tile, tile_input):
+            return self.run(tile_input, tile)
 
     @contextlib.contextmanager
     def watching(self, tile: Tile, tile_input: torch.Tensor):
@@ -273,9 +287,7 @@ class TileRunner:
                 if position >= keep_from:
                     self._place(outs, tile, [y.detach() for y in self._keep(tile, raw, kept)])
                 else:
-                    tile_input = self.feed(raw)
-                    with self.scope(tile), self.watching(tile, tile_input):
-                        ys = self.run(tile_input, tile)
+                    ys = self._finish(tile, raw)
                     self._place(outs, tile, ys)
                     del ys
                 snapshot.check_tile()

@@ -233,9 +233,10 @@ def _conv_calls(net, run) -> list[int]:
 def test_each_layer_runs_in_one_forward_pass_not_one_per_level(storage):
     """k levels in a chain: from the image, the statistics pass of level j recomputes every
     convolution before it, so convolution i runs in k - i passes and the forward, and each
-    backward-terms pass runs all of them; from checkpoints, each runs in one statistics pass
-    and the forward (the last, after every BatchNorm, in the forward only), and in two
-    backward-terms passes at most and the final recomputation."""
+    backward-terms pass runs all of them; from checkpoints, each runs in one statistics pass,
+    and the forward's tiles but the first start after the last level (the last convolution,
+    after every BatchNorm, runs in the forward only); in the backward, in two backward-terms
+    passes at most and the final recomputation."""
     k = 6
     net, x = blocks(k), rand(1, 2, 64, 56)
     tiles = streamcnn.plan(net, x.shape, 24).num_tiles
@@ -247,8 +248,22 @@ def test_each_layer_runs_in_one_forward_pass_not_one_per_level(storage):
         assert forward == [(k - i + 1) * tiles for i in range(k + 1)]
         assert backward == [(k + 1) * tiles] * (k + 1)
     else:
-        assert forward == [2 * tiles] * k + [tiles]
+        assert forward == [tiles + 1] * k + [tiles]
         assert backward == [tiles] + [2 * tiles] * k
+
+
+def test_a_forward_hook_sees_every_tile_of_the_forward():
+    """The forward's tiles start at the checkpoint after the last level only where no module
+    has a forward hook: with one, it sees every tile from the image, as without checkpoints."""
+    net, x = blocks(4), rand(1, 2, 60, 52)
+    tiles = streamcnn.plan(net, x.shape, 24).num_tiles
+    model = Streaming(net, 24, checkpoints="memory")
+    seen = []
+    handle = net[0].register_forward_hook(lambda m, a, o: seen.append(1))
+    y = model(x)
+    handle.remove()
+    assert len(seen) == 2 * tiles  # the first level's statistics pass, and the forward
+    assert rel_err(y.detach(), copy.deepcopy(net)(x).detach()) <= F64
 
 
 def test_update_bn_equals_torch(tmp_path):

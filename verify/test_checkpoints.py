@@ -363,3 +363,27 @@ def test_a_stored_map_changed_in_place_after_its_cut():
     assert cuts is not None and "module_skip" in cuts.forward[2].names, "test bug: s is not stored"
     cmp = compare(net, x, 20, checkpoints="memory", paths=RANDOM)
     assert cmp.worst <= F64, cmp
+
+
+def test_autocast_bfloat16():
+    """Under autocast (bfloat16 on the CPU: the stored maps keep the tiles' dtypes), as close
+    to conventional autocast as passes from the image are: both runs round the same layers
+    (test_mixed_precision derives the budget), so the gap may differ by summation order
+    only; 2x the one without checkpoints, plus a unit roundoff, bounds it."""
+    net = efficientnet_like().float()
+    x = rand(2, 3, 67, 61).float()
+    state = copy.deepcopy(net.state_dict())
+    found = {}
+    for storage in (None, False, "memory"):
+        net.load_state_dict(state)
+        net.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = net(x) if storage is None else Streaming(net, 40, checkpoints=storage)(x)
+        (y.float() * rand(*y.shape, seed=9).float()).sum().backward()
+        found[storage] = (y.detach().float(), [p.grad.clone() for p in net.parameters()])
+    u = 2.0 ** -8
+    for k in range(2):
+        ref = found[None][k] if k == 0 else torch.cat([g.flatten() for g in found[None][1]])
+        err = {s: rel_err(found[s][k] if k == 0 else torch.cat([g.flatten() for g in found[s][1]]), ref)
+               for s in (False, "memory")}
+        assert err["memory"] <= 2 * err[False] + u, err

@@ -41,9 +41,10 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .errors import internal_assert
+from .errors import TileTooSmallError, internal_assert
 from .geometry import Span, lengths, spans
-from .tiling import Tile, owned_parts
+from .norms import NormState, levels
+from .tiling import Tile, owned_parts, tile_image
 
 STORAGE = ("auto", "memory", "disk")
 
@@ -201,12 +202,15 @@ def plan_cuts(program: Program, level_of: dict) -> Cuts:
 def runs_as_module(graph) -> bool:
     """Whether the traced program runs as the module does: it calls the leaf modules (and
     their hooks), but not the hooks of the modules fx traced through, nor global hooks."""
-    hooks = nn.modules.module
-    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
-        return False
     leaves = {n.target for n in graph.graph.nodes if n.op == "call_module"}
-    return all(name in leaves or not (m._forward_hooks or m._forward_pre_hooks)
-               for name, m in graph.root.named_modules())
+    return not hooked(m for name, m in graph.root.named_modules() if name not in leaves)
+
+
+def hooked(modules) -> bool:
+    """Whether a forward hook (or pre-hook) would see a call of any of ``modules``."""
+    hooks = nn.modules.module
+    return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks) or any(
+        m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 # ------------------------------------------------------------------ storage
@@ -302,7 +306,7 @@ class Checkpoints:
     writes a tile's owned part of a cut, adds a tile's gradient at a cut."""
 
     def __init__(self, program: Program, cuts: Cuts, graph, tilings, storage, keep: bool = True):
-        self.program, self.cuts, self.graph, self.tilings = program, cuts, graph, tilings
+        self.program, self.cuts, self.graph = program, cuts, graph
         self.keep = keep
         self.store = MapStore(storage)
         self.grads = MapStore(storage, peer=self.store)
@@ -382,10 +386,7 @@ class Checkpoints:
         cut = self.final
         if cut.image or not all(n in self.store.maps for n in cut.names):
             return False
-        hooks = nn.modules.module
-        if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
-            return False
-        return not any(m._forward_hooks or m._forward_pre_hooks for m in pipeline.modules())
+        return not hooked(pipeline.modules())
 
     def drop_gradients(self, cut: Cut) -> None:
         self.grads.drop([_key(cut, n) for n in cut.names])
@@ -445,8 +446,6 @@ def _format(value: torch.Tensor) -> torch.memory_format:
 def cuts_for(graph, storage) -> Cuts | None:
     """The cuts of ``graph``'s whole-map steps when they are worth storing (``storage`` not
     False, two levels or more, a program that runs as the module does), else None."""
-    from .norms import NormState, levels  # (norms imports nothing of this module)
-
     if storage is False:
         return None
     nodes = NormState.of(graph).nodes
@@ -463,9 +462,6 @@ def tile(graph, spatial, tile_size, targets: tuple, storage) -> tuple:
     """(tilings, cuts): the tiles also cover the stored maps (``tiling.tile_image``
     ``targets``) unless the tile is too small for them; then the passes start at the image,
     unless ``storage`` asked for storage explicitly (an error that says so)."""
-    from .errors import TileTooSmallError
-    from .tiling import tile_image
-
     cuts = cuts_for(graph, storage)
     if cuts is not None:
         try:
@@ -491,8 +487,6 @@ def estimate(graph, cuts: Cuts, step_bytes: list) -> tuple[int, float]:
     the two gradient cuts alive at once; and the step's time over one with frozen
     statistics (four units: a forward, and a backward pass at three), each pass's work
     counted as the bytes of the steps it runs (a proxy for their arithmetic)."""
-    from .norms import NormState, levels
-
     program = Program(graph)
     level_of = levels(graph, NormState.of(graph).nodes)
     order = sorted(set(level_of.values()))

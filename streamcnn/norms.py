@@ -165,14 +165,19 @@ class Normalise(torch.autograd.Function):
         return dx, None, None, grad_w, grad_b, None
 
 
+def fusable(g, x, mean, weight) -> bool:
+    """Whether torch's fused batch-norm backward takes these: it wants one dtype (not the
+    mix autocast makes)."""
+    return x.dtype == g.dtype == mean.dtype and (weight is None or weight.dtype == x.dtype)
+
+
 def _fused_backward(ctx, g, x, mean, rstd, weight):
     """:meth:`Normalise.backward` per channel (BatchNorm) by torch's fused eval-mode kernel
     (``g · weight · rstd``, ``sum(g · x̂)``, ``sum(g)`` in one pass over the map), plus the
     correction at the owned positions; None where dtypes differ (autocast), as the kernel
     wants one."""
     tile = ctx.tile
-    if tile.batch is None or not (x.dtype == g.dtype == mean.dtype and (
-            weight is None or weight.dtype == x.dtype)):
+    if tile.batch is None or not fusable(g, x, mean, weight):
         return None
     mean_c, var_c, eps = tile.batch
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]]

@@ -31,7 +31,7 @@ from .errors import internal_assert
 from .function import TileRunner, backward_owned
 from .moments import Moments, all_but_channels
 from .norms import NormMode, NormState, Terms, check_values, correction_terms, frozen_modules, \
-    group_sums, levels, statistic_groups
+    fusable, group_sums, levels, statistic_groups
 from .reductions import Accumulator
 from .rules import Global
 from .state import Snapshot, substituted, tile_scope
@@ -318,8 +318,7 @@ def _sums(g, x, mean, rstd, weight, norm) -> tuple:
     """``sum_S(h)`` and ``sum_S(h · x̂)`` (``h = g · weight``), per statistic group. Per channel
     (BatchNorm) by torch's fused batch-norm backward, which gives ``sum(g · x̂)`` and
     ``sum(g)`` in one pass over the map without temporaries; else from ``x̂``."""
-    same = x.dtype == g.dtype == mean.dtype and (weight is None or weight.dtype == x.dtype)
-    if norm.kind == "batch" and same:
+    if norm.kind == "batch" and fusable(g, x, mean, weight):
         _, gx, gs = torch.ops.aten.native_batch_norm_backward(
             g, x, None, None, None, mean.reshape(-1), rstd.reshape(-1), True, norm.eps,
             [False, True, True])

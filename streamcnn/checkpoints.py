@@ -93,7 +93,8 @@ class Program:
         self.index = {n.name: i for i, n in enumerate(self.nodes)}
         self.placeholder = next(n.name for n in self.nodes if n.op == "placeholder")
         self.steps = {name: i for name, i in graph.node_steps().items()  # feature maps
-                      if graph.steps[i].kind != "global"}  # (not a pooled value)
+                      if graph.steps[i].kind != "global"  # (not a pooled value,
+                      and name not in graph.structures}  # nor the tuple of a split)
         self.steps[self.placeholder] = 0
         dynamic: set = set()
         for n in self.nodes:  # nodes that depend on the input (the rest are constants)

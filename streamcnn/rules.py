@@ -11,7 +11,8 @@ asks this registry what each operation on a feature map does:
   channels or the batch);
 * a *merge* of feature maps on the same grid (add, sub, mul, div, max of two feature
   maps; an elementwise operation with a feature map as another argument, such as
-  ``clamp(x, min=a)``; ``torch.cat`` / chunk / split along channels);
+  ``clamp(x, min=a)``; ``torch.cat`` / chunk / split along channels; ``torch.stack``
+  along a new dimension of groups);
 * a *refusal*: everything whose output at one position depends on positions a
   tile does not hold (global or adaptive pooling, normalisation over space,
   reshapes that mix space into channels, upsampling, attention, indexing of
@@ -23,7 +24,9 @@ Layouts. A feature map's ``dims`` give each tensor dimension's role: ``"N"``
 ``("N", "C", 0, 1)``; ``permute(0, 2, 3, 1)`` makes it ``("N", 0, 1, "C")``, after
 which LayerNorm and Linear act on channels, as in ConvNeXt. Windows, and operations
 that act on dimension 1 as the channels (BatchNorm, local response norm, PReLU),
-need the channels-first layout.
+need the channels-first layout. A dimension of groups (:func:`group_role`: ResNeSt's
+``x.reshape((B, r, RC // r, H, W))``, ``torch.stack(branches, dim=1)``) is neither: a
+tile holds all of it.
 
 Arguments. ``streamcnn.binding`` binds every call as torch does before a handler
 sees it, so handlers take the tracing context ``ctx`` and then keyword arguments
@@ -39,6 +42,7 @@ the trace, so that no feature map an output depends on is left out of its step.
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -246,7 +250,19 @@ def _dim(d: int, rank: int) -> int:
 
 def layout(x: FMap) -> str:
     names = {"N": "N", "C": "C", 0: "H" if len(x.spatial()) == 2 else "L", 1: "W"}
-    return "(" + ", ".join(names[d] for d in x.dims) + ")"
+    return "(" + ", ".join("G" if is_group(d) else names[d] for d in x.dims) + ")"
+
+
+def group_role(size: int | None) -> tuple:
+    """The role of a dimension that splits the channels into groups (ResNeSt's radix, the
+    branches ``torch.stack`` puts side by side in a selective kernel): ``("G", size)``, the
+    size None while the channels are not known. It is neither spatial nor the channels: a
+    tile holds all of it, and operations over it (a sum over the branches) are pointwise."""
+    return ("G", size)
+
+
+def is_group(role) -> bool:
+    return isinstance(role, tuple) and role[:1] == ("G",)
 
 
 def _need_channels(ctx, x: FMap, expect: int, what: str = "channels") -> None:
@@ -798,16 +814,102 @@ def flatten(ctx, input, start_dim=0, end_dim=-1):
     if len(merged) <= 1:
         return _pointwise(ctx, input)
     if all(isinstance(role, int) for role in merged):
-        return ctx.refuse("it flattens the spatial dimensions (a sequence of positions, as for "
-                          "attention or x.flatten(2).mean(-1)); for global pooling write "
-                          "x.mean((2, 3)) or nn.AdaptiveAvgPool2d(1), which stream")
+        return ctx.refuse(FLATTENS_SPACE)
     return ctx.refuse(f"it reshapes the feature map: it flattens dimensions {start}..{end} of "
                       f"layout {layout(input)} together, mixing space and channels")
 
 
-def reshape(ctx, input, *shape, **_):
+FLATTENS_SPACE = ("it flattens the spatial dimensions (a sequence of positions, as for attention, "
+                  "global-context attention pooling or x.flatten(2).mean(-1)); for global pooling "
+                  "write x.mean((2, 3)) or nn.AdaptiveAvgPool2d(1), which stream")
+
+
+def reshape_refused(ctx, *args, **kwargs):
     return ctx.refuse("it reshapes the feature map (view/reshape), which can mix space into "
-                      "channels and needs the whole feature map's spatial size")
+                      "channels and needs the whole feature map's spatial size; what streams: "
+                      "x.reshape(B, r, C // r, H, W) and back, with B, C, H, W = x.shape")
+
+
+@takes_sizes
+def reshape(ctx, input, *shape, **kwargs):
+    """``x.reshape((B, r, RC // r, H, W))`` (ResNeSt's split attention, ``B, RC, H, W =
+    x.shape``) and back (``x.view(B, -1, H, W)``): the channels split into groups and
+    channels (:func:`group_role`), or groups merged into the channels, with the batch first
+    and the map's own spatial sizes last, unchanged (or a map's of the same length on every
+    tile). On a tile ``H, W`` are the tile's
+    sizes, so the tile's reshape is the whole map's restricted to the tile. Anything else
+    could move values between positions and is refused (``H * W``: a sequence of positions)."""
+    shape = kwargs.get("shape", shape)
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = tuple(shape[0])
+    if contains(shape, SizeExpr):
+        return ctx.refuse(FLATTENS_SPACE)
+    spatial = input.spatial()
+    k, rank = len(spatial), len(input.dims)
+    head, tail = list(shape[:len(shape) - k]), tuple(shape[len(shape) - k:])
+    own_sizes = all(isinstance(s, SpatialSize) and s.fmap is not None and s.axis == a and
+                    _same_length(ctx, s.fmap, input, a) for s, a in zip(tail, spatial))
+    if input.dims[0] != "N" or input.dims[rank - k:] != tuple(range(k)) or not own_sizes \
+            or len(head) < 2 or "N" in input.dims[1:rank - k]:
+        return reshape_refused(ctx)
+    batch, rest = head[0], head[1:]
+    if not (isinstance(batch, UnknownNumber) or (type(batch) is int and batch > 0 and
+                                                  (ctx.batch is None or batch == ctx.batch))):
+        return ctx.refuse("it reshapes the batch dimension of the feature map (the batch must "
+                          "stay first, as B of B, C, H, W = x.shape)")
+    if len(rest) > 2 or rest.count(-1) > 1 or not all(
+            isinstance(r, UnknownNumber) or (type(r) is int and (r > 0 or r == -1)) for r in rest):
+        return ctx.refuse("it reshapes the channels into more than two dimensions, or into sizes "
+                          "that are not numbers; what streams: (B, groups, channels, *spatial)")
+    sizes = [input.channels if r == "C" else r[1] for r in input.dims[1:rank - k]]
+    total = None if None in sizes else math.prod(sizes)
+    new = _resolve(rest, total)
+    if total is not None and None not in new and math.prod(new) != total:
+        raise ValueError(f"{ctx.name} reshapes {total} channels into {'x'.join(map(str, new))}")
+    roles = ("C",) if len(new) == 1 else (group_role(new[0]), "C")
+    return ctx.step(Pointwise(), [input], ("N",) + roles + input.dims[rank - k:], new[-1],
+                    input.source if new[-1] == input.channels else f"{ctx.name} gives")
+
+
+def _same_length(ctx, a: FMap, b: FMap, axis: int) -> bool:
+    """Whether maps ``a`` and ``b`` have the same length along ``axis`` on every tile (one
+    computed from the other pointwise, say)."""
+    return a.index == b.index or ctx.constant_size(
+        Arithmetic("-", Length(0), Length(1)), [a, b], axis) == 0
+
+
+def _resolve(sizes: list, total: int | None) -> list:
+    """Sizes of a reshape with -1 worked out from ``total`` (None: not known yet)."""
+    known = [s if type(s) is int else None for s in sizes]
+    if -1 in known:
+        others = [s for s in known if s != -1]
+        fill = None if total is None or None in others else total // max(1, math.prod(others))
+        known[known.index(-1)] = fill
+    return known
+
+
+@takes_maps("tensors")
+def stack(ctx, tensors, dim=0, *, out=None):
+    """``torch.stack(branches, dim=1)`` (timm's selective kernel): feature maps on one grid
+    side by side along a new dimension of groups (:func:`group_role`) - a merge."""
+    maps = list(tensors)
+    if not maps or not all(isinstance(t, FMap) for t in maps):
+        return ctx.refuse("it stacks the feature map with a constant tensor")
+    dims = maps[0].dims
+    if any(t.dims != dims for t in maps):
+        return ctx.refuse("it stacks feature maps in different layouts "
+                          + " and ".join(layout(x) for x in maps))
+    at = _dim(dim, len(dims) + 1) if isinstance(dim, int) else -1
+    if at < 1 or at > len(dims) or (isinstance(dims[at - 1], int) and at < len(dims)
+                                     and isinstance(dims[at], int)):
+        return ctx.refuse("it stacks feature maps along a new dimension before the batch or "
+                          "between spatial ones (what streams: torch.stack(maps, dim=1))")
+    counts = {t.channels for t in maps}
+    if len(counts) > 1 and None not in counts:
+        raise ValueError(f"{ctx.name} stacks feature maps with "
+                         f"{' and '.join(map(str, sorted(counts)))} channels")
+    return merge(ctx, maps, dims[:at] + (group_role(len(maps)),) + dims[at:],
+                 maps[0].channels if len(counts) == 1 else None)
 
 
 @takes_maps(ANY)
@@ -882,6 +984,8 @@ def _size(ctx, x: FMap, dim):
         return UnknownNumber() if x.channels is None else x.channels
     if role == "N":
         return UnknownNumber() if ctx.batch is None else ctx.batch
+    if is_group(role):
+        return UnknownNumber() if role[1] is None else role[1]
     refused = ctx.refuse("it reads the feature map's spatial size, which differs from tile to "
                          "tile (a size streams only where it makes one map the size of another, "
                          "as in F.interpolate(x, size=y.shape[-2:]))")
@@ -937,7 +1041,9 @@ def reduction(ctx, input, dim=None, keepdim=False, other=None, out=None, *, kind
     if any(isinstance(input.dims[d], int) for d in dims):
         return global_step(ctx, input, dims, keepdim, kind, _.get("p", "fro"),
                            indices=kind in _WITH_INDICES and dim is not None)
-    new_dims = input.dims if keepdim else tuple(r for k, r in enumerate(input.dims) if k not in dims)
+    new_dims = tuple(group_role(1) if k in dims and is_group(r) else r
+                     for k, r in enumerate(input.dims)) if keepdim else \
+        tuple(r for k, r in enumerate(input.dims) if k not in dims)
     if "C" not in new_dims:
         return ctx.refuse("it removes the channel dimension")
     channels = 1 if "C" in [input.dims[d] for d in dims] else -1
@@ -968,8 +1074,8 @@ def global_step(ctx, x: FMap, dims, keepdim: bool, kind: str, p=None, indices: b
             f"(it streams the mean, sum, amax, amin, max, min and the L2 norm over all positions)")
     step = ctx.step(Pointwise(), [x], x.dims, x.channels, x.source,
                     norm=Global(kind, tuple(dims), keepdim, indices))
-    shape = [1 if k in spatial else ctx.batch if role == "N" else x.channels
-             for k, role in enumerate(x.dims) if keepdim or k not in spatial]
+    shape = [1 if k in spatial else ctx.batch if role == "N" else role[1] if is_group(role)
+             else x.channels for k, role in enumerate(x.dims) if keepdim or k not in spatial]
     value = None if None in shape else torch.zeros(
         shape, dtype=ctx.map_dtype, device=ctx.device or "cpu")
     out = Pooled(value, (step,))
@@ -1294,7 +1400,7 @@ FUNCTIONS = {
     F.softmax: softmax_like, F.log_softmax: softmax_like, F.softmin: softmax_like,
     F.normalize: normalize,
     F.channel_shuffle: channel_shuffle,
-    torch.cat: cat, torch.concat: cat, torch.concatenate: cat,
+    torch.cat: cat, torch.concat: cat, torch.concatenate: cat, torch.stack: stack,
     torch.chunk: chunk, torch.split: split,
     torch.where: where,
     torch.permute: permute, torch.transpose: transpose, torch.movedim: movedim,
@@ -1348,8 +1454,8 @@ METHODS = {
     **{kind: _reducer(kind) for kind in _REDUCTIONS.values()},
     "softmax": softmax_like, "log_softmax": softmax_like,
     "permute": permute, "transpose": transpose, "movedim": movedim,
-    "flatten": flatten, "view": reshape, "reshape": reshape, "view_as": reshape,
-    "reshape_as": reshape, "unflatten": reshape,
+    "flatten": flatten, "view": reshape, "reshape": reshape, "view_as": reshape_refused,
+    "reshape_as": reshape_refused, "unflatten": reshape_refused,
     "chunk": chunk, "split": split,
     "size": size, "dim": dim_method, "expand_as": expand_as,
     "register_hook": register_hook,
@@ -1393,8 +1499,9 @@ def module_handler(m: nn.Module):
 def supported_summary() -> str:
     return ("supported: Conv1d/2d, MaxPool1d/2d, AvgPool1d/2d, zero padding, elementwise "
             "activations, Identity, BatchNorm and Dropout in eval mode, LayerNorm/Linear over "
-            "channels, arithmetic, residual adds and torch.cat along channels, global pooling "
-            "and what is computed from it (squeeze-and-excitation)")
+            "channels, arithmetic, residual adds and torch.cat along channels, torch.stack and "
+            "reshapes into groups of channels, global pooling and what is computed from it "
+            "(squeeze-and-excitation, split attention)")
 
 
 def is_random_call(op: str, target) -> bool:

@@ -89,6 +89,8 @@ class TracedGraph:
     outputs: tuple[int, ...] = ()
     output_paths: tuple[str, ...] = ()
     spec: TreeSpec | None = field(default=None, repr=False)
+    #: fx nodes whose value is a structure of maps (split, chunk), not one map
+    structures: frozenset = frozenset()
 
     @property
     def maps(self) -> tuple[int, ...]:
@@ -417,6 +419,7 @@ class _Analysis:
         self.steps = [GraphStep("the input", (), (), channels, None, rules.standard_dims(ndim))]
         self.fields = [(Field(),) * ndim]
         self.channels = channels
+        self.structures: set = set()
 
     def run(self) -> TracedGraph:
         env: dict = {}
@@ -431,6 +434,8 @@ class _Analysis:
                 return self._finish(fx.node.map_arg(node.args[0], env.__getitem__), env)
             else:
                 env[node] = self._call(node, env)
+                if not isinstance(env[node], FMap) and rules.contains(env[node], FMap):
+                    self.structures.add(node.name)
         raise StreamingError("the streamed module's graph has no output")
 
     def _placeholder(self, node, k: int):
@@ -658,7 +663,7 @@ class _Analysis:
                         if old not in new and s.kind in ("window", "norm"))
         return TracedGraph(self.ndim, steps, self.graph, self.root,
                            getattr(self.graph, "streamcnn_calls", ()), tuple(refused.values()) + windows,
-                           tuple(new[i] for i in outputs), paths, spec)
+                           tuple(new[i] for i in outputs), paths, spec, frozenset(self.structures))
 
 
 def _is_namedtuple(target) -> bool:

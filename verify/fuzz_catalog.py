@@ -1050,6 +1050,29 @@ def cat(s: Scope, key, valid: bool) -> Out:
     return Out(expr, v.dims, v.grid if ok else None, must_stream=ok)
 
 
+def stack(s: Scope, key, valid: bool) -> Out:
+    """torch.stack of maps of one shape along a new dimension of groups (local where it goes
+    after the batch and not between spatial axes), then summed over it, as a selective
+    kernel does; a map of another shape, or another position, now and then."""
+    i = s.pick()
+    v = s.values[i]
+    tensors, ok = [Ref(i)], True
+    for _ in range(s.draw(ints(1, 2))):
+        same = lambda w: w.floating and compatible(v, w) and w.sample.shape == v.sample.shape  # noqa: E731
+        j = s.pick(same) if valid or s.draw(ints(0, 3)) else s.pick(lambda w: True)
+        ok = ok and same(s.values[j]) and s.values[j].dims == v.dims
+        tensors.append(Ref(j))
+    between = lambda p: 0 < p < len(v.dims) and isinstance(v.dims[p - 1], int) and \
+        isinstance(v.dims[p], int)  # noqa: E731
+    allowed = [p for p in range(1, len(v.dims) + 1) if not between(p)]
+    at = s.draw(st.sampled_from(allowed)) if valid or s.draw(BOOLS) else s.draw(ints(0, len(v.dims)))
+    ok = ok and at in allowed
+    container = tuple(tensors) if s.draw(BOOLS) else tensors
+    stacked = s.call(key, container, [("dim", at)], first_name="tensors")
+    return Out(Call("method", "sum", (stacked,), {"dim": at}), v.dims, v.grid if ok else None,
+               must_stream=ok)
+
+
 def pieces(s: Scope, key, valid: bool) -> Out:
     """chunk/split (functions and methods) of a map, then one piece, or two pieces
     concatenated back in another order."""
@@ -1543,6 +1566,7 @@ CATALOG = {
                                     *WITH_INDICES)},
     _function(F.pad): pad,
     **{_function(f): cat for f in (torch.cat, torch.concat, torch.concatenate)},
+    _function(torch.stack): stack,
     **{_function(f): pieces for f in (torch.chunk, torch.split)},
     _method("chunk"): pieces, _method("split"): pieces,
     _function(torch.where): where,

@@ -335,6 +335,36 @@ def test_cuts_store_feature_maps_only():
         assert set(cut.names) == set(program.crossing(cut.position)) or cut.image
 
 
+class _SplitThenNormalise(nn.Module):
+    """torch.split's pieces each through training-mode BatchNorm (as timm's selective kernel
+    splits its input among branches): a cut between the split and its pieces is crossed by
+    the split's tuple, which is not a map and must not be stored."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.a, self.b = (nn.Sequential(nn.Conv2d(2, 2, 3, padding=1, bias=False), nn.BatchNorm2d(2))
+                          for _ in range(2))
+        self.last = nn.Sequential(nn.Conv2d(4, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3))
+
+    def forward(self, x):
+        pieces = torch.split(self.conv(x), 2, 1)
+        return self.last(torch.cat([self.a(pieces[0]), self.b(pieces[1])], 1))
+
+
+@pytest.mark.parametrize("storage", STORAGE)
+def test_a_split_tuple_is_not_stored(storage):
+    net = affine_at_random(_SplitThenNormalise().double().train())
+    x = rand(2, 3, 30, 28)
+    graph, _, cuts = Streaming(net, 14, checkpoints="memory")._prepare(source_of(x))
+    split = next(n.name for n in graph.graph.nodes if n.target is torch.split)
+    assert split in graph.structures
+    stored = [c for c in list(cuts.forward.values()) + list(cuts.gradient.values()) if c]
+    assert stored and all(split not in c.names for c in stored)
+    cmp = compare(net, x, 14, checkpoints=storage, paths=RANDOM)
+    assert cmp.worst <= F64, cmp
+
+
 class _InPlaceAfterCut(nn.Module):
     """A map ``s`` that crosses a stored cut and is changed in place after it, between two
     normalisations of one level: every pass that starts at that cut changes it again, so a

@@ -402,27 +402,6 @@ class SelfAttention2d(nn.Module):
         return (v.flatten(2) @ attn.transpose(1, 2)).view_as(x) + x
 
 
-class SplitAttention(nn.Module):
-    """timm/layers/split_attn.py: SplitAttn's reshape of the map (radix 2)."""
-
-    def __init__(self, c, radix=2):
-        super().__init__()
-        self.radix = radix
-        self.conv = nn.Conv2d(c, c * radix, 3, padding=1)
-        self.fc1 = nn.Conv2d(c, 4, 1)
-        self.fc2 = nn.Conv2d(4, c * radix, 1)
-
-    def forward(self, x):
-        x = self.conv(x)
-        B, RC, H, W = x.shape
-        x = x.reshape((B, self.radix, RC // self.radix, H, W))
-        x_gap = x.sum(dim=1).mean((2, 3), keepdim=True)
-        x_attn = self.fc2(F.relu(self.fc1(x_gap)))
-        x_attn = x_attn.view(B, self.radix, RC // self.radix).softmax(dim=1).reshape(B, -1, 1, 1)
-        out = x * x_attn.reshape((B, self.radix, RC // self.radix, 1, 1))
-        return out.sum(dim=1)
-
-
 class GlobalContext(nn.Module):
     """timm/layers/global_context.py: GlobalContext's attention pooling (softmax over
     positions)."""
@@ -448,21 +427,10 @@ class PerRowPool(nn.Module):
         return x * torch.sigmoid(x.mean(3, keepdim=True))
 
 
-class SelectiveKernelStack(SelectiveKernelNoStack):
-    """timm/layers/selective_kernel.py: the branches stacked (torch.stack)."""
-
-    def forward(self, x):
-        paths = torch.stack([self.a(x), self.b(x)], dim=1)
-        s = paths.sum(1).mean((2, 3), keepdim=True)
-        return (paths * self.fc(s).view(x.shape[0], 2, -1, 1, 1).softmax(1)).sum(1)
-
-
 @pytest.mark.parametrize("block, words", [
     (SelfAttention2d(8), "flattens the spatial dimensions"),
-    (SplitAttention(8), "spatial size"),
-    (GlobalContext(8), "spatial size"),
+    (GlobalContext(8), "flattens the spatial dimensions"),
     (PerRowPool(), "some spatial axes only"),
-    (SelectiveKernelStack(8), "stack"),
 ])
 def test_refused_clearly(block, words):
     net = nn.Sequential(stem(), block).double()
@@ -512,6 +480,12 @@ def _gate(kind: str, c: int) -> nn.Module:
         return EffectiveSEModule(c, add_maxpool=True)
     if kind == "eca":
         return EcaModule(c)
+    if kind == "split":
+        from verify.test_split_attention import SplitAttn
+        return SplitAttn(c, radix=2)
+    if kind == "sk":
+        from verify.test_split_attention import SelectiveKernel, perturbed
+        return perturbed(SelectiveKernel(c)).eval()
     return nn.Identity()
 
 
@@ -534,7 +508,7 @@ def test_random_graphs_with_global_steps_on_random_branches(seed):
     torch.manual_seed(seed)
     c, layers = 6, [nn.Conv2d(3, 6, 3, padding=1)]
     for _ in range(rng.randint(2, 5)):
-        gate = _gate(rng.choice(["se", "effective-max", "eca", "none"]), c)
+        gate = _gate(rng.choice(["se", "effective-max", "eca", "split", "sk", "none"]), c)
         conv = nn.Conv2d(c, c, 3, stride=rng.choice([1, 1, 2]), padding=1)
         if rng.random() < 0.5 and conv.stride == (1, 1):
             layers.append(_Residual(nn.Sequential(conv, nn.ReLU(), gate)))

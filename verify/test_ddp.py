@@ -78,10 +78,10 @@ def train_mode(model: nn.Module) -> nn.Module:
     return model
 
 
-def batch(step: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole batch of ``step``: ``n`` images and labels, seeded."""
+def batch(step: int, n: int, size: int = SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole batch of ``step``: ``n`` images of ``size``² and labels, seeded."""
     gen = torch.Generator().manual_seed(100 + step)
-    x = torch.randn(n, 3, SIZE, SIZE, generator=gen, dtype=torch.float64)
+    x = torch.randn(n, 3, size, size, generator=gen, dtype=torch.float64)
     return x, torch.randint(0, CLASSES, (n,), generator=gen)
 
 
@@ -91,17 +91,21 @@ def share(t: torch.Tensor, part: int, parts: int) -> torch.Tensor:
     return t[part * n:(part + 1) * n]
 
 
-def unwrapped(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Parameters by their names in ``nn.Sequential(front, head)``, whether ``model`` is that
-    or ``nn.Sequential(Streaming(front), head)``, possibly inside DDP."""
+def unwrapped(model: nn.Module, what: str = "parameters") -> dict[str, torch.Tensor]:
+    """Parameters (or ``what="buffers"``) by their names in ``nn.Sequential(front, head)``,
+    whether ``model`` is that or ``nn.Sequential(Streaming(front), head)``, possibly inside DDP."""
     model = getattr(model, "module", model)  # DDP
     front, head = model
-    return dict(getattr(front, "module", front).named_parameters(prefix="0")) | dict(
-        head.named_parameters(prefix="1"))
+    named = f"named_{what}"
+    return dict(getattr(getattr(front, "module", front), named)(prefix="0")) | dict(
+        getattr(head, named)(prefix="1"))
 
 
-def grads(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.grad.detach().clone() for n, p in unwrapped(model).items()}
+def grads(model: nn.Module) -> dict[str, torch.Tensor | None]:
+    """Each parameter's gradient (None where it has none: ``assert_all_close`` fails on a
+    None on one side only)."""
+    return {n: None if p.grad is None else p.grad.detach().clone()
+            for n, p in unwrapped(model).items()}
 
 
 def params(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -166,9 +170,9 @@ def _loopback_for_gloo() -> None:
             return
 
 
-def _rank_main(rank: int, workdir: str) -> None:
-    """Entry point of a rank's process: run every scenario, save the results (or the
-    traceback) in ``workdir``."""
+def _rank_main(rank: int, workdir: str, scenarios: dict) -> None:
+    """Entry point of a rank's process: run every scenario (name -> function of the rank),
+    save the results (or the traceback) in ``workdir``."""
     work = Path(workdir)
     try:
         torch.set_num_threads(1)
@@ -176,7 +180,7 @@ def _rank_main(rank: int, workdir: str) -> None:
         dist.init_process_group("gloo", init_method=f"file://{work / 'rendezvous'}", rank=rank,
                                 world_size=WORLD, timeout=COLLECTIVE_TIMEOUT)
         try:
-            results = {name: run(rank) for name, run in SCENARIOS.items()}
+            results = {name: run(rank) for name, run in scenarios.items()}
         finally:
             dist.destroy_process_group()
         torch.save(results, work / f"rank{rank}.pt")
@@ -195,16 +199,18 @@ def start_method() -> str:
     return "fork" if sys.platform.startswith("linux") else "spawn"
 
 
-def run_ranks(workdir: Path, timeout: float = TIMEOUT_S) -> list[dict]:
-    """Run ``_rank_main`` in WORLD new processes; their results, by rank.
+def run_ranks(workdir: Path, scenarios: dict = SCENARIOS,
+              timeout: float = TIMEOUT_S) -> list[dict]:
+    """Run ``_rank_main`` with ``scenarios`` (module-level functions: ``spawn`` pickles them)
+    in WORLD new processes; their results, by rank.
 
     Stops waiting as soon as one rank fails (its peer would only wait for the collective
     timeout); terminates, then kills, whatever is still running; raises AssertionError
     naming each failed or hung rank, with its traceback.
     """
     ctx = mp.get_context(start_method())
-    procs = [ctx.Process(target=_rank_main, args=(rank, str(workdir)), name=f"ddp-rank{rank}",
-                         daemon=True) for rank in range(WORLD)]
+    procs = [ctx.Process(target=_rank_main, args=(rank, str(workdir), scenarios),
+                         name=f"ddp-rank{rank}", daemon=True) for rank in range(WORLD)]
     try:
         for p in procs:
             p.start()
@@ -265,9 +271,15 @@ def conventional_grads(x: torch.Tensor, y: torch.Tensor, scale: float = 1.0):
 
 
 def assert_all_close(got: dict, ref: dict, what: str, tol: float = F64) -> None:
+    """Every tensor of ``got`` within ``tol`` (``rel_err``) of ``ref``'s; a None (no gradient)
+    on one side only fails."""
     assert got.keys() == ref.keys(), what
-    errs = {n: rel_err(got[n], ref[n]) for n in ref}
-    worst = max(errs, key=errs.get)
+    missing = [n for n in ref if (got[n] is None) != (ref[n] is None)]
+    assert not missing, f"{what}: a gradient on one side only: {missing}"
+    errs = {n: rel_err(got[n], ref[n]) for n in ref if ref[n] is not None}
+    worst = max(errs, key=errs.get, default=None)
+    if worst is None:
+        return
     assert errs[worst] <= tol, f"{what}: {worst} relative error {errs[worst]:.2e} > {tol:.0e}"
 
 

@@ -41,6 +41,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from . import rules
 from .errors import TileTooSmallError, internal_assert
 from .geometry import Span, lengths, spans
 from .norms import NormState, levels
@@ -94,7 +95,9 @@ class Program:
         self.placeholder = next(n.name for n in self.nodes if n.op == "placeholder")
         self.steps = {name: i for name, i in graph.node_steps().items()  # feature maps
                       if graph.steps[i].kind != "global"  # (not a pooled value,
-                      and name not in graph.structures}  # nor the tuple of a split)
+                      and name not in graph.structures  # nor the tuple of a split,
+                      and not any(rules.is_positions(r) for r in graph.steps[i].dims)}  # nor a
+        # sequence of positions: a tile's is its own positions, not a span of the image's
         self.steps[self.placeholder] = 0
         dynamic: set = set()
         for n in self.nodes:  # nodes that depend on the input (the rest are constants)

@@ -660,6 +660,7 @@ class Ownership:
     starts: tuple[int, ...]
     own_starts: tuple[int, ...]
     own_stops: tuple[int, ...]
+    stops: tuple[int, ...] = ()  # where each tile's value of the map ends
 
 
 def ownership(graph, tiling: AxisTiling, step: int) -> Ownership:
@@ -676,7 +677,8 @@ def ownership(graph, tiling: AxisTiling, step: int) -> Ownership:
     if problem is not None or own_stops[-1] != length:
         raise ValueError(f"the tiles do not cover every position of {graph[step].name}'s map with "
                          f"valid values: tile the image with that step among the targets")
-    return Ownership(length, tuple(t.start for t in tiles), tuple(own_starts), tuple(own_stops))
+    return Ownership(length, tuple(t.start for t in tiles), tuple(own_starts), tuple(own_stops),
+                     tuple(t.stop for t in tiles))
 
 
 def _check_image(graph, length: int, axis_name: str) -> None:

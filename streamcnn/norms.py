@@ -311,13 +311,16 @@ class NormMode(TorchFunctionMode):
         through :class:`reductions.Reduce`); ``record`` sees a probed one's input; a backward
         pass makes a probed one's value a leaf; not yet known: the tile's own (not needed)."""
         x = args[0] if args else next(iter(kwargs.values()))
+        g = node.norm
+        if g.kind == "matmul":  # x @ w sums x[..., :, p, None] * w[..., None, p, :] over p
+            x = x.unsqueeze(-1) * (args[1] if len(args) > 1 else kwargs["other"]).unsqueeze(-3)
         if node.name in self.probes and self.record is not None:
             self.record(node, x)
         reduced = self.state.stats.get(node.name)
         if reduced is None:
             return func(*args, **kwargs)
-        g = node.norm
         value = reductions.value_of(reduced, g, x)
+        after = reductions.after(g, x)  # (a softmax's exp(x - R))
         if g.indices:  # (values and the tile's indices, which the trace lets nothing use)
             with torch.no_grad():
                 own = func(*args, **kwargs)
@@ -327,13 +330,13 @@ class NormMode(TorchFunctionMode):
         if self.leaves is not None and node.name in self.probes:
             leaf = value.detach().requires_grad_()
             self.leaves.setdefault(node.name, []).append((leaf, x, None, None, None))
-            return wrap(leaf.clone())
+            return wrap(after(leaf.clone()))
         if not torch.is_grad_enabled() or not x.requires_grad:
-            return wrap(value)
+            return wrap(after(value))
         crops = self.state.crops.get(node.name)
         tile = reductions.TileGrad(crops[self.index] if crops is not None else None,
                                    self.state.terms.get(node.name), reduced, self.index)
-        return wrap(reductions.Reduce.apply(x, value, tile, g))
+        return wrap(after(reductions.Reduce.apply(x, value, tile, g)))
 
     def _node(self, site, func=None):
         """The :class:`NormNode` (or None: runs as it is) a call at ``site`` belongs to."""

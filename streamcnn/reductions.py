@@ -35,6 +35,11 @@ import torch
 from .rules import Global
 
 
+#: kinds whose whole-map value is the log-sum-exp of the input over all positions (a softmax
+#: over the positions uses it: ``exp(x - R)``)
+LOG_SUM_EXP = ("logsumexp", "softmax", "log_softmax")
+
+
 @dataclass(frozen=True)
 class Reduced:
     """One global step's whole-map value, float64, with the reduced dimensions kept as 1
@@ -82,7 +87,10 @@ class Accumulator:
         self.count += n
         flat = _flat(part, self.g)
         kind = self.g.kind
-        if kind in ("mean", "sum", "norm"):
+        if kind in LOG_SUM_EXP:
+            self._add_log_sum_exp(flat.double())
+            return
+        if kind in ("mean", "sum", "norm", "matmul"):
             s = (flat.double().square() if kind == "norm" else flat.double()).sum(-1)
             self.total = s if self.total is None else self.total + s
             return
@@ -110,6 +118,19 @@ class Accumulator:
             self.owner[index] = (mask & ~better, at)
         self.owner[tile_index] = (better, local)
 
+    def _add_log_sum_exp(self, flat: torch.Tensor) -> None:
+        """A running log-sum-exp: the largest value so far ``key`` and the sum of
+        ``exp(x - key)`` so far ``total``, rescaled when a larger value comes."""
+        top = flat.amax(-1)
+        shift = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        part = (flat - shift.unsqueeze(-1)).exp().sum(-1)
+        if self.total is None:
+            self.total, self.key = part, shift
+            return
+        top = torch.maximum(self.key, shift)
+        self.total = self.total * (self.key - top).exp() + part * (shift - top).exp()
+        self.key = top
+
     def _global_key(self, local, shape, tile_index):
         """The row-major position in the whole map of each owned part's flat index."""
         sizes = [shape[d] for d in self.g.dims]
@@ -133,7 +154,9 @@ class Accumulator:
             value = value / self.count
         elif kind == "norm":
             value = value.sqrt()
-        elif kind not in ("sum",):
+        elif kind in LOG_SUM_EXP:
+            value = self.key + value.log()
+        elif kind not in ("sum", "matmul"):
             value = value * self.sign
         return Reduced(value, self.count, self.ties,
                        {i: w for i, w in self.owner.items() if w[0].any()} if kind in ("max", "min")
@@ -145,6 +168,17 @@ def value_of(reduced: Reduced, g: Global, like: torch.Tensor) -> torch.Tensor:
     ``like`` 's dtype, with the reduced dimensions kept (as 1) or dropped as the call does."""
     value = _keepdim(reduced.value, like.shape, g).to(like.dtype)
     return value if g.keepdim else value.squeeze(g.dims) if g.dims else value
+
+
+def after(g: Global, x: torch.Tensor):
+    """What a tile's call returns given the whole map's value ``R``: ``R`` itself for a
+    reduction; ``exp(x - R)`` for a softmax over the positions, ``x - R`` for log_softmax
+    (``R`` their log-sum-exp): pointwise in ``x`` once ``R`` is known."""
+    if g.kind == "softmax":
+        return lambda r: (x - r).exp()
+    if g.kind == "log_softmax":
+        return lambda r: x - r
+    return lambda r: r
 
 
 @dataclass
@@ -165,8 +199,10 @@ def gradient(g: Global, t: TileGrad, part: torch.Tensor) -> torch.Tensor:
     p = part.double()
     if kind == "mean":
         return (grad / t.reduced.count).expand(part.shape)
-    if kind == "sum":
+    if kind in ("sum", "matmul"):
         return grad.expand(part.shape)
+    if kind in LOG_SUM_EXP:
+        return grad * (p - value).exp()
     if kind == "norm":
         return torch.where(value == 0, torch.zeros_like(p), grad * p / value)
     if kind in ("amax", "amin"):

@@ -26,7 +26,9 @@ which LayerNorm and Linear act on channels, as in ConvNeXt. Windows, and operati
 that act on dimension 1 as the channels (BatchNorm, local response norm, PReLU),
 need the channels-first layout. A dimension of groups (:func:`group_role`: ResNeSt's
 ``x.reshape((B, r, RC // r, H, W))``, ``torch.stack(branches, dim=1)``) is neither: a
-tile holds all of it.
+tile holds all of it. A sequence of positions (:func:`positions_role`: ``x.flatten(2)``,
+``x.reshape(B, C, H * W)``) holds the spatial axes flattened: pointwise operations and
+global steps over all of it stream (global-context attention pooling).
 
 Arguments. ``streamcnn.binding`` binds every call as torch does before a handler
 sees it, so handlers take the tracing context ``ctx`` and then keyword arguments
@@ -250,7 +252,8 @@ def _dim(d: int, rank: int) -> int:
 
 def layout(x: FMap) -> str:
     names = {"N": "N", "C": "C", 0: "H" if len(x.spatial()) == 2 else "L", 1: "W"}
-    return "(" + ", ".join("G" if is_group(d) else names[d] for d in x.dims) + ")"
+    return "(" + ", ".join("G" if is_group(d) else "P" if is_positions(d) else names[d]
+                           for d in x.dims) + ")"
 
 
 def group_role(size: int | None) -> tuple:
@@ -263,6 +266,30 @@ def group_role(size: int | None) -> tuple:
 
 def is_group(role) -> bool:
     return isinstance(role, tuple) and role[:1] == ("G",)
+
+
+def positions_role(k: int) -> tuple:
+    """The role of a dimension that holds the ``k`` spatial axes flattened in row-major
+    order (``x.flatten(2)``, ``x.reshape(B, C, H * W)``): a sequence of positions. A tile's
+    sequence is its own positions, not a piece of the image's, so only what treats the
+    positions alike streams: pointwise operations, and reductions over all of them (global
+    steps: a mean, a softmax over the positions, the matrix product that sums over them)."""
+    return ("P", k)
+
+
+def is_positions(role) -> bool:
+    return isinstance(role, tuple) and role[:1] == ("P",)
+
+
+def is_space(role) -> bool:
+    """A spatial axis, or the spatial axes flattened."""
+    return isinstance(role, int) or is_positions(role)
+
+
+def all_positions(dims: tuple, d: int) -> bool:
+    """Whether dimension ``d`` holds every position of the map: the spatial axes flattened,
+    or the one spatial axis of a 1-d map."""
+    return is_positions(dims[d]) or (isinstance(dims[d], int) and sum(map(is_space, dims)) == 1)
 
 
 def _need_channels(ctx, x: FMap, expect: int, what: str = "channels") -> None:
@@ -514,8 +541,54 @@ def _channel_dim_op(ctx, input, dim, what):
     return None
 
 
-def softmax_like(ctx, input, dim=None, **_):
+def softmax_like(ctx, input, dim=None, *, kind="softmax", **_):
+    """A softmax over the channels (pointwise in space), or over a sequence of positions
+    (:func:`positions_role`): a global step, ``exp(x - R)`` (``x - R`` for log_softmax) with
+    ``R`` the log-sum-exp of ``x`` over all positions, as global-context pooling's attention
+    weights."""
+    if isinstance(dim, int) and kind in ("softmax", "log_softmax") and \
+            all_positions(input.dims, _dim(dim, len(input.dims))):
+        if _.get("dtype") is not None:
+            return ctx.refuse(f"it applies {kind} over the positions with a dtype argument",
+                              fix="convert the map with .to(dtype) first")
+        return ctx.step(Pointwise(), [input], input.dims, input.channels, input.source,
+                        norm=Global(kind, (_dim(dim, len(input.dims)),)))
     return _channel_dim_op(ctx, input, dim, "softmax") or _pointwise(ctx, input)
+
+
+def _softmax_of(kind: str):
+    return lambda ctx, input, dim=None, **kw: softmax_like(ctx, input, dim, kind=kind, **kw)
+
+
+@takes_maps("input", "other")
+def matmul(ctx, input, other, *, out=None):
+    """``x @ w`` with ``x`` (..., C, P) and ``w`` (..., P, K) sequences of positions of one
+    grid (global context: ``x.reshape(B, C, H * W).unsqueeze(1) @ softmax(...).unsqueeze(3)``):
+    a sum over all positions of ``x[..., :, p, None] * w[..., None, p, :]``, a global step
+    whose value is the product (:class:`Pooled`). Products over other dimensions of maps are
+    refused (attention between positions)."""
+    if not (isinstance(input, FMap) and isinstance(other, FMap)):
+        return ctx.refuse("it multiplies a feature map by a constant matrix (a feature map is no "
+                          "matrix of a tile's own size)")
+    a, b = input.dims, other.dims
+    if len(a) < 2 or len(b) < 2 or len(a) != len(b) or not all_positions(a, -1) or b[-2] != a[-1] \
+            or any(is_space(r) for r in a[:-1] + b[:-2] + b[-1:]):
+        return ctx.refuse(ATTENTION + " (a matrix product of feature maps streams only where it "
+                          "sums over all positions: x (..., C, H*W) @ w (..., H*W, K))")
+    dims = a + (b[-1],)
+    rank = len(dims)
+    step = ctx.step(Merge(), [input, other], dims, input.channels, f"{ctx.name} gives",
+                    norm=Global("matmul", (rank - 2,), keepdim=False))
+    stand_ins = [_stand_in(ctx, x) for x in (input, other)]
+    value = None if None in stand_ins else torch.matmul(*stand_ins)
+    return Pooled(value, (step,))
+
+
+def _stand_in(ctx, x: FMap) -> torch.Tensor | None:
+    """Zeros of the shape of ``x`` with one position (None: a size not known yet)."""
+    shape = [ctx.batch if r == "N" else x.channels if r == "C" else r[1] if is_group(r) else 1
+             for r in x.dims]
+    return None if None in shape else torch.zeros(shape, dtype=ctx.map_dtype, device=ctx.device or "cpu")
 
 
 def normalize(ctx, input, p=2.0, dim=1, eps=1e-12, out=None):
@@ -673,7 +746,7 @@ def _broadcastable(ctx, x: FMap, other):
         return ctx.refuse(f"it combines the feature map with a tensor of shape {shape}, which has "
                           f"more dimensions")
     for role, size in zip(x.dims[len(x.dims) - len(shape):], shape):
-        if isinstance(role, int) and size != 1:
+        if is_space(role) and size != 1:
             return ctx.refuse(f"it combines the feature map with a tensor of shape {shape} that "
                               f"varies over the spatial positions (e.g. a positional embedding "
                               f"of a fixed size)")
@@ -813,15 +886,23 @@ def flatten(ctx, input, start_dim=0, end_dim=-1):
     merged = input.dims[start:end + 1]
     if len(merged) <= 1:
         return _pointwise(ctx, input)
+    if merged == tuple(range(len(input.spatial()))) and merged == input.spatial():
+        return _positions(ctx, input, start, end)
     if all(isinstance(role, int) for role in merged):
         return ctx.refuse(FLATTENS_SPACE)
     return ctx.refuse(f"it reshapes the feature map: it flattens dimensions {start}..{end} of "
                       f"layout {layout(input)} together, mixing space and channels")
 
 
-FLATTENS_SPACE = ("it flattens the spatial dimensions (a sequence of positions, as for attention, "
-                  "global-context attention pooling or x.flatten(2).mean(-1)); for global pooling "
-                  "write x.mean((2, 3)) or nn.AdaptiveAvgPool2d(1), which stream")
+FLATTENS_SPACE = ("it flattens some spatial dimensions but not all, or not in order: what streams "
+                  "is x.flatten(2) or x.reshape(B, C, H * W) of a channels-first map")
+
+
+def _positions(ctx, x: FMap, start: int, end: int) -> FMap:
+    """``x`` with dimensions ``start..end`` (its spatial axes, in order) flattened into one
+    sequence of positions (:func:`positions_role`)."""
+    dims = x.dims[:start] + (positions_role(end - start + 1),) + x.dims[end + 1:]
+    return ctx.step(Pointwise(), [x], dims, x.channels, x.source)
 
 
 def reshape_refused(ctx, *args, **kwargs):
@@ -842,9 +923,14 @@ def reshape(ctx, input, *shape, **kwargs):
     shape = kwargs.get("shape", shape)
     if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
         shape = tuple(shape[0])
+    if any(is_positions(r) for r in input.dims):
+        return ctx.refuse("it reshapes a sequence of positions (x.flatten(2)) back into a map or "
+                          "otherwise: a tile's sequence is its own positions")
+    spatial = input.spatial()
+    if shape and isinstance(shape[-1], SizeExpr):
+        return _flattened(ctx, input, shape)
     if contains(shape, SizeExpr):
         return ctx.refuse(FLATTENS_SPACE)
-    spatial = input.spatial()
     k, rank = len(spatial), len(input.dims)
     head, tail = list(shape[:len(shape) - k]), tuple(shape[len(shape) - k:])
     own_sizes = all(isinstance(s, SpatialSize) and s.fmap is not None and s.axis == a and
@@ -871,6 +957,28 @@ def reshape(ctx, input, *shape, **kwargs):
                     input.source if new[-1] == input.channels else f"{ctx.name} gives")
 
 
+def _flattened(ctx, x: FMap, shape) -> FMap | Refused:
+    """``x.reshape(B, C, H * W)`` (timm's global context): the spatial sizes of ``x`` (or of
+    a map of the same lengths), multiplied in order, flatten the spatial axes of a
+    channels-first map into a sequence of positions; batch and channels stay."""
+    k = len(x.spatial())
+    factors, expr = [], shape[-1]
+    while isinstance(expr, SizeExpr) and expr.op == "*":
+        factors.insert(0, expr.right)
+        expr = expr.left
+    factors.insert(0, expr)
+    head = list(shape[:-1])
+    ok = (x.dims == standard_dims(k) and len(factors) == k and len(head) == 2 and all(
+        isinstance(f, SpatialSize) and f.fmap is not None and f.axis == a and
+        _same_length(ctx, f.fmap, x, a) for a, f in enumerate(factors)))
+    batch, channels = (head + [None, None])[:2]
+    ok = ok and (isinstance(batch, UnknownNumber) or batch == ctx.batch or ctx.batch is None) \
+        and (isinstance(channels, UnknownNumber) or channels in (x.channels, -1) or x.channels is None)
+    if not ok:
+        return ctx.refuse(FLATTENS_SPACE)
+    return _positions(ctx, x, 2, 1 + k)
+
+
 def _same_length(ctx, a: FMap, b: FMap, axis: int) -> bool:
     """Whether maps ``a`` and ``b`` have the same length along ``axis`` on every tile (one
     computed from the other pointwise, say)."""
@@ -886,6 +994,16 @@ def _resolve(sizes: list, total: int | None) -> list:
         fill = None if total is None or None in others else total // max(1, math.prod(others))
         known[known.index(-1)] = fill
     return known
+
+
+def unsqueeze(ctx, input, dim):
+    """A new dimension of size 1 (a group of one, :func:`group_role`), after the batch and
+    not between spatial axes."""
+    rank = len(input.dims)
+    at = _dim(dim, rank + 1)
+    if at < 1 or (0 < at < rank and isinstance(input.dims[at - 1], int) and isinstance(input.dims[at], int)):
+        return ctx.refuse("it inserts a dimension before the batch or between spatial axes")
+    return _pointwise(ctx, input, dims=input.dims[:at] + (group_role(1),) + input.dims[at:])
 
 
 @takes_maps("tensors")
@@ -1038,7 +1156,7 @@ def reduction(ctx, input, dim=None, keepdim=False, other=None, out=None, *, kind
         return ctx.refuse("it reduces over dimensions not known before the input")
     rank = len(input.dims)
     dims = _reduced(dim, rank)
-    if any(isinstance(input.dims[d], int) for d in dims):
+    if any(is_space(input.dims[d]) for d in dims):
         return global_step(ctx, input, dims, keepdim, kind, _.get("p", "fro"),
                            indices=kind in _WITH_INDICES and dim is not None)
     new_dims = tuple(group_role(1) if k in dims and is_group(r) else r
@@ -1053,14 +1171,14 @@ def reduction(ctx, input, dim=None, keepdim=False, other=None, out=None, *, kind
     return values
 
 
-GLOBAL_KINDS = ("mean", "sum", "amax", "amin", "max", "min", "norm")
+GLOBAL_KINDS = ("mean", "sum", "amax", "amin", "max", "min", "norm", "logsumexp")
 
 
 def global_step(ctx, x: FMap, dims, keepdim: bool, kind: str, p=None, indices: bool = False):
     """A reduction of ``x`` over all its spatial positions: a global step (:class:`Global`),
     whose value, one per sample and channel, is a :class:`Pooled`. Reductions over some
     spatial axes only, or over space and channels together, are refused."""
-    spatial = {k for k, role in enumerate(x.dims) if isinstance(role, int)}
+    spatial = {k for k, role in enumerate(x.dims) if is_space(role)}
     if set(dims) != spatial:
         return ctx.refuse(
             "it reduces over spatial positions, but over some spatial axes only or over the "
@@ -1071,7 +1189,11 @@ def global_step(ctx, x: FMap, dims, keepdim: bool, kind: str, p=None, indices: b
         what = f"a {p}-norm" if kind == "norm" else kind
         return ctx.refuse(
             f"it reduces over spatial positions with {what}, which streamcnn does not stream "
-            f"(it streams the mean, sum, amax, amin, max, min and the L2 norm over all positions)")
+            f"(it streams the mean, sum, amax, amin, max, min, log-sum-exp and the L2 norm over "
+            f"all positions)")
+    if kind in ("max", "min") and any(is_positions(x.dims[d]) for d in dims):
+        return ctx.refuse(f"it takes the {kind} over a sequence of positions, whose gradient goes to "
+                          f"the first extreme in a tile's order, not the image's; amax/amin stream")
     step = ctx.step(Pointwise(), [x], x.dims, x.channels, x.source,
                     norm=Global(kind, tuple(dims), keepdim, indices))
     shape = [1 if k in spatial else ctx.batch if role == "N" else role[1] if is_group(role)
@@ -1303,10 +1425,14 @@ NORM_LAYER_FUNCTIONS = {**{t: F.batch_norm for t in BATCHNORM_MODULES}, nn.Group
 GLOBAL_LAYER_FUNCTIONS = {nn.AdaptiveAvgPool1d: F.adaptive_avg_pool1d,
                           nn.AdaptiveAvgPool2d: F.adaptive_avg_pool2d,
                           nn.AdaptiveMaxPool1d: F.adaptive_max_pool1d,
-                          nn.AdaptiveMaxPool2d: F.adaptive_max_pool2d}
+                          nn.AdaptiveMaxPool2d: F.adaptive_max_pool2d,
+                          nn.Softmax: F.softmax, nn.Softmax2d: F.softmax,
+                          nn.LogSoftmax: F.log_softmax}
 GLOBAL_FUNCTIONS = frozenset(GLOBAL_LAYER_FUNCTIONS.values()) | {
-    torch.mean, torch.sum, torch.amax, torch.amin, torch.max, torch.min, torch.norm}
-GLOBAL_METHODS = frozenset({"mean", "sum", "amax", "amin", "max", "min", "norm"})
+    torch.mean, torch.sum, torch.amax, torch.amin, torch.max, torch.min, torch.norm,
+    torch.logsumexp, torch.softmax, torch.log_softmax, F.softmax, F.log_softmax, torch.matmul}
+GLOBAL_METHODS = frozenset({"mean", "sum", "amax", "amin", "max", "min", "norm", "logsumexp",
+                            "softmax", "log_softmax", "matmul"})
 #: layer types that fix the spatial rank of their input
 RANK = {nn.Conv1d: 1, nn.MaxPool1d: 1, nn.AvgPool1d: 1, nn.BatchNorm1d: 1, nn.ConvTranspose1d: 1,
         nn.Conv2d: 2, nn.MaxPool2d: 2, nn.AvgPool2d: 2, nn.BatchNorm2d: 2, nn.ConvTranspose2d: 2,
@@ -1341,8 +1467,8 @@ MODULES = {
                        (nn.AdaptiveMaxPool1d, 1, "max"), (nn.AdaptiveMaxPool2d, 2, "max"))},
     nn.PReLU: lambda ctx, m, x: prelu(ctx, x, m.weight),
     nn.RReLU: lambda ctx, m, x: rrelu(ctx, x, training=m.training),
-    **{t: lambda ctx, m, x: softmax_like(ctx, x, m.dim) for t in (nn.Softmax, nn.LogSoftmax,
-                                                                   nn.Softmin)},
+    **{t: (lambda k: lambda ctx, m, x: softmax_like(ctx, x, m.dim, kind=k))(k)
+       for t, k in ((nn.Softmax, "softmax"), (nn.LogSoftmax, "log_softmax"), (nn.Softmin, "softmin"))},
     nn.Softmax2d: lambda ctx, m, x: softmax_like(ctx, x, -3),
     nn.GLU: lambda ctx, m, x: glu(ctx, x, m.dim),
     nn.ChannelShuffle: lambda ctx, m, x: channel_shuffle(ctx, x, m.groups),
@@ -1397,7 +1523,10 @@ FUNCTIONS = {
     F.rrelu: rrelu,
     F.glu: glu,
     F.local_response_norm: local_response_norm,
-    F.softmax: softmax_like, F.log_softmax: softmax_like, F.softmin: softmax_like,
+    F.softmax: _softmax_of("softmax"), F.log_softmax: _softmax_of("log_softmax"),
+    F.softmin: _softmax_of("softmin"), torch.softmax: _softmax_of("softmax"),
+    torch.log_softmax: _softmax_of("log_softmax"),
+    operator.matmul: matmul, torch.matmul: matmul,
     F.normalize: normalize,
     F.channel_shuffle: channel_shuffle,
     torch.cat: cat, torch.concat: cat, torch.concatenate: cat, torch.stack: stack,
@@ -1452,7 +1581,8 @@ METHODS = {
                                      "maximum", "minimum", "gt", "ge", "lt", "le", "eq", "ne")},
     "pow": power, "pow_": power,
     **{kind: _reducer(kind) for kind in _REDUCTIONS.values()},
-    "softmax": softmax_like, "log_softmax": softmax_like,
+    "softmax": _softmax_of("softmax"), "log_softmax": _softmax_of("log_softmax"),
+    "matmul": matmul, "unsqueeze": unsqueeze,
     "permute": permute, "transpose": transpose, "movedim": movedim,
     "flatten": flatten, "view": reshape, "reshape": reshape, "view_as": reshape_refused,
     "reshape_as": reshape_refused, "unflatten": reshape_refused,
@@ -1501,7 +1631,7 @@ def supported_summary() -> str:
             "activations, Identity, BatchNorm and Dropout in eval mode, LayerNorm/Linear over "
             "channels, arithmetic, residual adds and torch.cat along channels, torch.stack and "
             "reshapes into groups of channels, global pooling and what is computed from it "
-            "(squeeze-and-excitation, split attention)")
+            "(squeeze-and-excitation, split attention, global-context attention pooling)")
 
 
 def is_random_call(op: str, target) -> bool:

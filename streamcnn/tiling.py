@@ -7,8 +7,11 @@ import itertools
 import math
 from dataclasses import dataclass
 
+import torch
+
 from ._args import AXIS_NAMES, normalize_tile_size
 from .geometry import AxisTiling, Span, lengths, ownership, spans, tile_axis
+from .rules import is_positions
 from .trace import TracedGraph
 
 
@@ -48,11 +51,23 @@ def _owned(graph: TracedGraph, tilings, step: int, dims: tuple) -> dict[tuple, t
     for index in itertools.product(*(range(len(t.starts)) for t in tilings)):
         own = [(o.own_starts[i], o.own_stops[i], o.starts[i]) for o, i in zip(owns, index)]
         crop = tuple(slice(own[d][0] - own[d][2], own[d][1] - own[d][2]) if isinstance(d, int)
+                     else _owned_positions(owns, index) if is_positions(d)
                      else slice(None) for d in dims)
         place = tuple(slice(own[d][0], own[d][1]) if isinstance(d, int) else slice(None)
                       for d in dims)
         parts[index] = (crop, place)
     return parts
+
+
+def _owned_positions(owns, index) -> torch.Tensor:
+    """The owned positions of a tile's sequence of positions (its spatial axes flattened in
+    row-major order, ``rules.positions_role``): their indices in the sequence."""
+    flat = torch.zeros((), dtype=torch.long)
+    for o, i in zip(owns, index):
+        length = o.stops[i] - o.starts[i]
+        own = torch.arange(o.own_starts[i] - o.starts[i], o.own_stops[i] - o.starts[i])
+        flat = (flat.unsqueeze(-1) * length + own).flatten()
+    return flat
 
 
 def owned_parts(graph: TracedGraph, tilings, step: int) -> dict[tuple, tuple]:

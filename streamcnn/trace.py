@@ -173,6 +173,8 @@ def runtime_function(node: fx.Node, root: nn.Module, globals_too: bool):
         found = rules.NORM_LAYER_FUNCTIONS.get(kind)
         return found if found is not None or not globals_too else rules.GLOBAL_LAYER_FUNCTIONS.get(kind)
     if node.op == "call_function":
+        if globals_too and node.target is operator.matmul:  # (x @ w calls Tensor.matmul)
+            return torch.Tensor.matmul
         return node.target if node.target in rules.NORM_FUNCTIONS or (
             globals_too and node.target in rules.GLOBAL_FUNCTIONS) else None
     if node.op == "call_method" and globals_too and node.target in rules.GLOBAL_METHODS:

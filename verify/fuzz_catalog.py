@@ -1073,6 +1073,40 @@ def stack(s: Scope, key, valid: bool) -> Out:
                must_stream=ok)
 
 
+def unsqueeze(s: Scope, key, valid: bool) -> Out:
+    """``x.unsqueeze(d)``: a new dimension of one (local after the batch and not between
+    spatial axes), then summed away."""
+    i = s.pick()
+    v = s.values[i]
+    between = lambda p: 0 < p < len(v.dims) and isinstance(v.dims[p - 1], int) and \
+        isinstance(v.dims[p], int)  # noqa: E731
+    allowed = [p for p in range(1, len(v.dims) + 1) if not between(p)]
+    at = s.draw(st.sampled_from(allowed)) if valid or s.draw(BOOLS) else s.draw(ints(0, len(v.dims)))
+    ok = at in allowed
+    inner = s.call(key, Ref(i), [("dim", at - len(v.dims) - 1 if s.draw(BOOLS) else at)])
+    return Out(Call("method", "sum", (inner,), {"dim": at}), v.dims, v.grid if ok else None,
+               must_stream=ok)
+
+
+def matmul(s: Scope, key, valid: bool) -> Out:
+    """``x @ w`` summing over every position of channels-first maps on one grid, as
+    global-context pooling does (``x.flatten(2) @ softmax(a.flatten(2)[:, :1], -1).mT``);
+    not ``valid``: a product over the channels (attention between positions, refused)."""
+    i = s.standard_map()
+    j, ok = s.partner(i, valid)
+    ok = ok and s.values[j].dims == s.values[i].dims
+    flat = lambda k: Call("method", "flatten", (Ref(k), 2))  # noqa: E731
+    if valid or s.draw(BOOLS):
+        logits = Call("function", operator.getitem, (flat(j), (slice(None), slice(0, 1))))
+        weights = Call("function", F.softmax, (logits,), {"dim": -1})
+        left, right = flat(i), Call("method", "transpose", (weights, 1, 2))
+    else:
+        left, right, ok = Call("method", "transpose", (flat(i), 1, 2)), flat(j), False
+    if key[1] is operator.matmul:
+        return Out(Call("function", operator.matmul, (left, right)), must_stream=ok)
+    return Out(s.call(key, left, [("other", right)]), must_stream=ok)
+
+
 def pieces(s: Scope, key, valid: bool) -> Out:
     """chunk/split (functions and methods) of a map, then one piece, or two pieces
     concatenated back in another order."""
@@ -1567,6 +1601,9 @@ CATALOG = {
     _function(F.pad): pad,
     **{_function(f): cat for f in (torch.cat, torch.concat, torch.concatenate)},
     _function(torch.stack): stack,
+    _function(torch.softmax): softmax, _function(torch.log_softmax): softmax,
+    **{_function(f): matmul for f in (operator.matmul, torch.matmul)}, _method("matmul"): matmul,
+    _method("unsqueeze"): unsqueeze,
     **{_function(f): pieces for f in (torch.chunk, torch.split)},
     _method("chunk"): pieces, _method("split"): pieces,
     _function(torch.where): where,
@@ -1721,7 +1758,8 @@ class Builder:
         base = self.values[j].sample
         fits = broadcasts(value, base) and torch.broadcast_shapes(value.shape, base.shape) == base.shape
         other = out.expr if fits else Call("method", "sum", (out.expr,))
-        return Out(Call("function", operator.add, (Ref(j), other)), self.values[j].dims)
+        return Out(Call("function", operator.add, (Ref(j), other)), self.values[j].dims,
+                   self.values[j].grid if out.must_stream else None, out.must_stream)
 
     def _discard(self) -> None:
         for name in self.scope.added:

@@ -391,35 +391,6 @@ def test_pixel_loss_with_global_steps():
 
 # ------------------------------------------------------------------ refused, clearly
 
-class SelfAttention2d(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.qkv = nn.Conv2d(c, 3 * c, 1)
-
-    def forward(self, x):
-        q, k, v = self.qkv(x).chunk(3, dim=1)
-        attn = torch.softmax(q.flatten(2).transpose(1, 2) @ k.flatten(2), dim=-1)
-        return (v.flatten(2) @ attn.transpose(1, 2)).view_as(x) + x
-
-
-class GlobalContext(nn.Module):
-    """timm/layers/global_context.py: GlobalContext's attention pooling (softmax over
-    positions)."""
-
-    def __init__(self, c):
-        super().__init__()
-        self.conv_attn = nn.Conv2d(c, 1, kernel_size=1, bias=True)
-        self.fc = nn.Conv2d(c, c, 1)
-
-    def forward(self, x):
-        B, C, H, W = x.shape
-        attn = self.conv_attn(x).reshape(B, 1, H * W)
-        attn = F.softmax(attn, dim=-1).unsqueeze(3)
-        context = x.reshape(B, C, H * W).unsqueeze(1) @ attn
-        context = context.view(B, C, 1, 1)
-        return x + self.fc(context)
-
-
 class PerRowPool(nn.Module):
     """Coordinate attention's per-row mean."""
 
@@ -428,8 +399,6 @@ class PerRowPool(nn.Module):
 
 
 @pytest.mark.parametrize("block, words", [
-    (SelfAttention2d(8), "flattens the spatial dimensions"),
-    (GlobalContext(8), "flattens the spatial dimensions"),
     (PerRowPool(), "some spatial axes only"),
 ])
 def test_refused_clearly(block, words):
@@ -486,6 +455,11 @@ def _gate(kind: str, c: int) -> nn.Module:
     if kind == "sk":
         from verify.test_split_attention import SelectiveKernel, perturbed
         return perturbed(SelectiveKernel(c)).eval()
+    if kind == "gc":
+        from verify.test_positions import GlobalContext
+        gc = GlobalContext(c, fuse_add=True, rd_ratio=1 / 2)
+        gc.conv_attn.bias = None  # (a softmax ignores it: its gradient is zero, test_positions)
+        return gc
     return nn.Identity()
 
 
@@ -508,7 +482,7 @@ def test_random_graphs_with_global_steps_on_random_branches(seed):
     torch.manual_seed(seed)
     c, layers = 6, [nn.Conv2d(3, 6, 3, padding=1)]
     for _ in range(rng.randint(2, 5)):
-        gate = _gate(rng.choice(["se", "effective-max", "eca", "split", "sk", "none"]), c)
+        gate = _gate(rng.choice(["se", "effective-max", "eca", "split", "sk", "gc", "none"]), c)
         conv = nn.Conv2d(c, c, 3, stride=rng.choice([1, 1, 2]), padding=1)
         if rng.random() < 0.5 and conv.stride == (1, 1):
             layers.append(_Residual(nn.Sequential(conv, nn.ReLU(), gate)))

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from streamcnn import Streaming, StreamingError
 from streamcnn.testing import ALL_PATHS, ENTRIES, METHODS, Path
 from verify.test_global_steps import check, rand, stem
+from verify.test_graph_refusals import Functional
 
 
 def make_divisible(v, divisor=8, min_value=None, round_limit=.9):
@@ -226,15 +227,6 @@ def test_selective_kernel_branches_in_training_mode():
     check(net, rand(2, 3, 30, 30, seed=5), 16, paths=RANDOM_LOSS)
 
 
-class Reshaped(nn.Module):
-    def __init__(self, f):
-        super().__init__()
-        self.f = f
-
-    def forward(self, x):
-        return self.f(x)
-
-
 def _radix(x):  # the split and its merge back, as timm's RadixSoftmax writes the vector
     B, C, H, W = x.shape
     return x.reshape(B, 2, C // 2, H, W).relu().view(B, -1, H, W)
@@ -242,13 +234,11 @@ def _radix(x):  # the split and its merge back, as timm's RadixSoftmax writes th
 
 def test_split_and_merge_back():
     """The split and its merge back (x.view(B, -1, H, W)) restore the channels in order."""
-    net = nn.Sequential(stem(8), Reshaped(_radix), nn.Conv2d(8, 4, 3, padding=1))
+    net = nn.Sequential(stem(8), Functional(_radix), nn.Conv2d(8, 4, 3, padding=1))
     check(net, rand(2, 3, 26, 26, seed=6), 12)
 
 
 @pytest.mark.parametrize("f, words", [
-    (lambda x: x.reshape(x.shape[0], x.shape[1], x.shape[2] * x.shape[3]).mean(-1, keepdim=True)
-     .unsqueeze(-1) * x, "flattens the spatial dimensions"),
     (lambda x: x.reshape(x.shape[0] * 2, x.shape[1] // 2, x.shape[2], x.shape[3]).sum(0, keepdim=True),
      "batch"),
     (lambda x: x.reshape(x.shape[0], 2, 2, x.shape[1] // 4, x.shape[2], x.shape[3]).sum((1, 2)),
@@ -260,6 +250,6 @@ def test_split_and_merge_back():
     (lambda x: torch.stack([x, x], dim=0).sum(0), "before the batch"),
 ])
 def test_refused_clearly(f, words):
-    net = nn.Sequential(stem(8), Reshaped(f)).double()
+    net = nn.Sequential(stem(8), Functional(f)).double()
     with pytest.raises(StreamingError, match=words):
         Streaming(net, 12)(rand(2, 3, 24, 24))

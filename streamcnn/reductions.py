@@ -28,7 +28,7 @@ value a tile uses (:func:`value_of`), and (G1) (:class:`Reduce`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -75,21 +75,41 @@ class Accumulator:
         return -1 if self.g.kind in ("amin", "min") else 1
 
     def add(self, part: torch.Tensor, tile_index) -> None:
+        self.include(self.summary(part), tile_index)
+
+    def summary(self, part: torch.Tensor) -> tuple | None:
+        """What an owned part adds, small and a function of its values alone (None: empty):
+        its count and float64 sum (of squares for the norm); or its extreme and the ties
+        (amax/amin); or its extreme, the flat index of the first, and its shape (max/min: the
+        row-major position in the whole map needs the tile, given to :meth:`include`). An
+        identical part (:mod:`streamcnn.dedup`) adds it again."""
         part = part.detach()
         n = math.prod(part.shape[d] for d in self.g.dims)
         if n == 0:
-            return
-        self.count += n
+            return None
         flat = _flat(part, self.g)
         kind = self.g.kind
         if kind in ("mean", "sum", "norm"):
-            s = (flat.double().square() if kind == "norm" else flat.double()).sum(-1)
-            self.total = s if self.total is None else self.total + s
-            return
+            return n, (flat.double().square() if kind == "norm" else flat.double()).sum(-1)
         signed = flat.double() * self.sign
         best = signed.amax(-1)
         if kind in ("amax", "amin"):
-            ties = (signed == best.unsqueeze(-1)).sum(-1)
+            return n, best, (signed == best.unsqueeze(-1)).sum(-1)
+        local = (signed == best.unsqueeze(-1)).to(torch.uint8).argmax(-1)  # first extreme
+        return n, best, local, part.shape
+
+    def include(self, summary: tuple | None, tile_index) -> None:
+        """Merge a part's :meth:`summary`, owned by the tile ``tile_index``."""
+        if summary is None:
+            return
+        self.count += summary[0]
+        kind = self.g.kind
+        if kind in ("mean", "sum", "norm"):
+            s = summary[1]
+            self.total = s if self.total is None else self.total + s
+            return
+        if kind in ("amax", "amin"):
+            _, best, ties = summary
             if self.total is None:
                 self.total, self.ties = best, ties
             else:
@@ -97,8 +117,8 @@ class Accumulator:
                     best == self.total, ties, torch.zeros_like(ties)))
                 self.total = torch.maximum(self.total, best)
             return
-        local = (signed == best.unsqueeze(-1)).to(torch.uint8).argmax(-1)  # first extreme
-        key = self._global_key(local, part.shape, tile_index)
+        _, best, local, shape = summary
+        key = self._global_key(local, shape, tile_index)
         if self.total is None:
             better = torch.ones_like(best, dtype=torch.bool)
         else:
@@ -155,6 +175,23 @@ class TileGrad:
     grad: torch.Tensor | None  # G, the whole-map gradient of R (float64, keepdim), once known
     reduced: Reduced
     index: tuple  # the tile's index
+    #: the tiles whose (G1) this tile's backward adds (:mod:`streamcnn.dedup`: identical tiles
+    #: recomputed once; read when the backward runs, so the tile loop may change it between
+    #: backward calls); None: this tile alone
+    members: list | None = None
+
+
+def group_gradient(g: Global, t: TileGrad, part: torch.Tensor) -> torch.Tensor:
+    """(G1) of each of ``t.members``, added. Identical tiles own the same positions of the
+    same values, so (G1) is the same for each but for max/min, where only the tile that owns
+    the first extreme gets it: there each member's own is added."""
+    members = t.members or [t.index]
+    if g.kind in ("max", "min"):
+        if members == [t.index]:
+            return gradient(g, t, part)
+        return sum(gradient(g, replace(t, index=i, members=None), part) for i in members)
+    grad = gradient(g, t, part)
+    return grad * len(members) if len(members) > 1 else grad
 
 
 def gradient(g: Global, t: TileGrad, part: torch.Tensor) -> torch.Tensor:
@@ -202,5 +239,5 @@ class Reduce(torch.autograd.Function):
         t = ctx.tile
         dx = torch.zeros_like(x)
         if t.grad is not None and t.crop is not None:
-            dx[t.crop] = gradient(ctx.g, t, x[t.crop]).to(x.dtype)
+            dx[t.crop] = group_gradient(ctx.g, t, x[t.crop]).to(x.dtype)
         return dx, None, None, None

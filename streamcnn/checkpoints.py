@@ -358,6 +358,13 @@ class Checkpoints:
                                     memory_format=self.store.formats[name])
             self.store.maps[name][place] = value[crop].to("cpu")
 
+    def copy(self, cut: Cut, source: Tile, tile: Tile) -> None:
+        """``tile``'s owned part of each value crossing ``cut``, written as ``source``'s: a
+        tile identical to it, which owns the same part of each (:mod:`streamcnn.dedup`)."""
+        for name, step in zip(cut.names, cut.steps):
+            stored = self.store.maps[name]
+            stored[self._owned[step][tile.index][1]] = stored[self._owned[step][source.index][1]]
+
     def add_gradient(self, cut: Cut, tile: Tile, grads: dict) -> None:
         """Add ``tile``'s gradient at each value crossing ``cut`` (over its span)."""
         for name, step in zip(cut.names, cut.steps):

@@ -54,13 +54,14 @@ class TileRunner:
     ``dedup``: compute a tile identical to an earlier one of the pass only once.
     ``skip``: do not recompute a tile whose output gradient is zero (:mod:`streamcnn.skipping`).
     ``outputs``: the output maps and each tile's part of them (``tiling.outputs``; None: one
-    map, the tiling's output). ``dedup`` needs one output map.
+    map, the tiling's output). ``dedup`` needs one output map; ``elsewhere``: each tile's owned
+    crops of the other maps it sums or stores (``dedup.owned_elsewhere``), part of its key.
     ``stats`` records what each pass did (:class:`streamcnn.prefetch.Stats`)."""
 
     def __init__(self, pipeline: nn.Module, tilings, source, device: torch.device, *,
                  progress: bool | None, channels_last: bool, prefetch: bool = False,
                  dedup: bool = False, skip: bool = False, unused: tuple = (),
-                 outputs: Outputs | None = None):
+                 outputs: Outputs | None = None, elsewhere: dict | None = None):
         self.pipeline = pipeline
         self.unused = unused  # what the module computes for no output (TracedGraph.unused)
         self.tilings = tilings
@@ -75,8 +76,8 @@ class TileRunner:
         self.checkpoints = None  # their passes' stored maps (streamcnn.checkpoints), or None
         self.prefetch = prefetch
         internal_assert(not dedup or len(self.outputs.maps) == 1, "dedup of several output maps")
-        self.duplicates = Duplicates(tilings, self._reread, keep=4 if source.fresh else None) \
-            if dedup else None
+        self.duplicates = Duplicates(tilings, self._reread, keep=4 if source.fresh else None,
+                                     elsewhere=elsewhere) if dedup else None
         self.stats = Stats(prefetch=prefetch, dedup=dedup)
         self.skip = skip
         self.finite: dict = {}  # tile index -> whether all it computed was finite (with skip)
@@ -144,17 +145,21 @@ class TileRunner:
         """A representative's pixels again, for an exact comparison (``Duplicates``)."""
         return self.read(self.source, tile)
 
-    def _match(self, tile: Tile, raw: torch.Tensor):
-        """The earlier tile of the forward that ``tile`` (read as ``raw``) duplicates, or None.
-        An array's tile was fingerprinted when read; that digest finds the candidates."""
+    def match(self, tile: Tile, raw: torch.Tensor):
+        """The earlier tile that ``tile`` (read as ``raw``) duplicates, or None: matched in the
+        first pass that reads every tile (the first statistics pass of whole-map steps, else
+        the forward), known in the later ones. An array's tile was fingerprinted when read;
+        that digest finds the candidates."""
         if self.duplicates is None:
             return None
+        if self.duplicates.known(tile):  # (an earlier pass grouped it)
+            return self.duplicates.shared(tile)
         hashed = self.digests[tile.origin] if self.source.fresh else fingerprint(raw)
         return self.duplicates.match(tile, raw, hashed)
 
     def _forward_read(self, tile: Tile):
         raw = self.read(self.source, tile)
-        return tile, raw, self._match(tile, raw)
+        return tile, raw, self.match(tile, raw)
 
     def run(self, tile_input: torch.Tensor, tile: Tile) -> list:
         """The module on one tile (inside :meth:`scope`): the part of each output map the tile
@@ -366,8 +371,8 @@ class TileRunner:
         with substituted(self.pipeline, tensors), observing_gradient_hooks(self.pipeline):
             for tile in reuse:
                 leaf, ys = graphs[tile.index]
-                with self.scope(tile):
-                    reached |= self._backprop(tile, ys, leaf, grads, need_x, grad_x)
+                with self.scope(tile) as mode:
+                    reached |= self._backprop(tile, ys, leaf, grads, need_x, grad_x, mode)
                 stats.reused += 1
             graphs.clear()  # (their graphs are spent)
             if kept is not None:
@@ -380,7 +385,7 @@ class TileRunner:
                         ys = self.run(self.feed(leaf), tile)
                         if mode is not None:
                             mode.replaying()
-                        reached |= self._backprop(tile, ys, leaf, grads, need_x, grad_x)
+                        reached |= self._backprop(tile, ys, leaf, grads, need_x, grad_x, mode)
                     del ys
                     check_unchanged(self.pipeline, before)
                     if mode is not None and stats.computed == 0:
@@ -390,23 +395,23 @@ class TileRunner:
         update_replayed(replayed, self.norms)
         return grad_x if reached else None, sums
 
-    def _backprop(self, tile: Tile, ys: list, leaf, grads: list, need_x: bool, grad_x) -> bool:
+    def _backprop(self, tile: Tile, ys: list, leaf, grads: list, need_x: bool, grad_x,
+                  mode: NormMode | None) -> bool:
         """Backpropagate one tile's owned outputs ``ys`` (with its dedup group's output
-        gradients) and add its input gradient into ``grad_x``; whether the tile's input got
-        one."""
-        if self.duplicates is None:
-            parts = [(tile, self.owned_gradients(tile, grads))]
-        else:  # (one output map)
-            parts = [(place, [g]) for place, g in gradient_parts(
-                self.duplicates.group(tile), grads[0], separate=need_x)]
+        gradients, and its whole-map corrections through ``mode``) and add its input gradient
+        into ``grad_x``; whether the tile's input got one."""
+        group = [tile] if self.duplicates is None else self.duplicates.group(tile)
+        parts = gradient_parts(group, lambda t: self.owned_gradients(t, grads), separate=need_x)
         reached = False
-        with torch.enable_grad():
-            for k, (place, gs) in enumerate(parts):
-                backward_owned(ys, gs, retain_graph=k + 1 < len(parts))
-                if need_x and leaf.grad is not None:
-                    grad_x[place.inp] += leaf.grad
-                    leaf.grad = None
-                    reached = True
+
+        def take(place: Tile) -> None:
+            nonlocal reached
+            if need_x and leaf.grad is not None:
+                grad_x[place.inp] += leaf.grad
+                leaf.grad = None
+                reached = True
+
+        backward_parts(ys, parts, mode, after=take)
         return reached
 
 
@@ -416,6 +421,20 @@ def backward_owned(ys: list, grads: list, retain_graph: bool = False) -> None:
     pairs = [(y, g) for y, g in zip(ys, grads) if g is not None and y.requires_grad]
     if pairs:
         backward_here([y for y, _ in pairs], [g for _, g in pairs], retain_graph=retain_graph)
+
+
+def backward_parts(ys: list, parts: list, mode: NormMode | None, after=None) -> None:
+    """Backpropagate a recomputed tile's owned outputs ``ys`` once per (tiles, gradients)
+    pair of ``parts`` (``dedup.gradient_parts``; the graph is kept for the next), each
+    standing for its tiles (``mode``: their whole-map corrections are added, once each);
+    ``after(tiles[0])`` takes what belongs to that pair's place before the next."""
+    with torch.enable_grad():
+        for k, (tiles, gs) in enumerate(parts):
+            if mode is not None:
+                mode.stand_for([t.index for t in tiles])
+            backward_owned(ys, gs, retain_graph=k + 1 < len(parts))
+            if after is not None:
+                after(tiles[0])
 
 
 def collect(sums: list, leaves) -> None:

@@ -55,9 +55,16 @@ class Moments:
         moments come from torch's ``var_mean`` (Welford's algorithm), in float64 for float64
         values; float32 values are reduced in their own type (accumulated in double on CPU)
         and the part's results merged in float64."""
+        self.include(self.summary(values, dims))
+
+    @staticmethod
+    def summary(values: torch.Tensor, dims: tuple[int, ...]) -> tuple | None:
+        """What one part adds (:meth:`add`): its ``(count, mean, M2)`` per group, float64; None
+        for an empty part. Small, and a function of the part's values alone, so an identical
+        part (:mod:`streamcnn.dedup`) adds it again through :meth:`include`."""
         count = math.prod(values.shape[d] for d in dims)
         if count == 0 or values.numel() == 0:
-            return
+            return None
         values = values.detach()
         if values.dim() == 4 and not values.is_contiguous() and \
                 values.is_contiguous(memory_format=torch.channels_last):
@@ -65,11 +72,16 @@ class Moments:
             # var_mean over a channels-last map's non-innermost dimensions is ~3x slower
             mean = values.sum(dims, keepdim=True) / count
             m2 = (values - mean).square().sum(dims)
-            self.merge(count, mean.reshape(-1).double(), m2.reshape(-1).double())
-            return
+            return count, mean.reshape(-1).double(), m2.reshape(-1).double()
         var, mean = torch.var_mean(values, dim=dims, correction=0)
         mean, var = mean.reshape(-1).double(), var.reshape(-1).double()
-        self.merge(count, mean, var * count)
+        return count, mean, var * count
+
+    def include(self, summary: tuple | None, tile_index=None) -> None:
+        """Merge a part's :meth:`summary` (``tile_index``: unused, as the part's place does not
+        matter to moments; :class:`reductions.Accumulator` takes the same call)."""
+        if summary is not None:
+            self.merge(*summary)
 
     def merge(self, count: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
         """Chan's formula (module docstring): add a part of ``count`` values per group."""

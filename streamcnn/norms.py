@@ -160,7 +160,7 @@ class Normalise(torch.autograd.Function):
         h = g if weight is None else g * _spread(weight.view(1, -1), x.dim())
         dx = h * rstd
         if tile.correction is not None and tile.crop is not None:
-            a, b = (_spread(t.to(x.dtype), x.dim()) for t in tile.correction)
+            a, b = tile.terms(x.dtype, x.dim())
             dx[tile.crop] -= rstd * (a + xhat[tile.crop] * b)
         return dx, None, None, grad_w, grad_b, None
 
@@ -186,7 +186,7 @@ def _fused_backward(ctx, g, x, mean, rstd, weight):
     dx, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
         g, x, weight, mean_c, var_c, None, None, False, eps, mask)
     if dx is not None and tile.correction is not None and tile.crop is not None:
-        a, b = (_spread(t.to(x.dtype), x.dim()) for t in tile.correction)
+        a, b = tile.terms(x.dtype, x.dim())
         dx[tile.crop] -= rstd * (a + (x[tile.crop] - mean) * rstd * b)
     return dx, None, None, grad_w, grad_b, None
 
@@ -215,6 +215,17 @@ class _Tile:
     crop: tuple | None  # this tile's owned part of the normalisation's input (an index)
     correction: tuple | None  # (sum_S(h) / n, sum_S(h · x̂) / n), per channel, or None
     batch: tuple | None = None  # per-channel (mean, var, eps), for torch's fused kernel
+    #: the tiles whose correction this tile's backward adds (:mod:`streamcnn.dedup`: identical
+    #: tiles recomputed once, owning the same positions; read when the backward runs); None:
+    #: this tile alone
+    members: list | None = None
+
+    def terms(self, dtype, ndim: int) -> tuple:
+        """The correction ``(a, b)`` broadcast over ``ndim`` dimensions in ``dtype``, once for
+        each tile this one stands for (float64 products: the same as adding it per tile, to
+        rounding)."""
+        n = len(self.members) if self.members else 1
+        return tuple(_spread((t * n if n > 1 else t).to(dtype), ndim) for t in self.correction)
 
 
 # ------------------------------------------------------------------ a tile's mode
@@ -265,6 +276,13 @@ class NormMode(TorchFunctionMode):
         self.replay = False
         self.replayed: dict = {}  # node -> how often a recomputation ran it
         self.intercepted = frozenset(state.funcs)  # (with global steps: reductions too)
+        self.members = [tile_index]  # whose whole-map corrections a backward adds (stand_for)
+
+    def stand_for(self, indices) -> None:
+        """The backward calls from now on stand for the tiles ``indices`` (identical tiles,
+        :mod:`streamcnn.dedup`): each whole-map correction is added once for each. The
+        tile's autograd steps hold this list and read it when they run."""
+        self.members[:] = indices
 
     def replaying(self) -> None:
         """The tile's forward is done: calls from now on recompute ones it made."""
@@ -303,7 +321,7 @@ class NormMode(TorchFunctionMode):
             return _normalised(x, mean, rstd, weight, bias, batch)
         crops = self.state.crops.get(node.name)
         tile = _Tile(crops[self.index] if crops is not None else None,
-                     self.state.terms.get(node.name), batch)
+                     self.state.terms.get(node.name), batch, self.members)
         return Normalise.apply(x, mean, rstd, weight, bias, tile)
 
     def _global(self, node, func, args, kwargs):
@@ -335,7 +353,8 @@ class NormMode(TorchFunctionMode):
             return wrap(after(value))
         crops = self.state.crops.get(node.name)
         tile = reductions.TileGrad(crops[self.index] if crops is not None else None,
-                                   self.state.terms.get(node.name), reduced, self.index)
+                                   self.state.terms.get(node.name), reduced, self.index,
+                                   self.members)
         return wrap(after(reductions.Reduce.apply(x, value, tile, g)))
 
     def _node(self, site, func=None):

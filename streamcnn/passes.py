@@ -28,8 +28,10 @@ import torch.nn as nn
 from torch.utils._pytree import tree_leaves
 
 from .errors import internal_assert
-from .function import TileRunner, backward_owned
+from .dedup import Summaries, gradient_parts
+from .function import TileRunner, backward_owned, backward_parts
 from .moments import Moments, all_but_channels
+from .prefetch import PassStats
 from .norms import NormMode, NormState, Terms, check_values, correction_terms, frozen_modules, \
     fusable, group_sums, levels, statistic_groups
 from .reductions import Accumulator
@@ -66,22 +68,28 @@ class StatisticsPass:
     def run(self, probes: list[Probe]) -> dict:
         """key -> :class:`Moments` of every probe's map over the whole input (normalisations
         normalise with ``self.state``'s statistics). With checkpoints, tiles start at the
-        cut ``start`` and store their owned part of the cut ``save`` as they pass it."""
+        cut ``start`` and store their owned part of the cut ``save`` as they pass it.
+
+        With dedup, a tile identical to an earlier one (:mod:`streamcnn.dedup`) is not run:
+        with the earlier levels' statistics constants, its owned part of every map equals its
+        representative's, so it adds the representative's summaries again (under its own
+        index: a max/min's first extreme is placed by the tile) and, with checkpoints, its
+        owned part of the stored maps is copied from the representative's."""
         crops = {p.step: owned_crops(self.graph, self.runner.tilings, p.step) for p in probes}
         sums = {p.key: self._accumulator(p) for p in probes}
         by_node = {p.norm_node: p for p in probes if p.norm_node}
         seen: list = []
+        added: list = []  # (key, summary) of the current tile's parts
         current = {}
+        stats = self.runner.stats.statistics
+        shared = None if self.runner.duplicates is None else Summaries(self.runner.duplicates)
 
         def record(probe: Probe, value: torch.Tensor):
-            part = value[crops[probe.step][current["tile"].index]]
-            norm = self.graph.steps[probe.step].norm
-            if probe.norm_node and isinstance(norm, Global):
-                sums[probe.key].add(part, current["tile"].index)
-            elif probe.norm_node and norm:
-                sums[probe.key].add(*statistic_groups(part, norm))
-            else:
-                sums[probe.key].add(part, all_but_channels(self.graph.steps[probe.step].dims))
+            tile = current["tile"]
+            summary = self._summary(probe, sums[probe.key],
+                                    value[crops[probe.step][tile.index]])
+            sums[probe.key].include(summary, tile.index)
+            added.append((probe.key, summary))
             seen.append(probe.key)
             if len(seen) == len(probes):
                 raise _Enough
@@ -90,19 +98,62 @@ class StatisticsPass:
         try:
             snapshot = Snapshot(self.runner.pipeline, self.runner.device)
             for tile in _ticking(self.runner, self.bar):
+                stats.tiles += 1
+                raw, earlier = self._match(tile)
+                if earlier is not None and self._repeat(tile, earlier, shared, sums):
+                    continue
                 seen.clear()
+                added.clear()
                 current["tile"] = tile
                 hooks.calls.clear()
                 mode = NormMode(self.state, tile.index, probes=by_node,
                                 record=lambda node, x: record(by_node[node.name], x),
                                 order=None if self.start is None else
                                 self.runner.checkpoints.program.order(self.start.position))
-                self._run_tile(tile, mode)
+                self._run_tile(tile, mode, raw)
                 internal_assert(len(seen) == len(probes), "a probed map was not computed by a tile")
                 snapshot.check_tile()
+                stats.computed += 1
+                if shared is not None:
+                    shared.hold(tile, added)
         finally:
             hooks.remove()
         return sums
+
+    def _summary(self, probe: Probe, accumulator, part: torch.Tensor):
+        """What ``part``, a tile's owned part of the probe's map, adds to its sums."""
+        norm = self.graph.steps[probe.step].norm
+        if probe.norm_node and isinstance(norm, Global):
+            return accumulator.summary(part)
+        if probe.norm_node and norm:
+            return Moments.summary(*statistic_groups(part, norm))
+        return Moments.summary(part, all_but_channels(self.graph.steps[probe.step].dims))
+
+    def _match(self, tile) -> tuple:
+        """(the tile's pixels where they were read to match it, else None; the earlier tile
+        it duplicates, or None). The first pass reads every tile at the image and groups them
+        (``TileRunner.match``); later passes know the groups."""
+        dups = self.runner.duplicates
+        if dups is None:
+            return None, None
+        if dups.known(tile):
+            return None, dups.shared(tile)
+        if self.start is not None and not self.start.image:  # (not read here: not shared)
+            return None, None
+        raw = self.runner.read(self.runner.source, tile)
+        return raw, self.runner.match(tile, raw)
+
+    def _repeat(self, tile, earlier, shared, sums: dict) -> bool:
+        """Add again what ``earlier`` added, as ``tile`` 's, and copy its stored parts; False
+        where its summaries are no longer held (the tile is then computed)."""
+        again = shared.of(earlier)
+        if again is None:
+            return False
+        for key, summary in again:
+            sums[key].include(summary, tile.index)
+        if self.save is not None and self.save.names:
+            self.runner.checkpoints.copy(self.save, earlier, tile)
+        return True
 
     def _accumulator(self, probe: Probe):
         """Moments of a map; a global step's reduction (:class:`reductions.Accumulator`)."""
@@ -113,18 +164,21 @@ class StatisticsPass:
             return Accumulator(g, *owned_origins(self.graph, self.runner.tilings, probe.step))
         return Accumulator(g)
 
-    def _run_tile(self, tile, mode) -> None:
+    def _run_tile(self, tile, mode, raw=None) -> None:
+        """``raw``: the tile's pixels, where they were read already."""
         if self.start is not None:
-            return self._run_program(tile, mode)
+            return self._run_program(tile, mode, raw)
         with torch.no_grad():
-            tile_input = self.runner.feed(self.runner.read(self.runner.source, tile))
+            if raw is None:
+                raw = self.runner.read(self.runner.source, tile)
+            tile_input = self.runner.feed(raw)
             try:
                 with tile_scope(self.runner.pipeline), frozen_modules(self.state.nodes), mode:
                     self.runner.pipeline(tile_input)
             except _Enough:
                 pass
 
-    def _run_program(self, tile, mode) -> None:
+    def _run_program(self, tile, mode, raw=None) -> None:
         """The tile from the checkpoint ``start``, writing its part of ``save`` on the way."""
         ck, saved = self.runner.checkpoints, []
 
@@ -134,7 +188,7 @@ class StatisticsPass:
 
         at = {self.save.position: write} if self.save is not None and self.save.names else {}
         with torch.no_grad():
-            env = _start(self.runner, self.runner.source, tile, self.start, False)
+            env = _start(self.runner, self.runner.source, tile, self.start, False, raw)
             try:
                 with tile_scope(self.runner.pipeline), frozen_modules(self.state.nodes), mode:
                     ck.program.run(env, self.start.position, at=at)
@@ -143,12 +197,13 @@ class StatisticsPass:
         internal_assert(saved or not at, "a pass ended before the checkpoint it stores")
 
 
-def _start(runner: TileRunner, source, tile, cut, x_grad: bool) -> dict:
-    """The values a run from ``cut`` starts with: the tile input, or the stored maps."""
+def _start(runner: TileRunner, source, tile, cut, x_grad: bool, raw=None) -> dict:
+    """The values a run from ``cut`` starts with: the tile input (``raw``, where it was read
+    already), or the stored maps."""
     ck = runner.checkpoints
     if not cut.image:
         return ck.read(cut, tile, runner.device)
-    raw = runner.read(source, tile).detach().requires_grad_(x_grad)
+    raw = (runner.read(source, tile) if raw is None else raw).detach().requires_grad_(x_grad)
     return {ck.program.placeholder: runner.feed(raw)}
 
 
@@ -212,6 +267,7 @@ def _backward_terms(runner, graph, state, source, grads, tensors, bar, x_grad) -
     ck = runner.checkpoints
     order = sorted(set(level_of.values()))
     inject = None  # the gradient cut the deeper pass stored (None: the outputs)
+    stats = runner.stats.terms = PassStats()  # (a second backward: anew)
     for level in reversed(order):
         nodes = [n for n in state.nodes if level_of[n.name] == level]
         sums = {n.name: Terms() for n in nodes}
@@ -221,11 +277,16 @@ def _backward_terms(runner, graph, state, source, grads, tensors, bar, x_grad) -
             if save is not None and inject is not None and save.position == inject.position:
                 save = None  # (the same cut: its gradient is already complete)
         for tile in _ticking(runner, bar):
+            stats.tiles += 1
+            group = _group(runner, tile)
+            if group is None:
+                continue  # (a duplicate: its representative's backward stands for it)
             if ck is None:
-                found = _tile_terms(runner, state, tile, nodes, source, grads, tensors, x_grad)
+                found = _tile_terms(runner, state, group, nodes, source, grads, tensors, x_grad)
             else:
-                found = _tile_terms_from(runner, state, tile, nodes, source, grads, tensors,
+                found = _tile_terms_from(runner, state, group, nodes, source, grads, tensors,
                                          x_grad, (ck.cuts.following(level), inject, save))
+            stats.computed += 1
             for name, (h, hx) in found.items():
                 sums[name].add(h, hx)
         if save is not None:
@@ -240,10 +301,25 @@ def _backward_terms(runner, graph, state, source, grads, tensors, bar, x_grad) -
             state.terms[n.name] = correction_terms(n, sums[n.name], state.stats[n.name], *shape)
 
 
-def _tile_terms(runner, state, tile, nodes, source, grads, tensors, x_grad) -> dict:
-    """One tile's part of ``sum_S(h)`` and ``sum_S(h · x̂)`` of each of ``nodes``. The mode
+def _group(runner: TileRunner, tile) -> list | None:
+    """The tiles one backward-terms recomputation of ``tile`` stands for: it alone, or with
+    dedup its group of identical tiles (None for a duplicate: its representative's run
+    stands for it). A tile's terms are linear in its output gradient (and in the gradient
+    injected at a cut) plus the deeper levels' corrections, added once per tile at the same
+    owned positions: so one run with the group's summed gradient, adding each member's
+    corrections (``NormMode.stand_for``), gives the sum of the members' terms."""
+    dups = runner.duplicates
+    if dups is None:
+        return [tile]
+    return None if dups.shared(tile) is not None else dups.group(tile)
+
+
+def _tile_terms(runner, state, group, nodes, source, grads, tensors, x_grad) -> dict:
+    """One tile's part (or with dedup its group's, ``group``: :func:`_group`) of
+    ``sum_S(h)`` and ``sum_S(h · x̂)`` of each of ``nodes``. The mode
     holds through the backward, where a checkpoint inside the module runs parts again (and
     makes new leaves: each output a node made is a leaf, and their gradients add up)."""
+    tile = group[0]
     leaves: dict = {}
     mode = NormMode(state, tile.index, probes={n.name for n in nodes}, leaves=leaves)
     raw = runner.read(source, tile).detach().requires_grad_(x_grad)
@@ -252,16 +328,32 @@ def _tile_terms(runner, state, tile, nodes, source, grads, tensors, x_grad) -> d
         tile_input = runner.feed(raw)
         ys = runner.owned(runner.pipeline(tile_input), tile, tile_input)
         mode.replaying()
-        backward_owned(ys, grads(tile, ys) if callable(grads) else runner.owned_gradients(tile, grads))
+        backward_parts(ys, _parts(runner, group, grads, ys), mode)
     return _found(nodes, leaves)
 
 
-def _tile_terms_from(runner, state, tile, nodes, source, grads, tensors, x_grad, cuts) -> dict:
+def _parts(runner, group, grads, ys, of=None, separate: bool = False) -> list:
+    """``dedup.gradient_parts`` of ``group`` from the output gradients ``grads`` (or ``of``,
+    a tile's injected gradients): summed, as the terms are linear in them, unless
+    ``separate`` (each member's gradient at a cut is stored at its own place). A per-pixel
+    loss's gradient function (:mod:`streamcnn.dense`) runs without dedup."""
+    if callable(grads) and of is None:
+        internal_assert(len(group) == 1, "dedup with a per-pixel loss")
+        return [(group, grads(group[0], ys))]
+    return gradient_parts(group, of or (lambda t: runner.owned_gradients(t, grads)),
+                          separate=separate)
+
+
+def _tile_terms_from(runner, state, group, nodes, source, grads, tensors, x_grad, cuts) -> dict:
     """:func:`_tile_terms` with checkpoints: the traced program from the level's forward cut
     ``start`` to the gradient cut ``inject`` (None: the outputs), whose stored gradient it
     backpropagates from the positions the tile owns; on the way its gradient at the cut
     ``save`` is added to the store (the values there are made leaves: the gradient from
-    everything after the cut, then passed on to the level's steps before it)."""
+    everything after the cut, then passed on to the level's steps before it). With a group
+    of identical tiles and ``save``, each member's gradient is backpropagated to the cut
+    apart (through the kept graph: each goes to its own place in the store), then their
+    sum on from the cut, standing for every member."""
+    tile = group[0]
     start, inject, save = cuts
     ck = runner.checkpoints
     leaves: dict = {}
@@ -276,6 +368,15 @@ def _tile_terms_from(runner, state, tile, nodes, source, grads, tensors, x_grad,
             cut[name] = (value, leaf)
             env[name] = leaf.clone()  # (a non-leaf: a layer after the cut may work in place)
 
+    totals: dict = {}  # name -> the members' gradients at the cut, added
+
+    def store(place):
+        ck.add_gradient(save, place, {name: leaf.grad for name, (_, leaf) in cut.items()})
+        for name, (_, leaf) in cut.items():
+            if leaf.grad is not None:
+                totals[name] = leaf.grad if name not in totals else totals[name] + leaf.grad
+            leaf.grad = None
+
     with torch.enable_grad(), substituted(runner.pipeline, tensors), tile_scope(runner.pipeline), \
             frozen_modules(state.nodes), mode:
         env = _start(runner, source, tile, start, x_grad)
@@ -284,15 +385,17 @@ def _tile_terms_from(runner, state, tile, nodes, source, grads, tensors, x_grad,
         if inject is None:  # (the traced structure: fx's dicts and lists, leaves in order)
             outs = tree_leaves(out)
             ys = runner.owned_leaves(outs, tile, env.get(ck.program.placeholder, outs[0]))
-            gs = grads(tile, ys) if callable(grads) else runner.owned_gradients(tile, grads)
+            parts = _parts(runner, group, grads, ys, separate=save is not None)
         else:
-            ys, gs = ck.owned_gradients(inject, tile, env)
+            ys, _ = ck.owned_gradients(inject, tile, env)
+            parts = _parts(runner, group, grads, ys, separate=save is not None,
+                           of=lambda t: ck.owned_gradients(inject, t, env)[1])
         mode.replaying()
-        backward_owned(ys, gs)
+        backward_parts(ys, parts, mode, after=store if save is not None else None)
         if save is not None:
-            ck.add_gradient(save, tile, {name: leaf.grad for name, (_, leaf) in cut.items()})
-            before = [(v, leaf.grad) for v, leaf in cut.values()
-                      if v.requires_grad and leaf.grad is not None]
+            mode.stand_for([t.index for t in group])  # (the steps before the cut: all at once)
+            before = [(v, totals[name]) for name, (v, _) in cut.items()
+                      if v.requires_grad and name in totals]
             backward_owned([v for v, _ in before], [g for _, g in before])
     return _found(nodes, leaves)
 

@@ -74,6 +74,11 @@ class Stats:
     dedup: bool
     forward: PassStats = field(default_factory=PassStats)
     backward: PassStats = field(default_factory=PassStats)
+    #: the statistics passes of whole-map steps (:mod:`streamcnn.passes`), all levels
+    #: together: tiles and computed tiles only
+    statistics: PassStats = field(default_factory=PassStats)
+    #: the backward-terms passes likewise (filled in by the backward)
+    terms: PassStats = field(default_factory=PassStats)
 
 
 class Prefetcher:

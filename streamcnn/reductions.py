@@ -28,7 +28,7 @@ value a tile uses (:func:`value_of`), and (G1) (:class:`Reduce`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -80,24 +80,46 @@ class Accumulator:
         return -1 if self.g.kind in ("amin", "min") else 1
 
     def add(self, part: torch.Tensor, tile_index) -> None:
+        self.include(self.summary(part), tile_index)
+
+    def summary(self, part: torch.Tensor) -> tuple | None:
+        """What an owned part adds, small and a function of its values alone (None: empty):
+        its count and float64 sum (of squares for the norm); or its extreme and the ties
+        (amax/amin); or its extreme, the flat index of the first, and its shape (max/min: the
+        row-major position in the whole map needs the tile, given to :meth:`include`). An
+        identical part (:mod:`streamcnn.dedup`) adds it again."""
         part = part.detach()
         n = math.prod(part.shape[d] for d in self.g.dims)
         if n == 0:
-            return
-        self.count += n
+            return None
         flat = _flat(part, self.g)
         kind = self.g.kind
         if kind in LOG_SUM_EXP:
-            self._add_log_sum_exp(flat.double())
-            return
+            return (n,) + _log_sum_exp(flat.double())
         if kind in ("mean", "sum", "norm", "matmul"):
-            s = (flat.double().square() if kind == "norm" else flat.double()).sum(-1)
-            self.total = s if self.total is None else self.total + s
-            return
+            return n, (flat.double().square() if kind == "norm" else flat.double()).sum(-1)
         signed = flat.double() * self.sign
         best = signed.amax(-1)
         if kind in ("amax", "amin"):
-            ties = (signed == best.unsqueeze(-1)).sum(-1)
+            return n, best, (signed == best.unsqueeze(-1)).sum(-1)
+        local = (signed == best.unsqueeze(-1)).to(torch.uint8).argmax(-1)  # first extreme
+        return n, best, local, part.shape
+
+    def include(self, summary: tuple | None, tile_index) -> None:
+        """Merge a part's :meth:`summary`, owned by the tile ``tile_index``."""
+        if summary is None:
+            return
+        self.count += summary[0]
+        kind = self.g.kind
+        if kind in LOG_SUM_EXP:
+            self._merge_log_sum_exp(*summary[1:])
+            return
+        if kind in ("mean", "sum", "norm", "matmul"):
+            s = summary[1]
+            self.total = s if self.total is None else self.total + s
+            return
+        if kind in ("amax", "amin"):
+            _, best, ties = summary
             if self.total is None:
                 self.total, self.ties = best, ties
             else:
@@ -105,8 +127,8 @@ class Accumulator:
                     best == self.total, ties, torch.zeros_like(ties)))
                 self.total = torch.maximum(self.total, best)
             return
-        local = (signed == best.unsqueeze(-1)).to(torch.uint8).argmax(-1)  # first extreme
-        key = self._global_key(local, part.shape, tile_index)
+        _, best, local, shape = summary
+        key = self._global_key(local, shape, tile_index)
         if self.total is None:
             better = torch.ones_like(best, dtype=torch.bool)
         else:
@@ -118,12 +140,9 @@ class Accumulator:
             self.owner[index] = (mask & ~better, at)
         self.owner[tile_index] = (better, local)
 
-    def _add_log_sum_exp(self, flat: torch.Tensor) -> None:
+    def _merge_log_sum_exp(self, shift: torch.Tensor, part: torch.Tensor) -> None:
         """A running log-sum-exp: the largest value so far ``key`` and the sum of
         ``exp(x - key)`` so far ``total``, rescaled when a larger value comes."""
-        top = flat.amax(-1)
-        shift = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-        part = (flat - shift.unsqueeze(-1)).exp().sum(-1)
         if self.total is None:
             self.total, self.key = part, shift
             return
@@ -163,6 +182,13 @@ class Accumulator:
                        else None)
 
 
+def _log_sum_exp(flat: torch.Tensor) -> tuple:
+    """A part's largest value (0 where all are -inf) and its sum of ``exp(x - largest)``."""
+    top = flat.amax(-1)
+    shift = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    return shift, (flat - shift.unsqueeze(-1)).exp().sum(-1)
+
+
 def value_of(reduced: Reduced, g: Global, like: torch.Tensor) -> torch.Tensor:
     """The value a reduction call of ``like`` 's tile returns: the whole map's, in
     ``like`` 's dtype, with the reduced dimensions kept (as 1) or dropped as the call does."""
@@ -189,6 +215,23 @@ class TileGrad:
     grad: torch.Tensor | None  # G, the whole-map gradient of R (float64, keepdim), once known
     reduced: Reduced
     index: tuple  # the tile's index
+    #: the tiles whose (G1) this tile's backward adds (:mod:`streamcnn.dedup`: identical tiles
+    #: recomputed once; read when the backward runs, so the tile loop may change it between
+    #: backward calls); None: this tile alone
+    members: list | None = None
+
+
+def group_gradient(g: Global, t: TileGrad, part: torch.Tensor) -> torch.Tensor:
+    """(G1) of each of ``t.members``, added. Identical tiles own the same positions of the
+    same values, so (G1) is the same for each but for max/min, where only the tile that owns
+    the first extreme gets it: there each member's own is added."""
+    members = t.members or [t.index]
+    if g.kind in ("max", "min"):
+        if members == [t.index]:
+            return gradient(g, t, part)
+        return sum(gradient(g, replace(t, index=i, members=None), part) for i in members)
+    grad = gradient(g, t, part)
+    return grad * len(members) if len(members) > 1 else grad
 
 
 def gradient(g: Global, t: TileGrad, part: torch.Tensor) -> torch.Tensor:
@@ -238,5 +281,5 @@ class Reduce(torch.autograd.Function):
         t = ctx.tile
         dx = torch.zeros_like(x)
         if t.grad is not None and t.crop is not None:
-            dx[t.crop] = gradient(ctx.g, t, x[t.crop]).to(x.dtype)
+            dx[t.crop] = group_gradient(ctx.g, t, x[t.crop]).to(x.dtype)
         return dx, None, None, None

@@ -69,9 +69,8 @@ class Streaming(nn.Module):
             views).
         dedup: compute a tile whose pixels and geometry equal an earlier tile's of the same
             pass only once, forward and backward (:mod:`streamcnn.dedup`: exact; the
-            backward's sums of duplicate gradients agree to float rounding). Off for graphs
-            whose normalisation statistics span the image, and for modules returning several
-            feature maps.
+            backward's sums of duplicate gradients agree to float rounding), in the passes of
+            whole-map steps too. Off for modules returning several feature maps.
         skip_zero_gradients: in the backward, do not recompute a tile whose owned output
             gradient is exactly zero (a max-pool or masked head leaves most tiles so): its
             gradients are zero (:mod:`streamcnn.skipping`: exact; tiles that computed a
@@ -216,7 +215,9 @@ class Streaming(nn.Module):
                             progress=self.progress,
                             channels_last=self._channels_last(source, device, graph),
                             prefetch=self.prefetch and source.fresh, dedup=dedup, skip=skip,
-                            unused=graph.unused, outputs=outputs(graph, tilings))
+                            unused=graph.unused, outputs=outputs(graph, tilings),
+                            elsewhere=_dedup.owned_elsewhere(graph, tilings, _summed_or_stored(
+                                graph, cuts)) if dedup else None)
         _checkpoints.attach(runner, graph, cuts, self.checkpoints, keep=torch.is_grad_enabled())
         self.last_stats = runner.stats
         return runner
@@ -329,6 +330,13 @@ class Streaming(nn.Module):
         kwargs.setdefault("keep_graphs", self.keep_graphs)
         kwargs.setdefault("checkpoints", self.checkpoints)
         return plan(self.module, input_shape, self.tile_size, **kwargs)
+
+
+def _summed_or_stored(graph, cuts) -> list:
+    """The steps besides the output whose owned parts a tile adds to whole-map sums (the
+    inputs of normalisations over space and of global steps) or stores (checkpoints)."""
+    return [i for i, s in enumerate(graph.steps) if s.norm is not None] + \
+        list(cuts.steps if cuts is not None else ())
 
 
 def _stream_norms(runner: TileRunner, graph) -> NormState | None:

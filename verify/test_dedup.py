@@ -278,24 +278,34 @@ def test_backward_hooks_see_a_group_once_or_each_duplicate(input_grad):
         handle.remove()
 
 
-def test_no_sharing_where_statistics_span_the_image():
+def test_sharing_where_statistics_span_the_image():
     """A graph with training-mode BatchNorm traced as a norm step (statistics over the whole
-    map): dedup.allowed says no, so that a streamed implementation's whole-map passes see
-    every tile. Frozen BatchNorm is pointwise and allowed."""
+    map) is allowed too: its passes share exactly (verify/test_dedup_global.py). A module
+    returning several maps is not."""
     net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()).double()
     shape = dict(ndim=2, channels=3, batch=1, dtype=torch.float64, device=torch.device("cpu"))
-    assert not dedup.allowed(analyse(net.train(), spatial_norms=True, **shape))
+    assert dedup.allowed(analyse(net.train(), spatial_norms=True, **shape))
     assert dedup.allowed(analyse(net.eval(), **shape))
+
+    class Two(nn.Module):
+        def forward(self, x):
+            return {"a": x, "b": x * 2}
+
+    assert not dedup.allowed(analyse(Two(), **shape))
 
 
 def test_half_precision_gradients_are_not_summed_before_the_backward():
     tiles = [t for t in iter_tiles(Streaming(front(), TILE).prepare(source_of(blank()))[1])
              if t.index[0] == 1 and 1 <= t.index[1] <= 3]  # interior tiles: one owned shape
     g = torch.rand(front()(blank()).shape, dtype=torch.float64)
-    assert len(dedup.gradient_parts(tiles, g, separate=False)) == 1
-    assert len(dedup.gradient_parts(tiles, g, separate=True)) == 3
-    assert len(dedup.gradient_parts(tiles, g.half(), separate=False)) == 3
-    total = dedup.gradient_parts(tiles, g, separate=False)[0][1]
+
+    def parts(grad, separate):
+        return dedup.gradient_parts(tiles, lambda t: [grad[t.out]], separate=separate)
+
+    assert [members for members, _ in parts(g, False)] == [tiles]  # (stands for all three)
+    assert [members for members, _ in parts(g, True)] == [[t] for t in tiles]
+    assert len(parts(g.half(), False)) == 3
+    (total,) = parts(g, False)[0][1]
     assert torch.equal(total, g[tiles[0].out] + g[tiles[1].out] + g[tiles[2].out])
 
 

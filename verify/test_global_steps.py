@@ -367,12 +367,13 @@ def test_selective_kernel_without_stack():
     check(nn.Sequential(stem(), SelectiveKernelNoStack(8)).eval(), rand(2, 3, 30, 30, seed=13), 16)
 
 
-def test_dedup_skip_and_keep_graphs_are_off_with_global_steps():
+def test_skip_and_keep_graphs_are_off_with_global_steps():
+    """(dedup is on: verify/test_dedup_global.py)"""
     from streamcnn import dedup, skipping
     net = nn.Sequential(stem(), SEModule(8, 4, norm_layer=None)).double()
     s = Streaming(net, 12, keep_graphs=None)
     graph, _ = s.prepare(__import__("streamcnn.sources", fromlist=["x"]).source_of(rand(1, 3, 24, 24)))
-    assert not dedup.allowed(graph) and not skipping.allowed(graph)
+    assert dedup.allowed(graph) and not skipping.allowed(graph)
     check(net, rand(1, 3, 24, 24), 12, keep_graphs=None)
 
 

@@ -9,7 +9,9 @@ Two networks whose every block holds a whole-map step, each a level of streamed 
   checkpoints (``"auto"``: in memory here);
 - an EfficientNet-B0 front end through the stride-16 stage (``bench.models.
   efficientnet_b0_front``: torchvision's blocks, 11 squeeze-and-excitation gates, BatchNorm
-  frozen), streamed with checkpoints beside conventional autograd.
+  frozen), streamed with checkpoints beside conventional autograd; also with every stored
+  map in files (mode ``disk``: ``checkpoints="disk"``, at tiles 768 and 512), whose pages
+  the page cache holds outside the process's resident memory.
 
 Each point runs in a fresh process: a warm-up step on a 2×2-tile corner, then one timed
 training step (forward and backward, cross-entropy on a max-pooled linear head), float32.
@@ -19,6 +21,7 @@ time estimate and the bytes the checkpoints store.
 
     python -m bench.levels                 # ~40 minutes on two cores; reports/levels.json
     python -m bench.levels --only resnet34-2048-checkpoints
+    python -m bench.levels --only efficientnet_b0-2048-disk-768 --only efficientnet_b0-2048-disk-512
 """
 from __future__ import annotations
 
@@ -36,12 +39,16 @@ LEVELS_JSON = REPORTS / "levels.json"
 POINTS = (("resnet34", 2048, "frozen", 1536), ("resnet34", 2048, "checkpoints", 1536),
           ("efficientnet_b0", 2048, "conventional", 0), ("efficientnet_b0", 2048, "checkpoints", 768),
           ("resnet34", 4096, "frozen", 2048), ("resnet34", 4096, "checkpoints", 2048),
-          ("resnet34", 2048, "recompute", 1536), ("efficientnet_b0", 8192, "checkpoints", 768))
+          ("resnet34", 2048, "recompute", 1536), ("efficientnet_b0", 8192, "checkpoints", 768),
+          ("efficientnet_b0", 2048, "disk", 768), ("efficientnet_b0", 2048, "disk", 512))
+#: checkpoints= of each streamed mode
+STORAGE = {"frozen": "auto", "checkpoints": "auto", "recompute": False, "disk": "disk"}
 CHANNELS = {"resnet34": 256, "efficientnet_b0": 112}
 
 
-def key(net: str, side: int, mode: str) -> str:
-    return f"{net}-{side}-{mode}"
+def key(net: str, side: int, mode: str, tile: int | None = None) -> str:
+    """A point's name; the tile is part of it in mode ``disk``, measured at several."""
+    return f"{net}-{side}-{mode}" + (f"-{tile}" if mode == "disk" else "")
 
 
 def front(net: str, mode: str):
@@ -66,7 +73,7 @@ def worker(net: str, side: int, mode: str, tile: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     body = front(net, mode)
     streamed = mode != "conventional"
-    checkpoints = False if mode == "recompute" else "auto"
+    checkpoints = STORAGE.get(mode)
     part = Streaming(body, tile, progress=False, checkpoints=checkpoints) if streamed else body
     model = nn.Sequential(part, nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(CHANNELS[net], 2))
     step = study.training_step(model, torch.tensor([1]))
@@ -93,7 +100,7 @@ def worker(net: str, side: int, mode: str, tile: int, threads: int) -> dict:
 def measure(net: str, side: int, mode: str, tile: int, threads: int) -> dict:
     return study.in_fresh_process("bench.levels", [net, side, "--mode", mode, "--tile", tile,
                                                    "--threads", threads], 3 * 3600,
-                                  {"net": net, "side": side, "mode": mode})
+                                  {"net": net, "side": side, "mode": mode, "tile": tile})
 
 
 def _ratio(r: dict, base: dict | None) -> str:
@@ -112,22 +119,24 @@ def render(stored: dict) -> str:
             "each pass starts at the maps its level begins at, stored by the pass before. One "
             "training step, float32, a max-pooled linear head (`bench/levels.py`; `python -m "
             "bench.levels` re-measures, one fresh process per row). Peak RSS is the process's VmHWM, "
-            "the stored maps (in memory: `checkpoints=\"auto\"`) and the image included; *stored* is "
+            "the stored maps in memory (`checkpoints=\"auto\"`) and the image included; in mode *disk* "
+            "(`checkpoints=\"disk\"`) the maps are in files, each mapped only while a tile reads or "
+            "writes its part, whose pages the page cache holds outside the RSS; *stored* is "
             "what `plan().checkpoint_bytes` counts; *plan()* gives its bound from the image and its "
             "estimate with checkpoints.")
     if not stored:
         return head + "\n\nNot measured yet."
     rows = []
     for net, side, mode, tile in POINTS:
-        r = stored.get(key(net, side, mode))
+        r = stored.get(key(net, side, mode, tile))
         if r is None or r.get("status") != "measured":
-            rows.append([net, f"{side}²", mode, (r or {}).get("status", "not measured")])
+            rows.append([net, f"{side}²", mode, str(tile or "–"), (r or {}).get("status", "not measured")])
             continue
         base = stored.get(key(net, side, "frozen" if net == "resnet34" else "conventional"))
         plan_cell = ""
         if mode == "recompute":
             plan_cell = f"≤ {r['bound']:.1f}×"
-        elif mode == "checkpoints":
+        elif mode in ("checkpoints", "disk"):
             plan_cell = f"~{r['estimate']:.1f}×" if r.get("estimate") else ""
         rows.append([net, f"{side}²", mode, str(tile or "–"),
                      f"{r.get('levels', 0)} levels, {r['tiles']} tiles" if "tiles" in r else "–",
@@ -148,19 +157,20 @@ def main(argv=None) -> int:
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", help=argparse.SUPPRESS)
     ap.add_argument("--tile", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--only", action="append", help="measure only these points (net-side-mode)")
+    ap.add_argument("--only", action="append", help="measure only these points (net-side-mode; net-side-disk-tile)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args.net, args.side, args.mode, args.tile, args.threads)))
         return 0
-    chosen = [p for p in POINTS if not args.only or key(*p[:3]) in args.only]
+    chosen = [p for p in POINTS if not args.only or key(*p) in args.only]
     failed = 0
     for net, side, mode, tile in chosen:
         record = measure(net, side, mode, tile, args.threads)
-        stored = study.merge(LEVELS_JSON, [record], lambda r: key(r["net"], r["side"], r["mode"]))
+        stored = study.merge(LEVELS_JSON, [record],
+                             lambda r: key(r["net"], r["side"], r["mode"], r.get("tile")))
         failed += record.get("status") != "measured"
-        print(key(net, side, mode), record.get("status"),
+        print(key(net, side, mode, tile), record.get("status"),
               fmt_s(record["step_s"]) if "step_s" in record else record.get("reason", "")[-300:],
               flush=True)
     if (REPORTS / "bench.json").exists():

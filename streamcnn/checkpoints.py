@@ -26,7 +26,8 @@ the sum of the tiles' contributions over their spans, each exact for the same re
 
 Storage is in host memory, or in files in a folder removed when the step's objects are
 freed (or at once when a pass fails); ``"auto"`` keeps maps in memory up to half of the
-memory available when the step starts, then spills to files.
+memory available when the step starts, then spills to files. A file is mapped only for the
+length of one access, so the maps in files stay out of the process's resident memory.
 """
 
 from __future__ import annotations
@@ -230,15 +231,33 @@ def _available_bytes() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+@dataclass(frozen=True)
+class _File:
+    """A map stored in a file: mapped only while one access of it runs."""
+
+    path: str
+    numel: int
+    nbytes: int
+    shape: tuple
+    dtype: torch.dtype
+    memory_format: torch.memory_format
+
+
 class MapStore:
-    """Whole-image tensors by name, in host memory or in files of a temporary folder
-    (``torch.from_file``, shared: the page cache holds what fits). ``close()`` removes the
-    folder; so does freeing the store."""
+    """Whole-image tensors by name, in host memory or in files of a temporary folder.
+    ``close()`` removes the folder; so does freeing the store.
+
+    A file is mapped (``torch.from_file``, shared) only for the length of one access: a read
+    of a span, a write or an add of a part. Pages of a mapped file count in the process's
+    resident set while they are mapped, so a mapping kept for the whole step would hold every
+    page the tiles touched; unmapped, they stay in the page cache (the kernel's, reclaimable),
+    and the process holds none of the stored maps between accesses. Each access indexes the
+    same whole-map tensor as in memory, so both storages give the same values bit for bit."""
 
     def __init__(self, storage, peer: "MapStore | None" = None):
         self.storage = storage
         self.peer = peer  # a store whose memory counts against the same budget
-        self.maps: dict[str, torch.Tensor] = {}
+        self.maps: dict[str, "torch.Tensor | _File"] = {}
         self.formats: dict[str, torch.memory_format] = {}
         self.folder = None
         self.budget = (peer.budget if peer is not None else _available_bytes() // 2) \
@@ -246,6 +265,9 @@ class MapStore:
         self.memory_bytes = self.disk_bytes = 0
         self.files = 0
         self._finalizer = None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.maps
 
     def _on_disk(self, nbytes: int) -> bool:
         if self.storage == "memory":
@@ -256,9 +278,9 @@ class MapStore:
         return True
 
     def allocate(self, name: str, shape, dtype, zero: bool = False,
-                 memory_format=torch.contiguous_format) -> torch.Tensor:
+                 memory_format=torch.contiguous_format) -> None:
         """A whole map of ``shape`` in the layout the tiles' values have (so that writing and
-        adding a tile's part copies without transposing)."""
+        adding a tile's part copies without transposing); zeros with ``zero`` (a file's are)."""
         numel = 1
         for s in shape:
             numel *= s
@@ -270,33 +292,56 @@ class MapStore:
                 self._finalizer = weakref.finalize(self, shutil.rmtree, self.folder, True)
             self.files += 1
             path = os.path.join(self.folder, f"{self.files}-{name}.bin")
-            t = _laid_out(torch.from_file(path, shared=True, size=numel, dtype=dtype),  # zeros
-                          shape, memory_format)
+            with open(path, "xb") as f:
+                f.truncate(nbytes)  # (zeros, no page written)
+            self.maps[name] = _File(path, numel, nbytes, tuple(shape), dtype, memory_format)
             self.disk_bytes += nbytes
         else:
             t = torch.empty(shape, dtype=dtype, memory_format=memory_format)
             if zero:
                 t.zero_()
+            self.maps[name] = t
             self.memory_bytes += nbytes
-        self.maps[name] = t
-        return t
+        self.formats[name] = memory_format
+
+    def _whole(self, name: str) -> torch.Tensor:
+        """The whole map: the tensor in memory, or a new mapping of its file, unmapped once
+        the caller drops it (each access below holds it for its own length only)."""
+        m = self.maps[name]
+        if not isinstance(m, _File):
+            return m
+        return _laid_out(torch.from_file(m.path, shared=True, size=m.numel, dtype=m.dtype),
+                         m.shape, m.memory_format)
+
+    def read(self, name: str, index: tuple, device) -> torch.Tensor:
+        """A copy of ``index`` of the map on ``device``, in the map's layout."""
+        return self._whole(name)[index].to(device, memory_format=self.formats[name], copy=True)
+
+    def part(self, name: str, index: tuple, device, dtype) -> torch.Tensor:
+        """``index`` of the map on ``device`` as ``dtype``: a copy where the map is in a file
+        (else a view of it where no copy is needed: the caller must not change it)."""
+        return self._whole(name)[index].to(device, dtype, copy=isinstance(self.maps[name], _File))
+
+    def write(self, name: str, index: tuple, value: torch.Tensor) -> None:
+        self._whole(name)[index] = value
+
+    def add(self, name: str, index: tuple, value: torch.Tensor) -> None:
+        self._whole(name)[index] += value
 
     def drop(self, names) -> None:
-        """Forget these maps (a file's space returns once no tensor maps it)."""
+        """Forget these maps (a file's space returns with it)."""
         for name in names:
-            t = self.maps.pop(name, None)
-            if t is None:
-                continue
-            nbytes = t.numel() * t.element_size()
-            path = t.untyped_storage().filename
-            if path is None:
-                self.memory_bytes -= nbytes
-            else:
-                self.disk_bytes -= nbytes
-                os.unlink(path)
+            m = self.maps.pop(name, None)
+            self.formats.pop(name, None)
+            if isinstance(m, _File):
+                self.disk_bytes -= m.nbytes
+                os.unlink(m.path)
+            elif m is not None:
+                self.memory_bytes -= m.numel() * m.element_size()
 
     def close(self) -> None:
         self.maps.clear()
+        self.formats.clear()
         self.memory_bytes = self.disk_bytes = 0
         if self._finalizer is not None:
             self._finalizer()
@@ -336,15 +381,15 @@ class Checkpoints:
         """The values crossing ``cut`` over ``tile``'s span, from the stored maps."""
         env = {}
         for name, step in zip(cut.names, cut.steps):
-            internal_assert(name in self.store.maps, f"checkpoint {name} was not stored")
-            value = self.store.maps[name][self.span(step, tile)].to(  # (a copy: the program
-                device, memory_format=self.store.formats[name], copy=True)  # may work in place)
+            internal_assert(name in self.store, f"checkpoint {name} was not stored")
+            value = self.store.read(name, self.span(step, tile), device)  # (a copy: the
+            # program may work in place)
             env[name] = value.requires_grad_() if requires_grad else value
         return env
 
     def missing(self, cut: Cut) -> Cut:
         """The part of ``cut`` not stored yet (what the pass that reaches it writes)."""
-        kept = [(n, s) for n, s in zip(cut.names, cut.steps) if n not in self.store.maps]
+        kept = [(n, s) for n, s in zip(cut.names, cut.steps) if n not in self.store]
         return Cut(cut.position, tuple(n for n, _ in kept), tuple(s for _, s in kept))
 
     def write(self, cut: Cut, tile: Tile, env: dict) -> None:
@@ -352,11 +397,10 @@ class Checkpoints:
         for name, step in zip(cut.names, cut.steps):
             value = env[name].detach()
             crop, place = self._owned[step][tile.index]
-            if name not in self.store.maps:
-                self.store.formats[name] = _format(value)
+            if name not in self.store:
                 self.store.allocate(name, self._whole(step, value), value.dtype,
-                                    memory_format=self.store.formats[name])
-            self.store.maps[name][place] = value[crop].to("cpu")
+                                    memory_format=_format(value))
+            self.store.write(name, place, value[crop].to("cpu"))
 
     def copy(self, cut: Cut, source: Tile, tile: Tile) -> None:
         """``tile``'s owned part of each value crossing ``cut``, written as ``source``'s: a
@@ -372,10 +416,10 @@ class Checkpoints:
             if g is None:
                 continue
             key = _key(cut, name)
-            if key not in self.grads.maps:
+            if key not in self.grads:
                 self.grads.allocate(key, self._whole(step, g), g.dtype, zero=True,
                                     memory_format=_format(g))
-            self.grads.maps[key][self.span(step, tile)] += g.detach().to("cpu")
+            self.grads.add(key, self.span(step, tile), g.detach().to("cpu"))
 
     def passed(self, level) -> None:
         """Level ``level``'s forward pass is done: without ``keep``, drop the maps no later
@@ -395,7 +439,7 @@ class Checkpoints:
         has a forward hook (the program would not call those of the layers before the cut,
         where a tile from the image would: a hook must see what it saw without checkpoints)."""
         cut = self.final
-        if cut.image or not all(n in self.store.maps for n in cut.names):
+        if cut.image or not all(n in self.store for n in cut.names):
             return False
         return not hooked(pipeline.modules())
 
@@ -406,13 +450,14 @@ class Checkpoints:
         """``tile``'s owned part of each value crossing ``cut`` and of its stored gradient."""
         ys, gs = [], []
         for name, step in zip(cut.names, cut.steps):
-            g = self.grads.maps.get(_key(cut, name))
-            if g is None:
+            key = _key(cut, name)
+            if key not in self.grads:
                 continue
             crop, place = self._owned[step][tile.index]
             value = env[name]
             ys.append(value[crop])
-            gs.append(g[place].to(value.device, value.dtype))  # (autograd leaves it as it is)
+            gs.append(self.grads.part(key, place, value.device, value.dtype))  # (autograd
+            # leaves it as it is)
         return ys, gs
 
     def _whole(self, step: int, value: torch.Tensor) -> tuple:

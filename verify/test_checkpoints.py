@@ -162,6 +162,40 @@ def test_memory_and_disk_are_bit_identical_and_close_to_recomputing(tmp_path):
     assert max((g - g0).abs().max() / scale for g, g0 in zip(grads, grads0)) <= F64
 
 
+def _mapped(folder) -> int:
+    """How many mappings of this process are of files under ``folder``."""
+    with open("/proc/self/maps") as f:
+        return sum(str(folder) in line for line in f)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/self/maps")
+def test_disk_maps_no_file_between_accesses(tmp_path):
+    """A stored file is mapped only for the length of one access (a read of a span, a write
+    or an add of a part), so no page of it stays in the process's resident set between
+    accesses: checked at every convolution of every tile of every pass, and after the step.
+    The numbers are memory storage's, bit for bit."""
+    net, x = efficientnet_like(), rand(2, 3, 67, 61)
+    state = copy.deepcopy(net.state_dict())
+    seen = []  # (files stored, files mapped) at each convolution call
+
+    def check(module, args):
+        seen.append((sum(len(files) for _, _, files in os.walk(tmp_path)), _mapped(tmp_path)))
+
+    for conv in (m for m in net.modules() if isinstance(m, nn.Conv2d)):
+        conv.register_forward_pre_hook(check)  # (a leaf's hook: the passes still start at cuts)
+    found = {}
+    for storage in ("memory", str(tmp_path)):
+        net.load_state_dict(state)
+        seen.clear()
+        found[storage] = _step(net, x, 40, storage)
+    assert max(stored for stored, _ in seen) > 0, "test bug: nothing was stored on disk"
+    assert [mapped for _, mapped in seen] == [0] * len(seen)
+    assert _mapped(tmp_path) == 0
+    (y, grads), (y0, grads0) = found[str(tmp_path)], found["memory"]
+    assert torch.equal(y, y0)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads0))
+
+
 def test_files_are_removed_after_a_step(tmp_path):
     net, x = blocks(4), rand(1, 2, 60, 52)
     model = Streaming(net, 24, checkpoints=str(tmp_path))

@@ -328,6 +328,11 @@ class MapStore:
     def add(self, name: str, index: tuple, value: torch.Tensor) -> None:
         self._whole(name)[index] += value
 
+    def copy(self, name: str, source: tuple, target: tuple) -> None:
+        """Index ``source`` of the map written at index ``target`` (of the same shape)."""
+        whole = self._whole(name)
+        whole[target] = whole[source]
+
     def drop(self, names) -> None:
         """Forget these maps (a file's space returns with it)."""
         for name in names:
@@ -406,8 +411,7 @@ class Checkpoints:
         """``tile``'s owned part of each value crossing ``cut``, written as ``source``'s: a
         tile identical to it, which owns the same part of each (:mod:`streamcnn.dedup`)."""
         for name, step in zip(cut.names, cut.steps):
-            stored = self.store.maps[name]
-            stored[self._owned[step][tile.index][1]] = stored[self._owned[step][source.index][1]]
+            self.store.copy(name, self._owned[step][source.index][1], self._owned[step][tile.index][1])
 
     def add_gradient(self, cut: Cut, tile: Tile, grads: dict) -> None:
         """Add ``tile``'s gradient at each value crossing ``cut`` (over its span)."""

@@ -87,7 +87,7 @@ def assert_shared(stats):
     assert stats.terms.computed * per_pass == stats.backward.computed * stats.terms.tiles
 
 
-@pytest.mark.parametrize("checkpoints", ["memory", False])
+@pytest.mark.parametrize("checkpoints", ["memory", "disk", False])
 def test_se_and_training_batchnorm_on_an_island(checkpoints, stored):
     net, x = se_net(), island((1, 3, 160, 160))
     got = step(net, x, 40, checkpoints=checkpoints)

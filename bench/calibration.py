@@ -90,8 +90,10 @@ def render(stored: dict, results: dict) -> str:
             f"share one), each stopping its tiles after that level; no graph is built. From the image, "
             f"each pass recomputes every layer before its level; with level checkpoints (the default) "
             f"it starts at the maps its level begins at, which the pass before stored (in memory up to "
-            f"half of what is available, then in files: at 16384² the stem's output alone is 16 GiB; the "
-            f"files' pages the process maps count in its RSS while the page cache holds them). Beside it: one training step of the same front end at "
+            f"half of what is available, then in files: at 16384² the stem's output alone is 16 GiB). The "
+            f"16384² rows were measured while the files stayed mapped for the whole step, so their "
+            f"pages counted in the RSS; since 2026-12-07 a file is mapped only while a tile reads or "
+            f"writes its part, and its pages stay in the page cache, outside the RSS. Beside it: one training step of the same front end at "
             f"the same size (frozen BatchNorm, this file's ResNet-34 table). Peak RSS is the whole "
             f"process's VmHWM, the image (3 GiB at 16384²) included.")
     if not stored:

@@ -328,10 +328,8 @@ class NormMode(TorchFunctionMode):
         """A reduction over every position (a global step): the whole map's value (with grad:
         through :class:`reductions.Reduce`); ``record`` sees a probed one's input; a backward
         pass makes a probed one's value a leaf; not yet known: the tile's own (not needed)."""
-        x = args[0] if args else next(iter(kwargs.values()))
         g = node.norm
-        if g.kind == "matmul":  # x @ w sums x[..., :, p, None] * w[..., None, p, :] over p
-            x = x.unsqueeze(-1) * (args[1] if len(args) > 1 else kwargs["other"]).unsqueeze(-3)
+        x = reductions.reduced_input(g, args, kwargs)
         if node.name in self.probes and self.record is not None:
             self.record(node, x)
         reduced = self.state.stats.get(node.name)

@@ -196,6 +196,15 @@ def value_of(reduced: Reduced, g: Global, like: torch.Tensor) -> torch.Tensor:
     return value if g.keepdim else value.squeeze(g.dims) if g.dims else value
 
 
+def reduced_input(g: Global, args: tuple, kwargs: dict) -> torch.Tensor:
+    """The map a tile's reduction call reduces: its input, or for ``x @ w`` over the
+    positions the product ``x[..., :, p, None] * w[..., None, p, :]``, summed over ``p``."""
+    x = args[0] if args else next(iter(kwargs.values()))
+    if g.kind == "matmul":
+        x = x.unsqueeze(-1) * (args[1] if len(args) > 1 else kwargs["other"]).unsqueeze(-3)
+    return x
+
+
 def after(g: Global, x: torch.Tensor):
     """What a tile's call returns given the whole map's value ``R``: ``R`` itself for a
     reduction; ``exp(x - R)`` for a softmax over the positions, ``x - R`` for log_softmax

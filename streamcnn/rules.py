@@ -996,12 +996,21 @@ def _resolve(sizes: list, total: int | None) -> list:
     return known
 
 
+def _new_dim(dims: tuple, dim) -> int | None:
+    """Where a new dimension ``dim`` (as torch counts it, on a value of rank + 1) goes in a
+    map of layout ``dims``; None before the batch or between two spatial axes."""
+    at = _dim(dim, len(dims) + 1) if isinstance(dim, int) else -1
+    if at < 1 or at > len(dims) or (at < len(dims) and isinstance(dims[at - 1], int)
+                                     and isinstance(dims[at], int)):
+        return None
+    return at
+
+
 def unsqueeze(ctx, input, dim):
     """A new dimension of size 1 (a group of one, :func:`group_role`), after the batch and
     not between spatial axes."""
-    rank = len(input.dims)
-    at = _dim(dim, rank + 1)
-    if at < 1 or (0 < at < rank and isinstance(input.dims[at - 1], int) and isinstance(input.dims[at], int)):
+    at = _new_dim(input.dims, dim)
+    if at is None:
         return ctx.refuse("it inserts a dimension before the batch or between spatial axes")
     return _pointwise(ctx, input, dims=input.dims[:at] + (group_role(1),) + input.dims[at:])
 
@@ -1017,9 +1026,8 @@ def stack(ctx, tensors, dim=0, *, out=None):
     if any(t.dims != dims for t in maps):
         return ctx.refuse("it stacks feature maps in different layouts "
                           + " and ".join(layout(x) for x in maps))
-    at = _dim(dim, len(dims) + 1) if isinstance(dim, int) else -1
-    if at < 1 or at > len(dims) or (isinstance(dims[at - 1], int) and at < len(dims)
-                                     and isinstance(dims[at], int)):
+    at = _new_dim(dims, dim)
+    if at is None:
         return ctx.refuse("it stacks feature maps along a new dimension before the batch or "
                           "between spatial ones (what streams: torch.stack(maps, dim=1))")
     counts = {t.channels for t in maps}

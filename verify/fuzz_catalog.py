@@ -1050,6 +1050,16 @@ def cat(s: Scope, key, valid: bool) -> Out:
     return Out(expr, v.dims, v.grid if ok else None, must_stream=ok)
 
 
+def new_dim(s: Scope, v: Value, valid: bool) -> tuple[int, bool]:
+    """(a position for a new dimension of map ``v``, whether it is local: after the batch and
+    not between two spatial axes); only local ones when ``valid``."""
+    between = lambda p: 0 < p < len(v.dims) and isinstance(v.dims[p - 1], int) and \
+        isinstance(v.dims[p], int)  # noqa: E731
+    allowed = [p for p in range(1, len(v.dims) + 1) if not between(p)]
+    at = s.draw(st.sampled_from(allowed)) if valid or s.draw(BOOLS) else s.draw(ints(0, len(v.dims)))
+    return at, at in allowed
+
+
 def stack(s: Scope, key, valid: bool) -> Out:
     """torch.stack of maps of one shape along a new dimension of groups (local where it goes
     after the batch and not between spatial axes), then summed over it, as a selective
@@ -1062,11 +1072,8 @@ def stack(s: Scope, key, valid: bool) -> Out:
         j = s.pick(same) if valid or s.draw(ints(0, 3)) else s.pick(lambda w: True)
         ok = ok and same(s.values[j]) and s.values[j].dims == v.dims
         tensors.append(Ref(j))
-    between = lambda p: 0 < p < len(v.dims) and isinstance(v.dims[p - 1], int) and \
-        isinstance(v.dims[p], int)  # noqa: E731
-    allowed = [p for p in range(1, len(v.dims) + 1) if not between(p)]
-    at = s.draw(st.sampled_from(allowed)) if valid or s.draw(BOOLS) else s.draw(ints(0, len(v.dims)))
-    ok = ok and at in allowed
+    at, local = new_dim(s, v, valid)
+    ok = ok and local
     container = tuple(tensors) if s.draw(BOOLS) else tensors
     stacked = s.call(key, container, [("dim", at)], first_name="tensors")
     return Out(Call("method", "sum", (stacked,), {"dim": at}), v.dims, v.grid if ok else None,
@@ -1078,11 +1085,7 @@ def unsqueeze(s: Scope, key, valid: bool) -> Out:
     spatial axes), then summed away."""
     i = s.pick()
     v = s.values[i]
-    between = lambda p: 0 < p < len(v.dims) and isinstance(v.dims[p - 1], int) and \
-        isinstance(v.dims[p], int)  # noqa: E731
-    allowed = [p for p in range(1, len(v.dims) + 1) if not between(p)]
-    at = s.draw(st.sampled_from(allowed)) if valid or s.draw(BOOLS) else s.draw(ints(0, len(v.dims)))
-    ok = at in allowed
+    at, ok = new_dim(s, v, valid)
     inner = s.call(key, Ref(i), [("dim", at - len(v.dims) - 1 if s.draw(BOOLS) else at)])
     return Out(Call("method", "sum", (inner,), {"dim": at}), v.dims, v.grid if ok else None,
                must_stream=ok)

@@ -147,8 +147,12 @@ class Program:
 
 
 def _call(root: nn.Module, node: fx.Node, env: dict):
-    args = fx.node.map_arg(node.args, lambda a: env[a.name])
-    kwargs = fx.node.map_arg(node.kwargs, lambda a: env[a.name])
+    return run_node(root, node, fx.node.map_arg(node.args, lambda a: env[a.name]),
+                    fx.node.map_arg(node.kwargs, lambda a: env[a.name]))
+
+
+def run_node(root: nn.Module, node: fx.Node, args, kwargs):
+    """What fx node ``node`` computes from ``args``/``kwargs`` (its inputs' values)."""
     if node.op == "call_function":
         return node.target(*args, **kwargs)
     if node.op == "call_method":

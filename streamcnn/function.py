@@ -74,6 +74,7 @@ class TileRunner:
         self.digests: dict = {}  # tile origin -> digest of what the forward read (array sources)
         self.norms: NormState | None = None  # normalisations streamed with whole-image statistics
         self.checkpoints = None  # their passes' stored maps (streamcnn.checkpoints), or None
+        self.strips = None  # reused overlaps (streamcnn.strips), or None: recomputed
         self.prefetch = prefetch
         internal_assert(not dedup or len(self.outputs.maps) == 1, "dedup of several output maps")
         self.duplicates = Duplicates(tilings, self._reread, keep=4 if source.fresh else None,
@@ -164,6 +165,8 @@ class TileRunner:
     def run(self, tile_input: torch.Tensor, tile: Tile) -> list:
         """The module on one tile (inside :meth:`scope`): the part of each output map the tile
         owns (:meth:`owned`)."""
+        if self.strips is not None:  # (the traced program, on each step's new positions)
+            return self._run_reusing(tile_input, tile)
         try:
             y = self.pipeline(tile_input)
         except (RuntimeError, ValueError) as err:  # torch's shape errors are either
@@ -182,6 +185,15 @@ class TileRunner:
                     "windows, use a larger tile_size)") from err
             raise
         return self.owned(y, tile, tile_input)
+
+    def _run_reusing(self, tile_input: torch.Tensor, tile: Tile) -> list:
+        """:meth:`run` reusing overlaps: the strips' program gives each output map's owned
+        part itself (in the backward, its recomputation: grad mode is on only there)."""
+        leaves, spec = tree_flatten(self.strips.run(tile, tile_input,
+                                                    recompute=torch.is_grad_enabled()))
+        if self.spec is None:
+            self.spec = spec
+        return [leaves[k] for k in self.outputs.first_leaves]
 
     def owned(self, y, tile: Tile, tile_input: torch.Tensor) -> list:
         """The part ``tile`` owns of each output map in ``y``, the module's output for it, one
@@ -362,6 +374,9 @@ class TileRunner:
         before = versions(self.pipeline)  # (a forward since this one's may have updated some)
         if self.duplicates is not None:
             tiles = list(self.duplicates.computed(tiles))
+        if self.strips is not None:  # later tiles first: they leave gradients in the strips
+            tiles.reverse()
+            self.strips.discard_gradients()
         if self.skip and all_finite(tensors.values()):
             with_gradient = self._with_gradient(tiles, grads)
             stats.skipped, tiles = len(tiles) - len(with_gradient), with_gradient
@@ -387,6 +402,8 @@ class TileRunner:
                             mode.replaying()
                         reached |= self._backprop(tile, ys, leaf, grads, need_x, grad_x, mode)
                     del ys
+                    if self.strips is not None:
+                        self.strips.deposit()
                     check_unchanged(self.pipeline, before)
                     if mode is not None and stats.computed == 0:
                         replayed = mode.replayed

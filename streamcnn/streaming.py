@@ -23,8 +23,11 @@ from .plan import plan
 from .norms import NormState, counters, update_running
 from .passes import backward_terms, forward_statistics
 from .sources import source_of, tensor_of
+from .strips import Strips, check_reusable
 from .tiling import count, outputs, owned_crops
 from .trace import Pipeline, analyse, analyse_structure
+
+OVERLAP = ("recompute", "reuse")
 
 
 class Streaming(nn.Module):
@@ -120,7 +123,7 @@ class Streaming(nn.Module):
     def __init__(self, module: nn.Module, tile_size, *, transform=None, progress: bool | None = None,
                  channels_last: bool | None = None, prefetch: bool = True, dedup: bool = True,
                  skip_zero_gradients: bool = True, keep_graphs: int = 0,
-                 reuse_memory: bool = True, checkpoints="auto"):
+                 reuse_memory: bool = True, checkpoints="auto", overlap: str = "recompute"):
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"Streaming needs an nn.Module, got {type(module).__name__}")
@@ -144,6 +147,9 @@ class Streaming(nn.Module):
         self.keep_graphs = keep_graphs
         self.reuse_memory = reuse_memory
         self.checkpoints = _checkpoints.check_storage(checkpoints)
+        if overlap not in OVERLAP:
+            raise ValueError(f"overlap must be one of {OVERLAP}, got {overlap!r}")
+        self.overlap = overlap
         self.last_stats = None
         self.register_state_dict_post_hook(_unwrapped_keys)
         self.register_load_state_dict_pre_hook(_wrapped_keys)
@@ -219,14 +225,18 @@ class Streaming(nn.Module):
                             elsewhere=_dedup.owned_elsewhere(graph, tilings, _summed_or_stored(
                                 graph, cuts)) if dedup else None)
         _checkpoints.attach(runner, graph, cuts, self.checkpoints, keep=torch.is_grad_enabled())
+        if self.overlap == "reuse":
+            check_reusable(graph, _checkpoints.runs_as_module(graph))
+            runner.strips = Strips(graph, tilings, graph.root, device)
         self.last_stats = runner.stats
         return runner
 
     def _forward(self, x, source, graph, tilings, device, out=None, cuts=None):
+        recompute = self.overlap == "recompute"  # (reused overlaps: every tile runs, in order)
         runner = self._runner(source, graph, tilings, device,
-                              dedup=self.dedup and _dedup.allowed(graph),
-                              skip=self.skip_zero_gradients and torch.is_grad_enabled()
-                              and skipping.allowed(graph), cuts=cuts)
+                              dedup=self.dedup and recompute and _dedup.allowed(graph),
+                              skip=self.skip_zero_gradients and recompute
+                              and torch.is_grad_enabled() and skipping.allowed(graph), cuts=cuts)
         pipeline = runner.pipeline
         keep = self._tiles_kept(x, source, graph, tilings)
         norms = _stream_norms(runner, graph)
@@ -293,7 +303,7 @@ class Streaming(nn.Module):
         """How many of the forward's last tiles keep their graph (``keep_graphs``): as
         ``plan()`` counts them, which it reports too. None with normalisations over the
         image (their tiles' backward needs terms known only in the backward)."""
-        if any(s.norm is not None for s in graph.steps):
+        if any(s.norm is not None for s in graph.steps) or self.overlap == "reuse":
             return 0
         if not self.keep_graphs or not torch.is_grad_enabled():  # None: the last tile; 0: none
             return tiles_kept(self.keep_graphs, 1, count(tilings))

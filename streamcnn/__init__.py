@@ -20,12 +20,14 @@ Public API:
 Layers, bottom to top (imports point down only; verify/test_layout.py checks it):
 ``_args``/``errors``/``progress`` (when tile bars show), ``allocator`` (glibc's heap
 during a pass) -> ``geometry`` (integer tile
-geometry, no torch) -> ``binding`` (arguments as torch binds them), ``channels_last``
+geometry, no torch), ``reuse`` (which positions a tile computes when overlaps are reused)
+-> ``binding`` (arguments as torch binds them), ``channels_last``
 (when tiles may take that layout)
 -> ``rules`` (which torch operation is which geometric step) -> ``trace`` (torch.fx graph
 -> steps) -> ``tiling``, ``moments`` (Chan's merge),
 ``slides`` (whole-slide images, NumPy only), ``sources`` (where tiles are read from),
-``inputs`` (checks) -> ``state`` (what a forward read) -> ``prefetch`` (reads on a thread
+``inputs`` (checks) -> ``state`` (what a forward read) -> ``checkpoints`` (level
+checkpoints), ``strips`` (reused overlaps: the traced program on new positions) -> ``prefetch`` (reads on a thread
 of their own), ``dedup`` (identical tiles computed once), ``skipping`` (tiles without
 gradient), ``keeping`` (graphs kept within a budget) -> ``memory``, ``plan`` (estimates
 before running) -> ``function`` (tile loop, autograd node) -> ``passes`` (statistics

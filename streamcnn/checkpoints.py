@@ -210,9 +210,11 @@ def plan_cuts(program: Program, level_of: dict) -> Cuts:
 
 def runs_as_module(graph) -> bool:
     """Whether the traced program runs as the module does: it calls the leaf modules (and
-    their hooks), but not the hooks of the modules fx traced through, nor global hooks."""
+    their hooks), but not the hooks of the modules fx traced through, nor global hooks, and
+    it runs through a reentrant ``torch.utils.checkpoint`` as if it were not there."""
     leaves = {n.target for n in graph.graph.nodes if n.op == "call_module"}
-    return not hooked(m for name, m in graph.root.named_modules() if name not in leaves)
+    return not graph.reentrant and \
+        not hooked(m for name, m in graph.root.named_modules() if name not in leaves)
 
 
 def hooked(modules) -> bool:

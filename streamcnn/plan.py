@@ -3,6 +3,7 @@ before doing it."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -11,13 +12,16 @@ import torch.nn as nn
 from torch.utils._pytree import tree_unflatten
 
 from ._args import AXIS_NAMES, normalize_shape, normalize_tile_size
-from .geometry import AxisReceptiveField, axis_receptive_field, fields, lengths
+from .geometry import AxisReceptiveField, Span, axis_receptive_field, fields, lengths, spans
+from .errors import StreamingError
 from .inputs import check_input_dtype, check_shape, module_device, module_dtype
 from .memory import graph_peak, no_grad_peak, probe
 from .rules import Global
 from .norms import levels, norm_calls
 from .keeping import tiles_kept
+from . import reuse as _reuse
 from . import checkpoints as _checkpoints
+from .strips import why_not
 from .tiling import count
 from .trace import analyse, analyse_structure
 
@@ -164,6 +168,11 @@ class StreamPlan:
     outputs: tuple = ()  # (path, shape, stride) of each output map of a structured output
     checkpoint_bytes: int = 0  # level checkpoints' stored maps (streamcnn.checkpoints)
     checkpoint_time_factor: float | None = None  # a step's estimated time factor with them
+    overlap_mode: str = "recompute"  # how the tiles' overlap is handled (Streaming's overlap=)
+    recompute_factor: float = 1.0  # positions computed per pass over the maps' positions
+    reuse_factor: float | None = None  # the same reusing overlaps (None: the graph cannot)
+    strip_bytes: int = 0  # reused overlaps' activation strips (their gradients: as much again)
+    reuse_refusal: str | None = None  # why the overlaps cannot be reused, or None
 
     @property
     def time_factor(self) -> float:
@@ -178,6 +187,17 @@ class StreamPlan:
         steps, whose one pass (a forward and its backward) costs about three forwards: each
         level adds a statistics pass (a forward at most) and a backward-terms pass (three)."""
         return (4 * self.norm_levels + 3) / 3
+
+    @property
+    def recommended_overlap(self) -> str:
+        """``"reuse"`` where the graph allows it, it saves time, and the peak with its strips
+        (and their gradients) stays below conventional backprop's; else ``"recompute"``
+        (what ``Streaming(..., overlap="auto")`` picks)."""
+        if self.reuse_factor is None or self.recompute_factor < 1.05 * self.reuse_factor:
+            return "recompute"
+        extra = 0 if self.overlap_mode == "reuse" else 2 * self.strip_bytes  # (else counted)
+        return "reuse" if self.streaming_peak_bytes + extra < self.conventional_peak_bytes \
+            else "recompute"
 
     @property
     def num_tiles(self) -> int:
@@ -242,8 +262,23 @@ class StreamPlan:
                      f"forward then its backward; no stitched output)")
         lines.append(f"  peak memory, inference (no grad): {_bytes(self.inference_peak_bytes)}, of which "
                      f"the stitched output {_bytes(self.out_bytes)} (none with out= an array)")
-        lines += self._norm_lines() + self._kept_lines()
+        lines += self._norm_lines() + self._kept_lines() + self._overlap_lines()
         return "\n".join(lines)
+
+    def _overlap_lines(self) -> list[str]:
+        # a step costs about F (forward) + F (recomputation) + B (backward, ~2F) = 4/3 (F + B)
+        lines = [f"  overlap {self.overlap_mode}d: every map computed {self.recompute_factor:.2f}x "
+                 f"per pass recomputing the overlap, a step about "
+                 f"{4 * self.recompute_factor / 3:.1f}x conventional time"]
+        if self.reuse_factor is None:
+            lines.append(f"    overlap='reuse' cannot run: {self.reuse_refusal}")
+        else:
+            lines.append(f"    reusing it (overlap='reuse'): {self.reuse_factor:.2f}x, about "
+                         f"{4 * self.reuse_factor / 3:.1f}x, for {_bytes(self.strip_bytes)} of strips "
+                         f"(and up to as much again for their gradients in the backward"
+                         f"{', counted above' if self.overlap_mode == 'reuse' else ''})")
+        lines.append(f"    recommended: overlap={self.recommended_overlap!r}")
+        return lines
 
     def _kept_lines(self) -> list[str]:
         if not self.kept_tiles:
@@ -310,7 +345,7 @@ def _bytes(n: int) -> str:
 def plan(module: nn.Module, input_shape, tile_size, *, dtype: torch.dtype | None = None,
          requires_input_grad: bool = False, input_dtype: torch.dtype | None = None,
          input_device=None, transform=None, keep_graphs: int | None = 0,
-         checkpoints="auto") -> StreamPlan:
+         checkpoints="auto", overlap: str = "recompute") -> StreamPlan:
     """Plan streaming ``module`` over inputs of ``input_shape`` with ``tile_size`` tiles.
 
     ``input_shape``: (N, C, L) or (N, C, H, W), channels-first. ``dtype``: element type
@@ -320,7 +355,7 @@ def plan(module: nn.Module, input_shape, tile_size, *, dtype: torch.dtype | None
     the module's device, another device (e.g. ``"cpu"`` for a host tensor while the
     module is on a GPU), or ``"array"`` for an array read tile by tile (a memmap, zarr,
     h5py). ``requires_input_grad``: count the input gradient (saliency) too.
-    ``transform``, ``keep_graphs``, ``checkpoints``: as for ``Streaming`` (the kept graphs'
+    ``transform``, ``keep_graphs``, ``checkpoints``, ``overlap``: as for ``Streaming`` (the kept graphs'
     memory is in the peak, each tile's as ``tile_working_bytes``; the checkpoints' stored
     maps are ``checkpoint_bytes``, in host memory or files, not in the peak). Raises the same errors as ``Streaming`` would for
     this input. ``str()`` of the result summarises it; ``.step_table()`` lists the
@@ -382,8 +417,15 @@ def plan(module: nn.Module, input_shape, tile_size, *, dtype: torch.dtype | None
     if cuts is not None:
         stored, factor = _checkpoints.estimate(graph, cuts, full)
         norm_passes.update(checkpoint_bytes=int(stored), checkpoint_time_factor=factor)
-    kept = 0 if norm_passes else tiles_kept(keep_graphs, int(tile_part), count(tilings))
-    on_device = device_image + (1 + kept) * tile_part + (held if location == "device" else 0)
+    reused = _overlaps(graph, tilings, memory, n, esize)
+    if overlap == "auto":
+        overlap = "reuse" if reused["reuse_factor"] is not None else "recompute"
+    if overlap == "reuse" and reused["reuse_factor"] is None:
+        raise StreamingError(f"overlap='reuse' cannot run this module: {reused['reuse_refusal']}")
+    reuse_on = overlap == "reuse"
+    kept = 0 if norm_passes or reuse_on else tiles_kept(keep_graphs, int(tile_part), count(tilings))
+    on_device = device_image + (1 + kept) * tile_part + (held if location == "device" else 0) \
+        + (2 * reused["strip_bytes"] if reuse_on else 0)
     axis_fields = [fields(graph.axis(a)) for a in range(ndim)]
     shapes, strides, outputs = _outputs(graph, spatial, n, axis_fields)
     return StreamPlan(
@@ -415,8 +457,37 @@ def plan(module: nn.Module, input_shape, tile_size, *, dtype: torch.dtype | None
         inference_peak_bytes=int(inference),
         out_bytes=int(out_bytes),
         outputs=outputs,
+        overlap_mode=overlap,
+        **reused,
         **norm_passes,
     )
+
+
+def _overlaps(graph, tilings, memory, n: int, esize: int) -> dict:
+    """Positions each pass computes recomputing and reusing overlaps, over the maps'
+    positions (each weighted by its elements per position, a proxy for its cost), and the
+    bytes of reuse's strips (:mod:`streamcnn.reuse`)."""
+    weights = [m.elements_per_position for m in memory]
+    per_axis = [lengths(graph.axis(a), t.length) for a, t in enumerate(tilings)]
+    weights[0] = 0  # (the input is read, not computed)
+    whole = sum(w * math.prod(ls[s] for ls in per_axis) for s, w in enumerate(weights))
+    tile_spans = [[spans(graph.axis(a), Span(t.length, a0, b0, a0, b0))
+                   for a0, b0 in zip(t.starts, t.stops)] for a, t in enumerate(tilings)]
+    recomputed = sum(w * math.prod(sum(sp[s].stop - sp[s].start for sp in axis) for axis in tile_spans)
+                     for s, w in enumerate(weights))
+    found = dict(recompute_factor=recomputed / whole, reuse_factor=None, strip_bytes=0,
+                 reuse_refusal=why_not(graph, _checkpoints.runs_as_module(graph)))
+    if found["reuse_refusal"] is not None:
+        return found
+    axes = [_reuse.axis_reuse(graph.axis(a), t.length, t.own_starts, t.own_stops)
+            for a, t in enumerate(tilings)]
+    tiles = list(itertools.product(*(range(len(t.starts)) for t in tilings)))
+    strips = sum(w * sum(math.prod(e) for t in tiles for e in _reuse.band_extents(axes, s, t))
+                 for s, w in enumerate(weights))
+    found.update(reuse_factor=sum(w * _reuse.computed_positions(axes, s)
+                                  for s, w in enumerate(weights)) / whole,
+                 strip_bytes=int(round(n * strips)) * esize)
+    return found
 
 
 def _outputs(graph, spatial, n, axis_fields) -> tuple:

@@ -133,3 +133,23 @@ def refusal(graph) -> str | None:
             return (f"{step.name} is a {type(bad).__name__.lower()} step: only windows "
                     f"(convolution, pooling, padding), pointwise steps and merges reuse overlaps")
     return None
+
+
+def band_extents(axes: list, step: int, tile: tuple) -> list[tuple[int, ...]]:
+    """The per-axis lengths of each band tile ``tile`` stores of step ``step``'s map."""
+    new = [ax.new[step][i] for ax, i in zip(axes, tile)]
+    found = []
+    for a, (ax, i) in enumerate(zip(axes, tile)):
+        start = ax.band[step][i]
+        if start is not None:
+            found.append(tuple(hi - (start if b == a else lo) for b, (lo, hi) in enumerate(new)))
+    return found
+
+
+def computed_positions(axes: list, step: int) -> int:
+    """Positions of step ``step``'s map the tiles compute in one pass (each once)."""
+    per_axis = [sum(hi - lo for lo, hi in ax.new[step]) for ax in axes]
+    total = 1
+    for n in per_axis:
+        total *= n
+    return total

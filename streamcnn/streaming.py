@@ -23,11 +23,11 @@ from .plan import plan
 from .norms import NormState, counters, update_running
 from .passes import backward_terms, forward_statistics
 from .sources import source_of, tensor_of
-from .strips import Strips, check_reusable
+from .strips import Strips, check_reusable, reusable
 from .tiling import count, outputs, owned_crops
 from .trace import Pipeline, analyse, analyse_structure
 
-OVERLAP = ("recompute", "reuse")
+OVERLAP = ("recompute", "reuse", "auto")
 
 
 class Streaming(nn.Module):
@@ -225,14 +225,14 @@ class Streaming(nn.Module):
                             elsewhere=_dedup.owned_elsewhere(graph, tilings, _summed_or_stored(
                                 graph, cuts)) if dedup else None)
         _checkpoints.attach(runner, graph, cuts, self.checkpoints, keep=torch.is_grad_enabled())
-        if self.overlap == "reuse":
+        if self._reusing(graph):
             check_reusable(graph, _checkpoints.runs_as_module(graph))
             runner.strips = Strips(graph, tilings, graph.root, device)
         self.last_stats = runner.stats
         return runner
 
     def _forward(self, x, source, graph, tilings, device, out=None, cuts=None):
-        recompute = self.overlap == "recompute"  # (reused overlaps: every tile runs, in order)
+        recompute = not self._reusing(graph)  # (reused overlaps: every tile runs, in order)
         runner = self._runner(source, graph, tilings, device,
                               dedup=self.dedup and recompute and _dedup.allowed(graph),
                               skip=self.skip_zero_gradients and recompute
@@ -303,7 +303,7 @@ class Streaming(nn.Module):
         """How many of the forward's last tiles keep their graph (``keep_graphs``): as
         ``plan()`` counts them, which it reports too. None with normalisations over the
         image (their tiles' backward needs terms known only in the backward)."""
-        if any(s.norm is not None for s in graph.steps) or self.overlap == "reuse":
+        if any(s.norm is not None for s in graph.steps) or self._reusing(graph):
             return 0
         if not self.keep_graphs or not torch.is_grad_enabled():  # None: the last tile; 0: none
             return tiles_kept(self.keep_graphs, 1, count(tilings))
@@ -313,6 +313,13 @@ class Streaming(nn.Module):
             return self.plan(source.shape, input_dtype=source.dtype, requires_input_grad=grad,
                              input_device=x.device if isinstance(x, torch.Tensor) else "array",
                              keep_graphs=self.keep_graphs).kept_tiles
+
+    def _reusing(self, graph) -> bool:
+        """Whether the tiles reuse their overlaps (``overlap``; ``"auto"``: where the graph
+        allows it)."""
+        if self.overlap == "auto":
+            return reusable(graph, _checkpoints.runs_as_module(graph))
+        return self.overlap == "reuse"
 
     def _reuse_memory(self, device) -> bool:
         return self.reuse_memory and device.type == "cpu"
@@ -339,6 +346,7 @@ class Streaming(nn.Module):
         kwargs.setdefault("transform", self.transform)
         kwargs.setdefault("keep_graphs", self.keep_graphs)
         kwargs.setdefault("checkpoints", self.checkpoints)
+        kwargs.setdefault("overlap", self.overlap)
         return plan(self.module, input_shape, self.tile_size, **kwargs)
 
 

@@ -30,11 +30,22 @@ from .checkpoints import Program, run_node
 from .reuse import axis_reuse, crop, refusal
 from .tiling import Tile
 
-__all__ = ["Strips", "check_reusable"]
+__all__ = ["Strips", "check_reusable", "reusable"]
 
 
 def check_reusable(graph, runs_as_module: bool) -> None:
     """Refuse, naming the step, a graph whose overlaps cannot be reused."""
+    why = why_not(graph, runs_as_module)
+    if why is not None:
+        raise StreamingError(f"overlap='reuse' cannot run this module: {why}. Use "
+                             f"overlap='recompute' (the default)")
+
+
+def reusable(graph, runs_as_module: bool) -> bool:
+    return why_not(graph, runs_as_module) is None
+
+
+def why_not(graph, runs_as_module: bool) -> str | None:
     why = refusal(graph)
     if why is None:
         steps, dynamic = graph.node_steps(), Program(graph).dynamic
@@ -44,12 +55,14 @@ def check_reusable(graph, runs_as_module: bool) -> None:
             why = (f"the module computes {other.name!r} ({other.op} {other.target}) from a "
                    f"feature map without it being a map itself (a size, a tuple of maps): each "
                    f"tile computes only a part of each map when overlaps are reused")
+        elif graph.reentrant:
+            why = ("it calls torch.utils.checkpoint with use_reentrant=True, which the traced "
+                   "program runs through: where no input of it requires grad, its layers would "
+                   "get gradients they get none of conventionally")
         elif not runs_as_module:
             why = ("forward hooks are registered on modules the tracer runs through: reusing "
                    "overlaps runs the traced program, which does not call them")
-    if why is not None:
-        raise StreamingError(f"overlap='reuse' cannot run this module: {why}. Use "
-                             f"overlap='recompute' (the default)")
+    return why
 
 
 class Strips:

@@ -21,6 +21,7 @@ order, are the graph's output steps (``TracedGraph.outputs``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from fractions import Fraction
 import inspect
@@ -91,6 +92,8 @@ class TracedGraph:
     spec: TreeSpec | None = field(default=None, repr=False)
     #: fx nodes whose value is a structure of maps (split, chunk), not one map
     structures: frozenset = frozenset()
+    #: whether the module calls a reentrant ``torch.utils.checkpoint`` (traced through)
+    reentrant: bool = False
 
     @property
     def maps(self) -> tuple[int, ...]:
@@ -308,6 +311,27 @@ class _Tracer(fx.Tracer):
             self.module_stack_paths.pop()
 
 
+@contextlib.contextmanager
+def _noting_reentrant_checkpoints():
+    """Yields a list that gets an entry for each reentrant ``torch.utils.checkpoint`` call
+    traced: fx traces through it, so the graph alone runs as if it were not there (where no
+    input requires grad, a reentrant checkpoint leaves its layers without gradients)."""
+    from torch.utils.checkpoint import CheckpointFunction
+
+    seen: list = []
+    apply = CheckpointFunction.apply
+
+    def noted(cls, *args, **kwargs):
+        seen.append(True)
+        return apply(*args, **kwargs)
+
+    CheckpointFunction.apply = classmethod(noted)
+    try:
+        yield seen
+    finally:
+        del CheckpointFunction.apply  # (Function's own classmethod again)
+
+
 def trace(module: nn.Module, stack_traces: bool = False, transform=None) -> tuple[Pipeline, fx.Graph]:
     """The fx graph of ``transform`` then ``module``, under a :class:`Pipeline` root (its
     ``calls`` attribute lists every module call: path and output node)."""
@@ -315,8 +339,10 @@ def trace(module: nn.Module, stack_traces: bool = False, transform=None) -> tupl
         raise TypeError(f"Streaming needs an nn.Module, got {type(module).__name__}")
     root, tracer = Pipeline(module, transform), _Tracer(stack_traces)
     try:
-        graph = tracer.trace(root)
+        with _noting_reentrant_checkpoints() as reentrant:
+            graph = tracer.trace(root)
         graph.streamcnn_calls = tuple(tracer.calls)
+        graph.streamcnn_reentrant = bool(reentrant)
         return root, graph
     except StreamingError:
         raise
@@ -665,7 +691,8 @@ class _Analysis:
                         if old not in new and s.kind in ("window", "norm"))
         return TracedGraph(self.ndim, steps, self.graph, self.root,
                            getattr(self.graph, "streamcnn_calls", ()), tuple(refused.values()) + windows,
-                           tuple(new[i] for i in outputs), paths, spec, frozenset(self.structures))
+                           tuple(new[i] for i in outputs), paths, spec, frozenset(self.structures),
+                           getattr(self.graph, "streamcnn_reentrant", False))
 
 
 def _is_namedtuple(target) -> bool:

@@ -118,7 +118,7 @@ def _ddp_model() -> DDP:
     front, head = build()
     # find_unused_parameters=False (the default): every parameter must get its gradient
     # through the streamed backward, or DDP's reducer raises at the next forward
-    return DDP(train_mode(nn.Sequential(Streaming(front, TILE), head)))
+    return DDP(train_mode(nn.Sequential(Streaming(front, TILE, overlap=OVERLAP[0]), head)))
 
 
 def _train(rank: int) -> dict:
@@ -257,9 +257,20 @@ def _reap(procs: list) -> None:
             p.join()
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory) -> list[dict]:
-    return run_ranks(tmp_path_factory.mktemp("ddp"))
+#: how the ranks' tiles treat their overlap (set before the ranks start: forked, they
+#: inherit it); both ways are run, each in one start of the ranks
+OVERLAP = ["recompute"]
+
+
+@pytest.fixture(scope="module", params=["recompute", "reuse"])
+def ranks(request, tmp_path_factory) -> list[dict]:
+    if request.param != "recompute" and start_method() != "fork":
+        pytest.skip("the ranks learn the overlap mode by inheriting it (fork)")
+    OVERLAP[0] = request.param
+    try:
+        return run_ranks(tmp_path_factory.mktemp("ddp"))
+    finally:
+        OVERLAP[0] = "recompute"
 
 
 def conventional_grads(x: torch.Tensor, y: torch.Tensor, scale: float = 1.0):

@@ -9,8 +9,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "streamcnn"
-ORDER = ["_args", "errors", "progress", "allocator", "geometry", "binding", "channels_last", "rules", "trace",
-         "tiling", "moments", "slides", "sources", "inputs", "state", "reductions", "norms", "checkpoints", "prefetch", "dedup", "skipping",
+ORDER = ["_args", "errors", "progress", "allocator", "geometry", "reuse", "binding", "channels_last", "rules", "trace",
+         "tiling", "moments", "slides", "sources", "inputs", "state", "reductions", "norms", "checkpoints", "strips", "prefetch", "dedup", "skipping",
          "keeping",
          "memory", "plan", "function", "passes", "dense", "streaming", "statistics", "testing", "tuning", "__init__"]
 

@@ -96,10 +96,11 @@ class Calls:
 class Run:
     """One model (streamed or not), its SGD optimiser and GradScaler, stepped the AMP way."""
 
-    def __init__(self, device: str, streamed: bool, **scaler_args):
+    def __init__(self, device: str, streamed: bool, overlap: str = "recompute", **scaler_args):
         self.front, self.head = build(device)
         self.calls = Calls(self.front)
-        self.model = nn.Sequential(Streaming(self.front, TILE) if streamed else self.front,
+        self.model = nn.Sequential(Streaming(self.front, TILE, overlap=overlap) if streamed
+                                   else self.front,
                                    self.head)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=LR)
         self.scaler = torch.amp.GradScaler(device, growth_interval=1, **scaler_args)
@@ -145,13 +146,14 @@ def tiles() -> int:
 
 @FORMATS
 @pytest.mark.parametrize("device", DEVICES)
-def test_streamed_amp_step_matches_conventional(device, dtype):
+@pytest.mark.parametrize("overlap", ["recompute", "reuse"])
+def test_streamed_amp_step_matches_conventional(device, dtype, overlap):
     """Output dtype, unscaled gradients within 2nu, the same scale growth after the step.
     (bfloat16 has float32's exponent range and needs no scaler; it is run with one to show
     the scaler's arithmetic is unchanged by streaming in both formats.)"""
     x, y = data(device)
     ref = Run(device, streamed=False, init_scale=2.0 ** 10).step(x, y, dtype)
-    got = Run(device, streamed=True, init_scale=2.0 ** 10).step(x, y, dtype)
+    got = Run(device, streamed=True, overlap=overlap, init_scale=2.0 ** 10).step(x, y, dtype)
     assert got["features"] == ref["features"] == dtype
     # scaled gradients 16x below overflow: no found-inf decision is near its threshold
     assert max(ref["scaled_max"], got["scaled_max"]) < torch.finfo(dtype).max / 16

@@ -311,6 +311,8 @@ class TileRunner:
                 stats.computed += 1
         if self.duplicates is not None:
             self.duplicates.release()
+        if self.strips is not None:
+            self.stats.strip_bytes = self.strips.stored_bytes
         return outs
 
     def _place(self, outs: list, tile: Tile, ys: list) -> None:

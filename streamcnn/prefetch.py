@@ -79,6 +79,11 @@ class Stats:
     statistics: PassStats = field(default_factory=PassStats)
     #: the backward-terms passes likewise (filled in by the backward)
     terms: PassStats = field(default_factory=PassStats)
+    #: with reused overlaps (``overlap="reuse"``): per pass ("forward", "backward"), each
+    #: step's blocks of computed positions, one per tile that computed any (per axis
+    #: ``(start, stop)``), and the bytes of the strips the forward stored; else None, 0
+    blocks: dict | None = None
+    strip_bytes: int = 0
 
 
 class Prefetcher:

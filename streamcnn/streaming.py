@@ -228,6 +228,7 @@ class Streaming(nn.Module):
         if self._reusing(graph):
             check_reusable(graph, _checkpoints.runs_as_module(graph))
             runner.strips = Strips(graph, tilings, graph.root, device)
+            runner.stats.blocks = runner.strips.blocks
         self.last_stats = runner.stats
         return runner
 

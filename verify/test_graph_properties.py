@@ -536,6 +536,17 @@ def test_random_dags_match_conventional(case, path):
     assert cmp.worst <= F64, cmp
 
 
+@settings(max_examples=160, **SETTINGS)
+@given(cases(), st.sampled_from(ALL_PATHS))
+def test_random_dags_reusing_overlaps_match_conventional(case, path):
+    """Property 1 with ``overlap="reuse"`` (each map computed once per pass, strips read)."""
+    ndim, trunk, shape, tiles, seed = case
+    net = build(trunk, ndim, seed)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    cmp = compare(net, x, tiles[0] if ndim == 1 else tiles, paths=path, overlap="reuse")
+    assert cmp.worst <= F64, cmp
+
+
 @settings(max_examples=150, **SETTINGS)
 @given(dags(), ints(0, 2**16))
 def test_receptive_field_is_the_hull_over_paths(dag, seed):

@@ -529,10 +529,14 @@ def cases(draw):
 @given(cases(), st.sampled_from(ALL_PATHS))
 def test_random_dags_match_conventional(case, path):
     """Each example along one drawn entry path (see streamcnn.testing.Path)."""
+    check_random_dag(case, path)
+
+
+def check_random_dag(case, path, **streaming_kwargs):
     ndim, trunk, shape, tiles, seed = case
     net = build(trunk, ndim, seed)
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    cmp = compare(net, x, tiles[0] if ndim == 1 else tiles, paths=path)
+    cmp = compare(net, x, tiles[0] if ndim == 1 else tiles, paths=path, **streaming_kwargs)
     assert cmp.worst <= F64, cmp
 
 
@@ -540,11 +544,7 @@ def test_random_dags_match_conventional(case, path):
 @given(cases(), st.sampled_from(ALL_PATHS))
 def test_random_dags_reusing_overlaps_match_conventional(case, path):
     """Property 1 with ``overlap="reuse"`` (each map computed once per pass, strips read)."""
-    ndim, trunk, shape, tiles, seed = case
-    net = build(trunk, ndim, seed)
-    x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    cmp = compare(net, x, tiles[0] if ndim == 1 else tiles, paths=path, overlap="reuse")
-    assert cmp.worst <= F64, cmp
+    check_random_dag(case, path, overlap="reuse")
 
 
 @settings(max_examples=150, **SETTINGS)

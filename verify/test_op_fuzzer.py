@@ -87,11 +87,11 @@ def is_refusal(err: BaseException) -> bool:
     return False
 
 
-def streamed_raises(case: Case, tile) -> bool:
+def streamed_raises(case: Case, tile, **streaming_kwargs) -> bool:
     """Whether a streamed forward and backward raises."""
     x = case.x.clone().requires_grad_()
     try:
-        y = Streaming(case.program, tile)(x)
+        y = Streaming(case.program, tile, **streaming_kwargs)(x)
         y.backward(torch.ones_like(y))
     except Exception:  # noqa: BLE001 - any error is streaming's answer to torch's
         return True
@@ -121,7 +121,7 @@ def _loss_for(case: Case, path):
     return path
 
 
-def check(case: Case, path, data) -> str:
+def check(case: Case, path, data, **streaming_kwargs) -> str:
     """Stream ``case`` along ``path``; the outcome ("exact", "refused", "raises"), or an
     AssertionError (or the unexpected error itself) where streaming is wrong."""
     with time_limit(HANG_S), warnings.catch_warnings():
@@ -130,11 +130,11 @@ def check(case: Case, path, data) -> str:
             tile = tiles(case, data)
             tile = tile[0] if case.ndim == 1 else tile
             if case.raises:
-                assert streamed_raises(case, tile), \
+                assert streamed_raises(case, tile, **streaming_kwargs), \
                     f"conventional torch raises ({case.raises}) but the streamed run does not"
                 return "raises"
             result = compare(case.program, case.x, tile, paths=_loss_for(case, path),
-                             input_grad=not case.leaf_only)
+                             input_grad=not case.leaf_only, **streaming_kwargs)
         except AssertionError:
             raise
         except Exception as err:  # noqa: BLE001 - classified here
@@ -231,3 +231,22 @@ def test_local_entries_stream(key, data):
 def test_random_programs(case, path, data):
     """One to five random steps from the whole catalog on the maps made so far."""
     event(check(case, path, data))
+
+
+@pytest.mark.parametrize("key", CURATED, ids=entry_id)
+@settings(max_examples=1, **SETTINGS)
+@given(data=st.data())
+def test_local_entries_stream_reusing_overlaps(key, data):
+    """As ``test_local_entries_stream`` with ``overlap="auto"``: reused where the program
+    allows it (a window, pointwise step or merge of maps), recomputed elsewhere."""
+    case = data.draw(programs(focus=key, valid=True), label="case")
+    assert case.raises is None and case.must_stream
+    path = data.draw(st.sampled_from(ALL_PATHS), label="path")
+    assert check(case, path, data, overlap="auto") == "exact"
+
+
+@settings(max_examples=120, **SETTINGS)
+@given(programs(), st.sampled_from(ALL_PATHS), st.data())
+def test_random_programs_reusing_overlaps(case, path, data):
+    """Random programs with ``overlap="auto"``: conventional's numbers or a clear error."""
+    event(check(case, path, data, overlap="auto"))

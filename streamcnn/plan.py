@@ -21,7 +21,7 @@ from .norms import levels, norm_calls
 from .keeping import tiles_kept
 from . import reuse as _reuse
 from . import checkpoints as _checkpoints
-from .strips import why_not
+from .strips import exact_steps, why_not
 from .tiling import count
 from .trace import analyse, analyse_structure
 
@@ -479,7 +479,8 @@ def _overlaps(graph, tilings, memory, n: int, esize: int) -> dict:
                  reuse_refusal=why_not(graph, _checkpoints.runs_as_module(graph)))
     if found["reuse_refusal"] is not None:
         return found
-    axes = [_reuse.axis_reuse(graph.axis(a), t.length, t.own_starts, t.own_stops)
+    exact = exact_steps(graph)
+    axes = [_reuse.axis_reuse(graph.axis(a), t.length, t.own_starts, t.own_stops, exact)
             for a, t in enumerate(tilings)]
     tiles = list(itertools.product(*(range(len(t.starts)) for t in tilings)))
     strips = sum(w * sum(math.prod(e) for t in tiles for e in _reuse.band_extents(axes, s, t))

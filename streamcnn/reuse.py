@@ -50,23 +50,38 @@ class AxisReuse:
         return lo, max(lo, self.new[step][tile][0])
 
 
-def crop(rule, out: tuple[int, int], n_in: int) -> tuple[int, int, int]:
+def crop(rule, out: tuple[int, int], n_in: int, exact: bool = False) -> tuple[int, int, int]:
     """``(c0, c1, first)``: the input interval a step with ``rule`` reads to compute its
     outputs ``out = (a, b)`` on an ``n_in``-long input, and the index of output ``a`` in what
-    torch computes from that crop."""
+    torch computes from that crop. ``exact``: the window runs without its own padding on
+    the crop (``pads`` gives what the image's borders add), so the crop is exactly what
+    ``[a, b)`` reads; else it runs as the module does, padding the crop's both sides, and
+    ``c0`` is rounded down to the stride (so a crop starting there keeps torch's output
+    grid) and outputs outside ``[a, b)`` are computed too."""
     a, b = out
     if isinstance(rule, Window):
         s = rule.stride
-        c0 = max(0, a * s - rule.pad_left) // s * s  # on the stride grid: outputs stay aligned
-        c1 = min(n_in, (b - 1) * s - rule.pad_left + rule.span)
-        return c0, c1, a - c0 // s
+        lo, hi = a * s - rule.pad_left, (b - 1) * s - rule.pad_left + rule.span
+        if exact:
+            return max(0, lo), min(n_in, hi), 0
+        c0 = max(0, lo) // s * s
+        return c0, min(n_in, hi), a - c0 // s
     return a, b, 0
 
 
-def axis_reuse(graph, length: int, own_starts, own_stops) -> AxisReuse:
+def pads(rule: Window, out: tuple[int, int], n_in: int) -> tuple[int, int]:
+    """The zeros an exact window's crop (:func:`crop`) needs before and after it: the part
+    of the outputs' reach beyond the image's borders (its own padding there)."""
+    a, b = out
+    lo, hi = a * rule.stride - rule.pad_left, (b - 1) * rule.stride - rule.pad_left + rule.span
+    return max(0, -lo), max(0, hi - n_in)
+
+
+def axis_reuse(graph, length: int, own_starts, own_stops, exact=frozenset()) -> AxisReuse:
     """The reuse geometry of one axis of ``graph`` (``geometry`` steps, the last the output)
     on a ``length``-long image whose tiles own ``[own_starts[i], own_stops[i])`` of the
-    output, in the order they run."""
+    output, in the order they run; the windows of the steps in ``exact`` run without their
+    own padding (:func:`crop`)."""
     n, last = len(own_starts), len(graph) - 1
     ls = lengths(graph, length)
     need: list = [None] * len(graph)
@@ -77,7 +92,7 @@ def axis_reuse(graph, length: int, own_starts, own_stops) -> AxisReuse:
             reads[k].append(c)
     new[last] = need[last] = [(a, b) for a, b in zip(own_starts, own_stops)]
     for s in range(last - 1, -1, -1):
-        need[s] = [_hull([crop(graph[c].rule, new[c][i], ls[s])[:2] for c in reads[s]
+        need[s] = [_hull([crop(graph[c].rule, new[c][i], ls[s], c in exact)[:2] for c in reads[s]
                           if new[c][i][1] > new[c][i][0]]) for i in range(n)]
         new[s] = _new(need[s], graph[s].name)
     band = [[_band(need[s], new[s], i) for i in range(n)] for s in range(len(graph))]

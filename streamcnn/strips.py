@@ -24,10 +24,12 @@ from collections import Counter
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
 
 from .errors import StreamingError, internal_assert
 from .checkpoints import Program, run_node
-from .reuse import axis_reuse, crop, refusal
+from .reuse import axis_reuse, crop, pads, refusal
 from .tiling import Tile
 
 __all__ = ["Strips", "check_reusable", "reusable"]
@@ -65,6 +67,41 @@ def why_not(graph, runs_as_module: bool) -> str | None:
     return why
 
 
+def exact_steps(graph) -> frozenset:
+    """The steps that run without their own padding on exact crops (``reuse.crop``):
+    calls of convolution layers that pad with zeros, with no hook to miss. They compute no
+    position outside a tile's new ones (a module call computes the positions its padding
+    adds at interior sides too, and they are dropped)."""
+    hooks = nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+        return frozenset()
+    found = set()
+    for node in graph.graph.nodes:
+        s = graph.node_steps().get(node.name)
+        if s is None or node.op != "call_module":
+            continue
+        m = graph.root.get_submodule(node.target)
+        if type(m) in _CONVOLUTIONS and m.padding_mode == "zeros" and not node.kwargs \
+                and len(node.args) == 1 and not (m._forward_hooks or m._forward_pre_hooks):
+            found.add(s)
+    return frozenset(found)
+
+
+_CONVOLUTIONS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
+
+
+def unpadded_conv(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Convolution layer ``m`` on ``x`` without its padding (``x`` holds what it needs)."""
+    return _CONVOLUTIONS[type(m)](x, m.weight, m.bias, m.stride, 0, m.dilation, m.groups)
+
+
+def _padded(x: torch.Tensor, amounts: list) -> torch.Tensor:
+    """``x`` (spatial axes last, in order) with ``amounts[a] = (before, after)`` zeros."""
+    if not any(any(p) for p in amounts):
+        return x
+    return F.pad(x, [p for pair in reversed(amounts) for p in pair])
+
+
 class Strips:
     """The strips of one streamed input, and the tile program that reads and writes them.
 
@@ -76,7 +113,8 @@ class Strips:
     def __init__(self, graph, tilings, root, device: torch.device,
                  storage: torch.device | None = None):
         self.graph, self.root, self.device = graph, root, device
-        self.axes = [axis_reuse(graph.axis(a), t.length, t.own_starts, t.own_stops)
+        self.exact = exact_steps(graph)
+        self.axes = [axis_reuse(graph.axis(a), t.length, t.own_starts, t.own_stops, self.exact)
                      for a, t in enumerate(tilings)]
         program = Program(graph)
         self.nodes, self.dynamic, self.placeholder = program.nodes, program.dynamic, program.placeholder
@@ -128,8 +166,11 @@ class Strips:
                         self._add_later_gradients(s, tile, block)
                     else:
                         self._store(s, tile, block)
-                env[name] = block if s == self.output_step else \
-                    self._assemble(s, tile, block, recompute)
+                needed = all(ax.need[s][i][1] > ax.need[s][i][0]
+                             for ax, i in zip(self.axes, tile.index))
+                env[name] = block if s == self.output_step or not needed else \
+                    self._assemble(s, tile, block, recompute)  # (not needed: no consumer
+                # computes anything on this tile)
                 origin[name] = tuple(ax.need[s][i][0] for ax, i in zip(self.axes, tile.index))
         internal_assert(False, "the traced program has no output")
 
@@ -152,6 +193,7 @@ class Strips:
         if any(hi <= lo for lo, hi in new):
             return None
         rules = self.graph.steps[s].rules
+        exact = s in self.exact
         first = [0] * len(new)
 
         def cropped(arg):
@@ -160,19 +202,35 @@ class Strips:
             k = self.steps[arg.name] if arg.name != self.placeholder else 0
             index = []
             for a, (rule, out) in enumerate(zip(rules, new)):
-                c0, c1, first[a] = crop(rule, out, self.axes[a].lengths[k])
+                c0, c1, first[a] = crop(rule, out, self.axes[a].lengths[k], exact)
                 o = origin[arg.name][a]
                 internal_assert(c0 >= o, f"{node.name} reads before its input's window")
                 index.append(slice(c0 - o, c1 - o))
-            return env[arg.name][_index(self._dims(k), index)]
+            value = env[arg.name]
+            if not _whole(value, self._spatial_dims(k), index):  # (a slice's backward fills
+                value = value[_index(self._dims(k), index)]  # a zero tensor: only if needed)
+            if exact:  # (the image's own padding, where the crop meets its border)
+                value = _padded(value, [pads(r, out, self.axes[a].lengths[k])
+                                        for a, (r, out) in enumerate(zip(rules, new))])
+            return value
 
         args = fx.node.map_arg(node.args, cropped)
         kwargs = fx.node.map_arg(node.kwargs, cropped)
+        if exact:
+            return unpadded_conv(self.root.get_submodule(node.target), args[0])
         out = run_node(self.root, node, args, kwargs)
-        return out[_index(self._dims(s), [slice(f, f + hi - lo) for f, (lo, hi) in zip(first, new)])]
+        index = [slice(f, f + hi - lo) for f, (lo, hi) in zip(first, new)]
+        if _whole(out, self._spatial_dims(s), index):  # (else an in-place op on the view
+            return out  # would copy the slices back)
+        return out[_index(self._dims(s), index)]
 
     def _dims(self, s: int) -> tuple:
         return self.graph.steps[s].dims
+
+    def _spatial_dims(self, s: int) -> list[int]:
+        """The tensor dimension of each spatial axis of step ``s``'s value, axis by axis."""
+        dims = self._dims(s)
+        return [dims.index(a) for a in range(len(self.axes))]
 
     # -------------------------------------------------------------- strips
 
@@ -258,6 +316,12 @@ class Strips:
     def close(self) -> None:
         self.bands.clear()
         self.discard_gradients()
+
+
+def _whole(value: torch.Tensor, dims: list[int], index: list) -> bool:
+    """Whether ``index`` (one slice per spatial axis, at tensor dimensions ``dims``) takes
+    all of ``value``."""
+    return all(sl.start == 0 and sl.stop == value.shape[d] for d, sl in zip(dims, index))
 
 
 def _index(dims: tuple, spatial: list) -> tuple:

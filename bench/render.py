@@ -10,8 +10,8 @@ from bench.config import REPORTS
 
 # records each written by its own command (slide.json also by every run), shown in BENCH.md when present:
 # python -m bench.slide, bench.allocator, bench.calibration, bench.training_norm, bench.dedup, bench.speed, bench.dense,
-# bench.levels
-STUDIES = ("slide", "allocator", "update_bn", "training_norm", "dedup", "speed", "dense", "levels")
+# bench.levels, bench.overlap
+STUDIES = ("slide", "allocator", "update_bn", "training_norm", "dedup", "speed", "dense", "levels", "overlap")
 
 
 def load_results(path: Path, why: str) -> dict:

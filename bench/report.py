@@ -1,5 +1,5 @@
 """Renders reports/BENCH.md from the results dict that run.py also stores as bench.json."""
-from bench import allocator, calibration, dedup, dense, levels, slide, speed, training_norm
+from bench import allocator, calibration, dedup, dense, levels, overlap, slide, speed, training_norm
 from bench.compare import summary_line
 from bench.fmt import DISTURBED, fmt_bytes, fmt_dur, fmt_ms, fmt_s, fmt_x, table
 from bench.guard import LIBRARY_OVERHEAD_BYTES, PLAN_SAFETY_FACTOR
@@ -20,7 +20,7 @@ def render(res: dict) -> str:
     parts = [_intro(res), _quiet(res), *(render_network(n, net, res["machine"]) for n, net in res["networks"].items()),
              slide.render(res.get("slide") or {}), dedup.render(res.get("dedup") or {}),
              calibration.render(res.get("update_bn") or {}, res), training_norm.render(res.get("training_norm") or {}),
-             levels.render(res.get("levels") or {}),
+             levels.render(res.get("levels") or {}), overlap.render(res.get("overlap") or {}),
              speed.render(res.get("speed") or {}), dense.render(res.get("dense") or {}),
              _comparison(res), _second_run(res), allocator.render(res.get("allocator") or {}),
              _micro(res), _skipped(res), _method(res), _remeasured(res),
@@ -294,5 +294,6 @@ def _reproduce(res) -> str:
             "python -m bench.allocator     # one point's memory in fresh processes, glibc defaults vs fixed mmap threshold\n"
             "python -m bench.dense         # a U-Net step with Streaming.pixel_loss at 2048²-8192² (~25 min)\n"
             "python -m bench.levels        # level checkpoints: ResNet-34 in training mode, EfficientNet-B0 (~40 min)\n"
+            "python -m bench.overlap       # reused overlaps against recomputed ones, ResNet-34 up to 16384² (~35 min)\n"
             "python -m bench --help\n```\n\nRun it on a quiet machine: the protocol detects other programs on the "
             "cores and measures again, but only within its bounds.")

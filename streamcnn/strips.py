@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 
 from .errors import StreamingError, internal_assert
 from .checkpoints import Program, run_node
+from .geometry import Window
 from .reuse import axis_reuse, crop, pads, refusal
 from .tiling import Tile
 
@@ -102,6 +104,20 @@ def _padded(x: torch.Tensor, amounts: list) -> torch.Tensor:
     return F.pad(x, [p for pair in reversed(amounts) for p in pair])
 
 
+@dataclass(frozen=True)
+class _Act:
+    """What one tile does at one traced step (geometry only)."""
+
+    step: int
+    new: tuple | None  # per axis (lo, hi) of the positions it computes; None: none
+    exact: bool  # a convolution run unpadded (exact_steps)
+    crops: dict  # input node -> index of its window the step reads (None: all of it)
+    pads: list | None  # exact: zeros per axis (before, after) at the image's borders
+    out: tuple | None  # index of the new positions in what the node returns (None: all)
+    bands: tuple  # (axis, index in the new positions) of each band stored
+    window: object  # how the step's window is assembled (Strips._recipe; None: not at all)
+
+
 class Strips:
     """The strips of one streamed input, and the tile program that reads and writes them.
 
@@ -124,6 +140,8 @@ class Strips:
         self.bands: dict = {}
         self.grads: dict = {}
         self.blocks: dict = {"forward": {}, "backward": {}}
+        self.nodes_by_step = {self.steps[n.name]: n for n in self.nodes if n.name in self.steps}
+        self._plans: dict = {}  # tile index -> what it does at each node (_program)
         self._leaves: list = []
 
     # -------------------------------------------------------------- sizes
@@ -147,90 +165,116 @@ class Strips:
         internal_assert(not self._leaves, "strip leaves of a tile not deposited")
         what = "backward" if recompute else "forward"
         env: dict = {}
-        origin: dict = {self.placeholder: tuple(s.start for s in tile.inp[2:])}
-        for node in self.nodes:
-            name = node.name
-            if name == self.placeholder:
-                self._check_input(tile, tile_input)
-                env[name] = tile_input
-            elif node.op == "output":
+        for node, act in self._program(tile):
+            if act is None:  # (a constant)
+                env[node.name] = run_node(self.root, node, *_values(node, env))
+            elif act == "input":
+                env[node.name] = tile_input
+            elif act == "output":
                 return fx.node.map_arg(node.args[0], lambda a: env[a.name])
-            elif name not in self.dynamic:
-                env[name] = run_node(self.root, node, *_values(node, env))
             else:
-                s = self.steps[name]
-                block = self._compute(node, s, tile, env, origin)
+                block = self._compute(act, env)
                 if block is not None:
-                    self._note(what, s, tile)
+                    self.blocks[what].setdefault(act.step, []).append(act.new)
                     if recompute:
-                        self._add_later_gradients(s, tile, block)
+                        self._add_later_gradients(act, tile, block)
                     else:
-                        self._store(s, tile, block)
-                needed = all(ax.need[s][i][1] > ax.need[s][i][0]
-                             for ax, i in zip(self.axes, tile.index))
-                env[name] = block if s == self.output_step or not needed else \
-                    self._assemble(s, tile, block, recompute)  # (not needed: no consumer
-                # computes anything on this tile)
-                origin[name] = tuple(ax.need[s][i][0] for ax, i in zip(self.axes, tile.index))
+                        self._store(act, tile, block)
+                env[node.name] = block if act.window is None else \
+                    self._build(act.window, block, recompute)
         internal_assert(False, "the traced program has no output")
 
-    def _check_input(self, tile: Tile, tile_input) -> None:
+    def _program(self, tile: Tile) -> list:
+        """``(node, what the tile does there)`` for each node: None (a constant), "input",
+        "output" or an :class:`_Act` - all geometry, worked out once per tile."""
+        if tile.index not in self._plans:
+            origin = {self.placeholder: tuple(s.start for s in tile.inp[2:])}
+            length = {self.placeholder: tuple(s.stop - s.start for s in tile.inp[2:])}
+            self._check_input(tile)
+            acts = []
+            for node in self.nodes:
+                if node.name == self.placeholder:
+                    acts.append((node, "input"))
+                elif node.op == "output":
+                    acts.append((node, "output"))
+                elif node.name not in self.dynamic:
+                    acts.append((node, None))
+                else:
+                    s = self.steps[node.name]
+                    acts.append((node, self._act(node, s, tile, origin, length)))
+                    need = [ax.need[s][i] for ax, i in zip(self.axes, tile.index)]
+                    origin[node.name] = tuple(lo for lo, _ in need)
+                    length[node.name] = tuple(hi - lo for lo, hi in need)
+            self._plans[tile.index] = acts
+        return self._plans[tile.index]
+
+    def _check_input(self, tile: Tile) -> None:
         for ax, i, s in zip(self.axes, tile.index, tile.inp[2:]):
             lo, hi = ax.need[0][i]
             internal_assert(hi <= lo or (s.start <= lo and hi <= s.stop),
                             f"tile {tile.index} reads [{s.start}, {s.stop}) but needs [{lo}, {hi})")
 
-    def _new(self, s: int, tile: Tile) -> tuple:
-        return tuple(ax.new[s][i] for ax, i in zip(self.axes, tile.index))
-
-    def _note(self, what: str, s: int, tile: Tile) -> None:
-        self.blocks[what].setdefault(s, []).append(self._new(s, tile))
-
-    def _compute(self, node, s: int, tile: Tile, env: dict, origin: dict):
-        """The tile's new positions of step ``s`` (None where it has none): ``node`` run on
-        the crops of its inputs' windows that give exactly those (``reuse.crop``)."""
-        new = self._new(s, tile)
-        if any(hi <= lo for lo, hi in new):
-            return None
-        rules = self.graph.steps[s].rules
-        exact = s in self.exact
-        first = [0] * len(new)
-
-        def cropped(arg):
+    def _act(self, node, s: int, tile: Tile, origin: dict, length: dict) -> "_Act":
+        """What ``tile`` does at step ``s``: the crops of its inputs' windows that give its
+        new positions (``reuse.crop``), the bands it stores, how its window is assembled."""
+        new = tuple(ax.new[s][i] for ax, i in zip(self.axes, tile.index))
+        needed = all(ax.need[s][i][1] > ax.need[s][i][0] for ax, i in zip(self.axes, tile.index))
+        window = None if s == self.output_step or not needed else self._recipe(s, tile)
+        if any(hi <= lo for lo, hi in new):  # (a map no consumer needs here: not assembled)
+            return _Act(s, None, False, {}, None, None, (), window)
+        rules, exact = self.graph.steps[s].rules, s in self.exact
+        crops, first, spans = {}, [0] * len(new), [0] * len(new)
+        for arg in node.all_input_nodes:
             if arg.name not in self.dynamic:
-                return env[arg.name]
+                continue
             k = self.steps[arg.name] if arg.name != self.placeholder else 0
             index = []
             for a, (rule, out) in enumerate(zip(rules, new)):
                 c0, c1, first[a] = crop(rule, out, self.axes[a].lengths[k], exact)
+                spans[a] = c1 - c0
                 o = origin[arg.name][a]
-                internal_assert(c0 >= o, f"{node.name} reads before its input's window")
+                internal_assert(o <= c0 and c1 <= o + length[arg.name][a],
+                                f"{node.name} reads outside its input's window")
                 index.append(slice(c0 - o, c1 - o))
+            whole = all(sl.start == 0 and sl.stop == n for sl, n in zip(index, length[arg.name]))
+            crops[arg.name] = None if whole else _index(self._dims(k), index)  # (a slice's
+            # backward fills a zero tensor: slice only where needed)
+        k = self.steps.get(node.all_input_nodes[0].name, 0)
+        padding = [pads(r, out, self.axes[a].lengths[k]) for a, (r, out) in enumerate(zip(rules, new))] \
+            if exact else None
+        out = None  # (what the node returns is exactly the new positions)
+        if not exact and (any(first) or any(isinstance(r, Window) and r.out_length(n) != hi - lo
+                                            for r, (lo, hi), n in zip(rules, new, spans))):
+            out = _index(self._dims(s), [slice(f, f + hi - lo) for f, (lo, hi) in zip(first, new)])
+        bands = tuple((axis, index) for axis in range(len(self.axes))
+                      if (index := self._band_index(s, tile, axis)) is not None)
+        return _Act(s, new, exact, crops, padding, out, bands, window)
+
+    def _compute(self, act: "_Act", env: dict):
+        """The tile's new positions of a step (None where it has none): its node run on the
+        crops of its inputs' windows that give exactly those."""
+        if act.new is None:
+            return None
+        node = self.nodes_by_step[act.step]
+
+        def cropped(arg):
             value = env[arg.name]
-            if not _whole(value, self._spatial_dims(k), index):  # (a slice's backward fills
-                value = value[_index(self._dims(k), index)]  # a zero tensor: only if needed)
-            if exact:  # (the image's own padding, where the crop meets its border)
-                value = _padded(value, [pads(r, out, self.axes[a].lengths[k])
-                                        for a, (r, out) in enumerate(zip(rules, new))])
-            return value
+            if arg.name not in self.dynamic:
+                return value
+            index = act.crops[arg.name]
+            value = value if index is None else value[index]
+            return value if act.pads is None else _padded(value, act.pads)
 
         args = fx.node.map_arg(node.args, cropped)
         kwargs = fx.node.map_arg(node.kwargs, cropped)
-        if exact:
+        if act.exact:
             return unpadded_conv(self.root.get_submodule(node.target), args[0])
         out = run_node(self.root, node, args, kwargs)
-        index = [slice(f, f + hi - lo) for f, (lo, hi) in zip(first, new)]
-        if _whole(out, self._spatial_dims(s), index):  # (else an in-place op on the view
-            return out  # would copy the slices back)
-        return out[_index(self._dims(s), index)]
+        return out if act.out is None else out[act.out]  # (a view only where needed: an
+        # in-place op on it would copy the slices back)
 
     def _dims(self, s: int) -> tuple:
         return self.graph.steps[s].dims
-
-    def _spatial_dims(self, s: int) -> list[int]:
-        """The tensor dimension of each spatial axis of step ``s``'s value, axis by axis."""
-        dims = self._dims(s)
-        return [dims.index(a) for a in range(len(self.axes))]
 
     # -------------------------------------------------------------- strips
 
@@ -243,24 +287,25 @@ class Strips:
         return _index(self._dims(s), [slice(start - lo, None) if a == axis else slice(None)
                                       for a in range(len(self.axes))])
 
-    def _store(self, s: int, tile: Tile, block: torch.Tensor) -> None:
-        for axis in range(len(self.axes)):
-            index = self._band_index(s, tile, axis)
-            if index is not None:
-                band = block[index].detach()
-                self.bands[(s, tile.index, axis)] = band.to(self.storage, copy=True) \
-                    if self.storage is not None else band.clone()
+    def _store(self, act: "_Act", tile: Tile, block: torch.Tensor) -> None:
+        for axis, index in act.bands:
+            band = block[index].detach()
+            self.bands[(act.step, tile.index, axis)] = band.to(self.storage, copy=True) \
+                if self.storage is not None else band.clone()
 
-    def _add_later_gradients(self, s: int, tile: Tile, block: torch.Tensor) -> None:
-        """Hook the gradient later tiles left for the tile's new positions of step ``s``."""
-        parts = [(self._band_index(s, tile, axis), self.grads.pop((s, tile.index, axis)))
-                 for axis in range(len(self.axes)) if (s, tile.index, axis) in self.grads]
+    def _add_later_gradients(self, act: "_Act", tile: Tile, block: torch.Tensor) -> None:
+        """Hook the gradient later tiles left for the tile's new positions of a step."""
+        parts = [(index, self.grads.pop((act.step, tile.index, axis))) for axis, index in act.bands
+                 if (act.step, tile.index, axis) in self.grads]
         if not parts or not block.requires_grad:
             return
-        extra = torch.zeros_like(block)
-        for index, g in parts:
-            extra[index] += g.to(extra.device, extra.dtype)
-        block.register_hook(lambda grad: grad + extra)
+
+        def add(grad: torch.Tensor) -> torch.Tensor:
+            grad = grad.clone(memory_format=torch.preserve_format)  # (the engine's may be
+            for index, g in parts:  # shared: never changed in place)
+                grad[index] += g.to(grad.device, grad.dtype)
+            return grad
+        block.register_hook(add)
 
     def deposit(self) -> None:
         """After a tile's backward: the gradient that reached each strip it read, added into
@@ -278,50 +323,49 @@ class Strips:
         self.grads.clear()
         self._leaves.clear()
 
-    def _assemble(self, s: int, tile: Tile, block, leaves: bool) -> torch.Tensor:
-        """The tile's window of step ``s``'s map (``reuse``'s ``need``): its new positions
-        ``block`` and, left of them along each axis, what earlier tiles stored."""
-        def along(axis: int, owner: tuple, band_axis) -> torch.Tensor:
+    def _recipe(self, s: int, tile: Tile):
+        """How the tile's window of step ``s``'s map (``reuse``'s ``need``) is assembled: its
+        new positions (``"block"``) and, left of them along each axis, the parts of earlier
+        tiles' bands (``("piece", key, index)``), joined by ``("cat", dim, parts)``."""
+        def along(axis: int, owner: tuple, band_axis):
             if axis == len(self.axes):
-                return block if band_axis is None else self._piece(s, tile, owner, band_axis, leaves)
+                return "block" if band_axis is None else self._piece(s, tile, owner, band_axis)
             ax, i = self.axes[axis], tile.index[axis]
             lo, hi = ax.need[s][i]
-            pieces = []
-            for o in range(i + 1):
-                a, b = ax.new[s][o]
-                if max(a, lo) < min(b, hi):
-                    pieces.append(along(axis + 1, owner + (o,),
-                                        band_axis if band_axis is not None or o == i else axis))
-            return pieces[0] if len(pieces) == 1 else torch.cat(pieces, self._dims(s).index(axis))
+            parts = [along(axis + 1, owner + (o,),
+                           band_axis if band_axis is not None or o == i else axis)
+                     for o in range(i + 1) if max(ax.new[s][o][0], lo) < min(ax.new[s][o][1], hi)]
+            return parts[0] if len(parts) == 1 else ("cat", self._dims(s).index(axis), parts)
         return along(0, (), None)
 
-    def _piece(self, s: int, tile: Tile, owner: tuple, axis: int, leaf: bool) -> torch.Tensor:
+    def _piece(self, s: int, tile: Tile, owner: tuple, axis: int) -> tuple:
         """The part of ``owner``'s band along ``axis`` of step ``s`` in ``tile``'s window."""
-        key = (s, owner, axis)
-        internal_assert(key in self.bands, f"strip {key} was not stored")
         slices = []
         for a, (ax, o, i) in enumerate(zip(self.axes, owner, tile.index)):
             lo, hi = ax.need[s][i]
             a0, b0 = ax.new[s][o]
             start = ax.band[s][o] if a == axis else a0
             slices.append(slice(max(lo, a0) - start, min(hi, b0) - start))
-        index = _index(self._dims(s), slices)
-        piece = self.bands[key][index]
-        if not leaf:
-            return piece.to(self.device)
-        piece = piece.to(self.device, copy=True).requires_grad_()
-        self._leaves.append((key, index, piece))
+        return "piece", (s, owner, axis), _index(self._dims(s), slices)
+
+    def _build(self, recipe, block, leaves: bool) -> torch.Tensor:
+        """The window ``recipe`` describes (:meth:`_recipe`); ``leaves``: the band parts are
+        leaves whose gradients :meth:`deposit` adds into the bands' gradients."""
+        if recipe == "block":
+            return block
+        if recipe[0] == "cat":
+            return torch.cat([self._build(r, block, leaves) for r in recipe[2]], recipe[1])
+        _, key, index = recipe
+        internal_assert(key in self.bands, f"strip {key} was not stored")
+        piece = self.bands[key][index].to(self.device)
+        if leaves:  # (a view of the band where it lives here: the band is never changed,
+            piece = piece.detach().requires_grad_()  # and the window copies it)
+            self._leaves.append((key, index, piece))
         return piece
 
     def close(self) -> None:
         self.bands.clear()
         self.discard_gradients()
-
-
-def _whole(value: torch.Tensor, dims: list[int], index: list) -> bool:
-    """Whether ``index`` (one slice per spatial axis, at tensor dimensions ``dims``) takes
-    all of ``value``."""
-    return all(sl.start == 0 and sl.stop == value.shape[d] for d, sl in zip(dims, index))
 
 
 def _index(dims: tuple, spatial: list) -> tuple:

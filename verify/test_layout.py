@@ -59,7 +59,7 @@ BENCH_LAYERS = {
     "shared": (["__init__", "fmt", "network", "networks", "models", "config"], set()),
     "measurement": (["protocol", "memory", "machine", "worker", "guard", "harness", "jobs", "test_micro_reference",
                      "micro", "study", "slide", "dedup", "calibration", "training_norm", "allocator", "speed",
-                     "dense", "levels", "reuse_memory", "probe_memory"], {"shared"}),
+                     "dense", "levels", "overlap", "reuse_memory", "probe_memory"], {"shared"}),
     "derivation": (["fit", "compare", "analysis"], {"shared"}),
     "rendering": (["plots", "dedup_plot", "report_network", "report", "render"],
                   {"shared", "measurement", "derivation"}),

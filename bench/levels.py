@@ -26,7 +26,6 @@ time estimate and the bytes the checkpoints store.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -171,15 +170,7 @@ def render(stored: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="bench.levels", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("net", nargs="?", help=argparse.SUPPRESS)
-    ap.add_argument("side", nargs="?", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--mode", help=argparse.SUPPRESS)
-    ap.add_argument("--tile", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--only", action="append", help="measure only these points (net-side-mode; net-side-disk-tile)")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap = study.point_parser("bench.levels", __doc__, "net-side-mode; net-side-disk-tile")
     ap.add_argument("--repeat", type=int, default=1, help="fresh processes per point (the median is kept)")
     args = ap.parse_args(argv)
     if args.worker:

@@ -23,7 +23,6 @@ Peak RSS is the process's VmHWM (the image, the strips and their gradients inclu
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -222,16 +221,8 @@ def draw(stored: dict, path) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="bench.overlap", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("net", nargs="?", help=argparse.SUPPRESS)
-    ap.add_argument("side", nargs="?", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--mode", help=argparse.SUPPRESS)
-    ap.add_argument("--tile", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--only", action="append", help="measure only these points (net-side-mode[-tile])")
+    ap = study.point_parser("bench.overlap", __doc__, "net-side-mode[-tile]")
     ap.add_argument("--skip-large", action="store_true", help="leave out the 16384² step")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args.net, args.side, args.mode, args.tile, args.threads)))

@@ -107,6 +107,22 @@ def parser(prog: str, doc: str, sides: list) -> argparse.ArgumentParser:
     return ap
 
 
+def point_parser(prog: str, doc: str, only: str) -> argparse.ArgumentParser:
+    """The command line of a study of named points, each run in a fresh process: the hidden
+    worker's arguments (network, side, ``--worker``, ``--mode``, ``--tile``), ``--only``
+    (``only`` says how a point is named) and ``--threads``."""
+    ap = argparse.ArgumentParser(prog=prog, description=doc,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("net", nargs="?", help=argparse.SUPPRESS)
+    ap.add_argument("side", nargs="?", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--mode", help=argparse.SUPPRESS)
+    ap.add_argument("--tile", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--only", action="append", help=f"measure only these points ({only})")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    return ap
+
+
 def finish(path: Path, records: list, key, describe) -> int:
     """Merge the records into ``path``, print a line per record, and re-render reports/ when
     ``path`` is one of its files and the results it re-renders from exist."""

@@ -53,28 +53,28 @@ class AxisReuse:
 def crop(rule, out: tuple[int, int], n_in: int, exact: bool = False) -> tuple[int, int, int]:
     """``(c0, c1, first)``: the input interval a step with ``rule`` reads to compute its
     outputs ``out = (a, b)`` on an ``n_in``-long input, and the index of output ``a`` in what
-    torch computes from that crop. ``exact``: the window runs without its own padding on
-    the crop (``pads`` gives what the image's borders add), so the crop is exactly what
-    ``[a, b)`` reads; else it runs as the module does, padding the crop's both sides, and
+    torch computes from that crop. ``exact``: a window that runs without padding where the
+    outputs' reach lies inside the image, so the crop is exactly what ``[a, b)`` reads (see
+    :func:`padded`); else it runs as the module does, padding the crop's both sides, and
     ``c0`` is rounded down to the stride (so a crop starting there keeps torch's output
     grid) and outputs outside ``[a, b)`` are computed too."""
     a, b = out
     if isinstance(rule, Window):
         s = rule.stride
         lo, hi = a * s - rule.pad_left, (b - 1) * s - rule.pad_left + rule.span
-        if exact:
-            return max(0, lo), min(n_in, hi), 0
+        if exact and not padded(rule, out, n_in):
+            return lo, hi, 0
         c0 = max(0, lo) // s * s
         return c0, min(n_in, hi), a - c0 // s
     return a, b, 0
 
 
-def pads(rule: Window, out: tuple[int, int], n_in: int) -> tuple[int, int]:
-    """The zeros an exact window's crop (:func:`crop`) needs before and after it: the part
-    of the outputs' reach beyond the image's borders (its own padding there)."""
+def padded(rule: Window, out: tuple[int, int], n_in: int) -> bool:
+    """Whether computing outputs ``out`` reads the padding at an image border: an exact
+    window (:func:`crop`) then runs with its own padding along this axis, as the module does."""
     a, b = out
     lo, hi = a * rule.stride - rule.pad_left, (b - 1) * rule.stride - rule.pad_left + rule.span
-    return max(0, -lo), max(0, hi - n_in)
+    return lo < 0 or hi > n_in
 
 
 def axis_reuse(graph, length: int, own_starts, own_stops, exact=frozenset()) -> AxisReuse:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .errors import StreamingError, internal_assert
 from .checkpoints import Program, run_node
 from .geometry import Window
-from .reuse import axis_reuse, crop, pads, refusal
+from .reuse import axis_reuse, crop, padded, refusal
 from .tiling import Tile
 
 __all__ = ["Strips", "check_reusable", "reusable"]
@@ -77,14 +77,15 @@ def exact_steps(graph) -> frozenset:
     hooks = nn.modules.module
     if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
         return frozenset()
-    found = set()
+    found, steps = set(), graph.node_steps()
     for node in graph.graph.nodes:
-        s = graph.node_steps().get(node.name)
+        s = steps.get(node.name)
         if s is None or node.op != "call_module":
             continue
         m = graph.root.get_submodule(node.target)
         if type(m) in _CONVOLUTIONS and m.padding_mode == "zeros" and not node.kwargs \
-                and len(node.args) == 1 and not (m._forward_hooks or m._forward_pre_hooks):
+                and len(node.args) == 1 and not (m._forward_hooks or m._forward_pre_hooks) \
+                and all(r.pad_left == r.pad_right for r in graph.steps[s].rules):
             found.add(s)
     return frozenset(found)
 
@@ -92,16 +93,35 @@ def exact_steps(graph) -> frozenset:
 _CONVOLUTIONS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 
 
-def unpadded_conv(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Convolution layer ``m`` on ``x`` without its padding (``x`` holds what it needs)."""
-    return _CONVOLUTIONS[type(m)](x, m.weight, m.bias, m.stride, 0, m.dilation, m.groups)
+def exact_conv(m: nn.Module, x: torch.Tensor, padding: tuple) -> torch.Tensor:
+    """Convolution layer ``m`` on ``x`` with ``padding`` per axis: its own where the outputs
+    read the image's border (``reuse.padded``), none where ``x`` holds all they read."""
+    return _CONVOLUTIONS[type(m)](x, m.weight, m.bias, m.stride, padding, m.dilation, m.groups)
 
 
-def _padded(x: torch.Tensor, amounts: list) -> torch.Tensor:
-    """``x`` (spatial axes last, in order) with ``amounts[a] = (before, after)`` zeros."""
-    if not any(any(p) for p in amounts):
-        return x
-    return F.pad(x, [p for pair in reversed(amounts) for p in pair])
+def _crop(x: torch.Tensor, index: tuple) -> torch.Tensor:
+    """``x[index]``: a view without grad; with grad a copy whose backward fills a zero
+    tensor in ``x``'s layout (a slice's own backward fills a contiguous one, and copying a
+    channels-last gradient into it transposes the whole map)."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return x[index]
+    return _Crop.apply(x, index)
+
+
+class _Crop(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, index):
+        ctx.shape, ctx.index = x.shape, index
+        ctx.layout = torch.channels_last if x.dim() == 4 and not x.is_contiguous() and \
+            x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        return x[index].clone(memory_format=torch.preserve_format)  # (not a view: an
+        # in-place operation may take it)
+
+    @staticmethod
+    def backward(ctx, grad):
+        found = grad.new_zeros(ctx.shape).contiguous(memory_format=ctx.layout)
+        found[ctx.index] = grad
+        return found, None
 
 
 @dataclass(frozen=True)
@@ -112,7 +132,7 @@ class _Act:
     new: tuple | None  # per axis (lo, hi) of the positions it computes; None: none
     exact: bool  # a convolution run unpadded (exact_steps)
     crops: dict  # input node -> index of its window the step reads (None: all of it)
-    pads: list | None  # exact: zeros per axis (before, after) at the image's borders
+    padding: tuple | None  # exact: the convolution's padding per axis (reuse.padded)
     out: tuple | None  # index of the new positions in what the node returns (None: all)
     bands: tuple  # (axis, index in the new positions) of each band stored
     window: object  # how the step's window is assembled (Strips._recipe; None: not at all)
@@ -181,7 +201,7 @@ class Strips:
                     else:
                         self._store(act, tile, block)
                 env[node.name] = block if act.window is None else \
-                    self._build(act.window, block, recompute)
+                    self._window(act.window, block, recompute)
         internal_assert(False, "the traced program has no output")
 
     def _program(self, tile: Tile) -> list:
@@ -240,11 +260,12 @@ class Strips:
             crops[arg.name] = None if whole else _index(self._dims(k), index)  # (a slice's
             # backward fills a zero tensor: slice only where needed)
         k = self.steps.get(node.all_input_nodes[0].name, 0)
-        padding = [pads(r, out, self.axes[a].lengths[k]) for a, (r, out) in enumerate(zip(rules, new))] \
-            if exact else None
+        native = [isinstance(r, Window) and (not exact or padded(r, out, self.axes[a].lengths[k]))
+                  for a, (r, out) in enumerate(zip(rules, new))]  # (windows padding as the module)
+        padding = tuple(r.pad_left if n else 0 for r, n in zip(rules, native)) if exact else None
         out = None  # (what the node returns is exactly the new positions)
-        if not exact and (any(first) or any(isinstance(r, Window) and r.out_length(n) != hi - lo
-                                            for r, (lo, hi), n in zip(rules, new, spans))):
+        if any(first) or any(n and r.out_length(length) != hi - lo
+                             for r, n, (lo, hi), length in zip(rules, native, new, spans)):
             out = _index(self._dims(s), [slice(f, f + hi - lo) for f, (lo, hi) in zip(first, new)])
         bands = tuple((axis, index) for axis in range(len(self.axes))
                       if (index := self._band_index(s, tile, axis)) is not None)
@@ -262,16 +283,15 @@ class Strips:
             if arg.name not in self.dynamic:
                 return value
             index = act.crops[arg.name]
-            value = value if index is None else value[index]
-            return value if act.pads is None else _padded(value, act.pads)
+            return value if index is None else _crop(value, index)
 
         args = fx.node.map_arg(node.args, cropped)
         kwargs = fx.node.map_arg(node.kwargs, cropped)
         if act.exact:
-            return unpadded_conv(self.root.get_submodule(node.target), args[0])
-        out = run_node(self.root, node, args, kwargs)
-        return out if act.out is None else out[act.out]  # (a view only where needed: an
-        # in-place op on it would copy the slices back)
+            out = exact_conv(self.root.get_submodule(node.target), args[0], act.padding)
+        else:
+            out = run_node(self.root, node, args, kwargs)
+        return out if act.out is None else _crop(out, act.out)
 
     def _dims(self, s: int) -> tuple:
         return self.graph.steps[s].dims
@@ -347,6 +367,12 @@ class Strips:
             start = ax.band[s][o] if a == axis else a0
             slices.append(slice(max(lo, a0) - start, min(hi, b0) - start))
         return "piece", (s, owner, axis), _index(self._dims(s), slices)
+
+    def _window(self, recipe, block, leaves: bool) -> torch.Tensor:
+        """The window ``recipe`` describes, never sharing memory with a band: an in-place
+        operation on it (a ReLU) must not change what later tiles read, nor a leaf."""
+        window = self._build(recipe, block, leaves)
+        return window.clone() if recipe != "block" and recipe[0] == "piece" else window
 
     def _build(self, recipe, block, leaves: bool) -> torch.Tensor:
         """The window ``recipe`` describes (:meth:`_recipe`); ``leaves``: the band parts are

@@ -13,8 +13,9 @@ against conventional backprop's F + B, with F and B measured in the same run.
 - ResNet-34 at 16384² with tile 2800, reused only (the recomputing step is ``make bench``'s).
 
 Each point runs in a fresh process: a warm-up step on a 2×2-tile corner, then one timed
-training step (forward and backward, cross-entropy on a max-pooled linear head), float32,
-the tiles in the layout ``Streaming`` picks and conventional backprop's input in it too.
+training step (forward, the output's mean as the loss as in ``make bench``, backward: every
+tile gets a gradient, so none is skipped), float32, the tiles in the layout ``Streaming``
+picks and conventional backprop's input in it too.
 Peak RSS is the process's VmHWM (the image, the strips and their gradients included).
 
     python -m bench.overlap                      # ~35 minutes on two cores; reports/overlap.json
@@ -40,7 +41,6 @@ POINTS = tuple([("resnet34", 2048, "conventional", 0)]
                + [("conv3", 2048, "conventional", 0)]
                + [("conv3", 2048, m, t) for t in TILES["conv3"] for m in ("reuse", "recompute")]
                + [("resnet34", 16384, "reuse", 2800)])
-CHANNELS = {"conv3": 3, "resnet34": 256}
 
 
 def key(net: str, side: int, mode: str, tile: int = 0) -> str:
@@ -61,7 +61,6 @@ def front(net: str):
 
 def worker(net: str, side: int, mode: str, tile: int, threads: int) -> dict:
     import torch
-    import torch.nn as nn
 
     from bench.memory import read_status_bytes
     from bench.worker import tile_layout
@@ -70,9 +69,15 @@ def worker(net: str, side: int, mode: str, tile: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     body = front(net)
     streamed = mode != "conventional"
-    part = Streaming(body, tile, progress=False, overlap=mode) if streamed else body
-    model = nn.Sequential(part, nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(CHANNELS[net], 2))
-    step = study.training_step(model, torch.tensor([1]))
+    model = Streaming(body, tile, progress=False, overlap=mode) if streamed else body
+
+    def step(image):  # (the mean of the output, as make bench's steps: every tile has a
+        model.zero_grad(set_to_none=True)  # gradient, so none is skipped)
+        t0 = time.perf_counter()
+        loss = model(image).mean()
+        t1 = time.perf_counter()
+        loss.backward()
+        return loss.item(), t1 - t0, time.perf_counter() - t1
     layout = torch.channels_last if tile_layout(torch.empty(1, 3, 8, 8), body) == "channels_last" \
         else torch.contiguous_format
 
@@ -92,7 +97,7 @@ def worker(net: str, side: int, mode: str, tile: int, threads: int) -> dict:
         p = plan(body, (1, 3, side, side), tile, overlap=mode)
         record.update(tiles=p.num_tiles, recompute_factor=p.recompute_factor,
                       reuse_factor=p.reuse_factor, plan_strip_bytes=p.strip_bytes,
-                      strip_bytes=part.last_stats.strip_bytes)
+                      strip_bytes=model.last_stats.strip_bytes)
     return record
 
 
@@ -127,8 +132,8 @@ def render(stored: dict) -> str:
             "`Streaming(..., overlap=\"reuse\")` ([README](../README.md#reused-overlaps)): each tile "
             "computes every map only where no earlier tile did and reads the rest from strips that "
             "earlier tiles stored, so each position is computed once per pass, against r times "
-            "(`plan().recompute_factor`) when the overlap is recomputed. One training step, float32, a "
-            "max-pooled linear head, one fresh process per row (`python -m bench.overlap`, "
+            "(`plan().recompute_factor`) when the overlap is recomputed. One training step, float32, the "
+            "output's mean as the loss (as `make bench`), one fresh process per row (`python -m bench.overlap`, "
             "`bench/overlap.py`); conventional backprop's forward F and backward B are measured in the "
             "same run, and a streamed step's work model is 2F + B (forward, recomputation, backward). "
             "Peak RSS is the process's VmHWM, the image and the strips (and, in the backward, their "

@@ -267,17 +267,17 @@ class StreamPlan:
 
     def _overlap_lines(self) -> list[str]:
         # a step costs about F (forward) + F (recomputation) + B (backward, ~2F) = 4/3 (F + B)
-        lines = [f"  overlap {self.overlap_mode}d: every map computed {self.recompute_factor:.2f}x "
-                 f"per pass recomputing the overlap, a step about "
-                 f"{4 * self.recompute_factor / 3:.1f}x conventional time"]
+        lines = [f"  overlap between tiles (this plan: overlap={self.overlap_mode!r}, recommended: "
+                 f"{self.recommended_overlap!r}):",
+                 f"    recomputed: each map computed {self.recompute_factor:.2f}x per pass, a step "
+                 f"about {4 * self.recompute_factor / 3:.1f}x conventional time"]
         if self.reuse_factor is None:
-            lines.append(f"    overlap='reuse' cannot run: {self.reuse_refusal}")
+            lines.append(f"    reused: cannot run here: {self.reuse_refusal}")
         else:
-            lines.append(f"    reusing it (overlap='reuse'): {self.reuse_factor:.2f}x, about "
-                         f"{4 * self.reuse_factor / 3:.1f}x, for {_bytes(self.strip_bytes)} of strips "
-                         f"(and up to as much again for their gradients in the backward"
+            lines.append(f"    reused: {self.reuse_factor:.2f}x, about {4 * self.reuse_factor / 3:.1f}x, "
+                         f"for {_bytes(self.strip_bytes)} of strips (and up to as much again for "
+                         f"their gradients in the backward"
                          f"{', counted above' if self.overlap_mode == 'reuse' else ''})")
-        lines.append(f"    recommended: overlap={self.recommended_overlap!r}")
         return lines
 
     def _kept_lines(self) -> list[str]:

@@ -19,8 +19,6 @@ gradient of positions earlier tiles computed: it is added into their gradient st
 
 from __future__ import annotations
 
-import math
-from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -99,29 +97,32 @@ def exact_conv(m: nn.Module, x: torch.Tensor, padding: tuple) -> torch.Tensor:
     return _CONVOLUTIONS[type(m)](x, m.weight, m.bias, m.stride, padding, m.dilation, m.groups)
 
 
-def _crop(x: torch.Tensor, index: tuple) -> torch.Tensor:
-    """``x[index]``: a view without grad; with grad a copy whose backward fills a zero
-    tensor in ``x``'s layout (a slice's own backward fills a contiguous one, and copying a
-    channels-last gradient into it transposes the whole map)."""
+def _crop(x: torch.Tensor, index: tuple, copy: bool = True) -> torch.Tensor:
+    """``x[index]``: a view without grad; with grad one whose backward fills a zero tensor
+    in ``x``'s layout (a slice's own backward fills a contiguous one, and copying a
+    channels-last gradient into it transposes the whole map), a copy unless ``copy`` is
+    False (for a convolution, which changes nothing in place: the copy would be saved
+    for its backward beside the window)."""
     if not (torch.is_grad_enabled() and x.requires_grad):
         return x[index]
-    return _Crop.apply(x, index)
+    return _Crop.apply(x, index, copy)
 
 
 class _Crop(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, index):
+    def forward(ctx, x, index, copy):
         ctx.shape, ctx.index = x.shape, index
         ctx.layout = torch.channels_last if x.dim() == 4 and not x.is_contiguous() and \
             x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-        return x[index].clone(memory_format=torch.preserve_format)  # (not a view: an
-        # in-place operation may take it)
+        part = x[index]
+        return part.clone(memory_format=torch.preserve_format) if copy else part  # (a view:
+        # autograd refuses an in-place operation on it)
 
     @staticmethod
     def backward(ctx, grad):
         found = grad.new_zeros(ctx.shape).contiguous(memory_format=ctx.layout)
         found[ctx.index] = grad
-        return found, None
+        return found, None, None
 
 
 @dataclass(frozen=True)
@@ -146,17 +147,19 @@ class Strips:
     those tiles in the backward. ``blocks``: per pass, each step's computed blocks (for
     counting: each position is computed once per pass)."""
 
-    def __init__(self, graph, tilings, root, device: torch.device,
-                 storage: torch.device | None = None):
+    def __init__(self, graph, tilings, root, device: torch.device):
         self.graph, self.root, self.device = graph, root, device
         self.exact = exact_steps(graph)
         self.axes = [axis_reuse(graph.axis(a), t.length, t.own_starts, t.own_stops, self.exact)
                      for a, t in enumerate(tilings)]
         program = Program(graph)
         self.nodes, self.dynamic, self.placeholder = program.nodes, program.dynamic, program.placeholder
+        last = {}  # node index -> the values whose last reader it is (dropped after it runs)
+        for name, i in program.last_use.items():
+            last.setdefault(i, []).append(name)
+        self.last_read = last
         self.steps = graph.node_steps()
         self.output_step = graph.maps[0]
-        self.storage = storage  # where bands live (None: beside the values)
         self.bands: dict = {}
         self.grads: dict = {}
         self.blocks: dict = {"forward": {}, "backward": {}}
@@ -171,11 +174,6 @@ class Strips:
         """Bytes held in activation strips now (their gradients come and go in the backward)."""
         return sum(b.numel() * b.element_size() for b in self.bands.values())
 
-    def counts(self, what: str) -> Counter:
-        """Positions computed per step in the pass ``what`` ("forward" or "backward")."""
-        return Counter({s: sum(math.prod(hi - lo for lo, hi in block) for block in blocks)
-                        for s, blocks in self.blocks[what].items()})
-
     # -------------------------------------------------------------- the tile program
 
     def run(self, tile: Tile, tile_input: torch.Tensor, recompute: bool = False):
@@ -185,7 +183,7 @@ class Strips:
         internal_assert(not self._leaves, "strip leaves of a tile not deposited")
         what = "backward" if recompute else "forward"
         env: dict = {}
-        for node, act in self._program(tile):
+        for i, (node, act) in enumerate(self._program(tile)):
             if act is None:  # (a constant)
                 env[node.name] = run_node(self.root, node, *_values(node, env))
             elif act == "input":
@@ -202,6 +200,9 @@ class Strips:
                         self._store(act, tile, block)
                 env[node.name] = block if act.window is None else \
                     self._window(act.window, block, recompute)
+                del block
+            for name in self.last_read.get(i, ()):  # (as the module's own forward frees
+                env.pop(name, None)  # what it no longer reads)
         internal_assert(False, "the traced program has no output")
 
     def _program(self, tile: Tile) -> list:
@@ -239,8 +240,9 @@ class Strips:
         new positions (``reuse.crop``), the bands it stores, how its window is assembled."""
         new = tuple(ax.new[s][i] for ax, i in zip(self.axes, tile.index))
         needed = all(ax.need[s][i][1] > ax.need[s][i][0] for ax, i in zip(self.axes, tile.index))
-        window = None if s == self.output_step or not needed else self._recipe(s, tile)
-        if any(hi <= lo for lo, hi in new):  # (a map no consumer needs here: not assembled)
+        window = None if s == self.output_step or not needed else self._recipe(s, tile)  # (not
+        # needed: no consumer computes anything here, so the window is not assembled)
+        if any(hi <= lo for lo, hi in new):  # (all of it computed by earlier tiles)
             return _Act(s, None, False, {}, None, None, (), window)
         rules, exact = self.graph.steps[s].rules, s in self.exact
         crops, first, spans = {}, [0] * len(new), [0] * len(new)
@@ -283,7 +285,7 @@ class Strips:
             if arg.name not in self.dynamic:
                 return value
             index = act.crops[arg.name]
-            return value if index is None else _crop(value, index)
+            return value if index is None else _crop(value, index, copy=not act.exact)
 
         args = fx.node.map_arg(node.args, cropped)
         kwargs = fx.node.map_arg(node.kwargs, cropped)
@@ -309,9 +311,7 @@ class Strips:
 
     def _store(self, act: "_Act", tile: Tile, block: torch.Tensor) -> None:
         for axis, index in act.bands:
-            band = block[index].detach()
-            self.bands[(act.step, tile.index, axis)] = band.to(self.storage, copy=True) \
-                if self.storage is not None else band.clone()
+            self.bands[(act.step, tile.index, axis)] = block[index].detach().clone()
 
     def _add_later_gradients(self, act: "_Act", tile: Tile, block: torch.Tensor) -> None:
         """Hook the gradient later tiles left for the tile's new positions of a step."""
@@ -389,9 +389,6 @@ class Strips:
             self._leaves.append((key, index, piece))
         return piece
 
-    def close(self) -> None:
-        self.bands.clear()
-        self.discard_gradients()
 
 
 def _index(dims: tuple, spatial: list) -> tuple:

@@ -190,10 +190,11 @@ class StreamPlan:
 
     @property
     def recommended_overlap(self) -> str:
-        """``"reuse"`` where the graph allows it, it saves time, and the peak with its strips
-        (and their gradients) stays below conventional backprop's; else ``"recompute"``
-        (what ``Streaming(..., overlap="auto")`` picks)."""
-        if self.reuse_factor is None or self.recompute_factor < 1.05 * self.reuse_factor:
+        """``"reuse"`` where the graph allows it, the overlap is worth it (recomputing computes
+        at least a quarter more: reuse's copies cost about that much in the benchmarks,
+        reports/BENCH.md), and the peak with its strips (and their gradients) stays below
+        conventional backprop's; else ``"recompute"``."""
+        if self.reuse_factor is None or self.recompute_factor < 1.25 * self.reuse_factor:
             return "recompute"
         extra = 0 if self.overlap_mode == "reuse" else 2 * self.strip_bytes  # (else counted)
         return "reuse" if self.streaming_peak_bytes + extra < self.conventional_peak_bytes \

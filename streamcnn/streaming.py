@@ -216,7 +216,7 @@ class Streaming(nn.Module):
         return x, source, graph, tilings, module_device(self.module) or source.device, cuts
 
     def _runner(self, source, graph, tilings, device, *, dedup: bool, skip: bool,
-                cuts=None) -> TileRunner:
+                cuts=None, reuse: bool = True) -> TileRunner:
         runner = TileRunner(Pipeline(self.module, self.transform), tilings, source, device,
                             progress=self.progress,
                             channels_last=self._channels_last(source, device, graph),
@@ -225,7 +225,7 @@ class Streaming(nn.Module):
                             elsewhere=_dedup.owned_elsewhere(graph, tilings, _summed_or_stored(
                                 graph, cuts)) if dedup else None)
         _checkpoints.attach(runner, graph, cuts, self.checkpoints, keep=torch.is_grad_enabled())
-        if self._reusing(graph):
+        if reuse and self._reusing(graph):
             check_reusable(graph, _checkpoints.runs_as_module(graph))
             runner.strips = Strips(graph, tilings, graph.root, device)
             runner.stats.blocks = runner.strips.blocks
@@ -296,8 +296,14 @@ class Streaming(nn.Module):
         loss = dense.PixelLoss(loss_fn, target, reduction, target_transform)
         x, source, graph, tilings, device, cuts = self._setup(x)
         with reuse_freed_memory(self._reuse_memory(device)):
+            if self.overlap == "reuse":  # (its tiles' backward follows each forward at once:
+                raise StreamingError(  # no tile is recomputed, in any order)
+                    "pixel_loss runs each tile's forward and backward once, one tile after the "
+                    "other: there is no recomputation whose overlap overlap='reuse' could save, "
+                    "and strips need every later tile's backward first; use overlap='recompute' "
+                    "or 'auto' (which pixel_loss takes as 'recompute')")
             runner = self._runner(source, graph, tilings, device, dedup=False, skip=False,
-                                  cuts=cuts)
+                                  cuts=cuts, reuse=False)
             return dense.pixel_loss(runner, graph, x, loss, lambda: _stream_norms(runner, graph))
 
     def _tiles_kept(self, x, source, graph, tilings) -> int:

@@ -19,6 +19,8 @@ DAGs (``test_graph_properties``), a uint8 array with a transform; every entry pa
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -272,6 +274,23 @@ def test_auto_reuses_where_it_can():
     streamed = Streaming(net, 80, overlap="auto")
     step(streamed, rand(1, 3, 107, 99))
     assert streamed.last_stats.blocks["forward"]
+
+
+def test_pixel_loss_recomputes():
+    """``pixel_loss`` runs each tile's backward right after its forward: ``"auto"`` takes it as
+    ``"recompute"`` (conventional's numbers), ``"reuse"`` is refused."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1)).double()
+    x, target = rand(1, 3, 48, 40), rand(1, 2, 48, 40, seed=2)
+    per_pixel = functools.partial(F.mse_loss, reduction="none")
+    loss = Streaming(net, 24, overlap="auto").pixel_loss(x, target, per_pixel)
+    loss.backward()
+    got = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    F.mse_loss(net(x), target).backward()
+    assert all(rel_err(a, p.grad) <= F64 for a, p in zip(got, net.parameters()))
+    with pytest.raises(StreamingError, match="pixel_loss"):
+        Streaming(net, 24, overlap="reuse").pixel_loss(x, target, per_pixel)
 
 
 def test_bad_overlap_value():

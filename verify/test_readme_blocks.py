@@ -66,8 +66,6 @@ ADAPT = {  # document -> first line of the block -> how it runs here
             given=("torchvision", "loader")),
         "print(plan(front.eval(), (1, 3, 16384, 16384), tile_size=2800))": Adapt(),
         "class Body(nn.Module):": Adapt(),
-        "from streamcnn import Streaming, plan": Adapt(shrink=(("4096, 4096", "512, 512"),
-                                                                ("512, overlap", "160, overlap"))),
         "effnet = torchvision.models.efficientnet_b0(weights=None)   # or your pretrained weights":
             Adapt(shrink=(("8192, 8192", "512, 512"), ("Streaming(stages, 1024)", "Streaming(stages, 384)"))),
         "import numpy as np": Adapt(shrink=(("65536, 65536", f"{SIDE}, {SIDE}"),
@@ -81,6 +79,8 @@ ADAPT = {  # document -> first line of the block -> how it runs here
         "import zarr": Adapt(shrink=(("(unet, 1024,", f"(unet, {TILE},"), ("range(100)", "range(1)"),
                                      ("1024, 1024)", "256, 256)"))),
         "import os, torch.distributed as dist": Adapt(skip=NO_GPU),
+        "from streamcnn import Streaming, plan": Adapt(shrink=(("4096, 4096", "512, 512"),
+                                                                ("512, overlap", "160, overlap"))),
     },
     "docs/distributed.md": {
         '"""Streamed ResNet-34 front end, one process per GPU: torchrun --nproc_per_node=4 train.py"""':

@@ -263,7 +263,7 @@ class StreamPlan:
                      f"forward then its backward; no stitched output)")
         lines.append(f"  peak memory, inference (no grad): {_bytes(self.inference_peak_bytes)}, of which "
                      f"the stitched output {_bytes(self.out_bytes)} (none with out= an array)")
-        lines += self._norm_lines() + self._kept_lines() + self._overlap_lines()
+        lines += self._overlap_lines() + self._norm_lines() + self._kept_lines()
         return "\n".join(lines)
 
     def _overlap_lines(self) -> list[str]:

@@ -28,6 +28,7 @@ cannot reuse its overlaps."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .errors import internal_assert
@@ -163,8 +164,4 @@ def band_extents(axes: list, step: int, tile: tuple) -> list[tuple[int, ...]]:
 
 def computed_positions(axes: list, step: int) -> int:
     """Positions of step ``step``'s map the tiles compute in one pass (each once)."""
-    per_axis = [sum(hi - lo for lo, hi in ax.new[step]) for ax in axes]
-    total = 1
-    for n in per_axis:
-        total *= n
-    return total
+    return math.prod(sum(hi - lo for lo, hi in ax.new[step]) for ax in axes)

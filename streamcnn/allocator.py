@@ -7,7 +7,11 @@ threshold) is shrunk, so each tile faults its activations in again: about a quar
 streamed step on the benchmark machine (reports/BENCH.md, "Per-tile overhead").
 :func:`reuse_freed_memory` takes every allocation from the heap and keeps freed memory there
 while a pass runs, then puts glibc's settings back and returns the freed memory to the
-system. ``Streaming(..., reuse_memory=False)`` turns it off.
+system (before a step's final backward too: :func:`release`). ``Streaming(..., reuse_memory=False)`` turns it off;
+``reuse_memory="small"`` keeps only buffers under 32 MiB on the heap and leaves larger ones
+mapped, so that they go back to the system when freed: a lower peak where the heap would
+otherwise grow past a pass's live memory (freed large blocks that fit no later request), for
+the price of faulting the large buffers in again in every tile.
 
 What is put back, and what cannot be. glibc has no call that reads its settings, and setting
 any of them with ``mallopt`` also switches off its adaptive mmap threshold for good (glibc's
@@ -151,14 +155,23 @@ def settle(libc: Glibc) -> bool:
 _lock = threading.Lock()
 _depth = 0
 _applied = False
+_mode = None  # the applied setting (True or "small")
 
 
-def _apply() -> bool:
+def check_mode(mode) -> None:
+    """``reuse_memory``'s values: True, False or ``"small"``."""
+    if not (isinstance(mode, bool) or (isinstance(mode, str) and mode == "small")):
+        raise ValueError(f"reuse_memory must be True (keep every freed buffer for the next "
+                         f"tile), 'small' (keep those under 32 MiB, return larger ones) or "
+                         f"False (leave glibc alone), not {mode!r}")
+
+
+def _apply(mode) -> bool:
     libc = glibc()
     if libc is None or user_configured() or not settle(libc):
         return False
-    if not libc.mallopt(M_MMAP_MAX, 0):
-        return False
+    if mode != "small" and not libc.mallopt(M_MMAP_MAX, 0):  # ("small": buffers of 32 MiB
+        return False  # or more stay mapped, as settle left them)
     libc.mallopt(M_TRIM_THRESHOLD, -1)  # -1: never trim (mallopt(3))
     return True
 
@@ -171,18 +184,19 @@ def _restore() -> None:
 
 
 @contextlib.contextmanager
-def reuse_freed_memory(enabled: bool = True):
-    """While the block runs, glibc takes every allocation from the heap and keeps what is
-    freed for reuse; afterwards its settings are glibc's adaptive ones at their ceiling and
-    the freed memory is returned (see the module docstring). A no-op where ``enabled`` is
-    False or the settings are not glibc's adaptive defaults."""
-    global _depth, _applied
+def reuse_freed_memory(enabled=True):
+    """While the block runs, glibc takes every allocation from the heap (``enabled="small"``:
+    those under 32 MiB) and keeps what is freed for reuse; afterwards its settings are
+    glibc's adaptive ones at their ceiling and the freed memory is returned (see the module
+    docstring). A no-op where ``enabled`` is False or the settings are not glibc's adaptive
+    defaults. Nested blocks share the outermost one's setting."""
+    global _depth, _applied, _mode
     if not enabled:
         yield
         return
     with _lock:
         if _depth == 0:
-            _applied = _apply()
+            _applied, _mode = _apply(enabled), enabled
         _depth += 1
     try:
         yield
@@ -192,6 +206,18 @@ def reuse_freed_memory(enabled: bool = True):
             if _depth == 0 and _applied:
                 _restore()
                 _applied = False
+
+
+def release(between_passes: bool = False) -> None:
+    """Inside a scope that applied the heap-only setting: return the heap's free memory to
+    the system now (``malloc_trim``), keeping the setting. Called before a step's final
+    backward, after the whole-map terms passes in the same scope: its peak resident memory
+    is then its own, not the passes' (the heap grows past a pass's live memory where freed
+    blocks fit no later request), for faulting its memory in once more. ``between_passes``:
+    at the start of each statistics or terms pass, only under ``"small"`` (the least
+    memory; with True, passes alike in size would each fault their memory in again)."""
+    if _applied and (not between_passes or _mode == "small"):
+        glibc().malloc_trim(0)
 
 
 def active() -> bool:

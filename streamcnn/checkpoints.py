@@ -131,7 +131,10 @@ class Program:
     def run(self, env: dict, start: int, stop: int | None = None, at: dict | None = None):
         """Run the nodes from ``start`` (the constants before it too) with ``env`` holding the
         values crossing ``start``; before node ``i`` runs, ``at[i](env)``. Returns the output
-        structure, or None where ``stop`` (a position) comes first."""
+        structure, or None where ``stop`` (a position) comes first. A value leaves ``env``
+        once its last reader has run, as the module's own locals would: ``env`` holding every
+        value of the run would keep tensors alive that autograd does not need (without grad,
+        all of them); what crosses ``stop`` stays."""
         root, at = self.graph.root, at or {}
         for i, node in enumerate(self.nodes):
             if i in at:
@@ -143,6 +146,9 @@ class Program:
             if node.op == "output":
                 return fx.node.map_arg(node.args[0], lambda a: env[a.name])
             env[node.name] = _call(root, node, env)
+            for a in node.all_input_nodes:
+                if self.last_use[a.name] == i:
+                    env.pop(a.name, None)
         return None
 
 
@@ -452,6 +458,16 @@ class Checkpoints:
         if cut.image or not all(n in self.store for n in cut.names):
             return False
         return not hooked(pipeline.modules())
+
+    def segments(self) -> list:
+        """The stored forward cuts other than the input, in program order (a training step's
+        final backward runs between them, :meth:`function.TileRunner._backprop_segments`);
+        empty unless every one is stored."""
+        cuts = sorted({c for c in self.cuts.forward.values() if not c.image},
+                      key=lambda c: c.position)
+        if not all(n in self.store for c in cuts for n in c.names):
+            return []
+        return cuts
 
     def drop_gradients(self, cut: Cut) -> None:
         self.grads.drop([_key(cut, n) for n in cut.names])

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_leaves
 
-from .allocator import reuse_freed_memory
+from .allocator import release, reuse_freed_memory
 from .dedup import Duplicates, fingerprint, gradient_parts
 from .keeping import Kept
 from .errors import StreamingError, internal_assert
@@ -90,6 +90,9 @@ class TileRunner:
             self.checkpoints.close()
 
     def tiles(self, what: str, skip_first: bool = False):
+        """The tiles of one statistics or terms pass (:mod:`streamcnn.passes`); under
+        ``reuse_memory="small"`` the heap the passes before left behind is returned first."""
+        release(between_passes=True)
         tiles = iter_tiles(self.tilings)
         if skip_first:
             next(tiles)
@@ -394,21 +397,31 @@ class TileRunner:
             graphs.clear()  # (their graphs are spent)
             if kept is not None:
                 collect(sums, kept.needed(need))
+            release()  # (the terms passes before this one left their heap behind: one
+            # re-fault per step; not between the level passes, alike in size, where every
+            # release would fault the next pass's memory in again)
             with self.inputs("backward", tiles, lambda t: (t, self.read(source, t), None),
                              stats) as inputs:
                 for tile, raw, _ in inputs:
                     leaf = raw.detach().requires_grad_(need_x or x_grad)
-                    with torch.enable_grad(), self.scope(tile) as mode:
-                        ys = self.run(self.feed(leaf), tile)
-                        if mode is not None:
-                            mode.replaying()
-                        reached |= self._backprop(tile, ys, leaf, grads, need_x, grad_x, mode)
-                    del ys
-                    if self.strips is not None:
-                        self.strips.deposit()
+                    parts = self._segmented(tile, grads, need_x)
+                    if parts is not None:
+                        found, seen = self._backprop_segments(tile, leaf, parts, need_x, grad_x)
+                        reached |= found
+                        if stats.computed == 0:
+                            replayed = seen
+                    else:
+                        with torch.enable_grad(), self.scope(tile) as mode:
+                            ys = self.run(self.feed(leaf), tile)
+                            if mode is not None:
+                                mode.replaying()
+                            reached |= self._backprop(tile, ys, leaf, grads, need_x, grad_x, mode)
+                        del ys
+                        if self.strips is not None:
+                            self.strips.deposit()
+                        if mode is not None and stats.computed == 0:
+                            replayed = mode.replayed
                     check_unchanged(self.pipeline, before)
-                    if mode is not None and stats.computed == 0:
-                        replayed = mode.replayed
                     stats.computed += 1
                     collect(sums, wrt)
         update_replayed(replayed, self.norms)
@@ -432,6 +445,69 @@ class TileRunner:
 
         backward_parts(ys, parts, mode, after=take)
         return reached
+
+
+    def _segmented(self, tile: Tile, grads: list, need_x: bool) -> list | None:
+        """The (tiles, gradients) part ``tile``'s backward takes (``dedup.gradient_parts``),
+        where it may run in segments between the stored forward cuts
+        (:meth:`_backprop_segments`): the cuts are stored, nothing hooks a module (the
+        program calls only the leaf modules) and one part stands for the tile's group (else a
+        member's gradient would have to go down every segment apart); else None."""
+        ck = self.checkpoints
+        if ck is None or not ck.segments() or not ck.finishes(self.pipeline):
+            return None
+        group = [tile] if self.duplicates is None else self.duplicates.group(tile)
+        parts = gradient_parts(group, lambda t: self.owned_gradients(t, grads), separate=need_x)
+        return parts[0] if len(parts) == 1 else None
+
+    def _backprop_segments(self, tile: Tile, leaf, part, need_x: bool, grad_x) -> tuple:
+        """:meth:`_backprop` of ``tile`` one segment of the program at a time, the last first:
+        each starts at the forward cut its level's pass stored (the first at the tile input),
+        read over the tile's span as leaves, and is backpropagated from the gradient the
+        segment after it left at those leaves. The tile's whole graph is never alive at once,
+        only one segment's: its peak memory is the largest segment's, not the whole module's
+        (the whole-image gradient of a global step is why every level needs its own pass
+        anyway; these segments cost no more arithmetic than one run from the input). The
+        values are the passes' own (exact, :mod:`streamcnn.checkpoints`), and the chain rule
+        through the leaves gives the gradients of one run. (Whether the input got a gradient;
+        the calls a checkpoint inside the module ran again: ``NormMode.replayed``.)"""
+        ck = self.checkpoints
+        members, gs = part
+        cuts = ck.segments()
+        starts = [None] + cuts  # (None: the tile input)
+        after: dict = {}  # name -> gradient at the cut the later segment started from
+        replayed: dict = {}
+        reached = False
+        for k in reversed(range(len(starts))):
+            cut, stop = starts[k], cuts[k] if k < len(cuts) else None
+            position = 0 if cut is None else cut.position
+            with torch.enable_grad(), self.scope(tile, order=ck.program.order(position)) as mode:
+                if cut is None:
+                    env = {ck.program.placeholder: self.feed(leaf)}
+                    leaves = {}
+                else:
+                    leaves = ck.read(cut, tile, self.device, requires_grad=True)
+                    env = {n: v.clone() for n, v in leaves.items()}  # (non-leaves: a layer may
+                    # work in place)
+                out = ck.program.run(env, position, None if stop is None else stop.position)
+                if stop is None:
+                    ys, ygs = self.owned_leaves(tree_leaves(out), tile, leaf), gs
+                else:
+                    ys = [env[n] for n in stop.names if after.get(n) is not None]
+                    ygs = [after[n] for n in stop.names if after.get(n) is not None]
+                del env, out
+                mode.replaying()
+                mode.stand_for([t.index for t in members])
+                backward_owned(ys, ygs)
+                del ys, ygs
+                replayed.update(mode.replayed)
+            after = {n: v.grad for n, v in leaves.items()}
+            del leaves
+        if need_x and leaf.grad is not None:
+            grad_x[members[0].inp] += leaf.grad
+            leaf.grad = None
+            reached = True
+        return reached, replayed
 
 
 def backward_owned(ys: list, grads: list, retain_graph: bool = False) -> None:
@@ -476,7 +552,7 @@ class Job:
     autocast: tuple
     kept: Kept | None = None  # the last tiles' graphs (streamcnn.keeping)
     before_backward: object = None  # (source, grads, tensors, x_grad) -> None: whole-map terms
-    reuse_memory: bool = False  # keep freed memory on the heap while the backward runs
+    reuse_memory: object = False  # keep freed memory on the heap while the backward runs (allocator)
 
 
 class StreamFunction(torch.autograd.Function):

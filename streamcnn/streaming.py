@@ -12,7 +12,7 @@ from torch.autograd.graph import get_gradient_edge
 from torch.utils._pytree import tree_unflatten
 
 from . import checkpoints as _checkpoints, dedup as _dedup, dense, skipping, state
-from .allocator import reuse_freed_memory
+from .allocator import check_mode, reuse_freed_memory
 from ._args import normalize_tile_size
 from .channels_last import ONEDNN_CHANNEL_BLOCK, onednn_unsafe_convs, use_channels_last
 from .errors import StreamingError
@@ -93,7 +93,10 @@ class Streaming(nn.Module):
             a pass runs, instead of glibc unmapping each tile's large buffers and mapping them
             afresh for the next (:mod:`streamcnn.allocator`: glibc's settings are put back
             after each pass and the freed memory returned; the same numbers bit for bit).
-            False leaves glibc alone. No effect on other devices or C libraries.
+            ``"small"`` keeps only buffers under 32 MiB and returns larger ones when freed: a
+            lower peak (the heap does not grow past what a pass holds where freed large
+            blocks fit no later request) for faulting the large buffers in again in each
+            tile. False leaves glibc alone. No effect on other devices or C libraries.
         checkpoints: where the statistics passes of normalisations over the image and of
             global steps keep the feature maps at which their levels begin, so that each pass
             starts there instead of at the image (:mod:`streamcnn.checkpoints`; the same
@@ -123,7 +126,7 @@ class Streaming(nn.Module):
     def __init__(self, module: nn.Module, tile_size, *, transform=None, progress: bool | None = None,
                  channels_last: bool | None = None, prefetch: bool = True, dedup: bool = True,
                  skip_zero_gradients: bool = True, keep_graphs: int = 0,
-                 reuse_memory: bool = True, checkpoints="auto", overlap: str = "recompute"):
+                 reuse_memory=True, checkpoints="auto", overlap: str = "recompute"):
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"Streaming needs an nn.Module, got {type(module).__name__}")
@@ -145,6 +148,7 @@ class Streaming(nn.Module):
         self.skip_zero_gradients = skip_zero_gradients
         check_budget(keep_graphs)
         self.keep_graphs = keep_graphs
+        check_mode(reuse_memory)
         self.reuse_memory = reuse_memory
         self.checkpoints = _checkpoints.check_storage(checkpoints)
         if overlap not in OVERLAP:
@@ -328,8 +332,8 @@ class Streaming(nn.Module):
             return reusable(graph, _checkpoints.runs_as_module(graph))
         return self.overlap == "reuse"
 
-    def _reuse_memory(self, device) -> bool:
-        return self.reuse_memory and device.type == "cpu"
+    def _reuse_memory(self, device):
+        return self.reuse_memory if device.type == "cpu" else False
 
     def _channels_last(self, source, device, graph) -> bool:
         if len(source.shape) != 4:

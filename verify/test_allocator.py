@@ -8,6 +8,7 @@ alone; and without glibc nothing happens. No timings here: the page faults it sa
 reports/BENCH.md.
 """
 
+import ctypes
 import json
 import os
 import subprocess
@@ -50,6 +51,65 @@ def test_bit_identical_with_and_without():
     assert all(torch.equal(a, b) for a, b in zip(on, off, strict=True))
     assert len(seen) > 2 and all(seen) == ADAPTIVE  # forward tiles and backward recomputation
     assert not allocator.active()  # put back after the backward
+
+
+def test_small_is_bit_identical_and_applied():
+    seen = []
+    small, off = step("small", seen), step(False)
+    assert all(torch.equal(a, b) for a, b in zip(small, off, strict=True))
+    assert len(seen) > 2 and all(seen) == ADAPTIVE
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, None, "Small"])
+def test_bad_setting_is_refused(bad):
+    with pytest.raises(ValueError, match="reuse_memory must be True .* 'small' .* or False"):
+        Streaming(network(), 96, reuse_memory=bad)
+
+
+def _resident_anon() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) << 10 for line in f if line.startswith("RssAnon:"))
+
+
+@needs_glibc
+def test_small_keeps_only_buffers_under_32_mib():
+    """``"small"``: a request under 32 MiB comes from the heap, one of 32 MiB is mapped (and so
+    returned when freed) while the scope runs; with True both come from the heap."""
+    libc, mib = allocator.glibc(), 1 << 20
+    with allocator.reuse_freed_memory("small"):
+        assert allocator.active()
+        assert libc.route(31 * mib) is False and libc.route(32 * mib) is True
+        held = [libc.malloc(8 * mib) for _ in range(16)]
+        for p in held:
+            ctypes.memset(p, 1, 8 * mib)
+        for p in reversed(held):
+            libc.free(p)
+        kept = _resident_anon()
+        allocator.release(between_passes=True)  # (under "small": between passes too)
+        assert kept - _resident_anon() > 96 * mib
+    with allocator.reuse_freed_memory(True):
+        assert libc.route(31 * mib) is False and libc.route(32 * mib) is False
+    assert not allocator.active()
+
+
+@needs_glibc
+def test_release_returns_the_free_heap_inside_a_scope():
+    """``release`` hands the heap's free memory back (a pass's peak is then its own) and keeps
+    the setting; between passes only under ``"small"``; outside a scope, it does nothing."""
+    libc, mib = allocator.glibc(), 1 << 20
+    with allocator.reuse_freed_memory():
+        held = [libc.malloc(8 * mib) for _ in range(16)]
+        for p in held:
+            ctypes.memset(p, 1, 8 * mib)  # (resident now)
+        for p in reversed(held):
+            libc.free(p)
+        kept = _resident_anon()
+        allocator.release(between_passes=True)  # (True: not between passes)
+        assert kept - _resident_anon() < 32 * mib
+        allocator.release()
+        assert kept - _resident_anon() > 96 * mib  # of the 128 MiB freed (other threads may
+        assert allocator.active()  # allocate meanwhile)
+    allocator.release()  # (no scope: a no-op)
 
 
 def test_opt_out_leaves_glibc_alone():
@@ -115,8 +175,9 @@ if mode == "settled":  # what any program reaches by freeing one mapped buffer j
 if mode == "keep_freed_memory":
     tuning.keep_freed_memory()
 seen = []
-step(True, seen)
-step(True)
+reuse = "small" if mode == "small" else True
+step(reuse, seen)
+step(reuse)
 out["active"] = any(seen)
 out["after"] = probe()
 print(json.dumps(out))
@@ -142,6 +203,8 @@ def test_settings_after_a_step_are_glibcs_own():
     # and a fresh process after steps answers as that one: large buffers are mapped again and
     # freed heap memory is handed back past twice the threshold, as glibc's adaptive rule does
     assert fresh["after"] == CEILING
+    small = child("small")  # so does one after steps with reuse_memory="small"
+    assert small["active"] and small["after"] == CEILING
 
 
 @needs_glibc

@@ -11,7 +11,8 @@ Two networks whose every block holds a whole-map step, each a level of streamed 
   efficientnet_b0_front``: torchvision's blocks, 11 squeeze-and-excitation gates, BatchNorm
   frozen), streamed with checkpoints beside conventional autograd; also with every stored
   map in files (mode ``disk``: ``checkpoints="disk"``, at tiles 768 to 512), whose pages
-  the page cache holds outside the process's resident memory.
+  the page cache holds outside the process's resident memory, and ``reuse_memory="small"``
+  (buffers of 32 MiB or more returned when freed: the settings for the least memory).
 
 Each point runs in a fresh process: a warm-up step on a 2×2-tile corner, then one timed
 training step (forward and backward, cross-entropy on a max-pooled linear head), float32.
@@ -40,7 +41,8 @@ POINTS = (("resnet34", 2048, "frozen", 1536), ("resnet34", 2048, "checkpoints", 
           ("efficientnet_b0", 2048, "conventional", 0), ("efficientnet_b0", 2048, "checkpoints", 768),
           ("resnet34", 4096, "frozen", 2048), ("resnet34", 4096, "checkpoints", 2048),
           ("resnet34", 2048, "recompute", 1536), ("efficientnet_b0", 8192, "checkpoints", 768),
-          ("efficientnet_b0", 2048, "disk", 768), ("efficientnet_b0", 2048, "disk", 640),
+          ("efficientnet_b0", 2048, "disk", 768), ("efficientnet_b0", 2048, "disk", 704),
+          ("efficientnet_b0", 2048, "disk", 640),
           ("efficientnet_b0", 2048, "disk", 576), ("efficientnet_b0", 2048, "disk", 512))
 #: checkpoints= of each streamed mode
 STORAGE = {"frozen": "auto", "checkpoints": "auto", "recompute": False, "disk": "disk"}
@@ -75,7 +77,9 @@ def worker(net: str, side: int, mode: str, tile: int, threads: int) -> dict:
     body = front(net, mode)
     streamed = mode != "conventional"
     checkpoints = STORAGE.get(mode)
-    part = Streaming(body, tile, progress=False, checkpoints=checkpoints) if streamed else body
+    reuse = "small" if mode == "disk" else True
+    part = Streaming(body, tile, progress=False, checkpoints=checkpoints,
+                     reuse_memory=reuse) if streamed else body
     model = nn.Sequential(part, nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(CHANNELS[net], 2))
     step = study.training_step(model, torch.tensor([1]))
     corner = min(side, 2 * tile) if streamed else 256
@@ -140,7 +144,9 @@ def render(stored: dict) -> str:
             "three, the row then giving the range). Peak RSS is the process's VmHWM, "
             "the stored maps in memory (`checkpoints=\"auto\"`) and the image included; in mode *disk* "
             "(`checkpoints=\"disk\"`) the maps are in files, each mapped only while a tile reads or "
-            "writes its part, whose pages the page cache holds outside the RSS; *stored* is "
+            "writes its part, whose pages the page cache holds outside the RSS, and with "
+            "`reuse_memory=\"small\"` (buffers of 32 MiB or more go back to the system when "
+            "freed); *stored* is "
             "what `plan().checkpoint_bytes` counts; *plan()* gives its bound from the image and its "
             "estimate with checkpoints.")
     if not stored:

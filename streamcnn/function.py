@@ -446,7 +446,6 @@ class TileRunner:
         backward_parts(ys, parts, mode, after=take)
         return reached
 
-
     def _segmented(self, tile: Tile, grads: list, need_x: bool) -> list | None:
         """The (tiles, gradients) part ``tile``'s backward takes (``dedup.gradient_parts``),
         where it may run in segments between the stored forward cuts

@@ -450,10 +450,13 @@ class TileRunner:
         """The (tiles, gradients) part ``tile``'s backward takes (``dedup.gradient_parts``),
         where it may run in segments between the stored forward cuts
         (:meth:`_backprop_segments`): the cuts are stored, nothing hooks a module (the
-        program calls only the leaf modules) and one part stands for the tile's group (else a
-        member's gradient would have to go down every segment apart); else None."""
+        program calls only the leaf modules), no ``torch.utils.checkpoint`` is inside (the
+        program runs through it, where the module's backward would run its layers again) and
+        one part stands for the tile's group (else a member's gradient would have to go down
+        every segment apart); else None."""
         ck = self.checkpoints
-        if ck is None or not ck.segments() or not ck.finishes(self.pipeline):
+        if ck is None or ck.graph.checkpointed or not ck.segments() or \
+                not ck.finishes(self.pipeline):
             return None
         group = [tile] if self.duplicates is None else self.duplicates.group(tile)
         parts = gradient_parts(group, lambda t: self.owned_gradients(t, grads), separate=need_x)

@@ -94,6 +94,8 @@ class TracedGraph:
     structures: frozenset = frozenset()
     #: whether the module calls a reentrant ``torch.utils.checkpoint`` (traced through)
     reentrant: bool = False
+    #: whether it calls ``torch.utils.checkpoint`` at all (whose backward recomputes)
+    checkpointed: bool = False
 
     @property
     def maps(self) -> tuple[int, ...]:
@@ -332,6 +334,29 @@ def _noting_reentrant_checkpoints():
         del CheckpointFunction.apply  # (Function's own classmethod again)
 
 
+@contextlib.contextmanager
+def _noting_checkpoints():
+    """Yields a list that gets an entry for each ``torch.utils.checkpoint`` call traced,
+    reentrant or not: fx traces through both, so the graph alone never recomputes their
+    layers in the backward as the module does (a normalisation's running statistics are
+    updated again there)."""
+    import torch.utils.checkpoint as ck
+
+    seen: list = []
+    generator = ck._checkpoint_without_reentrant_generator
+
+    def noted(*args, **kwargs):
+        seen.append(True)
+        return generator(*args, **kwargs)
+
+    ck._checkpoint_without_reentrant_generator = noted
+    try:
+        with _noting_reentrant_checkpoints() as reentrant:
+            yield seen, reentrant
+    finally:
+        ck._checkpoint_without_reentrant_generator = generator
+
+
 def trace(module: nn.Module, stack_traces: bool = False, transform=None) -> tuple[Pipeline, fx.Graph]:
     """The fx graph of ``transform`` then ``module``, under a :class:`Pipeline` root (its
     ``calls`` attribute lists every module call: path and output node)."""
@@ -339,10 +364,11 @@ def trace(module: nn.Module, stack_traces: bool = False, transform=None) -> tupl
         raise TypeError(f"Streaming needs an nn.Module, got {type(module).__name__}")
     root, tracer = Pipeline(module, transform), _Tracer(stack_traces)
     try:
-        with _noting_reentrant_checkpoints() as reentrant:
+        with _noting_checkpoints() as (other, reentrant):
             graph = tracer.trace(root)
         graph.streamcnn_calls = tuple(tracer.calls)
         graph.streamcnn_reentrant = bool(reentrant)
+        graph.streamcnn_checkpointed = bool(reentrant or other)
         return root, graph
     except StreamingError:
         raise
@@ -692,7 +718,8 @@ class _Analysis:
         return TracedGraph(self.ndim, steps, self.graph, self.root,
                            getattr(self.graph, "streamcnn_calls", ()), tuple(refused.values()) + windows,
                            tuple(new[i] for i in outputs), paths, spec, frozenset(self.structures),
-                           getattr(self.graph, "streamcnn_reentrant", False))
+                           getattr(self.graph, "streamcnn_reentrant", False),
+                           getattr(self.graph, "streamcnn_checkpointed", False))
 
 
 def _is_namedtuple(target) -> bool:

@@ -107,6 +107,9 @@ class Program:
         self.dynamic = frozenset(dynamic)
         self.last_use = {n.name: max((self.index[u.name] for u in n.users), default=-1)
                          for n in self.nodes}
+        self.freed_after: dict = {}  # node index -> the values it reads last (free after it)
+        for name, i in self.last_use.items():
+            self.freed_after.setdefault(i, []).append(name)
         self.calls = {node.name: k for k, (node, _, _) in enumerate(graph.norm_nodes())}
 
     def crossing(self, p: int) -> tuple[str, ...]:
@@ -146,9 +149,8 @@ class Program:
             if node.op == "output":
                 return fx.node.map_arg(node.args[0], lambda a: env[a.name])
             env[node.name] = _call(root, node, env)
-            for a in node.all_input_nodes:
-                if self.last_use[a.name] == i:
-                    env.pop(a.name, None)
+            for name in self.freed_after.get(i, ()):
+                env.pop(name, None)
         return None
 
 
@@ -459,10 +461,14 @@ class Checkpoints:
             return False
         return not hooked(pipeline.modules())
 
-    def segments(self) -> list:
-        """The stored forward cuts other than the input, in program order (a training step's
-        final backward runs between them, :meth:`function.TileRunner._backprop_segments`);
-        empty unless every one is stored."""
+    def segments(self, pipeline: nn.Module) -> list:
+        """The stored forward cuts other than the input, in program order, between which a
+        training step's final backward runs (:meth:`function.TileRunner._backprop_segments`);
+        empty unless every one is stored, the forward may start at them (:meth:`finishes`:
+        no hooks) and no ``torch.utils.checkpoint`` is inside (the program runs through it,
+        where the module's backward would run its layers again)."""
+        if self.graph.checkpointed or not self.finishes(pipeline):
+            return []
         cuts = sorted({c for c in self.cuts.forward.values() if not c.image},
                       key=lambda c: c.position)
         if not all(n in self.store for c in cuts for n in c.names):

@@ -402,11 +402,13 @@ class TileRunner:
             # release would fault the next pass's memory in again)
             with self.inputs("backward", tiles, lambda t: (t, self.read(source, t), None),
                              stats) as inputs:
+                cuts = [] if self.checkpoints is None else self.checkpoints.segments(self.pipeline)
                 for tile, raw, _ in inputs:
                     leaf = raw.detach().requires_grad_(need_x or x_grad)
-                    parts = self._segmented(tile, grads, need_x)
+                    parts = self._segmented(tile, grads, need_x) if cuts else None
                     if parts is not None:
-                        found, seen = self._backprop_segments(tile, leaf, parts, need_x, grad_x)
+                        found, seen = self._backprop_segments(tile, leaf, parts, cuts, need_x,
+                                                              grad_x)
                         reached |= found
                         if stats.computed == 0:
                             replayed = seen
@@ -446,23 +448,17 @@ class TileRunner:
         backward_parts(ys, parts, mode, after=take)
         return reached
 
-    def _segmented(self, tile: Tile, grads: list, need_x: bool) -> list | None:
-        """The (tiles, gradients) part ``tile``'s backward takes (``dedup.gradient_parts``),
-        where it may run in segments between the stored forward cuts
-        (:meth:`_backprop_segments`): the cuts are stored, nothing hooks a module (the
-        program calls only the leaf modules), no ``torch.utils.checkpoint`` is inside (the
-        program runs through it, where the module's backward would run its layers again) and
-        one part stands for the tile's group (else a member's gradient would have to go down
-        every segment apart); else None."""
-        ck = self.checkpoints
-        if ck is None or ck.graph.checkpointed or not ck.segments() or \
-                not ck.finishes(self.pipeline):
-            return None
+    def _segmented(self, tile: Tile, grads: list, need_x: bool) -> tuple | None:
+        """The (tiles, gradients) part ``tile``'s backward takes (``dedup.gradient_parts``)
+        where it may run in segments (:meth:`_backprop_segments`, with the cuts
+        ``Checkpoints.segments`` allows): one part stands for the tile's group (else a
+        member's gradient would have to go down every segment apart); else None."""
         group = [tile] if self.duplicates is None else self.duplicates.group(tile)
         parts = gradient_parts(group, lambda t: self.owned_gradients(t, grads), separate=need_x)
         return parts[0] if len(parts) == 1 else None
 
-    def _backprop_segments(self, tile: Tile, leaf, part, need_x: bool, grad_x) -> tuple:
+    def _backprop_segments(self, tile: Tile, leaf, part, cuts: list, need_x: bool,
+                           grad_x) -> tuple:
         """:meth:`_backprop` of ``tile`` one segment of the program at a time, the last first:
         each starts at the forward cut its level's pass stored (the first at the tile input),
         read over the tile's span as leaves, and is backpropagated from the gradient the
@@ -475,7 +471,6 @@ class TileRunner:
         the calls a checkpoint inside the module ran again: ``NormMode.replayed``.)"""
         ck = self.checkpoints
         members, gs = part
-        cuts = ck.segments()
         starts = [None] + cuts  # (None: the tile input)
         after: dict = {}  # name -> gradient at the cut the later segment started from
         replayed: dict = {}

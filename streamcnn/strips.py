@@ -154,10 +154,7 @@ class Strips:
                      for a, t in enumerate(tilings)]
         program = Program(graph)
         self.nodes, self.dynamic, self.placeholder = program.nodes, program.dynamic, program.placeholder
-        last = {}  # node index -> the values whose last reader it is (dropped after it runs)
-        for name, i in program.last_use.items():
-            last.setdefault(i, []).append(name)
-        self.last_read = last
+        self.freed_after = program.freed_after  # (values dropped after their last reader)
         self.steps = graph.node_steps()
         self.output_step = graph.maps[0]
         self.bands: dict = {}
@@ -201,7 +198,7 @@ class Strips:
                 env[node.name] = block if act.window is None else \
                     self._window(act.window, block, recompute)
                 del block
-            for name in self.last_read.get(i, ()):  # (as the module's own forward frees
+            for name in self.freed_after.get(i, ()):  # (as the module's own forward frees
                 env.pop(name, None)  # what it no longer reads)
         internal_assert(False, "the traced program has no output")
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from bench.memory import read_status_bytes
 from streamcnn import Streaming, allocator
 
 GLIBC = allocator.glibc() is not None
@@ -66,11 +67,6 @@ def test_bad_setting_is_refused(bad):
         Streaming(network(), 96, reuse_memory=bad)
 
 
-def _resident_anon() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) << 10 for line in f if line.startswith("RssAnon:"))
-
-
 @needs_glibc
 def test_small_keeps_only_buffers_under_32_mib():
     """``"small"``: a request under 32 MiB comes from the heap, one of 32 MiB is mapped (and so
@@ -84,9 +80,9 @@ def test_small_keeps_only_buffers_under_32_mib():
             ctypes.memset(p, 1, 8 * mib)
         for p in reversed(held):
             libc.free(p)
-        kept = _resident_anon()
+        kept = read_status_bytes("RssAnon")
         allocator.release(between_passes=True)  # (under "small": between passes too)
-        assert kept - _resident_anon() > 96 * mib
+        assert kept - read_status_bytes("RssAnon") > 96 * mib
     with allocator.reuse_freed_memory(True):
         assert libc.route(31 * mib) is False and libc.route(32 * mib) is False
     assert not allocator.active()
@@ -103,11 +99,11 @@ def test_release_returns_the_free_heap_inside_a_scope():
             ctypes.memset(p, 1, 8 * mib)  # (resident now)
         for p in reversed(held):
             libc.free(p)
-        kept = _resident_anon()
+        kept = read_status_bytes("RssAnon")
         allocator.release(between_passes=True)  # (True: not between passes)
-        assert kept - _resident_anon() < 32 * mib
+        assert kept - read_status_bytes("RssAnon") < 32 * mib
         allocator.release()
-        assert kept - _resident_anon() > 96 * mib  # of the 128 MiB freed (other threads may
+        assert kept - read_status_bytes("RssAnon") > 96 * mib  # of the 128 MiB freed (other threads may
         assert allocator.active()  # allocate meanwhile)
     allocator.release()  # (no scope: a no-op)
 

@@ -76,11 +76,13 @@ def test_training_step_equals_conventional(name, storage):
 
 
 @pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad=True")
-@pytest.mark.parametrize("storage", ["memory", "disk"])
-def test_every_entry_path_with_squeeze_and_excitation(storage):
+@pytest.mark.parametrize("storage, reuse", [("memory", True), ("disk", True), ("disk", "small")])
+def test_every_entry_path_with_squeeze_and_excitation(storage, reuse):
+    """Every entry path, each tile's final backward in segments between the stored maps (the
+    least-memory settings too: maps on disk, ``reuse_memory="small"``)."""
     net, x = efficientnet_like(), rand(2, 3, 67, 61)
     assert cuts_of(net, x, 40, storage) is not None
-    cmp = compare(net, x, 40, checkpoints=storage, paths=ALL_RANDOM)
+    cmp = compare(net, x, 40, checkpoints=storage, reuse_memory=reuse, paths=ALL_RANDOM)
     assert cmp.worst <= F64, cmp
 
 

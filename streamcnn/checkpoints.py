@@ -332,9 +332,11 @@ class MapStore:
         return self._whole(name)[index].to(device, memory_format=self.formats[name], copy=True)
 
     def part(self, name: str, index: tuple, device, dtype) -> torch.Tensor:
-        """``index`` of the map on ``device`` as ``dtype``: a copy where the map is in a file
-        (else a view of it where no copy is needed: the caller must not change it)."""
-        return self._whole(name)[index].to(device, dtype, copy=isinstance(self.maps[name], _File))
+        """A copy of ``index`` of the map on ``device`` as ``dtype``, in the map's layout (the
+        same strides from memory and from a file: kernels that sum over it, a normalisation's
+        backward, then sum in the same order)."""
+        return self._whole(name)[index].to(device, dtype, memory_format=self.formats[name],
+                                           copy=True)
 
     def write(self, name: str, index: tuple, value: torch.Tensor) -> None:
         self._whole(name)[index] = value
@@ -461,13 +463,21 @@ class Checkpoints:
             return False
         return not hooked(pipeline.modules())
 
+    def fuses(self, pipeline: nn.Module) -> bool:
+        """Whether the backward-terms passes may do the step's own backward above the
+        gradient cuts they start from (``function.Fused``): the forward may start at the
+        stored cuts (:meth:`finishes`: no hooks, which would miss the layers run in the passes
+        only) and no ``torch.utils.checkpoint`` is inside (the program runs through it, where
+        the module's backward would run its layers again)."""
+        return not self.graph.checkpointed and self.finishes(pipeline)
+
     def segments(self, pipeline: nn.Module) -> list:
         """The stored forward cuts other than the input, in program order, between which a
         training step's final backward runs (:meth:`function.TileRunner._backprop_segments`);
         empty unless every one is stored, the forward may start at them (:meth:`finishes`:
         no hooks) and no ``torch.utils.checkpoint`` is inside (the program runs through it,
         where the module's backward would run its layers again)."""
-        if self.graph.checkpointed or not self.finishes(pipeline):
+        if not self.fuses(pipeline):
             return []
         cuts = sorted({c for c in self.cuts.forward.values() if not c.image},
                       key=lambda c: c.position)
@@ -574,7 +584,10 @@ def estimate(graph, cuts: Cuts, step_bytes: list) -> tuple[int, float]:
     whole-image bytes (``plan``'s activations): the stored maps of every forward cut plus
     the two gradient cuts alive at once; and the step's time over one with frozen
     statistics (four units: a forward, and a backward pass at three), each pass's work
-    counted as the bytes of the steps it runs (a proxy for their arithmetic)."""
+    counted as the bytes of the steps it runs (a proxy for their arithmetic). Where the
+    terms passes do the final backward above their gradient cuts (``function.Fused``: no
+    hooks, no ``torch.utils.checkpoint`` inside), the final backward counts only below the
+    last of them."""
     program = Program(graph)
     level_of = levels(graph, NormState.of(graph).nodes)
     order = sorted(set(level_of.values()))
@@ -585,6 +598,13 @@ def estimate(graph, cuts: Cuts, step_bytes: list) -> tuple[int, float]:
     grads = [sum(step_bytes[s] for s in c.steps) if c else 0 for c in cuts.gradient.values()]
     pairs = max((a + b for a, b in zip(grads, grads[1:])), default=max(grads, default=0))
     extra = 0.0
+    top = None  # the last gradient cut a terms pass stores (as passes._backward_terms)
+    for lv in reversed(order[1:]):
+        save = cuts.gradient.get(lv)
+        if save is not None and not (top is not None and save.position == top.position):
+            top = save
+    fused = top is not None and not graph.checkpointed and not hooked(graph.root.modules())
+    final = 3 * (sum(work[:top.position]) if fused else total)
     for k, lv in enumerate(order):
         start = cuts.forward[lv].position
         last = max(program.index[n] for n, v in level_of.items() if v == lv)
@@ -592,4 +612,4 @@ def estimate(graph, cuts: Cuts, step_bytes: list) -> tuple[int, float]:
         deeper = cuts.gradient.get(order[k + 1]) if k + 1 < len(order) else None
         begin = cuts.following(lv).position
         extra += 3 * sum(work[begin:deeper.position if deeper else len(work)])  # its terms pass
-    return sum(step_bytes[s] for s in stored.values()) + pairs, 1 + extra / (4 * total)
+    return sum(step_bytes[s] for s in stored.values()) + pairs, (total + extra + final) / (4 * total)

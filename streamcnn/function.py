@@ -84,6 +84,12 @@ class TileRunner:
         self.finite: dict = {}  # tile index -> whether all it computed was finite (with skip)
         self._reading: PassStats | None = None  # the pass whose reads are counted
 
+    def fuses(self) -> bool:
+        """Whether the backward-terms passes may do the step's own backward above their
+        gradient cuts (:class:`Fused`)."""
+        return self.checkpoints is not None and self.strips is None and \
+            self.checkpoints.fuses(self.pipeline)
+
     def close_checkpoints(self) -> None:
         """Free the passes' stored maps (no backward pass will read them)."""
         if self.checkpoints is not None:
@@ -349,7 +355,8 @@ class TileRunner:
         return wanted or tiles[:1]
 
     def backward(self, source, grads: list, need_x: bool, tensors: dict, wrt: list,
-                 x_grad: bool = False, kept: Kept | None = None, need: list = ()):
+                 x_grad: bool = False, kept: Kept | None = None, need: list = (),
+                 fused: "Fused | None" = None):
         """Input gradient (on the input's device; None where it is not wanted or, as in
         conventional autograd, where no tile's output depends on its input differentiably:
         through ``detach()`` or a comparison) and the summed gradient of each of ``wrt``,
@@ -369,11 +376,23 @@ class TileRunner:
 
         With ``dedup``, each group of identical tiles is recomputed once and backpropagated
         with the sum of the group's output gradients, or once per tile of the group through
-        the kept graph when the input gradient is wanted (``dedup.gradient_parts``)."""
+        the kept graph when the input gradient is wanted (``dedup.gradient_parts``).
+
+        ``fused``: the backward-terms passes did this backward above the gradient cut
+        ``fused.top`` (:class:`Fused`); the tiles then run only below it, and ``wrt``'s
+        gradients add to what those passes found."""
+        try:
+            return self._backward(source, grads, need_x, tensors, wrt, x_grad, kept, need, fused)
+        finally:
+            if fused is not None and fused.top is not None:
+                self.checkpoints.grads.close()  # (the passes left the top's gradient for it)
+
+    def _backward(self, source, grads, need_x, tensors, wrt, x_grad, kept, need, fused):
         grad_x = torch.zeros_like(source.tensor) if need_x else None
         replayed: dict = {}  # normalisation -> how often a checkpoint ran it again in a tile
         reached = False  # whether any tile's input got a gradient
-        sums: list = [None] * len(wrt)
+        top = None if fused is None else fused.top
+        sums: list = [None] * len(wrt) if top is None else list(fused.sums)
         tiles = list(iter_tiles(self.tilings))
         stats = self.stats.backward = PassStats(tiles=len(tiles))  # (a second backward: anew)
         before = versions(self.pipeline)  # (a forward since this one's may have updated some)
@@ -403,10 +422,17 @@ class TileRunner:
             with self.inputs("backward", tiles, lambda t: (t, self.read(source, t), None),
                              stats) as inputs:
                 cuts = [] if self.checkpoints is None else self.checkpoints.segments(self.pipeline)
+                if top is not None:
+                    cuts = [c for c in cuts if c.position < top.position]
                 for tile, raw, _ in inputs:
                     leaf = raw.detach().requires_grad_(need_x or x_grad)
-                    parts = self._segmented(tile, grads, need_x) if cuts else None
-                    if parts is not None:
+                    parts = self._segmented(tile, grads, need_x) if cuts and top is None else None
+                    if top is not None:
+                        found, seen = self._backprop_below(tile, leaf, top, cuts, need_x, grad_x)
+                        reached |= found
+                        if stats.computed == 0:
+                            replayed = seen
+                    elif parts is not None:
                         found, seen = self._backprop_segments(tile, leaf, parts, cuts, need_x,
                                                               grad_x)
                         reached |= found
@@ -436,6 +462,12 @@ class TileRunner:
         into ``grad_x``; whether the tile's input got one."""
         group = [tile] if self.duplicates is None else self.duplicates.group(tile)
         parts = gradient_parts(group, lambda t: self.owned_gradients(t, grads), separate=need_x)
+        return self._backprop_parts(ys, leaf, parts, need_x, grad_x, mode)
+
+    def _backprop_parts(self, ys: list, leaf, parts: list, need_x: bool, grad_x,
+                        mode: NormMode | None) -> bool:
+        """Backpropagate ``ys`` once per (tiles, gradients) pair of ``parts``, each pair's
+        input gradient added into ``grad_x`` at its first tile's place; whether one came."""
         reached = False
 
         def take(place: Tile) -> None:
@@ -457,8 +489,29 @@ class TileRunner:
         parts = gradient_parts(group, lambda t: self.owned_gradients(t, grads), separate=need_x)
         return parts[0] if len(parts) == 1 else None
 
+    def _backprop_below(self, tile: Tile, leaf, top, cuts: list, need_x: bool, grad_x) -> tuple:
+        """The step's own backward of ``tile`` below the gradient cut ``top``, above which the
+        backward-terms passes did it (:class:`Fused`): the program from the tile input to
+        ``top``, backpropagated from the whole gradient stored there, at the positions the tile
+        owns; in segments between the forward ``cuts`` below ``top`` where one backward
+        stands for the tile's group (:meth:`_backprop_segments`), else in one run with a
+        backward per member. (Whether the input got a gradient; ``NormMode.replayed``.)"""
+        ck = self.checkpoints
+        group = [tile] if self.duplicates is None else self.duplicates.group(tile)
+        if cuts and (len(group) == 1 or not need_x):
+            return self._backprop_segments(tile, leaf, (group, None), cuts, need_x, grad_x, top)
+        with torch.enable_grad(), self.scope(tile, order=ck.program.order(0)) as mode:
+            env = {ck.program.placeholder: self.feed(leaf)}
+            ck.program.run(env, 0, top.position)
+            ys, _ = ck.owned_gradients(top, tile, env)
+            parts = gradient_parts(group, lambda t: ck.owned_gradients(top, t, env)[1],
+                                   separate=need_x)
+            del env
+            mode.replaying()
+            return self._backprop_parts(ys, leaf, parts, need_x, grad_x, mode), mode.replayed
+
     def _backprop_segments(self, tile: Tile, leaf, part, cuts: list, need_x: bool,
-                           grad_x) -> tuple:
+                           grad_x, top=None) -> tuple:
         """:meth:`_backprop` of ``tile`` one segment of the program at a time, the last first:
         each starts at the forward cut its level's pass stored (the first at the tile input),
         read over the tile's span as leaves, and is backpropagated from the gradient the
@@ -468,15 +521,18 @@ class TileRunner:
         anyway; these segments cost no more arithmetic than one run from the input). The
         values are the passes' own (exact, :mod:`streamcnn.checkpoints`), and the chain rule
         through the leaves gives the gradients of one run. (Whether the input got a gradient;
-        the calls a checkpoint inside the module ran again: ``NormMode.replayed``.)"""
+        the calls a checkpoint inside the module ran again: ``NormMode.replayed``.) With
+        ``top``, a gradient cut after ``cuts``, the last segment ends there, backpropagated
+        from the gradient stored there (:meth:`_backprop_below`; ``part``'s gradients: None)."""
         ck = self.checkpoints
         members, gs = part
         starts = [None] + cuts  # (None: the tile input)
+        stops = cuts + [top]  # (None: the outputs)
         after: dict = {}  # name -> gradient at the cut the later segment started from
         replayed: dict = {}
         reached = False
         for k in reversed(range(len(starts))):
-            cut, stop = starts[k], cuts[k] if k < len(cuts) else None
+            cut, stop = starts[k], stops[k]
             position = 0 if cut is None else cut.position
             with torch.enable_grad(), self.scope(tile, order=ck.program.order(position)) as mode:
                 if cut is None:
@@ -488,15 +544,18 @@ class TileRunner:
                     # work in place)
                 out = ck.program.run(env, position, None if stop is None else stop.position)
                 if stop is None:
-                    ys, ygs = self.owned_leaves(tree_leaves(out), tile, leaf), gs
+                    ys, parts = self.owned_leaves(tree_leaves(out), tile, leaf), [part]
+                elif k == len(cuts):  # (top: the group's stored gradients, summed)
+                    ys, _ = ck.owned_gradients(top, tile, env)
+                    parts = gradient_parts(members, lambda t: ck.owned_gradients(top, t, env)[1],
+                                           separate=False)
                 else:
                     ys = [env[n] for n in stop.names if after.get(n) is not None]
-                    ygs = [after[n] for n in stop.names if after.get(n) is not None]
+                    parts = [(members, [after[n] for n in stop.names if after.get(n) is not None])]
                 del env, out
                 mode.replaying()
-                mode.stand_for([t.index for t in members])
-                backward_owned(ys, ygs)
-                del ys, ygs
+                backward_parts(ys, parts, mode)
+                del ys, parts
                 replayed.update(mode.replayed)
             after = {n: v.grad for n, v in leaves.items()}
             del leaves
@@ -507,15 +566,17 @@ class TileRunner:
         return reached, replayed
 
 
-def backward_owned(ys: list, grads: list, retain_graph: bool = False) -> None:
+def backward_owned(ys: list, grads: list, retain_graph: bool = False, inputs=()) -> None:
     """Backpropagate a tile's owned outputs ``ys`` together, each that requires grad with its
-    gradient in ``grads`` (None: the loss does not use that output)."""
+    gradient in ``grads`` (None: the loss does not use that output); ``inputs``: the only
+    leaves to accumulate into (none: every leaf)."""
     pairs = [(y, g) for y, g in zip(ys, grads) if g is not None and y.requires_grad]
     if pairs:
-        backward_here([y for y, _ in pairs], [g for _, g in pairs], retain_graph=retain_graph)
+        backward_here([y for y, _ in pairs], [g for _, g in pairs], retain_graph=retain_graph,
+                      inputs=inputs)
 
 
-def backward_parts(ys: list, parts: list, mode: NormMode | None, after=None) -> None:
+def backward_parts(ys: list, parts: list, mode: NormMode | None, after=None, inputs=()) -> None:
     """Backpropagate a recomputed tile's owned outputs ``ys`` once per (tiles, gradients)
     pair of ``parts`` (``dedup.gradient_parts``; the graph is kept for the next), each
     standing for its tiles (``mode``: their whole-map corrections are added, once each);
@@ -524,7 +585,7 @@ def backward_parts(ys: list, parts: list, mode: NormMode | None, after=None) -> 
         for k, (tiles, gs) in enumerate(parts):
             if mode is not None:
                 mode.stand_for([t.index for t in tiles])
-            backward_owned(ys, gs, retain_graph=k + 1 < len(parts))
+            backward_owned(ys, gs, retain_graph=k + 1 < len(parts), inputs=inputs)
             if after is not None:
                 after(tiles[0])
 
@@ -535,6 +596,21 @@ def collect(sums: list, leaves) -> None:
         g, t.grad = t.grad, None
         if g is not None:  # (own the first: a gradient may alias grad_out)
             sums[i] = g.clone() if sums[i] is None else sums[i].add_(g)
+
+
+@dataclass
+class Fused:
+    """The step's own backward, done inside the backward-terms passes wherever the gradient
+    is complete there (``passes.backward_terms``): above the gradient cut a pass starts
+    from, every whole-map step is a deeper level's, whose terms are known, so that part of
+    each tile's backward is the final one, and its parameter gradients are taken there.
+    The final backward then runs only below ``top``, the last cut the passes stored a
+    gradient at. Only where the program runs as the module (``Checkpoints.fuses``)."""
+
+    tensors: dict  # the module's tensors for the passes: the final backward's aliases
+    wrt: list  # the aliases whose gradients are wanted
+    sums: list  # their gradients from the parts done so far (as TileRunner.backward's)
+    top: object = None  # the gradient cut below which the final backward runs (None: all)
 
 
 @dataclass
@@ -590,17 +666,22 @@ class StreamFunction(torch.autograd.Function):
             return (None,) * (2 + k)
         aliases = [t.detach().requires_grad_(n) for t, n in zip(grads_in, need)]
         tensors = job.captured.substitutes(aliases, consts)
+        wrt = [a for a, n in zip(aliases, need) if n]
+        fused = None
         device_type, enabled, dtype = job.autocast
         with reuse_freed_memory(job.reuse_memory), torch.autocast(device_type, dtype=dtype,
                                                                   enabled=enabled):
             source = job.runner.source if x is None else TensorSource(x)
             if job.before_backward is not None:
-                job.before_backward(source, grads, job.captured.substitutes(
-                    [t.detach() for t in grads_in], consts), ctx.needs_input_grad[1])
-            grad_x, sums = job.runner.backward(source, grads, need_x, tensors,
-                                               [a for a, n in zip(aliases, need) if n],
+                if job.runner.fuses():
+                    fused = Fused(tensors, wrt, [None] * len(wrt))
+                # (hooks may only observe, as in the final backward: the passes do part of it)
+                with observing_gradient_hooks(job.runner.pipeline):
+                    job.before_backward(source, grads, job.captured.substitutes(
+                        [t.detach() for t in grads_in], consts), ctx.needs_input_grad[1], fused)
+            grad_x, sums = job.runner.backward(source, grads, need_x, tensors, wrt,
                                                x_grad=ctx.needs_input_grad[1], kept=job.kept,
-                                               need=need)
+                                               need=need, fused=fused)
         grads = iter(sums)
         return (None, grad_x, *(next(grads) if n else None for n in need))
 

@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_leaves
 
 from .errors import internal_assert
 from .dedup import Summaries, gradient_parts
-from .function import TileRunner, backward_owned, backward_parts
+from .function import Fused, TileRunner, backward_owned, backward_parts, collect
 from .moments import Moments, all_but_channels
 from .prefetch import PassStats
 from .norms import NormMode, NormState, Terms, check_values, correction_terms, frozen_modules, \
@@ -246,7 +246,7 @@ def _forward_statistics(runner: TileRunner, graph, state: NormState, bar=None) -
 
 
 def backward_terms(runner: TileRunner, graph, state: NormState, source, grads: list,
-                   tensors: dict, bar=None, x_grad: bool = False) -> None:
+                   tensors: dict, bar=None, x_grad: bool = False, fused: Fused | None = None) -> None:
     """Fill ``state.terms`` with the whole-map terms of (N1) of every normalisation, given
     ``grads``: the gradient of each output map (``runner.outputs.maps``; None: unused), or a
     function ``(tile, ys)`` -> the gradient of each of ``ys``, the tile's owned parts (a
@@ -255,19 +255,26 @@ def backward_terms(runner: TileRunner, graph, state: NormState, source, grads: l
     pass makes its normalisations' outputs leaves, so its backward stops there. Tiles
     require grad as the input did (``x_grad``), so that code that asks (a reentrant
     ``checkpoint``) runs as it did conventionally. With checkpoints, each pass starts at its
-    level's stored maps and ends at the gradient the deeper pass stored."""
+    level's stored maps and ends at the gradient the deeper pass stored.
+
+    ``fused`` (checkpoints only): each pass does the step's own backward above the cut where
+    it stores a gradient (:class:`function.Fused`), with ``fused.tensors`` for the module's,
+    adding their gradients into ``fused.sums``; ``fused.top`` is then the last such cut, whose
+    stored gradient is left for the final backward below it."""
     with _closing_on_failure(runner):
-        _backward_terms(runner, graph, state, source, grads, tensors, bar, x_grad)
-    if runner.checkpoints is not None:
+        _backward_terms(runner, graph, state, source, grads, tensors, bar, x_grad, fused)
+    if runner.checkpoints is not None and (fused is None or fused.top is None):
         runner.checkpoints.grads.close()
 
 
-def _backward_terms(runner, graph, state, source, grads, tensors, bar, x_grad) -> None:
+def _backward_terms(runner, graph, state, source, grads, tensors, bar, x_grad, fused) -> None:
     level_of = levels(graph, state.nodes)
     ck = runner.checkpoints
     order = sorted(set(level_of.values()))
     inject = None  # the gradient cut the deeper pass stored (None: the outputs)
     stats = runner.stats.terms = PassStats()  # (a second backward: anew)
+    if fused is not None:
+        tensors = fused.tensors
     for level in reversed(order):
         nodes = [n for n in state.nodes if level_of[n.name] == level]
         sums = {n.name: Terms() for n in nodes}
@@ -285,7 +292,7 @@ def _backward_terms(runner, graph, state, source, grads, tensors, bar, x_grad) -
                 found = _tile_terms(runner, state, group, nodes, source, grads, tensors, x_grad)
             else:
                 found = _tile_terms_from(runner, state, group, nodes, source, grads, tensors,
-                                         x_grad, (ck.cuts.following(level), inject, save))
+                                         x_grad, (ck.cuts.following(level), inject, save), fused)
             stats.computed += 1
             for name, (h, hx) in found.items():
                 sums[name].add(h, hx)
@@ -299,6 +306,8 @@ def _backward_terms(runner, graph, state, source, grads, tensors, bar, x_grad) -
                 continue
             shape = (source.shape[0], graph.steps[n.step].channels or state.stats[n.name].mean.numel())
             state.terms[n.name] = correction_terms(n, sums[n.name], state.stats[n.name], *shape)
+    if fused is not None:
+        fused.top = inject
 
 
 def _group(runner: TileRunner, tile) -> list | None:
@@ -344,7 +353,8 @@ def _parts(runner, group, grads, ys, of=None, separate: bool = False) -> list:
                           separate=separate)
 
 
-def _tile_terms_from(runner, state, group, nodes, source, grads, tensors, x_grad, cuts) -> dict:
+def _tile_terms_from(runner, state, group, nodes, source, grads, tensors, x_grad, cuts,
+                     fused=None) -> dict:
     """:func:`_tile_terms` with checkpoints: the traced program from the level's forward cut
     ``start`` to the gradient cut ``inject`` (None: the outputs), whose stored gradient it
     backpropagates from the positions the tile owns; on the way its gradient at the cut
@@ -352,7 +362,11 @@ def _tile_terms_from(runner, state, group, nodes, source, grads, tensors, x_grad
     everything after the cut, then passed on to the level's steps before it). With a group
     of identical tiles and ``save``, each member's gradient is backpropagated to the cut
     apart (through the kept graph: each goes to its own place in the store), then their
-    sum on from the cut, standing for every member."""
+    sum on from the cut, standing for every member.
+
+    With ``fused``, the backward above ``save`` is the step's own (every whole-map step
+    there is a deeper level's): the module's tensors' gradients from it are added into
+    ``fused.sums``; every other backward accumulates only into the level's leaves."""
     tile = group[0]
     start, inject, save = cuts
     ck = runner.checkpoints
@@ -391,13 +405,29 @@ def _tile_terms_from(runner, state, group, nodes, source, grads, tensors, x_grad
             parts = _parts(runner, group, grads, ys, separate=save is not None,
                            of=lambda t: ck.owned_gradients(inject, t, env)[1])
         mode.replaying()
-        backward_parts(ys, parts, mode, after=store if save is not None else None)
-        if save is not None:
+        final = fused is not None and save is not None
+        if final or _reaches(leaves, fused):
+            backward_parts(ys, parts, mode, after=store if save is not None else None,
+                           inputs=() if fused is None or final else _made(leaves))
+        if final:
+            collect(fused.sums, fused.wrt)
+        if save is not None and _reaches(leaves, fused):
             mode.stand_for([t.index for t in group])  # (the steps before the cut: all at once)
             before = [(v, totals[name]) for name, (v, _) in cut.items()
                       if v.requires_grad and name in totals]
-            backward_owned([v for v, _ in before], [g for _, g in before])
+            backward_owned([v for v, _ in before], [g for _, g in before],
+                           inputs=() if fused is None else _made(leaves))
     return _found(nodes, leaves)
+
+
+def _made(leaves: dict) -> list:
+    """Every leaf the level's steps made (``NormMode``): what a partial backward is for."""
+    return [m[0] for made in leaves.values() for m in made]
+
+
+def _reaches(leaves: dict, fused) -> bool:
+    """Whether a backward restricted to the level's leaves has any (always, unrestricted)."""
+    return fused is None or bool(_made(leaves))
 
 
 def _found(nodes, leaves) -> dict:

@@ -172,15 +172,16 @@ def substituted(module: nn.Module, tensors: dict):
     return _reparametrize_module(module, tensors, tie_weights=False, strict=False)
 
 
-def backward_here(y, grad, retain_graph: bool = False) -> None:
+def backward_here(y, grad, retain_graph: bool = False, inputs=()) -> None:
     """``torch.autograd.backward(y, grad)`` (one tensor and its gradient, or sequences of
     them) with the torch-function modes active here still active inside the backward, where
     a ``torch.utils.checkpoint`` in the module runs parts of it again. (``Tensor.backward``
     is itself a torch function: a mode that sees the call is popped while it runs, so the
-    recomputation would escape it; the engine is called directly.)"""
+    recomputation would escape it; the engine is called directly.) ``inputs``: as
+    ``torch.autograd.backward``'s, the only leaves to accumulate into (none: every leaf)."""
     ys = (y,) if isinstance(y, torch.Tensor) else tuple(y)
     grads = (grad,) if isinstance(grad, torch.Tensor) else tuple(grad)
-    _engine_run_backward(ys, grads, retain_graph, False, (), allow_unreachable=True,
+    _engine_run_backward(ys, grads, retain_graph, False, tuple(inputs), allow_unreachable=True,
                          accumulate_grad=True)
 
 

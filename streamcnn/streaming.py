@@ -381,11 +381,12 @@ def _stream_norms(runner: TileRunner, graph) -> NormState | None:
     return norms
 
 
-def _norm_terms(runner, graph, norms, source, grads, tensors, x_grad) -> None:
+def _norm_terms(runner, graph, norms, source, grads, tensors, x_grad, fused=None) -> None:
     """Before the final backward: the whole-map terms of every normalisation's gradient
-    (``grads``: one per output map, None where the loss does not use it)."""
+    (``grads``: one per output map, None where the loss does not use it), and with
+    ``fused`` the final backward's part above the passes' gradient cuts."""
     norms.terms.clear()
-    backward_terms(runner, graph, norms, source, grads, tensors, x_grad=x_grad)
+    backward_terms(runner, graph, norms, source, grads, tensors, x_grad=x_grad, fused=fused)
 
 
 def _refuse_functorch() -> None:

@@ -271,8 +271,11 @@ def test_each_layer_runs_in_one_forward_pass_not_one_per_level(storage):
     convolution before it, so convolution i runs in k - i passes and the forward, and each
     backward-terms pass runs all of them; from checkpoints, each runs in one statistics pass,
     and the forward's tiles but the first start after the last level (the last convolution,
-    after every BatchNorm, runs in the forward only); in the backward, in two backward-terms
-    passes at most and the final recomputation."""
+    after every BatchNorm, runs in the forward only); in the backward, in one backward-terms
+    pass each, which is also its final backward (``function.Fused``: above the gradient cut
+    a pass starts from, every term is known), but for the layers below the lowest such cut:
+    the first convolution runs in the final backward only, the second there and in the
+    lowest level's terms pass."""
     k = 6
     net, x = blocks(k), rand(1, 2, 64, 56)
     tiles = streamcnn.plan(net, x.shape, 24).num_tiles
@@ -285,7 +288,7 @@ def test_each_layer_runs_in_one_forward_pass_not_one_per_level(storage):
         assert backward == [(k + 1) * tiles] * (k + 1)
     else:
         assert forward == [tiles + 1] * k + [tiles]
-        assert backward == [tiles] + [2 * tiles] * k
+        assert backward == [tiles, 2 * tiles] + [tiles] * (k - 1)
 
 
 def test_a_forward_hook_sees_every_tile_of_the_forward():
@@ -300,6 +303,32 @@ def test_a_forward_hook_sees_every_tile_of_the_forward():
     handle.remove()
     assert len(seen) == 2 * tiles  # the first level's statistics pass, and the forward
     assert rel_err(y.detach(), copy.deepcopy(net)(x).detach()) <= F64
+
+
+def test_backward_hooks_above_the_last_gradient_cut():
+    """The terms passes do the final backward above their gradient cuts (``function.Fused``),
+    so a backward hook on a layer there runs in them: one that reads gradients keeps working
+    (the step equals conventional autograd's), one that returns a new gradient is refused
+    there, naming its layer, as the final backward refuses it."""
+    from streamcnn.errors import StreamingError
+
+    net, x = blocks(4), rand(1, 2, 60, 52)
+    ref = copy.deepcopy(net)
+    seen = []
+    handle = net[-2].register_full_backward_hook(lambda m, gi, go: seen.append(go[0].shape))
+    y = Streaming(net, 24, checkpoints="memory")(x)
+    y.backward(rand(*y.shape, seed=4))
+    handle.remove()
+    y0 = ref(x)
+    y0.backward(rand(*y0.shape, seed=4))
+    assert seen
+    for p, p0 in zip(net.parameters(), ref.parameters()):
+        assert rel_err(p.grad, p0.grad) <= F64
+    net[-2].register_full_backward_hook(lambda m, gi, go: (gi[0].clamp(min=0),))
+    y = Streaming(net, 24, checkpoints="memory")(x)
+    with pytest.raises(StreamingError, match=r"a backward hook on layer '\d+' \(ReLU\) returned "
+                                             r"a new gradient"):
+        y.sum().backward()
 
 
 def test_update_bn_equals_torch(tmp_path):

@@ -90,6 +90,8 @@ def worker(net: str, side: int, mode: str, tile: int, threads: int) -> dict:
               "step_s": timing["seconds"], "forward_s": forward_s, "backward_s": backward_s,
               "cpu_window": timing["cpu_window"], "disturbance": timing["disturbance"],
               "peak_rss_bytes": read_status_bytes("VmHWM"),
+              "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # (AVX2 vs AVX512:
+              # other kernels, other times; compare rows measured on one machine)
               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if streamed:
         p = plan(body, (1, 3, side, side), tile, checkpoints=checkpoints)
@@ -120,6 +122,8 @@ def measure(net: str, side: int, mode: str, tile: int, threads: int, repeat: int
 def _ratio(r: dict, base: dict | None) -> str:
     if not base or base.get("status") != "measured" or r is base:
         return ""
+    if r.get("cpu_capability") != base.get("cpu_capability"):  # (not one machine's kernels)
+        return "– (base measured on another machine)"
     return f"{r['step_s'] / base['step_s']:.2f}× time, {r['peak_rss_bytes'] / base['peak_rss_bytes']:.2f}× memory"
 
 
@@ -148,7 +152,9 @@ def render(stored: dict) -> str:
             "`reuse_memory=\"small\"` (buffers of 32 MiB or more go back to the system when "
             "freed); *stored* is "
             "what `plan().checkpoint_bytes` counts; *plan()* gives its bound from the image and its "
-            "estimate with checkpoints.")
+            "estimate with checkpoints. Ratios come from rows measured on one machine: *measured* "
+            "gives torch's CPU capability where recorded (AVX2 and AVX512 machines run other "
+            "kernels at other speeds).")
     if not stored:
         return head + "\n\nNot measured yet."
     rows = []
@@ -166,10 +172,11 @@ def render(stored: dict) -> str:
         rows.append([net, f"{side}²", mode, str(tile or "–"),
                      f"{r.get('levels', 0)} levels, {r['tiles']} tiles" if "tiles" in r else "–",
                      f"**{fmt_s(r['step_s'])}**" + _spread(r),
-                     f"**{_ratio(r, base)}**" if _ratio(r, base) else "",
+                     f"**{_ratio(r, base)}**" if _ratio(r, base).endswith("memory") else _ratio(r, base),
                      plan_cell, f"**{fmt_bytes(r['peak_rss_bytes'])}**",
                      fmt_bytes(r["stored_bytes"]) if r.get("stored_bytes") else "–",
-                     study.cpu_use(r), study.quiet(r), r["date"][:10]])
+                     study.cpu_use(r), study.quiet(r),
+                     r["date"][:10] + (f" ({r['cpu_capability']})" if r.get("cpu_capability") else "")])
     header = ["network", "image", "mode", "tile", "levels", "one step", "vs frozen / conventional",
               "plan()", "peak RSS", "stored", "CPU / (wall × threads)", "other work", "measured"]
     return head + "\n\n" + table(header, rows)

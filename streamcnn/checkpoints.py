@@ -192,6 +192,21 @@ class Cuts:
         level's cut, the latest before ``level``'s steps (all statistics are known then)."""
         return self.forward[min(lv for lv in self.forward if lv > level)]
 
+    def saved(self, order) -> dict:
+        """Level -> the gradient cut its backward pass stores, for the levels ``order`` (lowest
+        first), deepest first as the passes run: none for the lowest level (no pass reads it)
+        nor where the deeper pass stored the same cut (its gradient is already complete). The
+        last one stored, the lowest level's that has one, is where the final backward ends
+        (``function.Fused.top``)."""
+        saved, deeper = {}, None
+        for lv in reversed(order[1:]):
+            save = self.gradient[lv]
+            if save is not None and deeper is not None and save.position == deeper.position:
+                save = None
+            saved[lv] = save
+            deeper = save if save is not None else deeper
+        return saved
+
     @property
     def steps(self) -> tuple[int, ...]:
         """Every stored map's step: the tiles must own a part of each (tiling targets)."""
@@ -598,11 +613,7 @@ def estimate(graph, cuts: Cuts, step_bytes: list) -> tuple[int, float]:
     grads = [sum(step_bytes[s] for s in c.steps) if c else 0 for c in cuts.gradient.values()]
     pairs = max((a + b for a, b in zip(grads, grads[1:])), default=max(grads, default=0))
     extra = 0.0
-    top = None  # the last gradient cut a terms pass stores (as passes._backward_terms)
-    for lv in reversed(order[1:]):
-        save = cuts.gradient.get(lv)
-        if save is not None and not (top is not None and save.position == top.position):
-            top = save
+    top = next((c for c in reversed(cuts.saved(order).values()) if c is not None), None)
     fused = top is not None and not graph.checkpointed and not hooked(graph.root.modules())
     final = 3 * (sum(work[:top.position]) if fused else total)
     for k, lv in enumerate(order):

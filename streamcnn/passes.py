@@ -275,14 +275,11 @@ def _backward_terms(runner, graph, state, source, grads, tensors, bar, x_grad, f
     stats = runner.stats.terms = PassStats()  # (a second backward: anew)
     if fused is not None:
         tensors = fused.tensors
+    saved = {} if ck is None else ck.cuts.saved(order)
     for level in reversed(order):
         nodes = [n for n in state.nodes if level_of[n.name] == level]
         sums = {n.name: Terms() for n in nodes}
-        save = None
-        if ck is not None and level != order[0]:
-            save = ck.cuts.gradient[level]
-            if save is not None and inject is not None and save.position == inject.position:
-                save = None  # (the same cut: its gradient is already complete)
+        save = saved.get(level)
         for tile in _ticking(runner, bar):
             stats.tiles += 1
             group = _group(runner, tile)

@@ -40,7 +40,7 @@ POINTS = tuple([("resnet34", 2048, "conventional", 0)]
                + [("resnet34", 2048, m, t) for t in TILES["resnet34"] for m in ("reuse", "recompute")]
                + [("conv3", 2048, "conventional", 0)]
                + [("conv3", 2048, m, t) for t in TILES["conv3"] for m in ("reuse", "recompute")]
-               + [("resnet34", 16384, "reuse", 2800)])
+               + [("resnet34", 4096, "conventional", 0), ("resnet34", 16384, "reuse", 2800)])
 
 
 def key(net: str, side: int, mode: str, tile: int = 0) -> str:
@@ -92,6 +92,8 @@ def worker(net: str, side: int, mode: str, tile: int, threads: int) -> dict:
               "step_s": timing["seconds"], "forward_s": forward_s, "backward_s": backward_s,
               "cpu_window": timing["cpu_window"], "disturbance": timing["disturbance"],
               "peak_rss_bytes": read_status_bytes("VmHWM"), "layout": str(layout),
+              "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # (AVX2 and AVX512
+              # machines run other kernels at other speeds: ratios within one machine only)
               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if streamed:
         p = plan(body, (1, 3, side, side), tile, overlap=mode)
@@ -112,18 +114,41 @@ def _ok(r) -> bool:
 
 
 def _today(net: str = "resnet34", side: int = 16384, tile: int = 2800) -> tuple:
-    """``make bench``'s recomputing step at ``side``² (record or None) and conventional
-    backprop's time extrapolated there (seconds or None), from reports/bench.json."""
+    """``make bench``'s recomputing step at ``side``² (record or None), conventional backprop's
+    time extrapolated there by its fitted line (seconds or None) and the CPU capability of the
+    machine that measured them, from reports/bench.json."""
     path = REPORTS / "bench.json"
     if not path.exists():
-        return None, None
+        return None, None, None
     res = json.loads(path.read_text())
     network = (res.get("networks") or {}).get(net) or {}
     rec = next((p for p in network.get("points", []) if p.get("mode") == "streaming"
                 and p.get("size") == side and p.get("tile") == tile and p.get("status") == "measured"), None)
     extra = (network.get("analysis") or {}).get("conventional_extrapolated") or []
     found = next((e for e in extra if e.get("size") == side), None)
-    return rec, (found or {}).get("time")
+    return rec, (found or {}).get("time"), (res.get("machine") or {}).get("cpu_capability")
+
+
+def same_machine(a: dict, b: dict) -> bool:
+    """Whether two rows ran the same CPU kernels (torch's capability, recorded since rows were
+    measured on both AVX2 and AVX512 machines; rows from before that compare with each other)."""
+    return a.get("cpu_capability") == b.get("cpu_capability")
+
+
+def extrapolated(stored: dict, r: dict, side: int = 16384) -> tuple:
+    """Conventional backprop's step at ``side``² on ``r``'s machine: the line a + b·pixels through
+    this study's conventional steps at 2048² and 4096² (``(seconds, how)``), else ``make bench``'s
+    fitted line where reports/bench.json was measured on the same machine (None where neither)."""
+    pts = [stored.get(key("resnet34", n, "conventional")) for n in (2048, 4096)]
+    if all(_ok(p) and same_machine(p, r) for p in pts):
+        (n0, t0), (n1, t1) = [(p["side"] ** 2, p["step_s"]) for p in pts]
+        b = (t1 - t0) / (n1 - n0)
+        return t0 + b * (side ** 2 - n0), (f"the line through this study's conventional steps at 2048² "
+                                           f"({fmt_s(t0)}) and 4096² ({fmt_s(t1)}), same machine")
+    _, seconds, capability = _today()
+    if seconds and capability == r.get("cpu_capability"):
+        return seconds, "`make bench`'s fitted line (reports/bench.json, same machine)"
+    return None, None
 
 
 def render(stored: dict) -> str:
@@ -148,7 +173,7 @@ def render(stored: dict) -> str:
             model = 2 * base["forward_s"] + base["backward_s"]
             rows.append(["conventional", "–", "–", "–", f"{fmt_s(base['step_s'])} (F {fmt_s(base['forward_s'])}, "
                          f"B {fmt_s(base['backward_s'])}, 2F+B {fmt_s(model)})", "", fmt_bytes(base["peak_rss_bytes"]),
-                         "–", study.cpu_use(base), study.quiet(base), base["date"][:10]])
+                         "–", study.cpu_use(base), study.quiet(base), _measured(base)])
         for tile in TILES[net]:
             for mode in ("reuse", "recompute"):
                 r = stored.get(key(net, 2048, mode, tile))
@@ -156,11 +181,12 @@ def render(stored: dict) -> str:
                     rows.append([mode, str(tile), "", "", (r or {}).get("status", "not measured"), "", "", "", "", "", ""])
                     continue
                 factor = r["reuse_factor"] if mode == "reuse" else r["recompute_factor"]
-                ratio = f"**{r['step_s'] / model:.2f}×**" if _ok(base) else ""
+                ratio = (f"**{r['step_s'] / model:.2f}×**" if same_machine(r, base) else
+                         "– (another machine)") if _ok(base) else ""
                 rows.append([mode, str(tile), str(r["tiles"]), f"{factor:.2f}×", f"**{fmt_s(r['step_s'])}**", ratio,
                              f"**{fmt_bytes(r['peak_rss_bytes'])}**",
                              fmt_bytes(r["strip_bytes"]) if mode == "reuse" else "–",
-                             study.cpu_use(r), study.quiet(r), r["date"][:10]])
+                             study.cpu_use(r), study.quiet(r), _measured(r)])
         title = ("ResNet-34 through layer3, BatchNorm frozen" if net == "resnet34"
                  else "the Fig. 2 network (three 3×3 convolutions)")
         parts.append(f"### {title}, 2048²\n\n" + table(
@@ -170,23 +196,29 @@ def render(stored: dict) -> str:
     return "\n\n".join(parts)
 
 
+def _measured(r: dict) -> str:
+    return r["date"][:10] + (f" ({r['cpu_capability']})" if r.get("cpu_capability") else "")
+
+
 def _large(stored: dict) -> str:
     r = stored.get(key("resnet34", 16384, "reuse", 2800))
-    today, conventional = _today()
     lines = ["### ResNet-34 at 16384², tile 2800"]
     if not _ok(r):
         return "\n\n".join(lines + [f"Reused: {(r or {}).get('status', 'not measured')}."])
+    conventional, how = extrapolated(stored, r)
+    today, _, capability = _today()
     rows = [["reused", f"**{fmt_s(r['step_s'])}**",
              f"**{r['step_s'] / conventional:.2f}×**" if conventional else "–",
-             f"**{fmt_bytes(r['peak_rss_bytes'])}**", fmt_bytes(r["strip_bytes"]), study.quiet(r), r["date"][:10]]]
+             f"**{fmt_bytes(r['peak_rss_bytes'])}**", fmt_bytes(r["strip_bytes"]), study.quiet(r), _measured(r)]]
     if today:
+        same = capability == r.get("cpu_capability")
         rows.append(["recomputed (`make bench`)", fmt_s(today["step_s"]),
-                     f"{today['step_s'] / conventional:.2f}×" if conventional else "–",
+                     f"{today['step_s'] / conventional:.2f}×" if conventional and same else "– (another machine)",
                      fmt_bytes(today["vmhwm_bytes"]), "–", "quiet" if today.get("clean") else "disturbed",
-                     "see above"])
-    note = (f"Conventional backprop cannot run here (it needs ~157 GiB); its time, extrapolated by `make "
-            f"bench`'s fitted line, is {fmt_s(conventional)}." if conventional else
-            "No extrapolated conventional time in reports/bench.json.")
+                     f"reports/bench.json ({capability})"])
+    note = (f"Conventional backprop cannot run here (it needs ~157 GiB); its time, extrapolated by {how}, "
+            f"is {fmt_s(conventional)}." if conventional else
+            "No conventional time measured on this row's machine to extrapolate from.")
     return "\n\n".join(lines + [note, table(["overlap", "one step", "vs conventional (extrapolated)",
                                              "peak RSS", "strips", "other work", "measured"], rows)])
 

@@ -276,10 +276,16 @@ class TileRunner:
             yield
         self.finite[tile.index] = watch.finite
 
+    def _tiles(self) -> list:
+        """The tiles of the forward and the backward, in order; reusing overlaps, each reading
+        what its program needs of the input (``Strips.widened``)."""
+        tiles = iter_tiles(self.tilings)
+        return list(tiles) if self.strips is None else [self.strips.widened(t) for t in tiles]
+
     def first_tile(self):
         """The first tile's owned part of each output map, and every tensor the pipeline read
         for it."""
-        tile = next(iter_tiles(self.tilings))
+        tile = self._tiles()[0]
         stats = self.stats.forward
         with torch.no_grad(), self.inputs("forward", [tile], self._forward_read, stats) as inputs:
             ((_, raw, _),) = inputs
@@ -297,7 +303,7 @@ class TileRunner:
         ``k`` 's owned parts are written into (default: a new tensor; ``dense.ArrayOutput``:
         an array), returned."""
         stats = self.stats.forward
-        tiles = list(iter_tiles(self.tilings))
+        tiles = self._tiles()
         keep_from = len(tiles) - (kept.count if kept is not None else 0)
         with torch.no_grad(), self.inputs("forward", tiles[1:], self._forward_read, stats) as inputs:
             outs = [allocate(k, y.shape[:2] + spatial) if allocate is not None else
@@ -393,7 +399,7 @@ class TileRunner:
         reached = False  # whether any tile's input got a gradient
         top = None if fused is None else fused.top
         sums: list = [None] * len(wrt) if top is None else list(fused.sums)
-        tiles = list(iter_tiles(self.tilings))
+        tiles = self._tiles()
         stats = self.stats.backward = PassStats(tiles=len(tiles))  # (a second backward: anew)
         before = versions(self.pipeline)  # (a forward since this one's may have updated some)
         if self.duplicates is not None:

@@ -3,7 +3,6 @@ before doing it."""
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 
@@ -21,7 +20,7 @@ from .norms import levels, norm_calls
 from .keeping import tiles_kept
 from . import reuse as _reuse
 from . import checkpoints as _checkpoints
-from .strips import exact_steps, why_not
+from .strips import check_strip_options, exact_steps, reuse_axes, strip_weights, why_not
 from .tiling import count
 from .trace import analyse, analyse_structure
 
@@ -59,6 +58,18 @@ class StepPlan:
     shape: tuple  # (N, C, *spatial) of its output on the whole image (C: None if unknown)
     receptive_field: tuple  # per axis, on the input
     stride: tuple  # per axis, total stride from the input
+
+
+@dataclass(frozen=True)
+class StripChoice:
+    """Reused overlaps under one ``strip_budget``: the steps keeping strips, the strips'
+    bytes, and the positions computed per pass over the maps' (as ``reuse_factor``)."""
+
+    label: str  # the budget ("None": every step)
+    budget: int | None
+    steps: int
+    strip_bytes: int
+    factor: float
 
 
 @dataclass(frozen=True)
@@ -173,6 +184,17 @@ class StreamPlan:
     reuse_factor: float | None = None  # the same reusing overlaps (None: the graph cannot)
     strip_bytes: int = 0  # reused overlaps' activation strips (their gradients: as much again)
     reuse_refusal: str | None = None  # why the overlaps cannot be reused, or None
+    strip_budget: int | None = None  # Streaming's strip_budget (None: strips at every step)
+    strip_memory: str = "device"  # where the strips live ("device" or "host")
+    strip_steps: tuple = ()  # the steps keeping strips under the budget (all: every step)
+    strip_choices: tuple = ()  # StripChoice per budget: all steps, 1/2, 1/4, 1/8 of their bytes, 0
+
+    @property
+    def reuse_time_factor(self) -> float | None:
+        """A step's time over conventional backprop's with reused overlaps (F + F + B ~ 4F per
+        pass against F + B ~ 3F, the positions computed per pass ``reuse_factor``), None where
+        the graph cannot reuse them."""
+        return None if self.reuse_factor is None else 4 * self.reuse_factor / 3
 
     @property
     def time_factor(self) -> float:
@@ -274,11 +296,19 @@ class StreamPlan:
                  f"about {4 * self.recompute_factor / 3:.1f}x conventional time"]
         if self.reuse_factor is None:
             lines.append(f"    reused: cannot run here: {self.reuse_refusal}")
-        else:
-            lines.append(f"    reused: {self.reuse_factor:.2f}x, about {4 * self.reuse_factor / 3:.1f}x, "
-                         f"for {_bytes(self.strip_bytes)} of strips (and up to as much again for "
-                         f"their gradients in the backward"
-                         f"{', counted above' if self.overlap_mode == 'reuse' else ''})")
+            return lines
+        where = " in host memory" if self.strip_memory == "host" else ""
+        budget = "" if self.strip_budget is None else (
+            f" (strip_budget {_bytes(self.strip_budget)}: strips at {len(self.strip_steps)} of "
+            f"{len(self.steps) - 1} steps)")
+        lines.append(f"    reused: {self.reuse_factor:.2f}x, about {self.reuse_time_factor:.1f}x, "
+                     f"for {_bytes(self.strip_bytes)} of strips{where}{budget} (and up to as much "
+                     f"again for their gradients in the backward"
+                     f"{', counted above' if self.overlap_mode == 'reuse' else ''})")
+        if self.strip_choices:
+            lines.append("    strip_budget   strips at    strip bytes   computed per pass   step time")
+            lines += [f"    {c.label:<14} {c.steps:>4} steps {_bytes(c.strip_bytes):>14} "
+                      f"{c.factor:>17.2f}x {4 * c.factor / 3:>10.1f}x" for c in self.strip_choices]
         return lines
 
     def _kept_lines(self) -> list[str]:
@@ -346,7 +376,8 @@ def _bytes(n: int) -> str:
 def plan(module: nn.Module, input_shape, tile_size, *, dtype: torch.dtype | None = None,
          requires_input_grad: bool = False, input_dtype: torch.dtype | None = None,
          input_device=None, transform=None, keep_graphs: int | None = 0,
-         checkpoints="auto", overlap: str = "recompute") -> StreamPlan:
+         checkpoints="auto", overlap: str = "recompute", strip_budget: int | None = None,
+         strip_memory: str = "device") -> StreamPlan:
     """Plan streaming ``module`` over inputs of ``input_shape`` with ``tile_size`` tiles.
 
     ``input_shape``: (N, C, L) or (N, C, H, W), channels-first. ``dtype``: element type
@@ -356,9 +387,12 @@ def plan(module: nn.Module, input_shape, tile_size, *, dtype: torch.dtype | None
     the module's device, another device (e.g. ``"cpu"`` for a host tensor while the
     module is on a GPU), or ``"array"`` for an array read tile by tile (a memmap, zarr,
     h5py). ``requires_input_grad``: count the input gradient (saliency) too.
-    ``transform``, ``keep_graphs``, ``checkpoints``, ``overlap``: as for ``Streaming`` (the kept graphs'
-    memory is in the peak, each tile's as ``tile_working_bytes``; the checkpoints' stored
-    maps are ``checkpoint_bytes``, in host memory or files, not in the peak). Raises the same errors as ``Streaming`` would for
+    ``transform``, ``keep_graphs``, ``checkpoints``, ``overlap``, ``strip_budget``,
+    ``strip_memory``: as for ``Streaming`` (the kept graphs' memory is in the peak, each
+    tile's as ``tile_working_bytes``; the checkpoints' stored maps are ``checkpoint_bytes``,
+    in host memory or files, not in the peak; reused overlaps' strips and their gradients,
+    twice ``strip_bytes``, in the peak of their memory; ``strip_choices`` lists other
+    budgets). Raises the same errors as ``Streaming`` would for
     this input. ``str()`` of the result summarises it; ``.step_table()`` lists the
     traced graph step by step.
     """
@@ -418,15 +452,18 @@ def plan(module: nn.Module, input_shape, tile_size, *, dtype: torch.dtype | None
     if cuts is not None:
         stored, factor = _checkpoints.estimate(graph, cuts, full)
         norm_passes.update(checkpoint_bytes=int(stored), checkpoint_time_factor=factor)
-    reused = _overlaps(graph, tilings, memory, n, esize)
+    check_strip_options(strip_budget, strip_memory)
+    reused = _overlaps(graph, tilings, memory, n, esize, strip_budget)
     if overlap == "auto":
         overlap = "reuse" if reused["reuse_factor"] is not None else "recompute"
     if overlap == "reuse" and reused["reuse_factor"] is None:
         raise StreamingError(f"overlap='reuse' cannot run this module: {reused['reuse_refusal']}")
     reuse_on = overlap == "reuse"
     kept = 0 if norm_passes or reuse_on else tiles_kept(keep_graphs, int(tile_part), count(tilings))
+    strips = 2 * reused["strip_bytes"] if reuse_on else 0  # (and their gradients)
+    strips_on_host = strip_memory == "host" and device.type != "cpu"
     on_device = device_image + (1 + kept) * tile_part + (held if location == "device" else 0) \
-        + (2 * reused["strip_bytes"] if reuse_on else 0)
+        + (0 if strips_on_host else strips)
     axis_fields = [fields(graph.axis(a)) for a in range(ndim)]
     shapes, strides, outputs = _outputs(graph, spatial, n, axis_fields)
     return StreamPlan(
@@ -442,7 +479,8 @@ def plan(module: nn.Module, input_shape, tile_size, *, dtype: torch.dtype | None
         receptive_field=tuple(max(f[i].size for i in graph.maps) for f in axis_fields),
         dtype=dtype,
         requires_input_grad=requires_input_grad,
-        streaming_peak_bytes=int(on_device + (held if location != "device" else 0)),
+        streaming_peak_bytes=int(on_device + (held if location != "device" else 0)
+                                 + (strips if strips_on_host else 0)),
         conventional_peak_bytes=int(conventional),
         input_bytes=0 if location == "array" else int(x_bytes),
         tile_working_bytes=int(tile_part),
@@ -451,7 +489,7 @@ def plan(module: nn.Module, input_shape, tile_size, *, dtype: torch.dtype | None
         input_location=location,
         device=str(device),
         device_peak_bytes=int(on_device),
-        host_bytes=int(held if location == "host" else 0),
+        host_bytes=int((held if location == "host" else 0) + (strips if strips_on_host else 0)),
         kept_tiles=kept,
         tile_grid=tuple(t.stride for t in tilings),
         pixel_loss_peak_bytes=int(pixel_loss),
@@ -459,15 +497,17 @@ def plan(module: nn.Module, input_shape, tile_size, *, dtype: torch.dtype | None
         out_bytes=int(out_bytes),
         outputs=outputs,
         overlap_mode=overlap,
+        strip_budget=strip_budget,
+        strip_memory=strip_memory,
         **reused,
         **norm_passes,
     )
 
 
-def _overlaps(graph, tilings, memory, n: int, esize: int) -> dict:
+def _overlaps(graph, tilings, memory, n: int, esize: int, budget: int | None) -> dict:
     """Positions each pass computes recomputing and reusing overlaps, over the maps'
     positions (each weighted by its elements per position, a proxy for its cost), and the
-    bytes of reuse's strips (:mod:`streamcnn.reuse`)."""
+    bytes of reuse's strips (:mod:`streamcnn.reuse`), under ``budget`` and under others."""
     weights = [m.elements_per_position for m in memory]
     per_axis = [lengths(graph.axis(a), t.length) for a, t in enumerate(tilings)]
     weights[0] = 0  # (the input is read, not computed)
@@ -480,15 +520,21 @@ def _overlaps(graph, tilings, memory, n: int, esize: int) -> dict:
                  reuse_refusal=why_not(graph, _checkpoints.runs_as_module(graph)))
     if found["reuse_refusal"] is not None:
         return found
-    exact = exact_steps(graph)
-    axes = [_reuse.axis_reuse(graph.axis(a), t.length, t.own_starts, t.own_stops, exact)
-            for a, t in enumerate(tilings)]
-    tiles = list(itertools.product(*(range(len(t.starts)) for t in tilings)))
-    strips = sum(w * sum(math.prod(e) for t in tiles for e in _reuse.band_extents(axes, s, t))
-                 for s, w in enumerate(weights))
-    found.update(reuse_factor=sum(w * _reuse.computed_positions(axes, s)
-                                  for s, w in enumerate(weights)) / whole,
-                 strip_bytes=int(round(n * strips)) * esize)
+    exact, count_ = exact_steps(graph), len(graph.steps)
+
+    def choice(b):
+        stored, axes = reuse_axes(graph, tilings, exact, b, n, esize)
+        stored = tuple(range(1, count_) if stored is None else sorted(stored))
+        return stored, StripChoice(
+            "None" if b is None else _bytes(b), b, len(stored),
+            int(round(n * _reuse.strip_elements(axes, strip_weights(graph)))) * esize,
+            sum(w * _reuse.computed_positions(axes, s) for s, w in enumerate(weights)) / whole)
+    stored, chosen = choice(budget)
+    every = choice(None)[1]
+    choices = [every] + [choice(b)[1] for b in (every.strip_bytes // 2, every.strip_bytes // 4,
+                                                every.strip_bytes // 8, 0)]
+    found.update(reuse_factor=chosen.factor, strip_bytes=chosen.strip_bytes, strip_steps=stored,
+                 strip_choices=tuple(choices))
     return found
 
 

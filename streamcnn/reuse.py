@@ -18,6 +18,14 @@ axis, with tiles ``0 .. n-1`` in order:
 * ``band[s][i]``: where the part of tile ``i``'s new positions that later tiles read
   begins (``need[s][i+1].lo``, at least ``new.lo``); None where no later tile reads any.
 
+Strips may be kept at chosen steps only (``stored``): at any other step a tile computes its
+whole need (``new = need``, the overlap recomputed there, as without reuse) and stores no
+band, and the needs of that step's inputs grow to what the larger computation reads.
+:func:`strips_within` chooses the steps for a budget: it recomputes the overlap of the
+steps nearest the input, as few as it can (their windows then read only the tile's input,
+which needs no strip; stored steps further on are unchanged, so the strips' bytes only
+fall as more steps recompute).
+
 A 2D tiling is the product of two such axes: tile ``(i, j)`` computes ``new_rows[i] x
 new_cols[j]``, and a position it reads from an earlier tile ``(i', j')`` lies in that
 tile's band along the first axis where the two differ (a later tile in row-major order
@@ -78,11 +86,13 @@ def padded(rule: Window, out: tuple[int, int], n_in: int) -> bool:
     return lo < 0 or hi > n_in
 
 
-def axis_reuse(graph, length: int, own_starts, own_stops, exact=frozenset()) -> AxisReuse:
+def axis_reuse(graph, length: int, own_starts, own_stops, exact=frozenset(),
+               stored=None) -> AxisReuse:
     """The reuse geometry of one axis of ``graph`` (``geometry`` steps, the last the output)
     on a ``length``-long image whose tiles own ``[own_starts[i], own_stops[i])`` of the
     output, in the order they run; the windows of the steps in ``exact`` run without their
-    own padding (:func:`crop`)."""
+    own padding (:func:`crop`). ``stored``: the steps whose positions are computed once and
+    read from strips (None: all); the others compute their whole need."""
     n, last = len(own_starts), len(graph) - 1
     ls = lengths(graph, length)
     need: list = [None] * len(graph)
@@ -95,8 +105,9 @@ def axis_reuse(graph, length: int, own_starts, own_stops, exact=frozenset()) -> 
     for s in range(last - 1, -1, -1):
         need[s] = [_hull([crop(graph[c].rule, new[c][i], ls[s], c in exact)[:2] for c in reads[s]
                           if new[c][i][1] > new[c][i][0]]) for i in range(n)]
-        new[s] = _new(need[s], graph[s].name)
-    band = [[_band(need[s], new[s], i) for i in range(n)] for s in range(len(graph))]
+        new[s] = _new(need[s], graph[s].name) if stored is None or s in stored else list(need[s])
+    band = [[_band(need[s], new[s], i) if stored is None or s in stored else None for i in range(n)]
+            for s in range(len(graph))]
     return AxisReuse(tuple(map(tuple, need)), tuple(map(tuple, new)), tuple(map(tuple, band)),
                      tuple(ls))
 
@@ -151,17 +162,47 @@ def refusal(graph) -> str | None:
     return None
 
 
-def band_extents(axes: list, step: int, tile: tuple) -> list[tuple[int, ...]]:
-    """The per-axis lengths of each band tile ``tile`` stores of step ``step``'s map."""
-    new = [ax.new[step][i] for ax, i in zip(axes, tile)]
-    found = []
-    for a, (ax, i) in enumerate(zip(axes, tile)):
-        start = ax.band[step][i]
-        if start is not None:
-            found.append(tuple(hi - (start if b == a else lo) for b, (lo, hi) in enumerate(new)))
-    return found
+def strip_elements(axes: list, weights) -> float:
+    """Elements of every band the tiles store in a pass, a step's positions weighted by
+    ``weights[step]`` (its elements per position). A tile's band along one axis spans its new
+    positions along the others, so the sum over the tiles (the product of the axes' indices)
+    is, per axis, the bands' lengths summed times the new positions' lengths summed along
+    each other axis."""
+    total = 0.0
+    for s, w in enumerate(weights):
+        if not w:
+            continue
+        new = [sum(hi - lo for lo, hi in ax.new[s] if hi > lo) for ax in axes]
+        for a, ax in enumerate(axes):
+            bands = sum(hi - start for start, (lo, hi) in zip(ax.band[s], ax.new[s]) if start is not None)
+            if bands:
+                total += w * bands * math.prod(n for b, n in enumerate(new) if b != a)
+    return total
+
+
+def strips_within(budget: float, count: int, axes_for, weights) -> tuple:
+    """``(stored, axes)``: the steps that keep strips and the geometry of every axis (from
+    ``axes_for(stored)``) so that the strips hold at most ``budget`` elements
+    (:func:`strip_elements`): all ``count`` steps where they fit, else all but the fewest
+    steps nearest the input (the graph's steps are in topological order, so the steps
+    recomputing their overlap read only each other and the input: no strips; ``stored``
+    None means all). The bytes fall as more steps recompute, so the fewest is found by
+    bisection; none at all (every overlap recomputed) always fits."""
+    axes = axes_for(None)
+    if strip_elements(axes, weights) <= budget:
+        return None, axes
+    lo, hi = 1, count  # steps 1 .. m-1 recompute; m = count: all of them
+    while lo < hi:
+        m = (lo + hi) // 2
+        if strip_elements(axes_for(frozenset(range(m, count))), weights) <= budget:
+            hi = m
+        else:
+            lo = m + 1
+    stored = frozenset(range(lo, count))
+    return stored, axes_for(stored)
 
 
 def computed_positions(axes: list, step: int) -> int:
-    """Positions of step ``step``'s map the tiles compute in one pass (each once)."""
+    """Positions of step ``step``'s map the tiles compute in one pass (each once where the
+    step keeps strips; where its overlap is recomputed, as often as tiles need it)."""
     return math.prod(sum(hi - lo for lo, hi in ax.new[step]) for ax in axes)

@@ -23,7 +23,7 @@ from .plan import plan
 from .norms import NormState, counters, update_running
 from .passes import backward_terms, forward_statistics
 from .sources import source_of, tensor_of
-from .strips import Strips, check_reusable, reusable
+from .strips import Strips, check_reusable, check_strip_options, reusable
 from .tiling import count, outputs, owned_crops
 from .trace import Pipeline, analyse, analyse_structure
 
@@ -106,6 +106,20 @@ class Streaming(nn.Module):
             the image (no storage; a pass of level k then recomputes all layers before it).
             Files are removed when the step's graph is freed, or at once if a pass fails.
             ``plan()`` reports the passes and the bytes stored.
+        overlap: what a tile does with the border its window shares with its neighbours':
+            ``"recompute"`` (the default) computes it again in every tile; ``"reuse"`` runs
+            the tiles in order and lets each compute every map only where no earlier tile
+            did, reading the rest from *strips* earlier tiles stored (:mod:`streamcnn.strips`:
+            each position computed once per pass; the same numbers up to float rounding);
+            ``"auto"`` reuses where the module allows it. ``plan()`` gives both factors and
+            the strips' bytes (their gradients take up to as much again in the backward).
+        strip_budget: with reused overlaps, at most this many bytes of strips: None (the
+            default) keeps strips at every step; under a budget the steps nearest the input
+            recompute their overlap instead, as few as fit (``reuse.strips_within``; 0: all,
+            as with ``"recompute"``). ``plan()`` lists the choices with their bytes and time.
+        strip_memory: where the strips live: ``"device"`` (the module's, the default) or
+            ``"host"`` (CPU memory, each band copied to the device when a tile reads it: for
+            a GPU module whose strips would not fit beside a tile).
 
     After each call ``last_stats`` (:class:`streamcnn.prefetch.Stats`) says how many tiles
     each pass computed and where its time went (its ``backward`` is filled in by the
@@ -126,7 +140,8 @@ class Streaming(nn.Module):
     def __init__(self, module: nn.Module, tile_size, *, transform=None, progress: bool | None = None,
                  channels_last: bool | None = None, prefetch: bool = True, dedup: bool = True,
                  skip_zero_gradients: bool = True, keep_graphs: int = 0,
-                 reuse_memory=True, checkpoints="auto", overlap: str = "recompute"):
+                 reuse_memory=True, checkpoints="auto", overlap: str = "recompute",
+                 strip_budget: int | None = None, strip_memory: str = "device"):
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"Streaming needs an nn.Module, got {type(module).__name__}")
@@ -154,6 +169,8 @@ class Streaming(nn.Module):
         if overlap not in OVERLAP:
             raise ValueError(f"overlap must be one of {OVERLAP}, got {overlap!r}")
         self.overlap = overlap
+        check_strip_options(strip_budget, strip_memory)
+        self.strip_budget, self.strip_memory = strip_budget, strip_memory
         self.last_stats = None
         self.register_state_dict_post_hook(_unwrapped_keys)
         self.register_load_state_dict_pre_hook(_wrapped_keys)
@@ -231,7 +248,10 @@ class Streaming(nn.Module):
         _checkpoints.attach(runner, graph, cuts, self.checkpoints, keep=torch.is_grad_enabled())
         if reuse and self._reusing(graph):
             check_reusable(graph, _checkpoints.runs_as_module(graph))
-            runner.strips = Strips(graph, tilings, graph.root, device)
+            dtype = module_dtype(self.module) or torch.float32
+            runner.strips = Strips(graph, tilings, graph.root, device, budget=self.strip_budget,
+                                   memory=self.strip_memory, batch=source.shape[0],
+                                   element_size=torch.empty((), dtype=dtype).element_size())
             runner.stats.blocks = runner.strips.blocks
         self.last_stats = runner.stats
         return runner
@@ -353,11 +373,13 @@ class Streaming(nn.Module):
 
     def plan(self, input_shape, **kwargs):
         """``streamcnn.plan(self.module, input_shape, self.tile_size, transform=...,
-        keep_graphs=..., checkpoints=...)``."""
+        keep_graphs=..., checkpoints=..., overlap=..., strip_budget=..., strip_memory=...)``."""
         kwargs.setdefault("transform", self.transform)
         kwargs.setdefault("keep_graphs", self.keep_graphs)
         kwargs.setdefault("checkpoints", self.checkpoints)
         kwargs.setdefault("overlap", self.overlap)
+        kwargs.setdefault("strip_budget", self.strip_budget)
+        kwargs.setdefault("strip_memory", self.strip_memory)
         return plan(self.module, input_shape, self.tile_size, **kwargs)
 
 

@@ -19,6 +19,7 @@ gradient of positions earlier tiles computed: it is added into their gradient st
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -29,10 +30,41 @@ import torch.nn.functional as F
 from .errors import StreamingError, internal_assert
 from .checkpoints import Program, run_node
 from .geometry import Window
-from .reuse import axis_reuse, crop, padded, refusal
+from .reuse import axis_reuse, crop, padded, refusal, strips_within
 from .tiling import Tile
 
-__all__ = ["Strips", "check_reusable", "reusable"]
+__all__ = ["Strips", "check_reusable", "reusable", "reuse_axes", "STRIP_MEMORY"]
+
+#: where the strips live: with the module ("device") or in host memory ("host": a GPU
+#: module's strips in CPU memory, each band copied in when a tile reads it)
+STRIP_MEMORY = ("device", "host")
+
+
+def reuse_axes(graph, tilings, exact, budget: int | None, batch: int, element_size: int) -> tuple:
+    """``(stored, axes)``: the steps keeping strips (None: all) and each axis's reuse
+    geometry, strips at every step or, under ``budget`` bytes, at the steps
+    ``reuse.strips_within`` chooses (one rule for ``plan()`` and the run)."""
+    def axes_for(stored):
+        return [axis_reuse(graph.axis(a), t.length, t.own_starts, t.own_stops, exact, stored)
+                for a, t in enumerate(tilings)]
+    if budget is None:
+        return None, axes_for(None)
+    return strips_within(budget / (batch * element_size), len(graph.steps), axes_for,
+                         strip_weights(graph))
+
+
+def strip_weights(graph) -> list:
+    """Elements per position and sample of each step's map (its channels; the input is read
+    from the image, never stored)."""
+    return [0] + [s.channels or 1 for s in graph.steps[1:]]
+
+
+def check_strip_options(budget, memory) -> None:
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
+        raise ValueError(f"strip_budget must be None (strips at every step) or a number of bytes "
+                         f">= 0, got {budget!r}")
+    if memory not in STRIP_MEMORY:
+        raise ValueError(f"strip_memory must be one of {STRIP_MEMORY}, got {memory!r}")
 
 
 def check_reusable(graph, runs_as_module: bool) -> None:
@@ -147,11 +179,12 @@ class Strips:
     those tiles in the backward. ``blocks``: per pass, each step's computed blocks (for
     counting: each position is computed once per pass)."""
 
-    def __init__(self, graph, tilings, root, device: torch.device):
+    def __init__(self, graph, tilings, root, device: torch.device, *, budget: int | None = None,
+                 memory: str = "device", batch: int = 1, element_size: int = 4):
         self.graph, self.root, self.device = graph, root, device
+        self.home = torch.device("cpu") if memory == "host" else device  # (where bands live)
         self.exact = exact_steps(graph)
-        self.axes = [axis_reuse(graph.axis(a), t.length, t.own_starts, t.own_stops, self.exact)
-                     for a, t in enumerate(tilings)]
+        self.stored, self.axes = reuse_axes(graph, tilings, self.exact, budget, batch, element_size)
         program = Program(graph)
         self.nodes, self.dynamic, self.placeholder = program.nodes, program.dynamic, program.placeholder
         self.freed_after = program.freed_after  # (values dropped after their last reader)
@@ -226,6 +259,19 @@ class Strips:
             self._plans[tile.index] = acts
         return self._plans[tile.index]
 
+    def widened(self, tile: Tile) -> Tile:
+        """``tile`` reading all its program needs of the input: its own window, and more where a
+        step recomputing its overlap (under a strip budget) computes positions that a crop
+        aligned to a later window's stride reaches back to (``reuse.crop``: with strips
+        there, earlier tiles computed them)."""
+        inp = list(tile.inp)
+        for a, (ax, i) in enumerate(zip(self.axes, tile.index)):
+            lo, hi = ax.need[0][i]
+            window = inp[2 + a]
+            if hi > lo and (lo < window.start or hi > window.stop):
+                inp[2 + a] = slice(min(lo, window.start), max(hi, window.stop))
+        return tile if tuple(inp) == tile.inp else dataclasses.replace(tile, inp=tuple(inp))
+
     def _check_input(self, tile: Tile) -> None:
         for ax, i, s in zip(self.axes, tile.index, tile.inp[2:]):
             lo, hi = ax.need[0][i]
@@ -237,8 +283,9 @@ class Strips:
         new positions (``reuse.crop``), the bands it stores, how its window is assembled."""
         new = tuple(ax.new[s][i] for ax, i in zip(self.axes, tile.index))
         needed = all(ax.need[s][i][1] > ax.need[s][i][0] for ax, i in zip(self.axes, tile.index))
-        window = None if s == self.output_step or not needed else self._recipe(s, tile)  # (not
-        # needed: no consumer computes anything here, so the window is not assembled)
+        window = None if s == self.output_step or not needed else \
+            "block" if not self._keeps(s) else self._recipe(s, tile)  # (not needed: no consumer
+        # computes anything here, so the window is not assembled; no strips: all computed here)
         if any(hi <= lo for lo, hi in new):  # (all of it computed by earlier tiles)
             return _Act(s, None, False, {}, None, None, (), window)
         rules, exact = self.graph.steps[s].rules, s in self.exact
@@ -295,6 +342,10 @@ class Strips:
     def _dims(self, s: int) -> tuple:
         return self.graph.steps[s].dims
 
+    def _keeps(self, s: int) -> bool:
+        """Whether step ``s`` keeps strips (else its overlap is recomputed: ``reuse.axis_reuse``)."""
+        return self.stored is None or s in self.stored
+
     # -------------------------------------------------------------- strips
 
     def _band_index(self, s: int, tile: Tile, axis: int) -> tuple | None:
@@ -308,7 +359,8 @@ class Strips:
 
     def _store(self, act: "_Act", tile: Tile, block: torch.Tensor) -> None:
         for axis, index in act.bands:
-            self.bands[(act.step, tile.index, axis)] = block[index].detach().clone()
+            self.bands[(act.step, tile.index, axis)] = \
+                block[index].detach().to(self.home, copy=True)
 
     def _add_later_gradients(self, act: "_Act", tile: Tile, block: torch.Tensor) -> None:
         """Hook the gradient later tiles left for the tile's new positions of a step."""

@@ -547,6 +547,17 @@ def test_random_dags_reusing_overlaps_match_conventional(case, path):
     check_random_dag(case, path, overlap="reuse")
 
 
+@settings(max_examples=80, **SETTINGS)
+@given(cases(), st.sampled_from(ALL_PATHS), st.floats(0, 1))
+def test_random_dags_with_strips_at_chosen_steps_match_conventional(case, path, share):
+    """The same under a strip budget, a drawn share of what strips at every step take: the
+    steps nearest the input recompute their overlap, the others read strips."""
+    ndim, trunk, shape, tiles, seed = case
+    tile = tiles[0] if ndim == 1 else tiles
+    full = streamcnn.plan(build(trunk, ndim, seed), shape, tile, overlap="reuse").strip_bytes
+    check_random_dag(case, path, overlap="reuse", strip_budget=int(share * full))
+
+
 @settings(max_examples=150, **SETTINGS)
 @given(dags(), ints(0, 2**16))
 def test_receptive_field_is_the_hull_over_paths(dag, seed):

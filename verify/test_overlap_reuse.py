@@ -296,3 +296,126 @@ def test_pixel_loss_recomputes():
 def test_bad_overlap_value():
     with pytest.raises(ValueError, match="overlap must be one of"):
         Streaming(nn.Conv2d(1, 1, 3), 16, overlap="share")
+
+
+# ---------------------------------------------------------------- strips at chosen steps
+
+
+def _budget(net, case, tile, share: float) -> int:
+    return int(share * streamcnn.plan(net, case.shape, tile, overlap="reuse").strip_bytes)
+
+
+@pytest.mark.parametrize("share", [0.5, 0.125, 0.0])
+@pytest.mark.parametrize("name", ["basic_block_stride2_downsample", "mobilenet_v2_inverted_residuals",
+                                  "densenet_blocks_and_transition", "resnet1d_stack"])
+def test_strips_at_chosen_steps_only(name, share):
+    """Under ``strip_budget`` the steps nearest the input recompute their overlap: the strips
+    fit the budget (as plan() counts them), each position of a step keeping strips is still
+    computed once per pass, some step computes positions twice (the test is not vacuous),
+    and the step equals conventional autograd's and overlap recomputation's (float64, 1e-10:
+    the same sums in other orders)."""
+    case = CASES[name]
+    net = frozen(case)
+    tile, x = tile_of(net, case, case.extras[-1]), rand(*case.shape)
+    budget = _budget(net, case, tile, share)
+    streamed = Streaming(net, tile, overlap="reuse", strip_budget=budget)
+    got = step(streamed, x)
+    p = streamed.plan(case.shape)
+    assert p.strip_bytes == streamed.last_stats.strip_bytes <= budget
+    assert p.strip_budget == budget and len(p.strip_steps) < len(p.steps) - 1
+    twice = 0
+    for s, found in streamed.last_stats.blocks["forward"].items():
+        counts = _mask(p.steps[s].shape[2:], found)
+        if s in p.strip_steps:
+            assert counts.max() == 1, f"{p.steps[s].name}: keeps strips but computed a position twice"
+        twice += int(counts.max() > 1)
+    assert twice, "test bug: no step recomputes its overlap"
+    assert_same_step(got, step(Streaming(net, tile), x))
+    cmp = compare(net, x, tile, overlap="reuse", strip_budget=budget)
+    assert cmp.worst <= F64, cmp
+
+
+def test_strip_budget_along_every_entry_path():
+    case = CASES["basic_block_stride2_downsample"]
+    net = frozen(case)
+    tile = tile_of(net, case, case.extras[-1])
+    cmp = compare(net, rand(*case.shape), tile, paths=ALL_PATHS, overlap="reuse",
+                  strip_budget=_budget(net, case, tile, 0.3))
+    assert cmp.worst <= F64, cmp
+
+
+def test_plan_lists_the_strip_budgets():
+    """plan() gives, per budget, the strips' bytes and the positions computed per pass: the
+    bytes fall and the work grows as the budget shrinks, from every step keeping strips
+    (each position once) to none (the overlap recomputed wherever a tile needs it, at most
+    what recomputing computes: a recomputing tile computes all its input reaches)."""
+    case = CASES["resnet34_front_through_layer3"]
+    net = frozen(case)
+    tile = tile_of(net, case, case.extras[0])
+    p = streamcnn.plan(net, case.shape, tile, overlap="reuse")
+    choices = p.strip_choices
+    assert choices[0].budget is None and choices[0].strip_bytes == p.strip_bytes > 0
+    assert choices[-1].budget == 0 and choices[-1].strip_bytes == 0 and choices[-1].steps < choices[0].steps
+    for a, b in zip(choices, choices[1:]):
+        assert b.strip_bytes <= a.strip_bytes and b.factor >= a.factor - 1e-12, (a, b)
+        assert b.budget is None or b.strip_bytes <= b.budget
+    assert choices[0].factor == pytest.approx(p.reuse_factor) and choices[-1].factor <= p.recompute_factor
+    assert choices[-1].factor > choices[0].factor
+    text = str(p)
+    assert "strip_budget" in text and "computed per pass" in text
+    half = streamcnn.plan(net, case.shape, tile, overlap="reuse", strip_budget=choices[1].budget)
+    assert half.strip_bytes == choices[1].strip_bytes and half.reuse_factor == choices[1].factor
+    assert half.streaming_peak_bytes < p.streaming_peak_bytes  # (the strips are in the peak)
+
+
+def _bands_at(monkeypatch) -> set:
+    """The devices the strips were stored on, in the runs after this call."""
+    found: set = set()
+    store = streamcnn.strips.Strips._store
+
+    def recording(self, act, tile, block):
+        store(self, act, tile, block)
+        found.update(b.device.type for b in self.bands.values())
+    monkeypatch.setattr(streamcnn.strips.Strips, "_store", recording)
+    return found
+
+
+def test_strips_in_host_memory(monkeypatch):
+    """``strip_memory="host"``: the bands live in CPU memory. On a CPU module that is where
+    they live anyway, so the step is the same bit for bit (the same operations)."""
+    case = CASES["basic_block_stride2_downsample"]
+    net = frozen(case)
+    tile, x = tile_of(net, case, case.extras[-1]), rand(*case.shape)
+    devices = _bands_at(monkeypatch)
+    got = step(Streaming(net, tile, overlap="reuse", strip_memory="host"), x)
+    assert devices == {"cpu"}
+    assert_same_step(got, step(Streaming(net, tile, overlap="reuse"), x), tol=0)
+    assert streamcnn.plan(net, case.shape, tile, overlap="reuse", strip_memory="host").host_bytes == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_strips_in_host_memory_with_a_gpu_module(monkeypatch):
+    """A GPU module's strips in host memory: bands on the CPU, each copied in when a tile
+    reads it; the step equals the strips-on-the-GPU step and conventional autograd's."""
+    case = CASES["basic_block_stride2_downsample"]
+    net = frozen(case).cuda()
+    tile, x = tile_of(net, case, case.extras[-1]), rand(*case.shape).cuda()
+    devices = _bands_at(monkeypatch)
+    got = step(Streaming(net, tile, overlap="reuse", strip_memory="host"), x)
+    assert devices == {"cpu"}
+    assert_same_step(got, step(Streaming(net, tile, overlap="reuse"), x))
+    cmp = compare(net, x, tile, overlap="reuse", strip_memory="host", strip_budget=_budget(
+        net, case, tile, 0.5))
+    assert cmp.worst <= F64, cmp
+    p = streamcnn.plan(net, case.shape, tile, overlap="reuse", strip_memory="host")
+    assert p.host_bytes == 2 * p.strip_bytes > 0
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"strip_budget": -1}, "strip_budget must be None"), ({"strip_budget": 1.5}, "strip_budget must be None"),
+    ({"strip_budget": True}, "strip_budget must be None"), ({"strip_memory": "gpu"}, "strip_memory must be")])
+def test_bad_strip_options(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Streaming(nn.Conv2d(1, 1, 3), 16, overlap="reuse", **kwargs)
+    with pytest.raises(ValueError, match=message):
+        streamcnn.plan(nn.Conv2d(1, 1, 3), (1, 1, 32, 32), 16, overlap="reuse", **kwargs)

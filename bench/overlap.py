@@ -35,12 +35,17 @@ from bench.fmt import fmt_bytes, fmt_s, table
 OVERLAP_JSON = REPORTS / "overlap.json"
 FIG = "overlap_fig2.png"
 TILES = {"conv3": (128, 256, 512, 1024), "resnet34": (768, 1024, 1280, 1536)}
+#: ResNet-34 tiles also measured with a strip budget of a quarter of the strips at every step
+#: (mode "quarter": Streaming(overlap="reuse", strip_budget=plan().strip_bytes // 4))
+BUDGET_TILES = (768, 1280)
 #: (network, side, mode, tile), in the order measured
 POINTS = tuple([("resnet34", 2048, "conventional", 0)]
                + [("resnet34", 2048, m, t) for t in TILES["resnet34"] for m in ("reuse", "recompute")]
                + [("conv3", 2048, "conventional", 0)]
                + [("conv3", 2048, m, t) for t in TILES["conv3"] for m in ("reuse", "recompute")]
-               + [("resnet34", 4096, "conventional", 0), ("resnet34", 16384, "reuse", 2800)])
+               + [("resnet34", 4096, "conventional", 0)]
+               + [("resnet34", 2048, "quarter", t) for t in BUDGET_TILES]
+               + [("resnet34", 16384, "reuse", 2800)])
 
 
 def key(net: str, side: int, mode: str, tile: int = 0) -> str:
@@ -69,7 +74,11 @@ def worker(net: str, side: int, mode: str, tile: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     body = front(net)
     streamed = mode != "conventional"
-    model = Streaming(body, tile, progress=False, overlap=mode) if streamed else body
+    overlap = "reuse" if mode == "quarter" else mode
+    budget = plan(body, (1, 3, side, side), tile, overlap="reuse").strip_bytes // 4 \
+        if mode == "quarter" else None
+    model = Streaming(body, tile, progress=False, overlap=overlap, strip_budget=budget) \
+        if streamed else body
 
     def step(image):  # (the mean of the output, as make bench's steps: every tile has a
         model.zero_grad(set_to_none=True)  # gradient, so none is skipped)
@@ -96,8 +105,9 @@ def worker(net: str, side: int, mode: str, tile: int, threads: int) -> dict:
               # machines run other kernels at other speeds: ratios within one machine only)
               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if streamed:
-        p = plan(body, (1, 3, side, side), tile, overlap=mode)
-        record.update(tiles=p.num_tiles, recompute_factor=p.recompute_factor,
+        p = plan(body, (1, 3, side, side), tile, overlap=overlap, strip_budget=budget)
+        record.update(tiles=p.num_tiles, recompute_factor=p.recompute_factor, strip_budget=budget,
+                      strip_steps=len(p.strip_steps), steps=len(p.steps) - 1,
                       reuse_factor=p.reuse_factor, plan_strip_bytes=p.strip_bytes,
                       strip_bytes=model.last_stats.strip_bytes)
     return record
@@ -136,15 +146,25 @@ def same_machine(a: dict, b: dict) -> bool:
 
 
 def extrapolated(stored: dict, r: dict, side: int = 16384) -> tuple:
-    """Conventional backprop's step at ``side``² on ``r``'s machine: the line a + b·pixels through
-    this study's conventional steps at 2048² and 4096² (``(seconds, how)``), else ``make bench``'s
-    fitted line where reports/bench.json was measured on the same machine (None where neither)."""
-    pts = [stored.get(key("resnet34", n, "conventional")) for n in (2048, 4096)]
-    if all(_ok(p) and same_machine(p, r) for p in pts):
-        (n0, t0), (n1, t1) = [(p["side"] ** 2, p["step_s"]) for p in pts]
-        b = (t1 - t0) / (n1 - n0)
-        return t0 + b * (side ** 2 - n0), (f"the line through this study's conventional steps at 2048² "
-                                           f"({fmt_s(t0)}) and 4096² ({fmt_s(t1)}), same machine")
+    """Conventional backprop's step at ``side``² on ``r``'s machine (``(seconds, how)``, None
+    where nothing measured there): this study's conventional step at 2048² scaled by the pixels
+    (the lower of the two extrapolations where 4096² took more than 4x as long, as on the AVX2
+    machine: the comparison then favours conventional backprop), with the line a + b·pixels
+    through 2048² and 4096² named beside it; else ``make bench``'s fitted line where
+    reports/bench.json was measured on the same machine."""
+    small, large = (stored.get(key("resnet34", n, "conventional")) for n in (2048, 4096))
+    if _ok(small) and same_machine(small, r):
+        scaled = small["step_s"] * side ** 2 / small["side"] ** 2
+        how = f"this study's conventional step at 2048² ({fmt_s(small['step_s'])}) times the pixels"
+        if _ok(large) and same_machine(large, r):
+            (n0, t0), (n1, t1) = (small["side"] ** 2, small["step_s"]), (large["side"] ** 2, large["step_s"])
+            line = t0 + (t1 - t0) / (n1 - n0) * (side ** 2 - n0)
+            how += (f" (the line through it and 4096², {fmt_s(t1)}, would give {fmt_s(line)}: on this "
+                    f"machine conventional backprop's step grew faster than its pixels)"
+                    if line > scaled else "")
+            if line < scaled:
+                return line, f"the line through this study's conventional steps at 2048² and 4096² ({fmt_s(t1)})"
+        return scaled, how
     _, seconds, capability = _today()
     if seconds and capability == r.get("cpu_capability"):
         return seconds, "`make bench`'s fitted line (reports/bench.json, same machine)"
@@ -175,17 +195,20 @@ def render(stored: dict) -> str:
                          f"B {fmt_s(base['backward_s'])}, 2F+B {fmt_s(model)})", "", fmt_bytes(base["peak_rss_bytes"]),
                          "–", study.cpu_use(base), study.quiet(base), _measured(base)])
         for tile in TILES[net]:
-            for mode in ("reuse", "recompute"):
+            for mode in ("reuse", "quarter", "recompute"):
+                if mode == "quarter" and (net != "resnet34" or tile not in BUDGET_TILES):
+                    continue
                 r = stored.get(key(net, 2048, mode, tile))
                 if not _ok(r):
-                    rows.append([mode, str(tile), "", "", (r or {}).get("status", "not measured"), "", "", "", "", "", ""])
+                    rows.append([_mode({"mode": mode}), str(tile), "", "", (r or {}).get("status", "not measured"),
+                                 "", "", "", "", "", ""])
                     continue
-                factor = r["reuse_factor"] if mode == "reuse" else r["recompute_factor"]
+                factor = r["recompute_factor"] if mode == "recompute" else r["reuse_factor"]
                 ratio = (f"**{r['step_s'] / model:.2f}×**" if same_machine(r, base) else
                          "– (another machine)") if _ok(base) else ""
-                rows.append([mode, str(tile), str(r["tiles"]), f"{factor:.2f}×", f"**{fmt_s(r['step_s'])}**", ratio,
-                             f"**{fmt_bytes(r['peak_rss_bytes'])}**",
-                             fmt_bytes(r["strip_bytes"]) if mode == "reuse" else "–",
+                rows.append([_mode(r), str(tile), str(r["tiles"]), f"{factor:.2f}×", f"**{fmt_s(r['step_s'])}**",
+                             ratio, f"**{fmt_bytes(r['peak_rss_bytes'])}**",
+                             fmt_bytes(r["strip_bytes"]) if mode != "recompute" else "–",
                              study.cpu_use(r), study.quiet(r), _measured(r)])
         title = ("ResNet-34 through layer3, BatchNorm frozen" if net == "resnet34"
                  else "the Fig. 2 network (three 3×3 convolutions)")
@@ -194,6 +217,13 @@ def render(stored: dict) -> str:
              "strips", "CPU / (wall × threads)", "other work", "measured"], rows))
     parts.append(_large(stored))
     return "\n\n".join(parts)
+
+
+def _mode(r: dict) -> str:
+    if r["mode"] != "quarter":
+        return r["mode"]
+    steps = f", strips at {r['strip_steps']} of {r['steps']} steps" if "strip_steps" in r else ""
+    return f"reuse, strip_budget ¼{steps}"
 
 
 def _measured(r: dict) -> str:

@@ -170,6 +170,10 @@ class Streaming(nn.Module):
             raise ValueError(f"overlap must be one of {OVERLAP}, got {overlap!r}")
         self.overlap = overlap
         check_strip_options(strip_budget, strip_memory)
+        if overlap == "recompute" and (strip_budget is not None or strip_memory != "device"):
+            raise ValueError("strip_budget and strip_memory set where reused overlaps keep strips: "
+                             "pass overlap='reuse' (or 'auto') with them; with overlap='recompute' "
+                             "(the default) no tile stores any")
         self.strip_budget, self.strip_memory = strip_budget, strip_memory
         self.last_stats = None
         self.register_state_dict_post_hook(_unwrapped_keys)

@@ -15,6 +15,11 @@ new positions adds it to what the tile's own outputs send back, so one backward 
 tile's owned output gives every position it computed its complete gradient, and every
 parameter each position's contribution exactly once. What reaches the strip leaves is the
 gradient of positions earlier tiles computed: it is added into their gradient strips.
+
+Under a strip budget (``Streaming(strip_budget=...)``, ``reuse.strips_within``) the steps
+nearest the input keep no strips: a tile computes their whole need, from its input alone
+(read a little wider where a crop aligned to a later stride reaches back: ``widened``).
+The bands live with the module or, with ``strip_memory="host"``, in CPU memory.
 """
 
 from __future__ import annotations

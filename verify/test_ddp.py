@@ -118,7 +118,9 @@ def _ddp_model() -> DDP:
     front, head = build()
     # find_unused_parameters=False (the default): every parameter must get its gradient
     # through the streamed backward, or DDP's reducer raises at the next forward
-    return DDP(train_mode(nn.Sequential(Streaming(front, TILE, overlap=OVERLAP[0]), head)))
+    overlap, budget = ("reuse", 0) if OVERLAP[0] == "reuse, strip_budget=0" else (OVERLAP[0], None)
+    return DDP(train_mode(nn.Sequential(Streaming(front, TILE, overlap=overlap, strip_budget=budget),
+                                        head)))
 
 
 def _train(rank: int) -> dict:
@@ -262,7 +264,7 @@ def _reap(procs: list) -> None:
 OVERLAP = ["recompute"]
 
 
-@pytest.fixture(scope="module", params=["recompute", "reuse"])
+@pytest.fixture(scope="module", params=["recompute", "reuse", "reuse, strip_budget=0"])
 def ranks(request, tmp_path_factory) -> list[dict]:
     if request.param != "recompute" and start_method() != "fork":
         pytest.skip("the ranks learn the overlap mode by inheriting it (fork)")

@@ -99,8 +99,12 @@ class Run:
     def __init__(self, device: str, streamed: bool, overlap: str = "recompute", **scaler_args):
         self.front, self.head = build(device)
         self.calls = Calls(self.front)
-        self.model = nn.Sequential(Streaming(self.front, TILE, overlap=overlap) if streamed
-                                   else self.front,
+        budget = None  # ("reuse/2": strips under a budget of half their bytes at every step)
+        if overlap == "reuse/2":
+            overlap, budget = "reuse", plan(self.front, (BATCH, 3, SIZE, SIZE), TILE,
+                                            overlap="reuse").strip_bytes // 2
+        self.model = nn.Sequential(Streaming(self.front, TILE, overlap=overlap, strip_budget=budget)
+                                   if streamed else self.front,
                                    self.head)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=LR)
         self.scaler = torch.amp.GradScaler(device, growth_interval=1, **scaler_args)
@@ -146,7 +150,7 @@ def tiles() -> int:
 
 @FORMATS
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("overlap", ["recompute", "reuse"])
+@pytest.mark.parametrize("overlap", ["recompute", "reuse", "reuse/2"])
 def test_streamed_amp_step_matches_conventional(device, dtype, overlap):
     """Output dtype, unscaled gradients within 2nu, the same scale growth after the step.
     (bfloat16 has float32's exponent range and needs no scaler; it is run with one to show

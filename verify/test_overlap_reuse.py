@@ -419,3 +419,13 @@ def test_bad_strip_options(kwargs, message):
         Streaming(nn.Conv2d(1, 1, 3), 16, overlap="reuse", **kwargs)
     with pytest.raises(ValueError, match=message):
         streamcnn.plan(nn.Conv2d(1, 1, 3), (1, 1, 32, 32), 16, overlap="reuse", **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [{"strip_budget": 0}, {"strip_memory": "host"}])
+def test_strip_options_without_reuse_are_refused(kwargs):
+    """Without reused overlaps no tile stores strips: a budget or place for them would be
+    silently ignored. (plan() takes them with either overlap: it reports reuse under them.)"""
+    with pytest.raises(ValueError, match="pass overlap='reuse'"):
+        Streaming(nn.Conv2d(1, 1, 3), 16, **kwargs)
+    p = streamcnn.plan(nn.Conv2d(1, 1, 3), (1, 1, 64, 64), 16, **kwargs)
+    assert p.overlap_mode == "recompute" and p.strip_choices

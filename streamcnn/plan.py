@@ -530,7 +530,7 @@ def _overlaps(graph, tilings, memory, n: int, esize: int, budget: int | None) ->
             int(round(n * _reuse.strip_elements(axes, strip_weights(graph)))) * esize,
             sum(w * _reuse.computed_positions(axes, s) for s, w in enumerate(weights)) / whole)
     stored, chosen = choice(budget)
-    every = choice(None)[1]
+    every = chosen if budget is None else choice(None)[1]  # (the table's first row)
     choices = [every] + [choice(b)[1] for b in (every.strip_bytes // 2, every.strip_bytes // 4,
                                                 every.strip_bytes // 8, 0)]
     found.update(reuse_factor=chosen.factor, strip_bytes=chosen.strip_bytes, strip_steps=stored,
